@@ -1,0 +1,87 @@
+//! The `postern-agent` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Postern agent: makes private services reachable through a relay, dialling out only.
+#[derive(Debug, Parser)]
+#[command(name = "postern-agent", version, about)]
+pub struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true, env = "POSTERN_LOG_JSON")]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run {
+        /// The agent config file.
+        #[arg(
+            short,
+            long,
+            env = "POSTERN_AGENT_CONFIG",
+            default_value = "agent.yaml"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting; exits 64 listing every error.
+    CheckConfig {
+        /// The agent config file.
+        #[arg(
+            short,
+            long,
+            env = "POSTERN_AGENT_CONFIG",
+            default_value = "agent.yaml"
+        )]
+        config: PathBuf,
+    },
+    /// Open a local port that leads to SERVICE through the relay (like `cf tunnel`).
+    Connect(ConnectArgs),
+}
+
+/// `connect` arguments. Every option can also come from the environment.
+#[derive(Debug, clap::Args)]
+pub struct ConnectArgs {
+    /// The service to reach.
+    pub service: String,
+    /// The relay, e.g. quic://relay.example.com:7443.
+    #[arg(long, env = "POSTERN_RELAY")]
+    pub relay: String,
+    /// The name on the relay's certificate (default: the relay URL's host).
+    #[arg(long, env = "POSTERN_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// The CA certificate.
+    #[arg(long, env = "POSTERN_CA")]
+    pub ca: PathBuf,
+    /// Your client certificate.
+    #[arg(long, env = "POSTERN_CERT")]
+    pub cert: PathBuf,
+    /// Your client key.
+    #[arg(long, env = "POSTERN_KEY")]
+    pub key: PathBuf,
+    /// Local address to listen on (default 127.0.0.1:10000; an ephemeral port with --exec).
+    #[arg(long, env = "POSTERN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// What the service speaks: refusals become MySQL errors for mysql.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Mysql)]
+    pub protocol: ProtocolArg,
+    /// Run this client against the local port and exit with its status, e.g.
+    /// `--exec mariadb -u app` or `--exec mysqldump -u app mydb`. Must come last.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "PROGRAM [ARGS]")]
+    pub exec: Vec<String>,
+}
+
+/// Protocols `connect` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    /// MySQL or MariaDB.
+    Mysql,
+    /// Any TCP protocol.
+    Tcp,
+}

@@ -1,0 +1,184 @@
+//! `postern-agent connect SERVICE`: a local port that leads to a service through the relay.
+//!
+//! Like the old `cf tunnel`: it listens on `127.0.0.1:10000` (or `--listen`), and carries every
+//! local connection to the relay as one stream of a single QUIC session authenticated with the
+//! user's client certificate. The session is dialled before the port opens (so a wrong
+//! certificate or an unreachable relay is reported at once) and re-dialled when it drops.
+//! A refusal becomes a MySQL ERR packet on the local connection, so `mariadb` prints why.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_common::config::RelayUrl;
+use postern_common::protocol::{Answer, Code, Open};
+use postern_common::tls::Material;
+use postern_common::transport::{Session, quic};
+use postern_common::{mysql, net, splice, wire};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Idle timeout of the session to the relay.
+const IDLE: Duration = Duration::from_secs(30);
+/// Deadline for the relay to answer an open.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What `connect` needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The relay.
+    pub relay: RelayUrl,
+    /// The name the relay's certificate must carry.
+    pub server_name: String,
+    /// The user's certificate, key and the CA.
+    pub tls: Material,
+    /// The service to reach.
+    pub service: String,
+    /// The local address to listen on.
+    pub listen: SocketAddr,
+    /// Whether refusals are written as MySQL ERR packets.
+    pub mysql: bool,
+}
+
+/// A bound `connect` listener with its relay session.
+pub struct Connect {
+    opts: Arc<Options>,
+    listener: TcpListener,
+    session: Arc<Mutex<Option<Session>>>,
+}
+
+impl Connect {
+    /// Dials the relay, then binds the local port.
+    pub async fn bind(opts: Options) -> anyhow::Result<Self> {
+        let session = dial(&opts).await?;
+        let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {e} (choose another address with --listen)",
+                opts.listen
+            )
+        })?;
+        Ok(Self {
+            opts: Arc::new(opts),
+            listener,
+            session: Arc::new(Mutex::new(Some(session))),
+        })
+    }
+
+    /// The local address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.opts.listen)
+    }
+
+    /// Serves local connections until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            net::tune(&tcp);
+            let opts = self.opts.clone();
+            let session = self.session.clone();
+            tokio::spawn(async move { serve(opts, session, tcp, peer).await });
+        }
+        if let Some(s) = self.session.lock().await.take() {
+            s.close("connect shutting down");
+        }
+    }
+}
+
+async fn serve(
+    opts: Arc<Options>,
+    session: Arc<Mutex<Option<Session>>>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let mut stream = match open(&opts, &session).await {
+        Ok(s) => s,
+        Err((code, message)) => {
+            warn!(%peer, %code, reason = %message, "connection refused");
+            if opts.mysql {
+                let _ = tcp.write_all(&mysql::refusal(code, &message)).await;
+            }
+            let _ = tcp.shutdown().await;
+            return;
+        }
+    };
+    debug!(%peer, service = %opts.service, "connected");
+    if let Err(e) = splice::splice(&mut tcp, &mut stream).await {
+        debug!(%peer, error = %e, "connection failed");
+        stream.abort();
+        net::reset_on_close(&tcp);
+    }
+}
+
+async fn open(
+    opts: &Options,
+    session: &Mutex<Option<Session>>,
+) -> Result<postern_common::transport::Stream, (Code, String)> {
+    // Reuse the live session; re-dial (once) when it has dropped.
+    let current = {
+        let mut guard = session.lock().await;
+        match guard.as_ref() {
+            Some(s) if !s.is_closed() => s.clone(),
+            _ => {
+                let fresh = dial(opts)
+                    .await
+                    .map_err(|e| (Code::NoAgent, format!("cannot reach the relay: {e:#}")))?;
+                *guard = Some(fresh.clone());
+                fresh
+            }
+        }
+    };
+    let unreachable =
+        |e: &dyn std::fmt::Display| (Code::NoAgent, format!("relay connection failed: {e}"));
+    let mut stream = current.open().await.map_err(|e| unreachable(&e))?;
+    let open = Open {
+        service: opts.service.clone(),
+        client: String::new(),
+        client_addr: String::new(),
+        conn_id: 0,
+    };
+    wire::write_first(&mut stream, &open)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, wire::read_first::<_, Answer>(&mut stream))
+        .await
+        .map_err(|_| unreachable(&"no answer from the relay in time"))?
+        .map_err(|e| unreachable(&e))?;
+    match answer {
+        Answer::Ok { .. } => Ok(stream),
+        Answer::Refused { code, message } => Err((code, message)),
+    }
+}
+
+async fn dial(opts: &Options) -> anyhow::Result<Session> {
+    let addrs = opts
+        .relay
+        .resolve()
+        .await
+        .map_err(|e| anyhow::anyhow!("resolve {}: {e}", opts.relay.host))?;
+    let mut last = anyhow::anyhow!("{} resolved to no address", opts.relay.host);
+    for addr in addrs {
+        let endpoint = quic::client(addr, &opts.tls, IDLE)?;
+        match quic::connect(&endpoint, addr, &opts.server_name).await {
+            Ok(s) => {
+                info!(relay = %opts.relay, transport = %s.kind(), "connected to relay");
+                return Ok(s);
+            }
+            Err(e) => last = anyhow::anyhow!("relay {}: {e}", opts.relay),
+        }
+    }
+    Err(last)
+}

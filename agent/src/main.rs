@@ -1,0 +1,196 @@
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use postern_agent::cli::{Cli, Command, ConnectArgs, ProtocolArg};
+use postern_agent::connect::{Connect, Options};
+use postern_agent::{Agent, Config};
+use postern_common::config::{EXIT_CONFIG, RelayUrl};
+use postern_common::tls::Material;
+use tokio_util::sync::CancellationToken;
+
+/// Where `connect` listens by default (the port `cf tunnel` users know).
+const DEFAULT_LISTEN: &str = "127.0.0.1:10000";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    postern_common::telemetry::init(cli.log_json);
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok (agent {}, {} service(s), relay {})",
+                    config.display(),
+                    c.name,
+                    c.services.len(),
+                    c.relay
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            runtime(async move {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(signals(shutdown.clone()));
+                Agent::new(config).run(shutdown).await;
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Connect(args) => runtime(connect(args)),
+    }
+}
+
+fn runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(args: ConnectArgs) -> ExitCode {
+    let relay: RelayUrl = match args.relay.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: --relay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let tls = match Material::load(&args.ca, &args.cert, &args.key) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listen: SocketAddr = args.listen.unwrap_or_else(|| {
+        if args.exec.is_empty() {
+            DEFAULT_LISTEN
+        } else {
+            "127.0.0.1:0"
+        }
+        .parse()
+        .expect("literal address")
+    });
+    let opts = Options {
+        server_name: args
+            .server_name
+            .clone()
+            .unwrap_or_else(|| relay.host.clone()),
+        relay,
+        tls,
+        service: args.service.clone(),
+        listen,
+        mysql: args.protocol == ProtocolArg::Mysql,
+    };
+    let connect = match Connect::bind(opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = connect.local_addr();
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(connect.run(shutdown.clone()));
+
+    if args.exec.is_empty() {
+        eprintln!("Service {:?} is available at {local}", args.service);
+        eprintln!("  host: {}  port: {}", local.ip(), local.port());
+        if args.protocol == ProtocolArg::Mysql {
+            eprintln!(
+                "  connect with: mariadb --host={} --port={} --user=USER -p",
+                local.ip(),
+                local.port()
+            );
+        }
+        eprintln!("Press Ctrl-C to close the tunnel.");
+        signals(shutdown.clone()).await;
+        let _ = serving.await;
+        return ExitCode::SUCCESS;
+    }
+
+    let status = run_client(&args.exec, local).await;
+    shutdown.cancel();
+    let _ = serving.await;
+    status
+}
+
+/// Runs `exec` (a MySQL client or any program) against the local port.
+async fn run_client(exec: &[String], local: SocketAddr) -> ExitCode {
+    let (program, rest) = exec
+        .split_first()
+        .expect("clap requires at least one value");
+    let base = std::path::Path::new(program)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or(program);
+    let mut cmd = tokio::process::Command::new(program);
+    const MYSQL_CLIENTS: &[&str] = &[
+        "mariadb",
+        "mysql",
+        "mysqldump",
+        "mariadb-dump",
+        "mysqladmin",
+        "mariadb-admin",
+        "mysqlshow",
+        "mariadb-show",
+        "mysqlcheck",
+        "mariadb-check",
+        "mysqlimport",
+        "mariadb-import",
+    ];
+    if MYSQL_CLIENTS.contains(&base) {
+        cmd.arg(format!("--host={}", local.ip()))
+            .arg(format!("--port={}", local.port()))
+            .arg("--protocol=TCP");
+    }
+    cmd.args(rest)
+        .env("POSTERN_HOST", local.ip().to_string())
+        .env("POSTERN_PORT", local.port().to_string())
+        .env("MYSQL_HOST", local.ip().to_string())
+        .env("MYSQL_TCP_PORT", local.port().to_string());
+    let status = match cmd.status().await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot run {program}: {e}");
+            return ExitCode::from(127);
+        }
+    };
+    match status.code() {
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => {
+            use std::os::unix::process::ExitStatusExt;
+            ExitCode::from(128u8.saturating_add(status.signal().unwrap_or(0) as u8))
+        }
+    }
+}
+
+/// Returns on SIGTERM or SIGINT, cancelling `token`.
+async fn signals(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    if let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+            _ = token.cancelled() => {},
+        }
+    }
+    token.cancel();
+}

@@ -1,0 +1,507 @@
+//! Config plumbing shared by the agent and the relay: strict YAML loading with errors that name
+//! the file, line and key; human durations; the TLS file triple; relay addresses.
+//!
+//! Each binary's config is two types: the YAML shape (`deny_unknown_fields`, `Spanned` where a
+//! later check must point at a line) and the validated runtime type built from it. Validation
+//! collects every problem before failing, so one run of `check-config` lists them all.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+pub use serde_saphyr::Spanned;
+
+use crate::tls::Material;
+
+/// The exit status for a bad config or command line (`EX_USAGE`).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<u32>,
+    /// The key, when known (a dotted path or the last key).
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "invalid configuration ({n} error{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects errors about one file while it is validated.
+pub struct Check<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Check<'a> {
+    /// Starts checking `file`.
+    pub fn new(file: &'a Path) -> Self {
+        Self {
+            file,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Records a problem at `line` with `key`.
+    pub fn error(&mut self, line: Option<u32>, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            key: Some(key.to_owned()),
+            message: message.into(),
+        });
+    }
+
+    /// Records a problem at the place `value` came from.
+    pub fn at<T>(&mut self, value: &Spanned<T>, key: &str, message: impl Into<String>) {
+        self.error(line_of(value), key, message);
+    }
+
+    /// Checks that a file named in the config can be read.
+    pub fn file_exists(&mut self, path: &Spanned<PathBuf>, key: &str) {
+        if let Err(e) = std::fs::metadata(&path.value) {
+            self.at(
+                path,
+                key,
+                format!("cannot read {}: {e}", path.value.display()),
+            );
+        }
+    }
+
+    /// Loads the TLS triple, recording errors against the keys that named the files.
+    pub fn tls(&mut self, tls: &TlsFiles, key: &str) -> Option<Material> {
+        let before = self.errors.len();
+        self.file_exists(&tls.ca, &format!("{key}.ca"));
+        self.file_exists(&tls.cert, &format!("{key}.cert"));
+        self.file_exists(&tls.key, &format!("{key}.key"));
+        if self.errors.len() > before {
+            return None;
+        }
+        match Material::load(&tls.ca.value, &tls.cert.value, &tls.key.value) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.at(&tls.cert, key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Whether no problem was found.
+    pub fn is_ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// Ends the check: `Ok(value)` if nothing was recorded.
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+}
+
+/// The line a spanned value came from.
+pub fn line_of<T>(value: &Spanned<T>) -> Option<u32> {
+    let line = value.referenced.line();
+    (line > 0).then_some(line as u32)
+}
+
+/// Reads and parses a YAML file strictly (unknown keys, duplicate keys and wrong types are
+/// errors). Relative paths inside the file are the caller's business.
+pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read config file: {e}"),
+        }])
+    })?;
+    parse_yaml(path, &text)
+}
+
+/// Parses YAML text that came from `path`.
+pub fn parse_yaml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
+    serde_saphyr::from_str(text).map_err(|e| {
+        let line = e.location().map(|l| l.line() as u32).filter(|l| *l > 0);
+        let first = e.to_string();
+        let first = first.lines().next().unwrap_or_default();
+        // "error: line 5 column 3: unknown field ..." -> "unknown field ..."
+        let message = first
+            .strip_prefix("error: ")
+            .unwrap_or(first)
+            .split_once(": ")
+            .filter(|(loc, _)| loc.starts_with("line "))
+            .map(|(_, m)| m)
+            .unwrap_or(first)
+            .to_owned();
+        let key = line.and_then(|l| key_on_line(text, l)).or_else(|| {
+            // "unknown field `x`" names the key itself.
+            message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.contains("field"))
+                .map(str::to_owned)
+        });
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line,
+            key,
+            message,
+        }])
+    })
+}
+
+/// The mapping key written on `line` (1-based), if the line is `key: ...`.
+fn key_on_line(text: &str, line: u32) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)? as usize)?;
+    let l = l.trim_start().trim_start_matches("- ");
+    let (key, _) = l.split_once(':')?;
+    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty() && !key.contains(' ')).then(|| key.to_owned())
+}
+
+/// A YAML mapping whose keys remember their line, in file order.
+#[derive(Debug, Clone)]
+pub struct Entries<V>(pub Vec<(Spanned<String>, V)>);
+
+impl<V> Default for Entries<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<V> Entries<V> {
+    /// Iterates over the entries in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &(Spanned<String>, V)> {
+        self.0.iter()
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entries<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = Entries<V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<Spanned<String>, V>()? {
+                    out.push((k, v));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// The three PEM files of one side's TLS identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The CA certificate that peers must chain to.
+    pub ca: Spanned<PathBuf>,
+    /// This side's certificate.
+    pub cert: Spanned<PathBuf>,
+    /// This side's private key.
+    pub key: Spanned<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Makes relative paths relative to `base` (the config file's directory).
+    pub fn rebase(&mut self, base: &Path) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            if p.value.is_relative() {
+                p.value = base.join(&p.value);
+            }
+        }
+    }
+}
+
+/// A duration written as `500ms`, `10s`, `5m`, `1h` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 10s, 5m, 1h"))?;
+        let d = match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "" | "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            _ => {
+                return Err(format!(
+                    "invalid duration {s:?}: use e.g. 500ms, 10s, 5m, 1h"
+                ));
+            }
+        };
+        Ok(Self(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(Self(Duration::from_secs(n))),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How a relay is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayUrl {
+    /// The transport.
+    pub scheme: Scheme,
+    /// Host name or address literal (without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Path (WebSocket only).
+    pub path: String,
+}
+
+/// The scheme of a [`RelayUrl`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `quic://host:port`
+    Quic,
+    /// `wss://host[:port][/path]`
+    Wss,
+    /// `ws://host[:port][/path]` (behind a TLS-terminating router)
+    Ws,
+}
+
+impl FromStr for RelayUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| format!("invalid relay url {s:?}: expected quic://host:port"))?;
+        let scheme = match scheme {
+            "quic" => Scheme::Quic,
+            "wss" => Scheme::Wss,
+            "ws" => Scheme::Ws,
+            other => {
+                return Err(format!(
+                    "invalid relay url {s:?}: unknown scheme {other:?} (use quic, wss or ws)"
+                ));
+            }
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].to_owned()),
+            None => (rest, String::new()),
+        };
+        let (host, port) = split_host_port(authority)
+            .ok_or_else(|| format!("invalid relay url {s:?}: bad host or port"))?;
+        let port = match (port, scheme) {
+            (Some(p), _) => p,
+            (None, Scheme::Wss) => 443,
+            (None, Scheme::Ws) => 80,
+            (None, Scheme::Quic) => {
+                return Err(format!("invalid relay url {s:?}: quic needs a port"));
+            }
+        };
+        let path = if path.is_empty() && scheme != Scheme::Quic {
+            "/v1/tunnel".to_owned()
+        } else {
+            path
+        };
+        Ok(Self {
+            scheme,
+            host,
+            port,
+            path,
+        })
+    }
+}
+
+impl fmt::Display for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            Scheme::Quic => "quic",
+            Scheme::Wss => "wss",
+            Scheme::Ws => "ws",
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}{}", self.host, self.port, self.path)
+        } else {
+            write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.path)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RelayUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl RelayUrl {
+    /// Resolves the host to socket addresses.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        Ok(tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await?
+            .collect())
+    }
+}
+
+fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h.to_owned(), Some(p.parse().ok()?))),
+        Some(_) => None,
+        None if s.is_empty() => None,
+        None => Some((s.to_owned(), None)),
+    }
+    .filter(|(h, _)| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        listen: String,
+        port: Option<u16>,
+        timeout: Option<HumanDuration>,
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let p = Path::new("x.yaml");
+        let e = parse_yaml::<Sample>(p, "listen: a\nbogus: 1\n").unwrap_err();
+        assert_eq!(e.0[0].line, Some(2));
+        assert_eq!(e.0[0].key.as_deref(), Some("bogus"));
+        assert!(
+            e.to_string()
+                .contains("x.yaml:2: key `bogus`: unknown field"),
+            "{e}"
+        );
+
+        let e = parse_yaml::<Sample>(p, "listen: a\nport: abc\n").unwrap_err();
+        assert_eq!(
+            (e.0[0].line, e.0[0].key.as_deref()),
+            (Some(2), Some("port"))
+        );
+
+        let e = parse_yaml::<Sample>(p, "listen: a\ntimeout: 5 parsecs\n").unwrap_err();
+        assert_eq!(e.0[0].key.as_deref(), Some("timeout"));
+        assert!(e.0[0].message.contains("invalid duration"), "{e}");
+
+        let e = parse_yaml::<Sample>(p, "listen: [a\n").unwrap_err();
+        assert!(e.0[0].line.is_some());
+
+        let e = parse_yaml::<Sample>(p, "listen: a\nlisten: b\n").unwrap_err();
+        assert!(e.0[0].message.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "2m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert!("2 weeks".parse::<HumanDuration>().is_err());
+        assert!("".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn relay_urls_parse() {
+        let u: RelayUrl = "quic://relay.example.com:7443".parse().unwrap();
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port),
+            (Scheme::Quic, "relay.example.com", 7443)
+        );
+        let u: RelayUrl = "wss://r.example.com".parse().unwrap();
+        assert_eq!((u.port, u.path.as_str()), (443, "/v1/tunnel"));
+        let u: RelayUrl = "quic://[::1]:9".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 9));
+        assert_eq!(u.to_string(), "quic://[::1]:9");
+        assert!("quic://host".parse::<RelayUrl>().is_err());
+        assert!("http://host:1".parse::<RelayUrl>().is_err());
+        assert!("quic://:1".parse::<RelayUrl>().is_err());
+    }
+}

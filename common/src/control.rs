@@ -1,0 +1,100 @@
+//! Liveness on the control stream, the same code at both ends.
+//!
+//! After the hello and welcome, each side sends [`Control::Heartbeat`] every interval and expects
+//! to hear from its peer at least once every two intervals (plus a little slack for scheduling).
+//! A peer that stays silent longer, closes the stream or sends anything that is not protocol ends
+//! the session: the caller closes it, and an agent then reconnects.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Control;
+use crate::transport::Stream;
+use crate::wire::{self, WireError};
+
+/// Why a control stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlEnd {
+    /// Shutdown was requested locally.
+    #[error("shutting down")]
+    Shutdown,
+    /// Nothing arrived for too long.
+    #[error("peer silent for {0:?} (heartbeat missed)")]
+    Silent(Duration),
+    /// The peer closed the control stream.
+    #[error("peer closed the control stream")]
+    Closed,
+    /// The peer sent something that is not protocol, or the stream failed.
+    #[error("control stream: {0}")]
+    Broken(String),
+}
+
+/// How long after the last frame a peer is considered dead.
+pub fn dead_after(interval: Duration) -> Duration {
+    interval * 2 + Duration::from_millis(250)
+}
+
+/// Sends heartbeats and watches for the peer's until the session should end.
+pub async fn keepalive(
+    stream: Stream,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> ControlEnd {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Result<Control, WireError>>(4);
+    let read_task = tokio::spawn(async move {
+        loop {
+            let frame = wire::read_frame::<_, Control>(&mut reader).await;
+            let stop = frame.is_err();
+            if tx.send(frame).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+
+    let limit = dead_after(interval);
+    let mut deadline = Instant::now() + limit;
+    let mut ticks = interval_at(Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let end = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break ControlEnd::Shutdown,
+            _ = sleep_until(deadline) => break ControlEnd::Silent(limit),
+            _ = ticks.tick() => {
+                seq += 1;
+                if let Err(e) = wire::write_frame(&mut writer, &Control::Heartbeat { seq }).await {
+                    break ControlEnd::Broken(e.to_string());
+                }
+            }
+            frame = rx.recv() => match frame {
+                Some(Ok(Control::Heartbeat { .. })) => deadline = Instant::now() + limit,
+                Some(Ok(other)) => {
+                    break ControlEnd::Broken(format!("unexpected message {other:?}"));
+                }
+                Some(Err(WireError::Frame(crate::protocol::FrameError::Truncated))) | None => {
+                    break ControlEnd::Closed;
+                }
+                Some(Err(e)) => break ControlEnd::Broken(e.to_string()),
+            },
+        }
+    };
+    read_task.abort();
+    let _ = writer.shutdown().await;
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_after_is_about_two_intervals() {
+        let d = dead_after(Duration::from_secs(10));
+        assert!(d >= Duration::from_secs(20) && d < Duration::from_secs(21));
+    }
+}

@@ -1,0 +1,18 @@
+//! Shared parts of Postern: the wire protocol (pure codec), transports (QUIC), TLS and PKI
+//! helpers, config plumbing, byte splicing and logging setup.
+//!
+//! The agent and the relay are written against [`transport::Session`] and
+//! [`transport::Stream`]; the protocol spoken on those streams is in [`protocol`] and read and
+//! written by [`wire`].
+
+pub mod config;
+pub mod control;
+pub mod mysql;
+pub mod net;
+pub mod pki;
+pub mod protocol;
+pub mod splice;
+pub mod telemetry;
+pub mod tls;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,406 @@
+//! Certificates: a Postern CA, the leaf certificates it signs, and identities read back from them.
+//!
+//! An identity is a URI subject alternative name: `postern://agent/NAME` for an agent and
+//! `postern://client/NAME` for a client (an application or a person). Server certificates (the
+//! relay's, or an agent's service certificate) carry DNS and IP names instead, so that clients can
+//! verify them with `VERIFY_IDENTITY`. Private keys are ECDSA P-256, written with mode 0600.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::CertificateDer;
+use time::{Duration, OffsetDateTime};
+
+/// Default lifetime of a CA certificate, in days.
+pub const CA_DAYS: u32 = 3650;
+/// Default lifetime of agent and server certificates, in days.
+pub const SERVER_DAYS: u32 = 365;
+/// Default lifetime of client certificates, in days (short: clients are easy to re-issue).
+pub const CLIENT_DAYS: u32 = 30;
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An agent: dials the relay, identity `postern://agent/NAME`.
+    Agent,
+    /// A client: reaches services, identity `postern://client/NAME`.
+    Client,
+    /// A TLS server (relay, or an agent's service listener): DNS and IP names.
+    Server,
+}
+
+impl Kind {
+    /// The word used on the command line and in file names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+/// Who a peer is, as read from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// `postern://agent/NAME`
+    Agent(String),
+    /// `postern://client/NAME`
+    Client(String),
+}
+
+impl Identity {
+    /// The name without its kind.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Agent(n) | Self::Client(n) => n,
+        }
+    }
+
+    /// The identity as a URI.
+    pub fn uri(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Agent(n) => write!(f, "postern://agent/{n}"),
+            Self::Client(n) => write!(f, "postern://client/{n}"),
+        }
+    }
+}
+
+/// Errors from certificate work.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Generating or signing failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A file exists and overwriting was not asked for.
+    #[error("{0} already exists (use --force to overwrite)")]
+    Exists(PathBuf),
+    /// The certificate could not be parsed.
+    #[error("cannot parse certificate: {0}")]
+    Parse(String),
+    /// The certificate carries no Postern identity.
+    #[error(
+        "certificate has no postern identity (a URI SAN postern://agent/NAME or postern://client/NAME)"
+    )]
+    NoIdentity,
+    /// A name that cannot be an identity.
+    #[error("invalid name {0:?}: use 1-64 characters from a-z, A-Z, 0-9, '.', '_' and '-'")]
+    BadName(String),
+}
+
+/// A CA loaded for signing.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate in PEM.
+    pub cert_pem: String,
+}
+
+/// A freshly made certificate and its key, both PEM.
+pub struct Issued {
+    /// Certificate chain in PEM (the leaf only: the CA is distributed separately).
+    pub cert_pem: String,
+    /// Private key in PEM (PKCS#8).
+    pub key_pem: String,
+}
+
+/// What to put in a leaf certificate.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    /// Agent, client or server.
+    pub kind: Kind,
+    /// The identity name (agent, client) or a label (server; goes into the CN).
+    pub name: String,
+    /// DNS names (servers).
+    pub dns: Vec<String>,
+    /// IP addresses (servers).
+    pub ips: Vec<IpAddr>,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+impl LeafSpec {
+    /// A spec valid from an hour ago (clock skew) for `days` days.
+    pub fn new(kind: Kind, name: &str, days: u32) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            kind,
+            name: name.to_owned(),
+            dns: Vec::new(),
+            ips: Vec::new(),
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(i64::from(days)),
+        }
+    }
+}
+
+impl Ca {
+    /// Makes a new self-signed CA.
+    pub fn generate(common_name: &str, days: u32) -> Result<(Self, String), PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(i64::from(days));
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let certified = CertifiedIssuer::self_signed(params, key)?;
+        let cert_pem = certified.pem();
+        // Re-read the issuer from its PEM so that `Ca` owns it without borrowing `certified`.
+        let ca = Self::from_pem(&cert_pem, &key_pem)?;
+        Ok((ca, key_pem))
+    }
+
+    /// Loads a CA from its certificate and key PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// Loads a CA from `ca.pem` and `ca-key.pem` in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let cert = read_to_string(&dir.join("ca.pem"))?;
+        let key = read_to_string(&dir.join("ca-key.pem"))?;
+        Self::from_pem(&cert, &key)
+    }
+
+    /// Signs a new leaf certificate.
+    pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
+        check_name(&spec.name)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(&spec.name);
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut sans = Vec::new();
+        match spec.kind {
+            Kind::Agent | Kind::Client => {
+                let id = if spec.kind == Kind::Agent {
+                    Identity::Agent(spec.name.clone())
+                } else {
+                    Identity::Client(spec.name.clone())
+                };
+                sans.push(SanType::URI(id.uri().try_into()?));
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            Kind::Server => {
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }
+        }
+        for name in &spec.dns {
+            sans.push(SanType::DnsName(name.clone().try_into()?));
+        }
+        for ip in &spec.ips {
+            sans.push(SanType::IpAddress(*ip));
+        }
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Reads the Postern identity from a DER certificate.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| PkiError::Parse(e.to_string()))?
+        .ok_or(PkiError::NoIdentity)?;
+    for name in &san.value.general_names {
+        if let x509_parser::extensions::GeneralName::URI(uri) = name {
+            if let Some(id) = parse_identity(uri) {
+                return Ok(id);
+            }
+        }
+    }
+    Err(PkiError::NoIdentity)
+}
+
+/// Parses `postern://agent/NAME` or `postern://client/NAME`.
+pub fn parse_identity(uri: &str) -> Option<Identity> {
+    let rest = uri.strip_prefix("postern://")?;
+    let (kind, name) = rest.split_once('/')?;
+    check_name(name).ok()?;
+    match kind {
+        "agent" => Some(Identity::Agent(name.to_owned())),
+        "client" => Some(Identity::Client(name.to_owned())),
+        _ => None,
+    }
+}
+
+/// Checks that `name` can be an identity or a service name.
+pub fn check_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadName(name.to_owned()))
+    }
+}
+
+/// Writes a public file (certificate). Refuses to overwrite unless `force`.
+pub fn write_public(path: &Path, contents: &str, force: bool) -> Result<(), PkiError> {
+    write_file(path, contents, 0o644, force)
+}
+
+/// Writes a private key with mode 0600. Refuses to overwrite unless `force`.
+pub fn write_private(path: &Path, contents: &str, force: bool) -> Result<(), PkiError> {
+    write_file(path, contents, 0o600, force)
+}
+
+/// Checks up front that none of `paths` exists (unless `force`), so that a refused command
+/// writes nothing at all rather than half of its files.
+pub fn check_absent(paths: &[&Path], force: bool) -> Result<(), PkiError> {
+    if force {
+        return Ok(());
+    }
+    match paths.iter().find(|p| p.exists()) {
+        Some(p) => Err(PkiError::Exists(p.to_path_buf())),
+        None => Ok(()),
+    }
+}
+
+fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if force && path.exists() {
+        // Recreate rather than truncate, so that the mode is the one asked for.
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists(path.to_path_buf())
+            } else {
+                io(e)
+            }
+        })?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+fn read_to_string(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Postern");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+
+    #[test]
+    fn issued_leaves_carry_their_identity() {
+        let (ca, _) = Ca::generate("test ca", 1).unwrap();
+        for (kind, want) in [
+            (Kind::Agent, Identity::Agent("db1".into())),
+            (Kind::Client, Identity::Client("alice".into())),
+        ] {
+            let name = want.name().to_owned();
+            let issued = ca.issue(&LeafSpec::new(kind, &name, 1)).unwrap();
+            let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+            assert_eq!(identity_of(&der).unwrap(), want);
+        }
+        let mut spec = LeafSpec::new(Kind::Server, "relay", 1);
+        spec.dns.push("localhost".into());
+        let issued = ca.issue(&spec).unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        assert!(matches!(identity_of(&der), Err(PkiError::NoIdentity)));
+    }
+
+    #[test]
+    fn a_ca_reloaded_from_pem_signs_leaves() {
+        let (ca, key) = Ca::generate("test ca", 1).unwrap();
+        let again = Ca::from_pem(&ca.cert_pem, &key).unwrap();
+        again.issue(&LeafSpec::new(Kind::Client, "bob", 1)).unwrap();
+    }
+
+    #[test]
+    fn identities_parse_strictly() {
+        assert_eq!(
+            parse_identity("postern://client/a-b.c_d"),
+            Some(Identity::Client("a-b.c_d".into()))
+        );
+        assert_eq!(parse_identity("postern://client/"), None);
+        assert_eq!(parse_identity("postern://admin/x"), None);
+        assert_eq!(parse_identity("postern://client/a/b"), None);
+        assert_eq!(parse_identity("https://client/a"), None);
+    }
+
+    #[test]
+    fn keys_are_private_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        write_private(&path, "secret", false).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            write_private(&path, "other", false),
+            Err(PkiError::Exists(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "secret");
+        write_private(&path, "other", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "other");
+    }
+}

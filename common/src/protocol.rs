@@ -1,0 +1,375 @@
+//! The Postern wire protocol: pure code over buffers, no sockets.
+//!
+//! # Format (version 1)
+//!
+//! Every stream between an agent, a relay and a `connect` client starts with the 4-byte magic
+//! `PSTN` followed by **frames**. A frame is a 4-byte big-endian length `N` followed by `N`
+//! bytes of UTF-8 JSON, an object whose `"type"` field names the message. `N` is at most
+//! [`MAX_FRAME`]; a longer length is refused before anything is allocated.
+//!
+//! ```text
+//! +------+----------+-----------------+----------+-----------------+
+//! | PSTN | len (u32)| JSON message    | len (u32)| JSON message    | ...
+//! +------+----------+-----------------+----------+-----------------+
+//! ```
+//!
+//! Two kinds of stream exist:
+//!
+//! * The **control stream**, opened by the agent once per session. The agent sends
+//!   [`Control::Hello`] (the protocol versions it speaks and the services it offers); the relay
+//!   answers [`Control::Welcome`] (the chosen version, which services it accepted and why it
+//!   refused the others) or [`Control::Refused`] and closes. Afterwards both sides send
+//!   [`Control::Heartbeat`] every interval; a side that hears nothing for about two intervals
+//!   considers the peer dead.
+//! * A **data stream**, one per client connection. The opener (the relay towards an agent, a
+//!   `connect` client towards the relay) sends one [`Open`] frame; the other side answers with one
+//!   [`Answer`] frame. After an [`Answer::Ok`] the stream carries raw bytes in both directions,
+//!   and a finished direction is a half-close. After an [`Answer::Refused`] the stream ends.
+//!
+//! Versions are negotiated in the hello: the agent lists every version it speaks, the relay
+//! picks the highest it also speaks or refuses with [`Code::UnsupportedVersion`]. The framing
+//! (magic, length prefix, JSON object with `type`) is fixed across versions, so a peer of any
+//! version can always read a refusal. Unknown fields are ignored, so a newer peer may add
+//! fields without breaking an older one.
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// The bytes every Postern stream starts with.
+pub const MAGIC: [u8; 4] = *b"PSTN";
+
+/// The largest frame body either side accepts or sends, in bytes.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// The protocol versions this build speaks, oldest first.
+pub const VERSIONS: &[u16] = &[1];
+
+/// The ALPN protocol name of the agent and client links.
+pub const ALPN: &[u8] = b"postern/1";
+
+/// Messages on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// First message from the agent.
+    Hello {
+        /// Protocol versions the agent speaks.
+        versions: Vec<u16>,
+        /// Services the agent offers, by name.
+        services: Vec<String>,
+        /// The agent's software version, for logs and the dashboard.
+        #[serde(default)]
+        software: String,
+    },
+    /// The relay accepts the session.
+    Welcome {
+        /// The version both sides now speak.
+        version: u16,
+        /// Identifies the relay instance (stable for the process lifetime).
+        relay_instance: String,
+        /// Services the relay will route to this agent.
+        accepted: Vec<String>,
+        /// Services the agent offered that the relay refused, with the reason.
+        #[serde(default)]
+        rejected: Vec<Rejected>,
+        /// How often the relay will send heartbeats, in milliseconds.
+        heartbeat_ms: u64,
+    },
+    /// The relay refuses the whole session.
+    Refused {
+        /// Why, as a stable code.
+        code: Code,
+        /// Why, for people.
+        message: String,
+    },
+    /// Liveness; sent by both sides every heartbeat interval.
+    Heartbeat {
+        /// Increments with every heartbeat a side sends.
+        seq: u64,
+    },
+}
+
+/// A service the relay would not accept from an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The service name.
+    pub service: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// The first frame of a data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "open")]
+pub struct Open {
+    /// The service to reach.
+    pub service: String,
+    /// The client identity the relay authenticated (empty when a client opens towards the relay:
+    /// the relay takes the identity from the client's certificate, never from the frame).
+    #[serde(default)]
+    pub client: String,
+    /// The client's address as the relay saw it.
+    #[serde(default)]
+    pub client_addr: String,
+    /// A relay-assigned id that appears in both sides' logs.
+    #[serde(default)]
+    pub conn_id: u64,
+}
+
+/// The answer to an [`Open`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Answer {
+    /// The stream is connected; raw bytes follow.
+    Ok {
+        /// The backend the agent connected to (`host:port`), for logs.
+        #[serde(default)]
+        backend: String,
+    },
+    /// The stream was refused; nothing follows.
+    Refused {
+        /// Why, as a stable code.
+        code: Code,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+/// Stable reasons for refusing a session or a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// The peer's identity may not do this.
+    NotAuthorized,
+    /// The named service does not exist on this side.
+    UnknownService,
+    /// No agent offering the service is connected to the relay.
+    NoAgent,
+    /// The agent could not connect to the service's backend.
+    BackendUnavailable,
+    /// A limit on concurrent connections was reached.
+    TooManyConnections,
+    /// The peer sent something that is not valid protocol.
+    BadRequest,
+    /// The side is shutting down.
+    ShuttingDown,
+    /// A code from a newer peer that this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Code {
+    /// The code as it appears on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::NotAuthorized => "not_authorized",
+            Self::UnknownService => "unknown_service",
+            Self::NoAgent => "no_agent",
+            Self::BackendUnavailable => "backend_unavailable",
+            Self::TooManyConnections => "too_many_connections",
+            Self::BadRequest => "bad_request",
+            Self::ShuttingDown => "shutting_down",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What can be wrong with bytes that should be a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream did not start with [`MAGIC`].
+    #[error("stream does not start with the postern magic (got {0:02x?})")]
+    BadMagic([u8; 4]),
+    /// A length prefix over [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    TooLarge(usize),
+    /// The body is not a message this version understands.
+    #[error("malformed frame: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// The stream ended in the middle of a frame or before an expected one.
+    #[error("stream ended before a complete frame")]
+    Truncated,
+}
+
+/// Appends `msg` as one frame to `buf`.
+pub fn encode<T: Serialize>(msg: &T, buf: &mut BytesMut) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(msg).map_err(FrameError::Malformed)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    buf.reserve(4 + body.len());
+    // MAX_FRAME fits in u32, so the cast cannot truncate.
+    buf.put_u32(body.len() as u32);
+    buf.put_slice(&body);
+    Ok(())
+}
+
+/// Takes one frame off the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` holds only part of a frame (nothing is consumed then), and an
+/// error as soon as the length prefix is over the limit, without waiting for the body.
+pub fn decode<T: DeserializeOwned>(buf: &mut BytesMut) -> Result<Option<T>, FrameError> {
+    let Some(len) = frame_len(buf)? else {
+        return Ok(None);
+    };
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    buf.advance(4);
+    let body = buf.split_to(len);
+    decode_body(&body).map(Some)
+}
+
+/// Reads the length prefix at the front of `buf`, checking it against [`MAX_FRAME`].
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    let Some(prefix) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(Some(len))
+}
+
+/// Parses a frame body (without its length prefix).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(FrameError::Malformed)
+}
+
+/// Checks the 4 bytes a stream starts with.
+pub fn check_magic(bytes: [u8; 4]) -> Result<(), FrameError> {
+    if bytes == MAGIC {
+        Ok(())
+    } else {
+        Err(FrameError::BadMagic(bytes))
+    }
+}
+
+/// Picks the highest version both sides speak.
+pub fn negotiate(offered: &[u16]) -> Option<u16> {
+    VERSIONS.iter().rev().find(|v| offered.contains(v)).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let mut buf = BytesMut::new();
+        encode(&msg, &mut buf).unwrap();
+        // Feed the encoding one byte at a time: nothing decodes until the last byte.
+        let bytes = buf.split().freeze();
+        let mut feed = BytesMut::new();
+        for (i, b) in bytes.iter().enumerate() {
+            feed.put_u8(*b);
+            let got: Option<T> = decode(&mut feed).unwrap();
+            if i + 1 < bytes.len() {
+                assert!(got.is_none());
+            } else {
+                assert_eq!(got.unwrap(), msg);
+                assert!(feed.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn messages_roundtrip_byte_by_byte() {
+        roundtrip(Control::Hello {
+            versions: vec![1],
+            services: vec!["orders".into()],
+            software: "0.1.0".into(),
+        });
+        roundtrip(Control::Heartbeat { seq: 7 });
+        roundtrip(Control::Refused {
+            code: Code::NotAuthorized,
+            message: "no".into(),
+        });
+        roundtrip(Open {
+            service: "orders".into(),
+            client: "alice".into(),
+            client_addr: "127.0.0.1:1".into(),
+            conn_id: 9,
+        });
+        roundtrip(Answer::Refused {
+            code: Code::BackendUnavailable,
+            message: "connection refused".into(),
+        });
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_body_arrives() {
+        let mut buf = BytesMut::new();
+        buf.put_u32((MAX_FRAME + 1) as u32);
+        assert!(matches!(
+            decode::<Control>(&mut buf),
+            Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1
+        ));
+    }
+
+    #[test]
+    fn unknown_codes_from_newer_peers_are_readable() {
+        let a: Answer =
+            decode_body(br#"{"type":"refused","code":"quota_exceeded","message":"m"}"#).unwrap();
+        assert_eq!(
+            a,
+            Answer::Refused {
+                code: Code::Unknown,
+                message: "m".into()
+            }
+        );
+    }
+
+    #[test]
+    fn two_frames_in_one_buffer_decode_in_order() {
+        let mut buf = BytesMut::new();
+        encode(&Control::Heartbeat { seq: 1 }, &mut buf).unwrap();
+        encode(&Control::Heartbeat { seq: 2 }, &mut buf).unwrap();
+        assert_eq!(
+            decode::<Control>(&mut buf).unwrap(),
+            Some(Control::Heartbeat { seq: 1 })
+        );
+        assert_eq!(
+            decode::<Control>(&mut buf).unwrap(),
+            Some(Control::Heartbeat { seq: 2 })
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn version_negotiation_picks_the_highest_common() {
+        assert_eq!(negotiate(&[1, 2, 3]), Some(1));
+        assert_eq!(negotiate(&[7]), None);
+        assert_eq!(negotiate(&[]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&data[..]);
+            let _ = decode::<Control>(&mut buf);
+            let mut buf = BytesMut::from(&data[..]);
+            let _ = decode::<Open>(&mut buf);
+            let mut buf = BytesMut::from(&data[..]);
+            let _ = decode::<Answer>(&mut buf);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut buf = BytesMut::new();
+            buf.put_u32(body.len() as u32);
+            buf.put_slice(&body);
+            let _ = decode::<Control>(&mut buf);
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! TLS configurations for every link Postern runs, all with the ring provider and mutual TLS.
+//!
+//! * The agent and client link to the relay (QUIC or TLS inside a WebSocket): TLS 1.3 only,
+//!   ALPN `postern/1`, client certificate required and verified against the Postern CA.
+//! * The relay's client-facing listeners: TLS 1.2 and 1.3 (older MySQL drivers), client
+//!   certificate required.
+//!
+//! Authentication is a verifier choice, never a separate code path: every server config here
+//! requires a client certificate chained to the configured CA, and the identity is read from the
+//! verified certificate afterwards with [`peer_identity`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::pki::{self, Identity};
+use crate::protocol::ALPN;
+
+/// Errors building TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the material.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("tls: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The certificate, key and trusted CA of one side.
+#[derive(Clone, Debug)]
+pub struct Material {
+    /// Our certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Our private key.
+    pub key: Arc<PrivateKeyDer<'static>>,
+    /// The CA certificates we trust for peers.
+    pub roots: Arc<RootCertStore>,
+}
+
+impl Material {
+    /// Loads PEM files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let roots = load_roots(ca)?;
+        let chain = load_certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+            path: key.to_path_buf(),
+            reason: format!("no usable private key: {e}"),
+        })?;
+        Ok(Self {
+            chain,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// Builds material from PEM strings (tests and the demo).
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            let c = c.map_err(|e| pem_err("<ca>", e))?;
+            roots.add(c)?;
+        }
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err("<cert>", e))?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| pem_err("<key>", e))?;
+        Ok(Self {
+            chain,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// The identity in our own certificate, if any.
+    pub fn identity(&self) -> Option<Identity> {
+        self.chain.first().and_then(|c| pki::identity_of(c).ok())
+    }
+}
+
+/// The crypto provider used everywhere (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server config for the agent/client link: TLS 1.3, ALPN `postern/1`, client cert required.
+pub fn link_server(m: &Material) -> Result<ServerConfig, TlsError> {
+    let p = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone()).build()?;
+    let mut cfg = ServerConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Client config for the agent/client link: TLS 1.3, ALPN `postern/1`, our certificate.
+pub fn link_client(m: &Material) -> Result<ClientConfig, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(m.roots.clone())
+        .with_client_auth_cert(m.chain.clone(), m.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Server config for client-facing listeners: TLS 1.2 and 1.3, client cert required.
+pub fn listener_server(m: &Material) -> Result<ServerConfig, TlsError> {
+    let p = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone()).build()?;
+    let cfg = ServerConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())?;
+    Ok(cfg)
+}
+
+/// Client config for a TLS-first connection to a relay listener (tests, sidecars).
+pub fn listener_client(m: &Material) -> Result<ClientConfig, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(m.roots.clone())
+        .with_client_auth_cert(m.chain.clone(), m.key.clone_key())?)
+}
+
+/// Reads the identity of a verified peer from its certificate chain.
+pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Result<Identity, pki::PkiError> {
+    let leaf = chain
+        .and_then(|c| c.first())
+        .ok_or(pki::PkiError::NoIdentity)?;
+    pki::identity_of(leaf)
+}
+
+/// Turns a host string into the name TLS verifies.
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned()).map_err(|e| TlsError::File {
+        path: PathBuf::from(host),
+        reason: format!("not a valid server name: {e}"),
+    })
+}
+
+/// Describes a TLS handshake failure for a log line: why the peer was refused.
+pub fn describe_handshake_error(err: &std::io::Error) -> String {
+    use rustls::{CertificateError, Error as E};
+    let Some(inner) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
+        return err.to_string();
+    };
+    match inner {
+        E::NoCertificatesPresented => "client presented no certificate".into(),
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "certificate is not signed by the postern CA (unknown issuer)".into()
+        }
+        E::InvalidCertificate(CertificateError::Expired)
+        | E::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "certificate has expired".into()
+        }
+        E::InvalidCertificate(CertificateError::NotValidYet)
+        | E::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+            "certificate is not valid yet".into()
+        }
+        E::InvalidCertificate(CertificateError::Revoked) => "certificate has been revoked".into(),
+        other => other.to_string(),
+    }
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(path)? {
+        roots.add(c).map_err(|e| TlsError::File {
+            path: path.to_path_buf(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_err(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::File {
+            path: path.to_path_buf(),
+            reason: "no certificate in file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn pem_err(path: impl AsRef<Path>, e: rustls_pki_types::pem::Error) -> TlsError {
+    let reason = match e {
+        rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+        other => format!("not valid PEM: {other}"),
+    };
+    TlsError::File {
+        path: path.as_ref().to_path_buf(),
+        reason,
+    }
+}

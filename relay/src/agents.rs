@@ -1,0 +1,124 @@
+//! Agent sessions: the hello, the welcome, heartbeats, and registration in the [`Registry`].
+//!
+//! [`Registry`]: crate::registry::Registry
+
+use std::sync::Arc;
+
+use postern_common::control::{self, ControlEnd};
+use postern_common::protocol::{self, Code, Control, Rejected};
+use postern_common::transport::Session;
+use postern_common::wire;
+use tracing::{debug, info, warn};
+
+use crate::Shared;
+
+/// Serves one agent session until it ends.
+pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
+    let Some(allowed) = shared.config.agents.get(&name) else {
+        warn!(agent = %name, remote = %session.remote(), "refused agent: not listed under agents in the relay config");
+        session.close("agent identity is not known to this relay");
+        return;
+    };
+
+    // The first stream the agent opens is its control stream, and it starts with a hello.
+    let deadline = shared.config.handshake_timeout;
+    let hello = tokio::time::timeout(deadline, async {
+        let mut stream = session.accept().await.map_err(|e| e.to_string())?;
+        let hello = wire::read_first::<_, Control>(&mut stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((stream, hello))
+    })
+    .await
+    .unwrap_or_else(|_| Err("no hello within the handshake timeout".into()));
+    let (mut stream, hello) = match hello {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(agent = %name, remote = %session.remote(), error = %e, "refused agent: bad control stream");
+            session.close(&format!("bad control stream: {e}"));
+            return;
+        }
+    };
+    let Control::Hello {
+        versions,
+        services,
+        software,
+    } = hello
+    else {
+        warn!(agent = %name, "refused agent: first control message is not a hello");
+        session.close("first control message must be a hello");
+        return;
+    };
+    let Some(version) = protocol::negotiate(&versions) else {
+        let message = format!(
+            "no common protocol version: agent speaks {versions:?}, relay speaks {:?}",
+            protocol::VERSIONS
+        );
+        warn!(agent = %name, %message, "refused agent");
+        let refused = Control::Refused {
+            code: Code::UnsupportedVersion,
+            message: message.clone(),
+        };
+        let _ = wire::write_frame(&mut stream, &refused).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        session.close(&message);
+        return;
+    };
+
+    let mut accepted = Vec::new();
+    let mut rejected = Vec::new();
+    for s in services {
+        if allowed.contains(&s) {
+            accepted.push(s);
+        } else {
+            let reason = if shared.config.services.contains_key(&s) {
+                format!("agent {name} may not offer service {s:?} (see agents.{name}.services)")
+            } else {
+                format!("service {s:?} is not defined on this relay")
+            };
+            warn!(agent = %name, service = %s, %reason, "rejected service offered by agent");
+            rejected.push(Rejected { service: s, reason });
+        }
+    }
+    let welcome = Control::Welcome {
+        version,
+        relay_instance: shared.config.instance.clone(),
+        accepted: accepted.clone(),
+        rejected,
+        heartbeat_ms: shared.config.heartbeat.as_millis() as u64,
+    };
+    if let Err(e) = wire::write_frame(&mut stream, &welcome).await {
+        debug!(agent = %name, error = %e, "agent left during welcome");
+        return;
+    }
+
+    let generation = shared
+        .registry
+        .insert(&name, session.clone(), accepted.clone());
+    info!(agent = %name, remote = %session.remote(), transport = %session.kind(), services = ?accepted, %software, "agent connected");
+
+    // Agents do not open further streams; refuse any that appear so they cannot pile up.
+    let extra = {
+        let session = session.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            while let Ok(mut s) = session.accept().await {
+                debug!(agent = %name, "agent opened an unexpected stream: reset");
+                s.abort();
+            }
+        })
+    };
+
+    let end = tokio::select! {
+        end = control::keepalive(stream, shared.config.heartbeat, shared.cancel.clone()) => end,
+        why = session.closed() => ControlEnd::Broken(why),
+    };
+    extra.abort();
+    shared.registry.remove(&name, generation);
+    match &end {
+        ControlEnd::Shutdown => session.close("relay shutting down"),
+        ControlEnd::Broken(why) if why.contains("replaced") => {}
+        other => session.close(&other.to_string()),
+    }
+    info!(agent = %name, reason = %end, "agent disconnected");
+}

@@ -1,0 +1,206 @@
+//! Client front ends: per-service mutual-TLS listeners, and `connect` clients over QUIC.
+//!
+//! Both end in [`forward::reach`] and then splice bytes. A refusal is put in the client's own
+//! terms: a MySQL ERR packet for MySQL services (so `mariadb` prints why), a refusal frame for
+//! `connect` clients (which turn it into an ERR packet locally).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use postern_common::pki::Identity;
+use postern_common::protocol::{Answer, Open};
+use postern_common::transport::{Session, Stream};
+use postern_common::{mysql, net, splice, tls, wire};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Shared;
+use crate::config::Protocol;
+use crate::forward::{self, Refusal};
+
+/// Accepts connections on one service's TLS listener until shutdown.
+pub(crate) async fn listen(
+    shared: Arc<Shared>,
+    service: String,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(service = %service, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        net::tune(&tcp);
+        let span = info_span!("client", service = %service, peer = %peer);
+        let task = serve_tls(shared.clone(), service.clone(), tcp, peer, acceptor.clone());
+        shared.tracker.spawn(task.instrument(span));
+    }
+}
+
+async fn serve_tls(
+    shared: Arc<Shared>,
+    service: String,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+) {
+    let protocol = shared
+        .config
+        .services
+        .get(&service)
+        .map(|s| s.protocol)
+        .unwrap_or_default();
+    let handshake =
+        tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await;
+    let mut conn = match handshake {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(reason = %tls::describe_handshake_error(&e), "refused client: tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!("refused client: tls handshake timed out");
+            return;
+        }
+    };
+    let identity = match tls::peer_identity(conn.get_ref().1.peer_certificates()) {
+        Ok(Identity::Client(n)) => Identity::Client(n),
+        Ok(other) => {
+            let r = Refusal::new(
+                postern_common::protocol::Code::NotAuthorized,
+                format!("{other} is not a client identity"),
+            );
+            refuse(&mut conn, protocol, &r).await;
+            return;
+        }
+        Err(e) => {
+            let r = Refusal::new(postern_common::protocol::Code::NotAuthorized, e.to_string());
+            refuse(&mut conn, protocol, &r).await;
+            return;
+        }
+    };
+    let mut reached = match forward::reach(&shared, &service, &identity, peer).await {
+        Ok(r) => r,
+        Err(r) => {
+            refuse(&mut conn, protocol, &r).await;
+            return;
+        }
+    };
+    info!(client = %identity, conn_id = reached.conn_id, agent = %reached.agent, backend = %reached.backend, "client connected");
+    match splice::splice(&mut conn, &mut reached.stream).await {
+        Ok(t) => debug!(
+            conn_id = reached.conn_id,
+            up = t.a_to_b,
+            down = t.b_to_a,
+            "client disconnected"
+        ),
+        Err(e) => {
+            debug!(conn_id = reached.conn_id, error = %e, "connection failed");
+            reached.stream.abort();
+            net::reset_on_close(conn.get_ref().0);
+        }
+    }
+}
+
+/// Tells a refused client why, in its protocol's terms, and closes.
+async fn refuse<W: AsyncWrite + Unpin>(conn: &mut W, protocol: Protocol, r: &Refusal) {
+    warn!(code = %r.code, reason = %r.message, "refused client");
+    if protocol == Protocol::Mysql {
+        let _ = conn.write_all(&mysql::refusal(r.code, &r.message)).await;
+    }
+    let _ = conn.shutdown().await;
+}
+
+/// Serves a `connect` client session: every stream it opens is one client connection.
+pub(crate) async fn serve_session(shared: Arc<Shared>, session: Session, name: String) {
+    info!(client = %name, remote = %session.remote(), transport = %session.kind(), "client session connected");
+    loop {
+        let stream = tokio::select! {
+            _ = shared.cancel.cancelled() => { session.close("relay shutting down"); break; }
+            s = session.accept() => s,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                info!(client = %name, reason = %e, "client session ended");
+                break;
+            }
+        };
+        let span = info_span!("client", client = %name, peer = %session.remote());
+        shared.tracker.spawn(
+            serve_stream(
+                shared.clone(),
+                session.remote(),
+                Identity::Client(name.clone()),
+                stream,
+            )
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    identity: Identity,
+    mut stream: Stream,
+) {
+    let open = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        wire::read_first::<_, Open>(&mut stream),
+    )
+    .await;
+    let open = match open {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            warn!(error = %e, "refused client stream: bad open frame");
+            stream.abort();
+            return;
+        }
+        Err(_) => {
+            warn!("refused client stream: no open frame within the handshake timeout");
+            stream.abort();
+            return;
+        }
+    };
+    let span = info_span!("stream", service = %open.service);
+    async move {
+        let mut reached = match forward::reach(&shared, &open.service, &identity, peer).await {
+            Ok(r) => r,
+            Err(r) => {
+                warn!(code = %r.code, reason = %r.message, "refused client");
+                let answer = Answer::Refused { code: r.code, message: r.message };
+                let _ = wire::write_first(&mut stream, &answer).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        };
+        let ok = Answer::Ok { backend: reached.backend.clone() };
+        if wire::write_first(&mut stream, &ok).await.is_err() {
+            reached.stream.abort();
+            return;
+        }
+        info!(conn_id = reached.conn_id, agent = %reached.agent, backend = %reached.backend, "client connected");
+        match splice::splice(&mut stream, &mut reached.stream).await {
+            Ok(t) => debug!(conn_id = reached.conn_id, up = t.a_to_b, down = t.b_to_a, "client disconnected"),
+            Err(e) => {
+                debug!(conn_id = reached.conn_id, error = %e, "connection failed");
+                reached.stream.abort();
+                stream.abort();
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,121 @@
+//! Reaching a service for one client connection: authorise, find the agent, open a stream to it.
+//!
+//! Every client front end (the TLS listeners, `connect` clients over QUIC) goes through
+//! [`reach`], so the checks and their refusal messages are the same whichever way a client comes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use postern_common::pki::Identity;
+use postern_common::protocol::{Answer, Code, Open};
+use postern_common::transport::Stream;
+use postern_common::wire;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
+
+use crate::Shared;
+
+/// Why a client connection was refused; the message is shown to the client.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The stable code.
+    pub code: Code,
+    /// The reason, in words.
+    pub message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A stream to the agent, connected to the backend and ready for bytes.
+pub(crate) struct Reached {
+    pub(crate) stream: Stream,
+    pub(crate) agent: String,
+    pub(crate) backend: String,
+    pub(crate) conn_id: u64,
+    /// Held for the life of the connection: counts against the service's limit.
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+/// Authorises `client` for `service` and connects through an agent.
+pub(crate) async fn reach(
+    shared: &Arc<Shared>,
+    service: &str,
+    client: &Identity,
+    client_addr: SocketAddr,
+) -> Result<Reached, Refusal> {
+    let Some(svc) = shared.config.services.get(service) else {
+        return Err(Refusal::new(
+            Code::UnknownService,
+            format!("unknown service {service:?}"),
+        ));
+    };
+    if !svc.clients.allows(client) {
+        return Err(Refusal::new(
+            Code::NotAuthorized,
+            format!("{client} is not allowed to use service {service:?}"),
+        ));
+    }
+    let permit = shared
+        .limits
+        .get(service)
+        .and_then(|s| s.clone().try_acquire_owned().ok())
+        .ok_or_else(|| {
+            Refusal::new(
+                Code::TooManyConnections,
+                format!(
+                    "too many connections to service {service:?} (limit {})",
+                    svc.max_connections
+                ),
+            )
+        })?;
+    let Some((agent, session)) = shared.registry.route(service) else {
+        return Err(Refusal::new(
+            Code::NoAgent,
+            format!("service {service:?} is unavailable: no agent is connected for it"),
+        ));
+    };
+    let conn_id = shared.next_conn_id();
+    let no_agent = |e: &dyn std::fmt::Display| {
+        Refusal::new(
+            Code::NoAgent,
+            format!("service {service:?} is unavailable: agent {agent} did not answer ({e})"),
+        )
+    };
+    let mut stream = session.open().await.map_err(|e| no_agent(&e))?;
+    let open = Open {
+        service: service.to_owned(),
+        client: client.name().to_owned(),
+        client_addr: client_addr.to_string(),
+        conn_id,
+    };
+    wire::write_first(&mut stream, &open)
+        .await
+        .map_err(|e| no_agent(&e))?;
+    let answer = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        wire::read_first::<_, Answer>(&mut stream),
+    )
+    .await
+    .map_err(|_| no_agent(&"timed out"))?
+    .map_err(|e| no_agent(&e))?;
+    match answer {
+        Answer::Ok { backend } => {
+            debug!(conn_id, agent, backend, "stream to agent open");
+            Ok(Reached {
+                stream,
+                agent,
+                backend,
+                conn_id,
+                _permit: permit,
+            })
+        }
+        Answer::Refused { code, message } => Err(Refusal::new(code, message)),
+    }
+}

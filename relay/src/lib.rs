@@ -1,0 +1,231 @@
+//! The Postern relay: accepts agents (which dial out from private networks) and exposes their
+//! services to authorised clients with mutual TLS.
+//!
+//! [`Relay::bind`] opens every socket (so errors such as a port in use surface before anything
+//! runs, and tests learn the ephemeral ports), then [`Relay::run`] serves until the shutdown
+//! token fires, drains, and returns.
+//!
+//! * [`agents`]: agent sessions (hello, welcome, heartbeats) and the [`registry`] of them.
+//! * [`clients`]: the per-service TLS listeners and `connect` client sessions.
+//! * [`forward`]: authorising one client connection and opening its stream to an agent.
+//! * [`certs`]: the `certs` subcommand.
+
+pub mod agents;
+pub mod certs;
+pub mod cli;
+pub mod clients;
+pub mod config;
+pub mod forward;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use postern_common::pki::Identity;
+use postern_common::tls;
+use postern_common::transport::quic;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use config::Config;
+use registry::Registry;
+
+/// How long shutdown waits for connections to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// State shared by every task of a relay.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Registry,
+    /// Per-service connection limits.
+    pub(crate) limits: HashMap<String, Arc<Semaphore>>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// A relay with its sockets bound, ready to [`run`](Self::run).
+pub struct Relay {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    listeners: Vec<(String, TcpListener)>,
+    acceptor: TlsAcceptor,
+}
+
+/// Errors starting a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The QUIC endpoint could not be created.
+    #[error(transparent)]
+    Quic(#[from] quic::EndpointError),
+    /// TLS material was refused.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A listener could not be bound.
+    #[error("service {service}: bind tcp {addr}: {source}")]
+    Bind {
+        /// The service.
+        service: String,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl Relay {
+    /// Binds the QUIC endpoint and every service listener.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let idle = postern_common::control::dead_after(config.heartbeat) + Duration::from_secs(5);
+        let endpoint = quic::server(config.quic_listen, &config.tls, idle)?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls::listener_server(&config.tls)?));
+        let mut listeners = Vec::new();
+        for svc in config.services.values() {
+            if let Some(addr) = svc.listen {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        service: svc.name.clone(),
+                        addr,
+                        source,
+                    })?;
+                listeners.push((svc.name.clone(), l));
+            }
+        }
+        let limits = config
+            .services
+            .values()
+            .map(|s| (s.name.clone(), Arc::new(Semaphore::new(s.max_connections))))
+            .collect();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                registry: Registry::default(),
+                limits,
+                cancel: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+                next_conn: AtomicU64::new(0),
+            }),
+            endpoint,
+            listeners,
+            acceptor,
+        })
+    }
+
+    /// The UDP address agents and `connect` clients dial.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.quic_listen)
+    }
+
+    /// The bound address of a service's TLS listener.
+    pub fn service_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == service)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` fires, then drains for up to [`SHUTDOWN_GRACE`].
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Self {
+            shared,
+            endpoint,
+            listeners,
+            acceptor,
+        } = self;
+        info!(quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), instance = %shared.config.instance, "relay listening");
+        for (service, listener) in listeners {
+            info!(service = %service, addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "service listener ready");
+            shared.tracker.spawn(clients::listen(
+                shared.clone(),
+                service,
+                listener,
+                acceptor.clone(),
+            ));
+        }
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = endpoint.accept() => i,
+            };
+            let Some(incoming) = incoming else { break };
+            let shared2 = shared.clone();
+            shared.tracker.spawn(async move {
+                let remote = incoming.remote_address();
+                let session = match tokio::time::timeout(
+                    shared2.config.handshake_timeout,
+                    quic::accept(incoming),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(%remote, reason = %e, "refused connection");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(%remote, "refused connection: handshake timed out");
+                        return;
+                    }
+                };
+                match session.peer().cloned() {
+                    Some(Identity::Agent(name)) => {
+                        let span = info_span!("agent", agent = %name);
+                        agents::serve(shared2, session, name).instrument(span).await;
+                    }
+                    Some(Identity::Client(name)) => {
+                        clients::serve_session(shared2, session, name).await
+                    }
+                    None => session.close("no identity"),
+                }
+            });
+        }
+        info!("relay shutting down");
+        shared.cancel.cancel();
+        shared.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("shutdown grace period over: closing remaining connections");
+        }
+        endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
+        // Let the close frames go out.
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+
+    /// A handle that can inspect the relay while it runs.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Inspects a running relay.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// A snapshot of connected agents.
+    pub fn agents(&self) -> Vec<registry::AgentInfo> {
+        self.shared.registry.agents()
+    }
+}

@@ -1,0 +1,108 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use postern_common::config::EXIT_CONFIG;
+use postern_common::pki::{self, Kind};
+use postern_relay::cli::{CertsCommand, Cli, Command, KindArg};
+use postern_relay::{Config, Relay, certs};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    postern_common::telemetry::init(cli.log_json);
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async {
+                let relay = match Relay::bind(config).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let shutdown = CancellationToken::new();
+                tokio::spawn(signals(shutdown.clone()));
+                relay.run(shutdown).await;
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Certs { command } => match run_certs(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init { dir, days, force } => certs::init(&dir, days, force),
+        CertsCommand::Issue {
+            kind,
+            name,
+            dir,
+            dns,
+            ip,
+            days,
+            force,
+        } => {
+            let kind = match kind {
+                KindArg::Agent => Kind::Agent,
+                KindArg::Client => Kind::Client,
+                KindArg::Server => Kind::Server,
+            };
+            let name = match (kind, name) {
+                (_, Some(n)) => n,
+                (Kind::Server, None) => "relay".to_owned(),
+                (_, None) => anyhow::bail!("issue {} needs a NAME", kind.as_str()),
+            };
+            let days = days.unwrap_or(match kind {
+                Kind::Client => pki::CLIENT_DAYS,
+                _ => pki::SERVER_DAYS,
+            });
+            certs::issue(&dir, kind, &name, &dns, &ip, days, force).map(|_| ())
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn signals(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    token.cancel();
+}

@@ -1,0 +1,128 @@
+//! The agents connected to this relay, and which of them serves each service.
+//!
+//! An agent identity has at most one live session: when the same identity connects again (a
+//! restart, a new network path), the new session replaces the old one at once and the old one is
+//! closed, so a restarted agent never waits for its ghost to time out.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use postern_common::transport::{Session, TransportKind};
+use serde::Serialize;
+
+/// Connected agents, by identity name.
+#[derive(Default)]
+pub struct Registry {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    agents: HashMap<String, Entry>,
+    next_generation: u64,
+}
+
+struct Entry {
+    session: Session,
+    services: Vec<String>,
+    generation: u64,
+    since: SystemTime,
+}
+
+/// A registration; pass it back to [`Registry::remove`] when the session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u64);
+
+/// What the API and logs show about one agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    /// The agent's identity name.
+    pub name: String,
+    /// The services it serves through this relay.
+    pub services: Vec<String>,
+    /// The transport of its session.
+    pub transport: TransportKind,
+    /// Its address as seen by the relay.
+    pub remote: String,
+    /// Seconds since the Unix epoch when the session started.
+    pub since: u64,
+}
+
+impl Registry {
+    /// Registers `session` for agent `name`, replacing (and closing) any previous session.
+    pub fn insert(&self, name: &str, session: Session, services: Vec<String>) -> Generation {
+        let mut st = self.lock();
+        st.next_generation += 1;
+        let generation = st.next_generation;
+        let old = st.agents.insert(
+            name.to_owned(),
+            Entry {
+                session,
+                services,
+                generation,
+                since: SystemTime::now(),
+            },
+        );
+        drop(st);
+        if let Some(old) = old {
+            tracing::info!(
+                agent = name,
+                "agent reconnected: replacing its previous session"
+            );
+            old.session
+                .close("replaced by a new session of the same agent");
+        }
+        Generation(generation)
+    }
+
+    /// Removes agent `name` if its current registration is still `generation`.
+    pub fn remove(&self, name: &str, generation: Generation) {
+        let mut st = self.lock();
+        if st
+            .agents
+            .get(name)
+            .is_some_and(|e| e.generation == generation.0)
+        {
+            st.agents.remove(name);
+        }
+    }
+
+    /// The session of an agent serving `service`, the most recently connected first.
+    pub fn route(&self, service: &str) -> Option<(String, Session)> {
+        let st = self.lock();
+        st.agents
+            .iter()
+            .filter(|(_, e)| !e.session.is_closed() && e.services.iter().any(|s| s == service))
+            .max_by_key(|(_, e)| e.generation)
+            .map(|(n, e)| (n.clone(), e.session.clone()))
+    }
+
+    /// A snapshot of the connected agents, sorted by name.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        let st = self.lock();
+        let mut out: Vec<AgentInfo> = st
+            .agents
+            .iter()
+            .map(|(name, e)| AgentInfo {
+                name: name.clone(),
+                services: e.services.clone(),
+                transport: e.session.kind(),
+                remote: e.session.remote().to_string(),
+                since: e
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the map inconsistent (every update is a
+        // single insert or remove), so a poisoned lock is safe to keep using.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
