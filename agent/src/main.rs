@@ -153,7 +153,16 @@ async fn run_client(exec: &[String], local: SocketAddr) -> ExitCode {
         "mysqlimport",
         "mariadb-import",
     ];
+    let mut rest = rest;
     if MYSQL_CLIENTS.contains(&base) {
+        // Option-file options must come first on a MySQL client's command line.
+        while let Some((first, tail)) = rest.split_first() {
+            if !first.starts_with("--no-defaults") && !first.starts_with("--defaults") {
+                break;
+            }
+            cmd.arg(first);
+            rest = tail;
+        }
         cmd.arg(format!("--host={}", local.ip()))
             .arg(format!("--port={}", local.port()))
             .arg("--protocol=TCP");

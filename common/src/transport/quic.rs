@@ -163,10 +163,44 @@ pub fn describe(e: &ConnectionError) -> String {
                 format!("closed by peer: {c}")
             }
         }
-        ConnectionError::TransportError(t) => format!("tls/quic error: {t}"),
+        ConnectionError::TransportError(t) => humanize(&format!("tls/quic error: {t}")),
         ConnectionError::TimedOut => "timed out: no answer from peer".into(),
         ConnectionError::LocallyClosed => "closed locally".into(),
         ConnectionError::Reset => "reset by peer".into(),
         other => other.to_string(),
     }
+}
+
+/// Rewrites rustls' certificate error names into words an operator understands.
+pub fn humanize(reason: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        (
+            "UnknownIssuer",
+            "certificate is not signed by the postern CA (unknown issuer)",
+        ),
+        (
+            "BadSignature",
+            "certificate signature does not verify (signed by another CA?)",
+        ),
+        ("ExpiredContext", "certificate has expired"),
+        ("Expired", "certificate has expired"),
+        ("NotValidYet", "certificate is not valid yet"),
+        (
+            "NotValidForName",
+            "certificate is not valid for the name dialled",
+        ),
+        ("Revoked", "certificate has been revoked"),
+        (
+            "peer sent no certificates",
+            "client presented no certificate",
+        ),
+    ];
+    for (from, to) in WORDS {
+        if let Some(i) = reason.find(from) {
+            // Keep the prefix (where it failed), replace the detail.
+            let head = reason[..i].trim_end_matches(|c: char| c == ' ' || c == ':');
+            return format!("{head}: {to}");
+        }
+    }
+    reason.to_owned()
 }

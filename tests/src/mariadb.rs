@@ -1,0 +1,208 @@
+//! Private `mariadbd` instances: own data directory in a temp dir, own ephemeral port.
+//!
+//! The system tables are created once per test process (`mariadb-install-db`) and copied for
+//! each instance, so starting one costs well under a second.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+/// A running private MariaDB server. Killed and removed on drop.
+pub struct MariaDb {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+    dir: TempDir,
+}
+
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = TEMPLATE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("postern-mariadb-template")
+            .tempdir()
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        let out = Command::new(find("mariadb-install-db"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg("--skip-test-db")
+            .arg("--user=root")
+            .arg("--innodb-log-file-size=8M")
+            .output()
+            .expect("run mariadb-install-db (install mariadb-server)");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (dir, data)
+    });
+    path
+}
+
+/// Finds a MariaDB program in PATH or /usr/sbin, /usr/bin.
+pub fn find(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin"])
+    {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} not found: install mariadb-server and mariadb-client");
+}
+
+impl MariaDb {
+    /// Starts a fresh server and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("postern-mariadb")
+            .tempdir()
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(template())
+            .arg(&data)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copy template datadir");
+        for attempt in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(find("mariadbd"))
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--port={port}"))
+                .arg("--bind-address=127.0.0.1")
+                .arg(format!(
+                    "--socket={}",
+                    dir.path().join("mysqld.sock").display()
+                ))
+                .arg(format!(
+                    "--pid-file={}",
+                    dir.path().join("mysqld.pid").display()
+                ))
+                .arg("--user=root")
+                .arg("--skip-log-bin")
+                .arg("--skip-name-resolve")
+                .arg("--innodb-buffer-pool-size=32M")
+                .arg("--innodb-log-file-size=8M")
+                .arg("--max-allowed-packet=256M")
+                .arg("--max-connections=2000")
+                .arg("--performance-schema=OFF")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("error.log")).expect("log file"))
+                .spawn()
+                .expect("spawn mariadbd");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if greets(addr).await {
+                    return Self { addr, child, dir };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // probably the port was taken meanwhile: try another
+                }
+                if tokio::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!(
+                        "mariadbd did not start: {}",
+                        std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.wait();
+            eprintln!("mariadbd exited on attempt {attempt}; retrying on another port");
+        }
+        panic!(
+            "mariadbd failed to start: {}",
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
+    }
+
+    /// `host:port` for configs.
+    pub fn backend(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// A direct (untunneled) connection URL for mysql_async as root.
+    pub fn url(&self) -> String {
+        format!("mysql://root@{}/mysql", self.addr)
+    }
+
+    /// Runs SQL directly with the `mariadb` CLI and returns stdout (batch mode).
+    pub fn sql(&self, sql: &str) -> String {
+        let out = Command::new(find("mariadb"))
+            .args([
+                "--no-defaults",
+                "-h",
+                "127.0.0.1",
+                "--protocol=TCP",
+                "-uroot",
+                "--batch",
+                "--skip-column-names",
+            ])
+            .arg(format!("-P{}", self.addr.port()))
+            .arg("-e")
+            .arg(sql)
+            .output()
+            .expect("run mariadb");
+        assert!(
+            out.status.success(),
+            "sql {sql:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops the server abruptly (the process is killed).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The data directory (for logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a MySQL greeting arrives from `addr`.
+async fn greets(addr: SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut b = [0u8; 5];
+    matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b)).await, Ok(Ok(_)) if b[4] == 10)
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests with real parts: private `mariadbd` servers, the `mariadb` and `mysqldump`
+//! clients, a Rust MySQL driver, and the relay and agent in-process or as real processes.
+
+mod basic;
+mod config;
+mod faults;
+mod security;

@@ -1,0 +1,211 @@
+//! Certificates that must be refused, each with a log line that says why, while everyone else
+//! keeps working.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_common::pki::Kind;
+use postern_tests::procs::Proc;
+use postern_tests::*;
+use tokio::io::AsyncReadExt;
+
+struct Relay {
+    proc: Proc,
+    quic: std::net::SocketAddr,
+    tcp: u16,
+}
+
+fn start_relay(pki: &TestPki) -> Relay {
+    let quic_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = mariadb::free_port();
+    let yaml = relay_yaml(pki, "db1", "orders", &["alice"])
+        .replace("quic: 127.0.0.1:0", &format!("quic: 127.0.0.1:{quic_port}"))
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{tcp}"));
+    let cfg = pki.dir().join("relay.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let proc = Proc::spawn(
+        "postern-relay",
+        &["run", "--config", cfg.to_str().unwrap()],
+        pki.dir().join("relay.log"),
+    );
+    Relay {
+        proc,
+        quic: format!("127.0.0.1:{quic_port}").parse().unwrap(),
+        tcp,
+    }
+}
+
+async fn wait_log(relay: &Relay, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = relay.proc.log_text();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no relay log line containing {needle:?}; log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Connects to the TLS listener with `material` (or no client certificate) and returns the
+/// first packet's bytes, or the error.
+async fn tls_client(
+    pki: &TestPki,
+    port: u16,
+    material: Option<postern_common::tls::Material>,
+) -> Result<Vec<u8>, String> {
+    let cfg = match material {
+        Some(m) => postern_common::tls::listener_client(&m).unwrap(),
+        None => {
+            let roots = pki.material("server-relay").roots;
+            rustls::ClientConfig::builder_with_provider(postern_common::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut conn = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 4];
+    conn.read_exact(&mut head)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    pki.issue(Kind::Client, "alice");
+    pki.issue(Kind::Client, "mallory");
+    let db = MariaDb::start().await;
+    let relay = start_relay(&pki);
+    let mut agent = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
+    );
+    agent.wait_connected().await;
+    let good = || async {
+        matches!(tls_client(&pki, relay.tcp, Some(pki.client_material("alice"))).await, Ok(b) if b[0] == 10)
+    };
+    assert!(good().await);
+
+    // An agent certificate from another CA.
+    // It trusts the relay's CA, so the relay is the side that refuses.
+    let other = TestPki::new();
+    other.issue(Kind::Agent, "db1");
+    let (cert, key) = other.files("agent-db1");
+    let (good_cert, good_key) = pki.files("agent-db1");
+    let yaml = agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend())
+        .replace(good_cert.to_str().unwrap(), cert.to_str().unwrap())
+        .replace(good_key.to_str().unwrap(), key.to_str().unwrap());
+    let foreign = AgentRun::start(other.dir(), &yaml);
+    let line = wait_log(&relay, "unknown issuer").await;
+    assert!(line.contains("refused connection"), "{line}");
+    foreign.stop().await;
+
+    // An expired agent certificate.
+    let base = pki.issue_expired(Kind::Agent, "db1");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend())
+        .replace("agent-db1.pem", &format!("{base}.pem"))
+        .replace("agent-db1-key.pem", &format!("{base}-key.pem"));
+    let expired = AgentRun::start(dir.path(), &yaml);
+    let line = wait_log(&relay, "certificate expired").await;
+    assert!(line.contains("refused connection"), "{line}");
+    expired.stop().await;
+
+    // A client certificate not allowed for the service: the client sees a MySQL error.
+    let got = tls_client(&pki, relay.tcp, Some(pki.client_material("mallory")))
+        .await
+        .unwrap();
+    assert_eq!(got[0], 0xff, "an ERR packet");
+    assert_eq!(u16::from_le_bytes([got[1], got[2]]), 1045);
+    let text = String::from_utf8_lossy(&got[9..]).into_owned();
+    assert!(
+        text.contains("postern://client/mallory is not allowed to use service \"orders\""),
+        "{text}"
+    );
+    let line = wait_log(&relay, "mallory is not allowed").await;
+    assert!(line.contains("refused client"), "{line}");
+
+    // A client with no certificate at all.
+    assert!(tls_client(&pki, relay.tcp, None).await.is_err());
+    let line = wait_log(&relay, "client presented no certificate").await;
+    assert!(line.contains("refused client"), "{line}");
+
+    // An expired client certificate.
+    let base = pki.issue_expired(Kind::Client, "alice");
+    assert!(
+        tls_client(&pki, relay.tcp, Some(pki.material(&base)))
+            .await
+            .is_err()
+    );
+    wait_log(&relay, "refused client: tls handshake failed").await;
+
+    // Through all of this the good agent stayed connected and good clients are served.
+    assert!(matches!(
+        *agent.status.borrow(),
+        postern_agent::Status::Connected { .. }
+    ));
+    assert!(good().await);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_client_not_allowed_sees_a_mysql_error() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    let db = MariaDb::start().await;
+    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
+    let mut agent = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
+    );
+    agent.wait_connected().await;
+    let c = ConnectRun::start(&pki, relay.quic, "mallory", "orders").await;
+    let out = std::process::Command::new(mariadb::find("mariadb"))
+        .args([
+            "--no-defaults",
+            "-h",
+            "127.0.0.1",
+            "--protocol=TCP",
+            "-uroot",
+            "-e",
+            "SELECT 1",
+        ])
+        .arg(format!("-P{}", c.addr.port()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The client names the error number and shows the relay's reason.
+    assert!(
+        err.contains("1045") && err.contains("mallory is not allowed to use service"),
+        "{err}"
+    );
+    agent.stop().await;
+    relay.stop().await;
+}
