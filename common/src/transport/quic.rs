@@ -198,7 +198,7 @@ pub fn humanize(reason: &str) -> String {
     for (from, to) in WORDS {
         if let Some(i) = reason.find(from) {
             // Keep the prefix (where it failed), replace the detail.
-            let head = reason[..i].trim_end_matches(|c: char| c == ' ' || c == ':');
+            let head = reason[..i].trim_end_matches([' ', ':']);
             return format!("{head}: {to}");
         }
     }
