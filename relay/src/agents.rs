@@ -61,6 +61,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         };
         let _ = wire::write_frame(&mut stream, &refused).await;
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        // Give the refusal time to arrive: the agent closes the session once it has read it.
+        let _ = tokio::time::timeout(deadline, session.closed()).await;
         session.close(&message);
         return;
     };

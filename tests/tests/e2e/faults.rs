@@ -268,3 +268,171 @@ async fn garbage_and_oversized_frames_close_only_the_offending_stream_or_session
     agent.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_protocol_versions_get_a_clear_refusal() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
+    let conn = raw_session(&pki, "agent-db1", relay.quic).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = postern_common::protocol::Control::Hello {
+        versions: vec![99],
+        services: vec!["orders".into()],
+        software: "future".into(),
+    };
+    postern_common::wire::write_first(&mut send, &hello)
+        .await
+        .unwrap();
+    let answer: postern_common::protocol::Control = tokio::time::timeout(
+        Duration::from_secs(5),
+        postern_common::wire::read_frame(&mut recv),
+    )
+    .await
+    .expect("an answer, not a hang")
+    .unwrap();
+    match answer {
+        postern_common::protocol::Control::Refused { code, message } => {
+            assert_eq!(code, postern_common::protocol::Code::UnsupportedVersion);
+            assert!(
+                message.contains("[99]") && message.contains("[1]"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_agent_identity_replaces_its_old_session_at_once() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    pki.issue(Kind::Client, "alice");
+    let db = MariaDb::start().await;
+    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
+    let mut first = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
+    );
+    first.wait_connected().await;
+    relay.wait_agent("db1").await;
+    let since = relay.handle.agents()[0].remote.clone();
+
+    // The same identity from a second process (a restart while the old one still looks alive).
+    let dir = tempfile::tempdir().unwrap();
+    let mut second = AgentRun::start(
+        dir.path(),
+        &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
+    );
+    second.wait_connected().await;
+    eventually(
+        Duration::from_secs(2),
+        "the new session to replace the old",
+        || {
+            let agents = relay.handle.agents();
+            let replaced = agents.len() == 1 && agents[0].remote != since;
+            async move { replaced.then_some(()) }
+        },
+    )
+    .await;
+    // The old session was closed by the relay (not left to time out).
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        first.status.wait_for(
+            |s| matches!(s, postern_agent::Status::Disconnected(r) if r.contains("replaced")),
+        ),
+    )
+    .await
+    .expect("old session closed at once")
+    .unwrap();
+    let c = ConnectRun::start(&pki, relay.quic, "alice", "orders").await;
+    assert!(is_greeting(&first_packet(c.addr.port()).await));
+    first.stop().await;
+    second.stop().await;
+    relay.stop().await;
+}
+
+/// A stand-in relay that misbehaves towards a real agent: it welcomes it, then opens streams
+/// carrying garbage and oversized frames. The agent must reset those streams and keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_survives_garbage_streams_from_the_relay() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    let db = MariaDb::start().await;
+    let material = pki.material("server-relay");
+    let ep = postern_common::transport::quic::server(
+        "127.0.0.1:0".parse().unwrap(),
+        &material,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let mut agent = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(&pki, "db1", addr, "orders", &db.backend()),
+    );
+    let conn = ep.accept().await.unwrap().await.unwrap();
+    let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await.unwrap();
+    let _hello: postern_common::protocol::Control = postern_common::wire::read_first(&mut ctl_recv)
+        .await
+        .unwrap();
+    let welcome = postern_common::protocol::Control::Welcome {
+        version: 1,
+        relay_instance: "test".into(),
+        accepted: vec!["orders".into()],
+        rejected: vec![],
+        heartbeat_ms: 60_000,
+    };
+    postern_common::wire::write_frame(&mut ctl_send, &welcome)
+        .await
+        .unwrap();
+    agent.wait_connected().await;
+
+    let mut oversized = b"PSTN".to_vec();
+    oversized.put_u32(u32::MAX);
+    for garbage in [
+        &b"\x00\x01\x02\x03garbage"[..],
+        &oversized,
+        b"PSTN\x00\x00\x00\x02{}",
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(garbage).await.unwrap();
+        let mut buf = [0u8; 1];
+        let got = tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf))
+            .await
+            .expect("agent answers");
+        assert!(
+            got.is_err(),
+            "garbage stream {garbage:?} is reset, got {got:?}"
+        );
+    }
+    // The same session still serves a good stream.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let open = postern_common::protocol::Open {
+        service: "orders".into(),
+        client: "alice".into(),
+        client_addr: "127.0.0.1:1".into(),
+        conn_id: 1,
+    };
+    postern_common::wire::write_first(&mut send, &open)
+        .await
+        .unwrap();
+    let answer: postern_common::protocol::Answer =
+        postern_common::wire::read_first(&mut recv).await.unwrap();
+    assert!(
+        matches!(answer, postern_common::protocol::Answer::Ok { .. }),
+        "{answer:?}"
+    );
+    let mut head = [0u8; 5];
+    recv.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[4], 10);
+    assert!(matches!(
+        *agent.status.borrow(),
+        postern_agent::Status::Connected { .. }
+    ));
+    agent.stop().await;
+}
