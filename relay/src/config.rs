@@ -4,6 +4,7 @@
 //! ```yaml
 //! listen:
 //!   quic: 0.0.0.0:7443            # agents and `connect` clients (UDP)
+//!   http: 0.0.0.0:8080            # health, readiness, API (optional)
 //! tls: { ca: ca.pem, cert: relay.pem, key: relay-key.pem }
 //! agents:
 //!   db-host-1: { services: [orders] }
@@ -54,6 +55,8 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct Listen {
     quic: Spanned<String>,
+    #[serde(default)]
+    http: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +93,8 @@ pub enum Protocol {
 pub struct Config {
     /// Where agents and `connect` clients reach the relay over QUIC.
     pub quic_listen: SocketAddr,
+    /// Where the HTTP surface (health, readiness, API) listens, if anywhere.
+    pub http_listen: Option<SocketAddr>,
     /// The relay's certificate, key and the CA it trusts.
     pub tls: Material,
     /// How often heartbeats are sent on agent control streams.
@@ -158,6 +163,11 @@ impl Config {
         let mut check = Check::new(path);
 
         let quic_listen = parse_addr(&mut check, &file.listen.quic, "listen.quic");
+        let http_listen = file
+            .listen
+            .http
+            .as_ref()
+            .and_then(|h| parse_addr(&mut check, h, "listen.http"));
         let tls = check.tls(&file.tls, "tls");
 
         let mut services = BTreeMap::new();
@@ -236,6 +246,7 @@ impl Config {
         let instance = file.instance.unwrap_or_else(default_instance);
         check.finish(Self {
             quic_listen,
+            http_listen,
             tls,
             heartbeat,
             handshake_timeout,

@@ -11,6 +11,7 @@
 //! * [`certs`]: the `certs` subcommand.
 
 pub mod agents;
+mod api;
 pub mod certs;
 pub mod cli;
 pub mod clients;
@@ -62,6 +63,7 @@ pub struct Relay {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     listeners: Vec<(String, TcpListener)>,
+    http: Option<TcpListener>,
     acceptor: TlsAcceptor,
 }
 
@@ -75,9 +77,9 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     /// A listener could not be bound.
-    #[error("service {service}: bind tcp {addr}: {source}")]
+    #[error("{service}: bind tcp {addr}: {source}")]
     Bind {
-        /// The service.
+        /// The service (or "http").
         service: String,
         /// The address.
         addr: SocketAddr,
@@ -105,6 +107,20 @@ impl Relay {
                 listeners.push((svc.name.clone(), l));
             }
         }
+        let http = match config.http_listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            service: "http".into(),
+                            addr,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let limits = config
             .services
             .values()
@@ -121,8 +137,14 @@ impl Relay {
             }),
             endpoint,
             listeners,
+            http,
             acceptor,
         })
+    }
+
+    /// The bound address of the HTTP listener.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The UDP address agents and `connect` clients dial.
@@ -146,8 +168,21 @@ impl Relay {
             shared,
             endpoint,
             listeners,
+            http,
             acceptor,
         } = self;
+        if let Some(listener) = http {
+            info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http listener ready");
+            let router = api::router(shared.clone());
+            let cancel = shared.cancel.clone();
+            shared.tracker.spawn(async move {
+                let serve = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await });
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "http listener failed");
+                }
+            });
+        }
         info!(quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), instance = %shared.config.instance, "relay listening");
         for (service, listener) in listeners {
             info!(service = %service, addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "service listener ready");

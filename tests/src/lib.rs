@@ -55,6 +55,8 @@ where
 pub struct RelayRun {
     /// The QUIC address.
     pub quic: SocketAddr,
+    /// The HTTP address, if configured.
+    pub http: Option<SocketAddr>,
     /// Inspects the relay.
     pub handle: postern_relay::Handle,
     /// Service listener addresses.
@@ -76,11 +78,13 @@ impl RelayRun {
             .filter_map(|n| relay.service_addr(n).map(|a| (n.clone(), a)))
             .collect();
         let quic = relay.quic_addr();
+        let http = relay.http_addr();
         let handle = relay.handle();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
         Self {
             quic,
+            http,
             handle,
             services,
             shutdown,
@@ -200,7 +204,7 @@ impl Drop for ConnectRun {
 /// TLS listener on an ephemeral port and a 1 s heartbeat (so dead peers are found quickly).
 pub fn relay_yaml(pki: &TestPki, agent: &str, svc: &str, clients: &[&str]) -> String {
     format!(
-        "listen:\n  quic: 127.0.0.1:0\n{tls}heartbeat_interval: 1s\nhandshake_timeout: 5s\nagents:\n  {agent}:\n    services: [{svc}]\nservices:\n  {svc}:\n    listen: 127.0.0.1:0\n    clients: [{clients}]\n",
+        "listen:\n  quic: 127.0.0.1:0\n  http: 127.0.0.1:0\n{tls}heartbeat_interval: 1s\nhandshake_timeout: 5s\nagents:\n  {agent}:\n    services: [{svc}]\nservices:\n  {svc}:\n    listen: 127.0.0.1:0\n    clients: [{clients}]\n",
         tls = pki.tls_yaml("server-relay"),
         clients = clients.join(", "),
     )
@@ -218,4 +222,27 @@ pub fn agent_yaml(
         "relay: quic://{relay}\nserver_name: localhost\n{tls}services:\n  {svc}:\n    backend: {backend}\n    connect_timeout: 2s\n",
         tls = pki.tls_yaml(&format!("agent-{agent}")),
     )
+}
+
+/// A minimal HTTP/1.1 GET: returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }

@@ -251,3 +251,34 @@ async fn tls_listener_serves_a_driver_with_a_client_certificate() {
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_independent_of_agents_and_readiness_is_not() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    let db = MariaDb::start().await;
+    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
+    let http = relay.http.expect("http listener");
+    assert_eq!(http_get(http, "/healthz").await.unwrap().0, 200);
+    let (status, body) = http_get(http, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("\"services_without_agent\":[\"orders\"]"),
+        "{body}"
+    );
+    let mut agent = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
+    );
+    agent.wait_connected().await;
+    let (status, body) = http_get(http, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"name\":\"db1\"") && body.contains("\"transport\":\"quic\""),
+        "{body}"
+    );
+    agent.stop().await;
+    assert_eq!(http_get(http, "/healthz").await.unwrap().0, 200);
+    relay.stop().await;
+}
