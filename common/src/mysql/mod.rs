@@ -1,0 +1,130 @@
+//! The MySQL protocol as far as Postern needs it: ERR packets that explain refusals, and the
+//! connection phase of a front end that gives stock MySQL/MariaDB clients mutual TLS.
+//!
+//! All of it is pure code over buffers: no sockets, no tasks. The relay (or the agent, when TLS
+//! ends there) owns the connections and drives these types; the same code serves either end.
+//!
+//! # Wire format
+//!
+//! A MySQL connection carries packets: a 3-byte little-endian payload length, a 1-byte
+//! sequence id and the payload (see [`PacketReader`] and [`encode`]). The sequence id goes up
+//! by one with every packet in either direction, runs on through the whole connection phase,
+//! and starts again at 0 with every command. The connection phase of a client that upgrades to
+//! TLS at this side, with a plaintext leg to the backend, looks like this (sequence ids in
+//! brackets):
+//!
+//! ```text
+//! client                          this side                          backend
+//!                                     <-------------- greeting [0] --
+//!   <-- greeting [0], CLIENT_SSL set --
+//!   --- SSLRequest [1] ------------->
+//!   === TLS handshake (client certificate checked, policy applied) ===
+//!   --- HandshakeResponse [2] ------>  --- response [1], CLIENT_SSL cleared -->
+//!   <-- auth switch / more data [n+1]  <-- [n] --------------------------------
+//!   --- auth data [m] -------------->  --- [m-1] ----------------------------->
+//!   <-- OK or ERR [k+1] -------------  <-- [k] --------------------------------
+//!   ==== command phase: bytes pass unchanged (every command restarts at 0) ====
+//! ```
+//!
+//! # Driving it
+//!
+//! 1. Read the backend's first packet with a [`PacketReader`] and parse it with
+//!    [`Greeting::parse`]. [`MysqlError::Refused`] means the server sent an ERR instead: send
+//!    that packet to the client as it is.
+//! 2. Send [`Greeting::for_client`] to the client at sequence id 0.
+//! 3. Read the client's first packet ([`Packet::expect_seq`] 1); [`ClientFirst::parse`] tells
+//!    an SSLRequest from a plaintext response. Refuse a plaintext one with [`refusal_at`] at
+//!    [`Packet::next_seq`] (2).
+//! 4. Run TLS on the same connection. Bytes the reader left in the buffer are the start of the
+//!    ClientHello and go to TLS first.
+//! 5. Read the handshake response over TLS (sequence id 2, with a fresh reader: the TLS layer
+//!    now owns the bytes) and parse it with [`HandshakeResponse::parse`];
+//!    check the user against the policy (refuse at sequence id 3); optionally
+//!    [`HandshakeResponse::set_attribute`] to tag the session with the client's identity.
+//! 6. [`AuthRelay::start`] gives the response to send to the backend; then read from whichever
+//!    side [`AuthRelay::turn`] names and pass each packet through
+//!    [`AuthRelay::from_backend`] or [`AuthRelay::from_client`] until [`Turn::Done`].
+//! 7. Forward bytes unchanged, starting with anything left in either reader's buffer; watch
+//!    commands with [`Command::parse`] if `COM_CHANGE_USER` needs checking.
+
+mod auth;
+mod codec;
+mod command;
+mod err;
+mod handshake;
+mod packet;
+#[cfg(test)]
+mod vectors;
+
+pub use auth::{AuthOutcome, AuthRelay, CACHING_SHA2_PASSWORD, Legs, Turn};
+pub use command::{COM_CHANGE_USER, COM_QUIT, COM_RESET_CONNECTION, ChangeUser, Command};
+pub use err::{ErrPacket, err_packet, error_for, refusal, refusal_at};
+pub use handshake::{ClientFirst, Greeting, HandshakeResponse, SSL_REQUEST_LEN, SslRequest};
+pub use packet::{HANDSHAKE_LIMIT, MAX_PAYLOAD, Packet, PacketReader, encode};
+
+/// Set by MySQL servers and clients; MariaDB clears it to say its extended capabilities follow
+/// in the reserved bytes (historically `CLIENT_LONG_PASSWORD`).
+pub const CLIENT_MYSQL: u32 = 0x1;
+/// The handshake response names an initial database.
+pub const CLIENT_CONNECT_WITH_DB: u32 = 0x8;
+/// zlib-compressed packets after the handshake.
+pub const CLIENT_COMPRESS: u32 = 0x20;
+/// The 4.1 protocol, which everything here requires.
+pub const CLIENT_PROTOCOL_41: u32 = 0x200;
+/// TLS: the server offers it, or the client asks for it with an SSLRequest.
+pub const CLIENT_SSL: u32 = 0x800;
+/// The auth response has a length prefix instead of a NUL.
+pub const CLIENT_SECURE_CONNECTION: u32 = 0x8000;
+/// Authentication plugins are named in the handshake.
+pub const CLIENT_PLUGIN_AUTH: u32 = 0x8_0000;
+/// The handshake response carries connection attributes.
+pub const CLIENT_CONNECT_ATTRS: u32 = 0x10_0000;
+/// The auth response has a length-encoded length (it may exceed 255 bytes).
+pub const CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 0x20_0000;
+/// zstd-compressed packets after the handshake.
+pub const CLIENT_ZSTD: u32 = 0x400_0000;
+
+/// What can go wrong reading or relaying the MySQL connection phase.
+#[derive(Debug, thiserror::Error)]
+pub enum MysqlError {
+    /// The peer sent more than the reader's budget allows.
+    #[error("mysql packets exceed the limit of {limit} bytes")]
+    TooLarge {
+        /// The reader's budget.
+        limit: usize,
+    },
+    /// A packet carried a sequence id other than the one due.
+    #[error("mysql packet out of order: expected sequence id {expected}, got {got}")]
+    Sequence {
+        /// The sequence id due.
+        expected: u8,
+        /// The sequence id received.
+        got: u8,
+    },
+    /// A payload ended before a field it must contain.
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    /// A payload is not what its place in the exchange requires.
+    #[error("malformed {what}: {why}")]
+    Malformed {
+        /// The message being read.
+        what: &'static str,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The server greeting has a protocol version other than 10.
+    #[error("unsupported mysql protocol version {0} in the server greeting")]
+    ProtocolVersion(u8),
+    /// A peer lacks something this side needs, such as protocol 4.1.
+    #[error("unsupported peer: {0}")]
+    Unsupported(&'static str),
+    /// The server sent an ERR packet instead of its greeting.
+    #[error("server refused the connection: {0}")]
+    Refused(ErrPacket),
+    /// caching_sha2_password asked for the password while the backend leg is plaintext.
+    #[error("caching_sha2_password full authentication needs TLS on the backend leg")]
+    FullAuthNeedsTls,
+    /// A packet arrived from the side whose turn it is not (or after the exchange ended).
+    #[error("unexpected packet from the {0} during authentication")]
+    OutOfTurn(&'static str),
+}
