@@ -7,6 +7,7 @@
 pub mod mariadb;
 pub mod pki;
 pub mod procs;
+pub mod router;
 
 use std::future::Future;
 use std::net::SocketAddr;
