@@ -43,7 +43,10 @@ fn main() -> ExitCode {
             runtime(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(signals(shutdown.clone()));
-                Agent::new(config).run(shutdown).await;
+                let agent = Agent::new(config);
+                tokio::spawn(systemd(agent.status()));
+                agent.run(shutdown).await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 ExitCode::SUCCESS
             })
         }
@@ -184,6 +187,40 @@ async fn run_client(exec: &[String], local: SocketAddr) -> ExitCode {
         None => {
             use std::os::unix::process::ExitStatusExt;
             ExitCode::from(128u8.saturating_add(status.signal().unwrap_or(0) as u8))
+        }
+    }
+}
+
+/// Tells systemd (when run with `Type=notify`) that the agent runs, keeps the watchdog fed and
+/// publishes its status line (`systemctl status` shows it). Ready means "configured and trying":
+/// an agent whose relay is unreachable must keep trying, not be restarted by a start timeout.
+/// A no-op outside systemd.
+async fn systemd(mut status: tokio::sync::watch::Receiver<postern_agent::Status>) {
+    use sd_notify::NotifyState;
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+    loop {
+        let line = match &*status.borrow_and_update() {
+            postern_agent::Status::Connected {
+                relay_instance,
+                transport,
+                ..
+            } => {
+                format!("connected to relay {relay_instance} over {transport}")
+            }
+            postern_agent::Status::Disconnected(why) => format!("disconnected: {why}"),
+        };
+        let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
+        if status.changed().await.is_err() {
+            return;
         }
     }
 }
