@@ -104,6 +104,7 @@ async fn once(
         rejected,
         heartbeat_ms,
         version,
+        ..
     } = welcome
     else {
         unreachable!("handshake returns only welcomes");
@@ -167,6 +168,7 @@ async fn handshake(config: &Config, session: &Session) -> Result<(Stream, Contro
         versions: protocol::VERSIONS.to_vec(),
         services: config.services.keys().cloned().collect(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
+        take_over: false,
     };
     wire::write_first(&mut stream, &hello)
         .await

@@ -60,6 +60,11 @@ pub enum Control {
         /// The agent's software version, for logs and the dashboard.
         #[serde(default)]
         software: String,
+        /// Set when this session takes over from a live session of the same agent (for example
+        /// moving from WebSocket to QUIC): the relay sends new streams here and lets the old
+        /// session finish its streams instead of closing it at once.
+        #[serde(default)]
+        take_over: bool,
     },
     /// The relay accepts the session.
     Welcome {
@@ -74,6 +79,13 @@ pub enum Control {
         rejected: Vec<Rejected>,
         /// How often the relay will send heartbeats, in milliseconds.
         heartbeat_ms: u64,
+        /// On Cloud Foundry: the relay app's GUID, so the agent can pin one session to every
+        /// instance with `X-Cf-App-Instance: GUID:INDEX`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app_guid: Option<String>,
+        /// On Cloud Foundry: this instance's index.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance_index: Option<u32>,
     },
     /// The relay refuses the whole session.
     Refused {
@@ -289,6 +301,7 @@ mod tests {
             versions: vec![1],
             services: vec!["orders".into()],
             software: "0.1.0".into(),
+            take_over: false,
         });
         roundtrip(Control::Heartbeat { seq: 7 });
         roundtrip(Control::Refused {

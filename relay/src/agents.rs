@@ -43,6 +43,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         versions,
         services,
         software,
+        take_over,
     } = hello
     else {
         warn!(agent = %name, "refused agent: first control message is not a hello");
@@ -88,6 +89,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         accepted: accepted.clone(),
         rejected,
         heartbeat_ms: shared.config.heartbeat.as_millis() as u64,
+        app_guid: shared.config.platform.as_ref().map(|p| p.app_guid.clone()),
+        instance_index: shared.config.platform.as_ref().map(|p| p.instance_index),
     };
     if let Err(e) = wire::write_frame(&mut stream, &welcome).await {
         debug!(agent = %name, error = %e, "agent left during welcome");
@@ -96,7 +99,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
 
     let generation = shared
         .registry
-        .insert(&name, session.clone(), accepted.clone());
+        .insert(&name, session.clone(), accepted.clone(), take_over);
     info!(agent = %name, remote = %session.remote(), transport = %session.kind(), services = ?accepted, %software, "agent connected");
 
     // Agents do not open further streams; refuse any that appear so they cannot pile up.

@@ -107,6 +107,32 @@ pub struct Config {
     pub agents: BTreeMap<String, BTreeSet<String>>,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
+    /// Where the relay runs as a Cloud Foundry app instance (from the environment).
+    pub platform: Option<CfInstance>,
+}
+
+/// This relay's identity as a Cloud Foundry app instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CfInstance {
+    /// The app's GUID (`VCAP_APPLICATION.application_id`).
+    pub app_guid: String,
+    /// The instance index (`CF_INSTANCE_INDEX`).
+    pub instance_index: u32,
+}
+
+impl CfInstance {
+    /// Reads `VCAP_APPLICATION` and `CF_INSTANCE_INDEX` through `env` (absent outside CF).
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let vcap: serde_json::Value = serde_json::from_str(&env("VCAP_APPLICATION")?).ok()?;
+        let app_guid = vcap.get("application_id")?.as_str()?.to_owned();
+        let instance_index = env("CF_INSTANCE_INDEX")
+            .and_then(|i| i.parse().ok())
+            .or_else(|| vcap.get("instance_index")?.as_u64().map(|i| i as u32))?;
+        Some(Self {
+            app_guid,
+            instance_index,
+        })
+    }
 }
 
 /// One service as the relay sees it.
@@ -253,12 +279,25 @@ impl Config {
             instance,
             agents,
             services,
+            platform: None,
         })
     }
 }
 
 fn parse_addr(check: &mut Check<'_>, value: &Spanned<String>, key: &str) -> Option<SocketAddr> {
-    match value.value.parse() {
+    // `0.0.0.0:${PORT}`: Cloud Foundry tells the app its port in the environment.
+    let text = match expand_env(&value.value) {
+        Ok(t) => t,
+        Err(name) => {
+            check.at(
+                value,
+                key,
+                format!("environment variable {name} is not set"),
+            );
+            return None;
+        }
+    };
+    match text.parse() {
         Ok(a) => Some(a),
         Err(_) => {
             check.at(
@@ -272,6 +311,24 @@ fn parse_addr(check: &mut Check<'_>, value: &Spanned<String>, key: &str) -> Opti
             None
         }
     }
+}
+
+/// Replaces `${NAME}` with the environment variable's value.
+fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &rest[start + 2..start + end];
+        out.push_str(&std::env::var(name).map_err(|_| name.to_owned())?);
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn default_instance() -> String {

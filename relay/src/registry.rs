@@ -50,8 +50,16 @@ pub struct AgentInfo {
 }
 
 impl Registry {
-    /// Registers `session` for agent `name`, replacing (and closing) any previous session.
-    pub fn insert(&self, name: &str, session: Session, services: Vec<String>) -> Generation {
+    /// Registers `session` for agent `name`, replacing any previous session. The previous one is
+    /// closed at once, unless `take_over` says the agent is moving to a new session itself: then
+    /// it only stops receiving new streams, and finishes the ones it has.
+    pub fn insert(
+        &self,
+        name: &str,
+        session: Session,
+        services: Vec<String>,
+        take_over: bool,
+    ) -> Generation {
         let mut st = self.lock();
         st.next_generation += 1;
         let generation = st.next_generation;
@@ -66,12 +74,16 @@ impl Registry {
         );
         drop(st);
         if let Some(old) = old {
-            tracing::info!(
-                agent = name,
-                "agent reconnected: replacing its previous session"
-            );
-            old.session
-                .close("replaced by a new session of the same agent");
+            if take_over {
+                tracing::info!(agent = name, from = %old.session.kind(), "agent moved to a new session; the previous one drains");
+            } else {
+                tracing::info!(
+                    agent = name,
+                    "agent reconnected: replacing its previous session"
+                );
+                old.session
+                    .close("replaced by a new session of the same agent");
+            }
         }
         Generation(generation)
     }

@@ -281,6 +281,7 @@ async fn unknown_protocol_versions_get_a_clear_refusal() {
         versions: vec![99],
         services: vec!["orders".into()],
         software: "future".into(),
+        take_over: false,
     };
     postern_common::wire::write_first(&mut send, &hello)
         .await
@@ -386,6 +387,8 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         accepted: vec!["orders".into()],
         rejected: vec![],
         heartbeat_ms: 60_000,
+        app_guid: None,
+        instance_index: None,
     };
     postern_common::wire::write_frame(&mut ctl_send, &welcome)
         .await
