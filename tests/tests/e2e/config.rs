@@ -45,34 +45,44 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
                 "heartbeat_interval: 1s\n",
                 "heartbeat_interval: 1s\nheartbeet: 2s\n",
             ),
-            "unknown.yaml:8: key `heartbeet`: unknown field",
+            "unknown.yaml:{line:heartbeet}: key `heartbeet`: unknown field",
         ),
         (
             "postern-relay",
             "nocert.yaml",
             good_relay.replace("server-relay.pem", "missing.pem"),
-            "nocert.yaml:5: key `tls.cert`: cannot read",
+            "nocert.yaml:{line:missing.pem}: key `tls.cert`: cannot read",
         ),
         (
             "postern-agent",
             "agent-unknown.yaml",
             good_agent.replace("    backend:", "    backnd: x\n    backend:"),
-            "agent-unknown.yaml:9: key `backnd`: unknown field",
+            "agent-unknown.yaml:{line:backnd}: key `backnd`: unknown field",
         ),
         (
             "postern-agent",
             "agent-nokey.yaml",
             good_agent.replace("agent-db1-key.pem", "nope-key.pem"),
-            "agent-nokey.yaml:6: key `tls.key`: cannot read",
+            "agent-nokey.yaml:{line:nope-key}: key `tls.key`: cannot read",
         ),
         (
             "postern-agent",
             "agent-type.yaml",
             good_agent.replace("connect_timeout: 2s", "connect_timeout: [2]"),
-            "agent-type.yaml:10",
+            "agent-type.yaml:{line:connect_timeout}",
         ),
     ];
     for (binary, name, yaml, want) in cases {
+        // "{line:NEEDLE}" in the expectation is the line of the yaml that contains NEEDLE.
+        let want = match want.split_once("{line:") {
+            Some((head, rest)) => {
+                let (needle, tail) = rest.split_once('}').unwrap();
+                let line = yaml.lines().position(|l| l.contains(needle)).unwrap() + 1;
+                format!("{head}{line}{tail}")
+            }
+            None => want.to_owned(),
+        };
+        let want = want.as_str();
         let path = pki.dir().join(name);
         std::fs::write(&path, &yaml).unwrap();
         for sub in ["check-config", "run"] {
