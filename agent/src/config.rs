@@ -7,13 +7,17 @@
 //!   orders:
 //!     backend: 127.0.0.1:3306
 //! ```
+//!
+//! A relay can be reached over QUIC, over WebSocket (through HTTP routers and proxies), or both
+//! raced (`transport: auto`): `relay: {quic: quic://host:7443, websocket: wss://host}`. Several
+//! relays (`relays: [...]`) each get their own session.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use postern_common::config::{
-    self, Check, ConfigErrors, Entries, HumanDuration, RelayUrl, Spanned, TlsFiles,
+    self, Check, ConfigErrors, Entries, HumanDuration, RelayUrl, Scheme, Spanned, TlsFiles,
 };
 use postern_common::pki::{self, Identity};
 use postern_common::tls::Material;
@@ -25,12 +29,98 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    relay: Spanned<String>,
+    #[serde(default)]
+    relay: Option<RelayFile>,
+    #[serde(default)]
+    relays: Option<Vec<RelayFile>>,
+    #[serde(default)]
+    transport: Option<TransportChoice>,
     #[serde(default)]
     server_name: Option<String>,
     tls: TlsFiles,
     #[serde(default)]
+    websocket: WebsocketFile,
+    #[serde(default)]
     services: Entries<ServiceFile>,
+}
+
+/// One relay: a URL, or the two transports of the same relay.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RelayFile {
+    Url(Spanned<String>),
+    Both {
+        #[serde(default)]
+        quic: Option<Spanned<String>>,
+        #[serde(default)]
+        websocket: Option<Spanned<String>>,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebsocketFile {
+    #[serde(default)]
+    ping_interval: Option<HumanDuration>,
+    #[serde(default)]
+    sni: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    ca: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
+    proxy: Option<Spanned<String>>,
+    #[serde(default)]
+    cloud_foundry: bool,
+}
+
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportChoice {
+    /// Race QUIC and WebSocket; keep the first up (QUIC preferred), re-probe QUIC meanwhile.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// WebSocket only.
+    Websocket,
+}
+
+/// One relay, by the transports it can be reached over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTarget {
+    /// `quic://host:port`, if any.
+    pub quic: Option<RelayUrl>,
+    /// `wss://...` or `ws://...`, if any.
+    pub websocket: Option<RelayUrl>,
+}
+
+impl std::fmt::Display for RelayTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.quic, &self.websocket) {
+            (Some(q), Some(w)) => write!(f, "{q} | {w}"),
+            (Some(u), None) | (None, Some(u)) => write!(f, "{u}"),
+            (None, None) => f.write_str("(none)"),
+        }
+    }
+}
+
+/// WebSocket settings (egress through routers and proxies).
+#[derive(Debug, Clone, Default)]
+pub struct WebsocketSettings {
+    /// WebSocket ping interval (None: the transport's default of 20 s).
+    pub ping_interval: Option<Duration>,
+    /// Outer TLS SNI override.
+    pub sni: Option<String>,
+    /// `Host` header override.
+    pub host: Option<String>,
+    /// Extra CA bundle for the outer TLS (a TLS-inspecting proxy, a private router CA).
+    pub ca: Option<std::path::PathBuf>,
+    /// Forward proxy URL (`http://[user:pass@]host:port`); None: from the environment.
+    pub proxy: Option<String>,
+    /// Pin one session to every instance of a Cloud Foundry relay app.
+    pub cloud_foundry: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,10 +134,14 @@ struct ServiceFile {
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The relay to dial.
-    pub relay: RelayUrl,
-    /// The name the relay's certificate must carry (default: the relay URL's host).
-    pub server_name: String,
+    /// The relays to hold sessions with (one session each).
+    pub relays: Vec<RelayTarget>,
+    /// Which transport to use.
+    pub transport: TransportChoice,
+    /// WebSocket settings.
+    pub websocket: WebsocketSettings,
+    /// The name the relay's certificate must carry (default: each relay URL's host).
+    pub server_name: Option<String>,
     /// The agent's certificate, key and the CA it trusts.
     pub tls: Material,
     /// The agent's own identity name (from its certificate).
@@ -84,12 +178,42 @@ impl Config {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         file.tls.rebase(&base);
         let mut check = Check::new(path);
-        let relay = match file.relay.value.parse::<RelayUrl>() {
-            Ok(u) => Some(u),
-            Err(e) => {
-                check.at(&file.relay, "relay", e);
-                None
+        let relays = relays(&mut check, file.relay.take(), file.relays.take());
+        let transport = file.transport.unwrap_or_default();
+        for r in &relays {
+            let missing = match transport {
+                TransportChoice::Quic if r.quic.is_none() => Some("quic"),
+                TransportChoice::Websocket if r.websocket.is_none() => Some("websocket"),
+                _ => None,
+            };
+            if let Some(kind) = missing {
+                check.error(
+                    None,
+                    "transport",
+                    format!("transport is {kind} but relay {r} has no {kind} url"),
+                );
             }
+        }
+        if let Some(ca) = &file.websocket.ca {
+            let mut ca = ca.clone();
+            if ca.value.is_relative() {
+                ca.value = base.join(&ca.value);
+            }
+            check.file_exists(&ca, "websocket.ca");
+        }
+        let websocket = WebsocketSettings {
+            ping_interval: file.websocket.ping_interval.map(|d| d.0),
+            sni: file.websocket.sni.clone(),
+            host: file.websocket.host.clone(),
+            ca: file.websocket.ca.as_ref().map(|c| {
+                if c.value.is_relative() {
+                    base.join(&c.value)
+                } else {
+                    c.value.clone()
+                }
+            }),
+            proxy: file.websocket.proxy.as_ref().map(|p| p.value.clone()),
+            cloud_foundry: file.websocket.cloud_foundry,
         };
         let tls = check.tls(&file.tls, "tls");
         let name = match tls.as_ref().map(Material::identity) {
@@ -134,18 +258,79 @@ impl Config {
                 "no services defined: the agent would offer nothing",
             );
         }
-        let (Some(relay), Some(tls), Some(name)) = (relay, tls, name) else {
+        let (false, Some(tls), Some(name)) = (relays.is_empty(), tls, name) else {
             return Err(check.finish(()).expect_err("an error was recorded"));
         };
-        let server_name = file.server_name.unwrap_or_else(|| relay.host.clone());
         check.finish(Self {
-            relay,
-            server_name,
+            relays,
+            transport,
+            websocket,
+            server_name: file.server_name,
             tls,
             name,
             services,
         })
     }
+}
+
+fn relays(
+    check: &mut Check<'_>,
+    one: Option<RelayFile>,
+    many: Option<Vec<RelayFile>>,
+) -> Vec<RelayTarget> {
+    let files = match (one, many) {
+        (Some(_), Some(_)) => {
+            check.error(None, "relays", "give either relay or relays, not both");
+            return Vec::new();
+        }
+        (Some(r), None) => vec![r],
+        (None, Some(rs)) => rs,
+        (None, None) => {
+            check.error(
+                None,
+                "relay",
+                "no relay given: set relay: quic://host:port (or wss://host)",
+            );
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for f in files {
+        let mut target = RelayTarget {
+            quic: None,
+            websocket: None,
+        };
+        let urls: Vec<(Spanned<String>, &str)> = match f {
+            RelayFile::Url(u) => vec![(u, "relay")],
+            RelayFile::Both { quic, websocket } => quic
+                .map(|q| (q, "relay.quic"))
+                .into_iter()
+                .chain(websocket.map(|w| (w, "relay.websocket")))
+                .collect(),
+        };
+        for (url, key) in urls {
+            match url.value.parse::<RelayUrl>() {
+                Ok(u) if u.scheme == Scheme::Quic && key != "relay.websocket" => {
+                    target.quic = Some(u)
+                }
+                Ok(u) if u.scheme != Scheme::Quic && key != "relay.quic" => {
+                    target.websocket = Some(u)
+                }
+                Ok(u) => check.at(
+                    &url,
+                    key,
+                    format!("{u} is not a {} url", key.trim_start_matches("relay.")),
+                ),
+                Err(e) => check.at(&url, key, e),
+            }
+        }
+        if target.quic.is_some() || target.websocket.is_some() {
+            out.push(target);
+        } else if check.is_ok() {
+            check.error(None, "relay", "a relay needs a quic or a websocket url");
+        }
+    }
+    out
 }
 
 /// Whether `s` is `host:port` with a numeric port.

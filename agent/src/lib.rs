@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod dial;
 pub mod forward;
 pub mod session;
 

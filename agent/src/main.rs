@@ -19,11 +19,15 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
-                    "{}: ok (agent {}, {} service(s), relay {})",
+                    "{}: ok (agent {}, {} service(s), relays: {})",
                     config.display(),
                     c.name,
                     c.services.len(),
-                    c.relay
+                    c.relays
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 ExitCode::SUCCESS
             }

@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use postern_common::control::{self, ControlEnd};
 use postern_common::protocol::{self, Control};
-use postern_common::transport::{Session, Stream, TransportKind, quic};
+use postern_common::transport::{Session, Stream, TransportKind};
 use postern_common::wire;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::config::Config;
+use crate::config::{Config, RelayTarget};
+use crate::dial::Dialer;
 use crate::forward;
 
 /// First reconnect delay.
@@ -28,8 +29,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Deadline for the relay's welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle timeout of the QUIC connection before the first welcome tells the heartbeat.
-const INITIAL_IDLE: Duration = Duration::from_secs(30);
 
 /// What the agent is doing, for tests, health checks and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,16 +46,49 @@ pub enum Status {
     },
 }
 
-/// Runs sessions until `shutdown`, reconnecting with backoff.
+/// Runs one session loop per relay until `shutdown`.
 pub(crate) async fn run(
     config: Arc<Config>,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) {
+    let dialer = Dialer {
+        material: config.tls.clone(),
+        server_name: config.server_name.clone(),
+        transport: config.transport,
+        websocket: Arc::new(config.websocket.clone()),
+    };
+    let status = Arc::new(status);
+    let mut loops = tokio::task::JoinSet::new();
+    for target in config.relays.clone() {
+        let span = info_span!("relay", relay = %target);
+        loops.spawn(
+            relay_loop(
+                config.clone(),
+                dialer.clone(),
+                target,
+                status.clone(),
+                shutdown.clone(),
+            )
+            .instrument(span),
+        );
+    }
+    while loops.join_next().await.is_some() {}
+    status.send_replace(Status::Disconnected("shut down".into()));
+}
+
+/// Holds a session with one relay, reconnecting with backoff.
+async fn relay_loop(
+    config: Arc<Config>,
+    dialer: Dialer,
+    target: RelayTarget,
+    status: Arc<watch::Sender<Status>>,
+    shutdown: CancellationToken,
+) {
     let mut attempt: u32 = 0;
     loop {
         let started = Instant::now();
-        let result = once(&config, &status, &shutdown).await;
+        let result = once(&config, &dialer, &target, &status, &shutdown).await;
         if shutdown.is_cancelled() {
             break;
         }
@@ -69,14 +101,13 @@ pub(crate) async fn run(
         }
         let delay = backoff(attempt);
         attempt = attempt.saturating_add(1);
-        warn!(relay = %config.relay, %reason, retry_in_ms = delay.as_millis() as u64, "relay session down; reconnecting");
+        warn!(%reason, retry_in_ms = delay.as_millis() as u64, "relay session down; reconnecting");
         status.send_replace(Status::Disconnected(reason));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    status.send_replace(Status::Disconnected("shut down".into()));
 }
 
 /// The delay before reconnect attempt `attempt` (0-based): exponential, capped, full jitter
@@ -91,10 +122,12 @@ pub fn backoff(attempt: u32) -> Duration {
 /// Dials the relay and serves one session until it ends.
 async fn once(
     config: &Arc<Config>,
+    dialer: &Dialer,
+    target: &RelayTarget,
     status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
 ) -> Result<ControlEnd, String> {
-    let session = dial(config).await?;
+    let session = dialer.dial(target).await?;
     let (control_stream, welcome) = handshake(config, &session)
         .await
         .inspect_err(|_| session.close("handshake failed"))?;
@@ -112,7 +145,7 @@ async fn once(
     for r in &rejected {
         error!(service = %r.service, reason = %r.reason, "relay refused a service this agent offers");
     }
-    info!(relay = %config.relay, %relay_instance, transport = %session.kind(), version, services = ?accepted, "connected to relay");
+    info!(%relay_instance, transport = %session.kind(), version, services = ?accepted, "connected to relay");
     status.send_replace(Status::Connected {
         relay_instance: relay_instance.clone(),
         transport: session.kind(),
@@ -136,30 +169,6 @@ async fn once(
     streams.abort();
     session.close(&end.to_string());
     Ok(end)
-}
-
-async fn dial(config: &Config) -> Result<Session, String> {
-    let addrs = config
-        .relay
-        .resolve()
-        .await
-        .map_err(|e| format!("resolve {}: {e}", config.relay.host))?;
-    let mut last = format!("{} resolved to no address", config.relay.host);
-    for addr in addrs {
-        let endpoint = quic::client(addr, &config.tls, INITIAL_IDLE).map_err(|e| e.to_string())?;
-        let span = info_span!("dial", %addr);
-        match quic::connect(&endpoint, addr, &config.server_name)
-            .instrument(span)
-            .await
-        {
-            Ok(s) => return Ok(s),
-            Err(e) => {
-                debug!(%addr, error = %e, "dial failed");
-                last = e.to_string();
-            }
-        }
-    }
-    Err(last)
 }
 
 async fn handshake(config: &Config, session: &Session) -> Result<(Stream, Control), String> {

@@ -1,0 +1,165 @@
+//! Reaching a relay: QUIC, WebSocket, or both raced.
+//!
+//! With `transport: auto` the QUIC attempt starts first and the WebSocket attempt
+//! [`RACE_DELAY`] later, unless QUIC has already failed; the first session up wins, and when both
+//! complete close together QUIC is preferred. So when UDP is blocked, service starts at most
+//! [`RACE_DELAY`] after what WebSocket alone would take.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_common::config::RelayUrl;
+use postern_common::tls::Material;
+use postern_common::transport::{Session, TransportKind, quic};
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::config::{RelayTarget, TransportChoice, WebsocketSettings};
+
+/// Head start of QUIC over WebSocket in a race.
+pub const RACE_DELAY: Duration = Duration::from_millis(250);
+/// Bound on one QUIC connection attempt (a blocked UDP path never answers).
+pub const QUIC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle timeout of a QUIC session before the relay's heartbeat interval is known.
+const QUIC_IDLE: Duration = Duration::from_secs(30);
+
+/// Everything needed to reach relays.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// Our certificate, key and the CA.
+    pub material: Material,
+    /// The name the relay's certificate must carry (default: each URL's host).
+    pub server_name: Option<String>,
+    /// Which transport to use.
+    pub transport: TransportChoice,
+    /// WebSocket settings.
+    pub websocket: Arc<WebsocketSettings>,
+}
+
+impl Dialer {
+    /// Reaches `target` with the configured transport choice.
+    pub async fn dial(&self, target: &RelayTarget) -> Result<Session, String> {
+        self.dial_with(target, &[]).await
+    }
+
+    /// Like [`dial`](Self::dial), with extra HTTP headers on the WebSocket upgrade.
+    pub async fn dial_with(
+        &self,
+        target: &RelayTarget,
+        headers: &[(String, String)],
+    ) -> Result<Session, String> {
+        let quic = target
+            .quic
+            .as_ref()
+            .filter(|_| self.transport != TransportChoice::Websocket);
+        let ws = target
+            .websocket
+            .as_ref()
+            .filter(|_| self.transport != TransportChoice::Quic);
+        match (quic, ws) {
+            (Some(q), None) => self.quic(q).await,
+            (None, Some(w)) => self.websocket(w, headers).await,
+            (Some(q), Some(w)) => self.race(q, w, headers).await,
+            (None, None) => Err(format!(
+                "relay {target} has no url for the chosen transport"
+            )),
+        }
+    }
+
+    /// Starts QUIC, then WebSocket after [`RACE_DELAY`] (or at once if QUIC fails first); the
+    /// first session up wins, QUIC preferred on a tie.
+    async fn race(
+        &self,
+        q: &RelayUrl,
+        w: &RelayUrl,
+        headers: &[(String, String)],
+    ) -> Result<Session, String> {
+        let quic = self.quic(q);
+        tokio::pin!(quic);
+        let mut quic_error = None;
+        // QUIC's head start.
+        tokio::select! {
+            biased;
+            r = &mut quic => match r {
+                Ok(s) => return Ok(chosen(s, "quic answered first")),
+                Err(e) => quic_error = Some(e),
+            },
+            _ = tokio::time::sleep(RACE_DELAY) => {}
+        }
+        let ws = self.websocket(w, headers);
+        tokio::pin!(ws);
+        if let Some(qe) = quic_error {
+            return match ws.await {
+                Ok(s) => Ok(chosen(s, &format!("quic failed: {qe}"))),
+                Err(we) => Err(format!("quic: {qe}; websocket: {we}")),
+            };
+        }
+        tokio::select! {
+            biased;
+            r = &mut quic => match r {
+                Ok(s) => Ok(chosen(s, "quic answered first")),
+                Err(qe) => match ws.await {
+                    Ok(s) => Ok(chosen(s, &format!("quic failed: {qe}"))),
+                    Err(we) => Err(format!("quic: {qe}; websocket: {we}")),
+                },
+            },
+            r = &mut ws => match r {
+                Ok(s) => Ok(chosen(s, "websocket answered first (udp slow or blocked)")),
+                Err(we) => match quic.await {
+                    Ok(s) => Ok(chosen(s, "quic answered first")),
+                    Err(qe) => Err(format!("quic: {qe}; websocket: {we}")),
+                },
+            },
+        }
+    }
+
+    /// One QUIC attempt, bounded by [`QUIC_TIMEOUT`].
+    pub async fn quic(&self, url: &RelayUrl) -> Result<Session, String> {
+        let attempt = async {
+            let addrs = url
+                .resolve()
+                .await
+                .map_err(|e| format!("resolve {}: {e}", url.host))?;
+            let mut last = format!("{} resolved to no address", url.host);
+            let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
+            for addr in addrs {
+                let endpoint =
+                    quic::client(addr, &self.material, QUIC_IDLE).map_err(|e| e.to_string())?;
+                match quic::connect(&endpoint, addr, &name)
+                    .instrument(info_span!("dial", %addr))
+                    .await
+                {
+                    Ok(s) => return Ok(s),
+                    Err(e) => {
+                        debug!(%addr, error = %e, "quic dial failed");
+                        last = e.to_string();
+                    }
+                }
+            }
+            Err(last)
+        };
+        tokio::time::timeout(QUIC_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err(format!("{url}: no answer over udp within {QUIC_TIMEOUT:?}")))
+    }
+
+    /// One WebSocket attempt.
+    pub async fn websocket(
+        &self,
+        url: &RelayUrl,
+        _headers: &[(String, String)],
+    ) -> Result<Session, String> {
+        Err(format!(
+            "{url}: websocket transport is not available in this build"
+        ))
+    }
+}
+
+fn chosen(session: Session, why: &str) -> Session {
+    let kind = session.kind();
+    if kind == TransportKind::Quic {
+        debug!(transport = %kind, why, "transport chosen");
+    } else {
+        info!(transport = %kind, why, "transport chosen");
+    }
+    session
+}
