@@ -246,10 +246,10 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
         .map_err(|e| PkiError::Parse(e.to_string()))?
         .ok_or(PkiError::NoIdentity)?;
     for name in &san.value.general_names {
-        if let x509_parser::extensions::GeneralName::URI(uri) = name {
-            if let Some(id) = parse_identity(uri) {
-                return Ok(id);
-            }
+        if let x509_parser::extensions::GeneralName::URI(uri) = name
+            && let Some(id) = parse_identity(uri)
+        {
+            return Ok(id);
         }
     }
     Err(PkiError::NoIdentity)
