@@ -1,5 +1,5 @@
-//! Shared parts of Postern: the wire protocol (pure codec), transports (QUIC), TLS and PKI
-//! helpers, config plumbing, byte splicing and logging setup.
+//! Shared parts of Postern: the wire protocol (pure codec), transports (QUIC, WebSocket), TLS
+//! and PKI helpers, config plumbing, byte splicing and logging setup.
 //!
 //! The agent and the relay are written against [`transport::Session`] and
 //! [`transport::Stream`]; the protocol spoken on those streams is in [`protocol`] and read and

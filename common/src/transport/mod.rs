@@ -2,15 +2,18 @@
 //!
 //! Everything above this module is written against two types: a [`Session`] (one authenticated
 //! connection to a peer, which opens and accepts streams) and a [`Stream`] (one bidirectional
-//! byte stream with half-close). Whether the session runs over QUIC or over a multiplexed
-//! WebSocket is invisible above this line.
+//! byte stream with half-close). Whether the session runs over QUIC ([`quic`]) or over yamux
+//! inside a WebSocket ([`ws`]) is invisible above this line.
 //!
 //! A stream that is dropped without a clean [`AsyncWriteExt::shutdown`] is *reset*, so the peer
 //! sees an error rather than a clean end: every byte arrives in order, or the stream fails loudly.
 //!
 //! [`AsyncWriteExt::shutdown`]: tokio::io::AsyncWriteExt::shutdown
 
+mod mux;
+pub mod proxy;
 pub mod quic;
+pub mod ws;
 
 use std::fmt;
 use std::io;
@@ -58,6 +61,23 @@ pub enum TransportError {
     /// The peer's certificate carries no usable identity.
     #[error("peer identity: {0}")]
     Identity(#[from] crate::pki::PkiError),
+    /// The HTTP server answered the WebSocket upgrade with something other than `101`.
+    #[error("{addr} refused the websocket upgrade: http {status}{}{}",
+        .router_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default(),
+        if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
+    Rejected {
+        /// Where we tried to go.
+        addr: String,
+        /// The HTTP status.
+        status: u16,
+        /// Cloud Foundry's `X-Cf-Routererror` header (`unknown_route` for a missing instance).
+        router_error: Option<String>,
+        /// The start of the answer body.
+        body: String,
+    },
+    /// The forward proxy could not be used.
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
 }
 
 /// One authenticated connection to a peer. Cheap to clone; all clones are the same session.
@@ -73,6 +93,7 @@ pub struct Session {
 #[derive(Clone)]
 enum Inner {
     Quic(quinn::Connection),
+    Mux(mux::Handle),
 }
 
 impl Session {
@@ -83,6 +104,7 @@ impl Session {
                 let (send, recv) = c.open_bi().await.map_err(quic::closed)?;
                 Ok(Stream::quic(send, recv))
             }
+            Inner::Mux(m) => Ok(Stream::mux(m.open().await?)),
         }
     }
 
@@ -93,6 +115,7 @@ impl Session {
                 let (send, recv) = c.accept_bi().await.map_err(quic::closed)?;
                 Ok(Stream::quic(send, recv))
             }
+            Inner::Mux(m) => Ok(Stream::mux(m.accept().await?)),
         }
     }
 
@@ -100,6 +123,7 @@ impl Session {
     pub fn close(&self, reason: &str) {
         match &self.inner {
             Inner::Quic(c) => c.close(quinn::VarInt::from_u32(1), reason.as_bytes()),
+            Inner::Mux(m) => m.close(reason),
         }
     }
 
@@ -107,6 +131,7 @@ impl Session {
     pub async fn closed(&self) -> String {
         match &self.inner {
             Inner::Quic(c) => quic::describe(&c.closed().await),
+            Inner::Mux(m) => m.closed().await,
         }
     }
 
@@ -114,6 +139,7 @@ impl Session {
     pub fn is_closed(&self) -> bool {
         match &self.inner {
             Inner::Quic(c) => c.close_reason().is_some(),
+            Inner::Mux(m) => m.is_closed(),
         }
     }
 
@@ -131,6 +157,7 @@ impl Session {
     pub fn kind(&self) -> TransportKind {
         match &self.inner {
             Inner::Quic(_) => TransportKind::Quic,
+            Inner::Mux(_) => TransportKind::Websocket,
         }
     }
 
@@ -138,6 +165,7 @@ impl Session {
     pub fn id(&self) -> usize {
         match &self.inner {
             Inner::Quic(c) => c.stable_id(),
+            Inner::Mux(m) => m.id(),
         }
     }
 }
@@ -154,20 +182,18 @@ impl fmt::Debug for Session {
 
 /// One bidirectional byte stream of a session.
 pub struct Stream {
-    send: SendHalf,
-    recv: RecvHalf,
+    inner: StreamInner,
 }
 
-enum SendHalf {
+enum StreamInner {
     Quic {
-        stream: quinn::SendStream,
+        send: quinn::SendStream,
         /// Set once the stream was finished cleanly; otherwise dropping it resets it.
         finished: bool,
+        recv: quinn::RecvStream,
     },
-}
-
-enum RecvHalf {
-    Quic(quinn::RecvStream),
+    /// yamux streams are not split; [`mux::MuxStream`] resets on drop by itself.
+    Mux(mux::MuxStream),
 }
 
 /// The application error code a reset stream carries.
@@ -176,40 +202,48 @@ const RESET_CODE: u32 = 1;
 impl Stream {
     fn quic(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         Self {
-            send: SendHalf::Quic {
-                stream: send,
+            inner: StreamInner::Quic {
+                send,
                 finished: false,
+                recv,
             },
-            recv: RecvHalf::Quic(recv),
+        }
+    }
+
+    fn mux(stream: mux::MuxStream) -> Self {
+        Self {
+            inner: StreamInner::Mux(stream),
         }
     }
 
     /// Fails the stream in both directions: the peer sees an error, not a clean end.
     pub fn abort(&mut self) {
-        match &mut self.send {
-            SendHalf::Quic { stream, finished } => {
+        match &mut self.inner {
+            StreamInner::Quic {
+                send,
+                finished,
+                recv,
+            } => {
                 if !*finished {
-                    let _ = stream.reset(quinn::VarInt::from_u32(RESET_CODE));
+                    let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
                     *finished = true;
                 }
+                let _ = recv.stop(quinn::VarInt::from_u32(RESET_CODE));
             }
-        }
-        match &mut self.recv {
-            RecvHalf::Quic(r) => {
-                let _ = r.stop(quinn::VarInt::from_u32(RESET_CODE));
-            }
+            StreamInner::Mux(m) => m.abort(),
         }
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        match &mut self.send {
-            SendHalf::Quic { stream, finished } => {
-                if !*finished {
-                    let _ = stream.reset(quinn::VarInt::from_u32(RESET_CODE));
-                }
-            }
+        if let StreamInner::Quic {
+            send,
+            finished: false,
+            ..
+        } = &mut self.inner
+        {
+            let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
         }
     }
 }
@@ -220,8 +254,9 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.recv {
-            RecvHalf::Quic(r) => Pin::new(r).poll_read(cx, buf),
+        match &mut self.inner {
+            StreamInner::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+            StreamInner::Mux(m) => Pin::new(m).poll_read(cx, buf),
         }
     }
 }
@@ -232,26 +267,29 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.send {
-            SendHalf::Quic { stream, .. } => Pin::new(stream)
-                .poll_write(cx, buf)
-                .map_err(io::Error::from),
+        match &mut self.inner {
+            StreamInner::Quic { send, .. } => {
+                Pin::new(send).poll_write(cx, buf).map_err(io::Error::from)
+            }
+            StreamInner::Mux(m) => Pin::new(m).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.send {
-            SendHalf::Quic { stream, .. } => Pin::new(stream).poll_flush(cx),
+        match &mut self.inner {
+            StreamInner::Quic { send, .. } => Pin::new(send).poll_flush(cx),
+            StreamInner::Mux(m) => Pin::new(m).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.send {
-            SendHalf::Quic { stream, finished } => {
-                ready!(Pin::new(stream).poll_shutdown(cx))?;
+        match &mut self.inner {
+            StreamInner::Quic { send, finished, .. } => {
+                ready!(Pin::new(send).poll_shutdown(cx))?;
                 *finished = true;
                 Poll::Ready(Ok(()))
             }
+            StreamInner::Mux(m) => Pin::new(m).poll_shutdown(cx),
         }
     }
 }

@@ -1,0 +1,904 @@
+//! Streams multiplexed with yamux over one authenticated byte stream (the inner TLS session of a
+//! WebSocket), presented as a [`Session`](super::Session) and [`Stream`](super::Stream)s.
+//!
+//! yamux is poll-based: one driver task per connection polls
+//! [`yamux::Connection::poll_next_inbound`], which also moves every outbound frame; new outbound
+//! streams are asked for over a channel and made with `poll_new_outbound`; inbound streams go to
+//! [`Handle::accept`] over another channel.
+//!
+//! # Clean end versus reset
+//!
+//! yamux on its own cannot say "failed": a stream reset by the peer reads as a clean end of
+//! stream, and a stream dropped after the peer's half-close sends FIN, not RST. Our contract is
+//! stricter (every byte in order, or a loud failure), so a [`Tap`] sits between yamux and the
+//! byte stream. It reads the 12-byte yamux frame headers going by, without touching payloads:
+//!
+//! * inbound, it records per stream whether the peer's FIN or RST came first, so a read that
+//!   yamux ends is a clean EOF only after a FIN, and an error otherwise (reset, or session lost);
+//! * outbound, it inserts our own RST frames between frames when a stream is aborted or dropped
+//!   without a clean shutdown, ahead of whatever yamux sends for it on drop; a stream that did
+//!   finish its writes but stops reading is reset only after its FIN has gone out, so the peer
+//!   still reads everything and only its further writes fail.
+//!
+//! # Memory
+//!
+//! Every stream may hold up to yamux's fixed initial window (256 KiB) of unread data; windows
+//! grow past that only while the reader keeps up, and that growth is capped at
+//! [`EXTRA_WINDOW`] for the whole connection. A reader that stops therefore stalls only its own
+//! stream, after at most 256 KiB.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tracing::Instrument;
+
+use super::TransportError;
+
+/// How many streams one session may have open at once (both directions together). Opening
+/// more waits until one ends, as QUIC does.
+pub(super) const MAX_STREAMS: usize = 16_384;
+
+/// yamux's own stream limit sits this far above ours: yamux counts a dropped stream until its
+/// driver has sent the stream's last frame, and it ends the whole connection when its limit is
+/// passed.
+const STREAM_HEADROOM: usize = 1_024;
+
+/// How far all stream windows together may grow beyond yamux's initial 256 KiB per stream.
+pub(super) const EXTRA_WINDOW: usize = 32 * 1024 * 1024;
+
+/// How long a locally closed session may take to say goodbye before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// yamux frame header size and flags (see the yamux specification).
+const HEADER_LEN: usize = 12;
+const TYPE_DATA: u8 = 0;
+const FLAG_SYN: u16 = 1;
+const FLAG_FIN: u16 = 4;
+const FLAG_RST: u16 = 8;
+
+fn config() -> yamux::Config {
+    let streams = MAX_STREAMS + STREAM_HEADROOM;
+    let mut cfg = yamux::Config::default();
+    // The window must be set first: yamux asserts window >= streams * 256 KiB at each call.
+    cfg.set_max_connection_receive_window(Some(
+        streams * yamux::DEFAULT_CREDIT as usize + EXTRA_WINDOW,
+    ));
+    cfg.set_max_num_streams(streams);
+    cfg
+}
+
+/// Close requests and end reasons shared by a session's driver, its handles and the byte layer
+/// underneath (the WebSocket adapter), which carries the reason to the peer.
+#[derive(Default)]
+pub(super) struct Link {
+    close_requested: AtomicBool,
+    state: Mutex<LinkState>,
+    waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// Why we closed.
+    local: Option<String>,
+    /// Why the peer closed (it said so).
+    peer: Option<String>,
+    /// What broke, when nobody closed.
+    failure: Option<String>,
+}
+
+impl Link {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks for the session to close; the first reason is the one that counts.
+    pub(super) fn request_close(&self, reason: &str) {
+        {
+            let mut st = self.lock();
+            if st.local.is_none() {
+                st.local = Some(reason.to_owned());
+            }
+        }
+        self.close_requested.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub(super) fn close_requested(&self) -> bool {
+        self.close_requested.load(Ordering::Acquire)
+    }
+
+    pub(super) fn local_reason(&self) -> Option<String> {
+        self.lock().local.clone()
+    }
+
+    pub(super) fn set_peer_reason(&self, reason: String) {
+        self.lock().peer.get_or_insert(reason);
+    }
+
+    pub(super) fn peer_reason(&self) -> Option<String> {
+        self.lock().peer.clone()
+    }
+
+    pub(super) fn set_failure(&self, failure: String) {
+        self.lock().failure.get_or_insert(failure);
+    }
+
+    fn register(&self, waker: &Waker) {
+        self.waker.register(waker);
+    }
+
+    fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// Why the session ended, in words an operator can act on.
+    fn end_reason(&self, result: &Result<(), String>) -> String {
+        let st = self.lock();
+        if let Some(r) = &st.local {
+            return format!("closed locally: {r}");
+        }
+        match (&st.peer, &st.failure, result) {
+            (Some(r), _, _) if r.is_empty() => "closed by peer".into(),
+            (Some(r), _, _) => format!("closed by peer: {r}"),
+            (None, Some(f), _) => f.clone(),
+            (None, None, Ok(())) => "closed by peer".into(),
+            (None, None, Err(e)) => format!("connection failed: {e}"),
+        }
+    }
+}
+
+/// A running multiplexed session. Cheap to clone; all clones are the same session.
+#[derive(Clone)]
+pub(super) struct Handle(Arc<Shared>);
+
+/// Owned by the session's handles and by its streams: while any of them lives the session stays
+/// open; when the last one goes, the driver closes it.
+struct Shared {
+    core: Arc<Core>,
+    opens: mpsc::UnboundedSender<OpenReply>,
+    inbound: tokio::sync::Mutex<mpsc::UnboundedReceiver<MuxStream>>,
+}
+
+type OpenReply = oneshot::Sender<Result<MuxStream, String>>;
+
+/// State shared by the driver, the tap and the streams (never by the channels' contents, so
+/// that queued streams do not keep their own session alive).
+struct Core {
+    link: Arc<Link>,
+    streams: Mutex<Streams>,
+    /// Set when `Streams::inject` is not empty, so the tap checks without locking.
+    inject_pending: AtomicBool,
+    /// Live [`MuxStream`]s, for [`MAX_STREAMS`].
+    live: AtomicUsize,
+    closed: watch::Sender<Option<String>>,
+}
+
+#[derive(Default)]
+struct Streams {
+    map: HashMap<u32, Entry>,
+    /// Streams to reset at the next frame boundary.
+    inject: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Entry {
+    peer: PeerEnd,
+    /// The peer reset the stream, before or after its FIN: our writes fail.
+    reset: bool,
+    /// Our FIN has been written.
+    fin_sent: bool,
+    /// The stream is gone; reset it once its FIN has been written.
+    reset_after_fin: bool,
+}
+
+/// How the peer's side of a stream ended, in the order its frames arrived.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerEnd {
+    #[default]
+    Open,
+    /// FIN came first: a clean end, whatever follows.
+    Fin,
+    /// RST came first: a failure.
+    Reset,
+}
+
+/// Starts the driver task for a connection over `io` and returns its handle.
+pub(super) fn start<T>(io: T, mode: yamux::Mode, link: Arc<Link>, span: tracing::Span) -> Handle
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let core = Arc::new(Core {
+        link,
+        streams: Mutex::default(),
+        inject_pending: AtomicBool::new(false),
+        live: AtomicUsize::new(0),
+        closed: watch::Sender::new(None),
+    });
+    let tap = Tap::new(io, core.clone());
+    let conn = yamux::Connection::new(tap.compat(), config(), mode);
+    let (opens, opens_rx) = mpsc::unbounded_channel();
+    let (inbound_tx, inbound) = mpsc::unbounded_channel();
+    tokio::spawn(drive(conn, core.clone(), opens_rx, inbound_tx).instrument(span));
+    Handle(Arc::new(Shared {
+        core,
+        opens,
+        inbound: tokio::sync::Mutex::new(inbound),
+    }))
+}
+
+impl Handle {
+    /// Opens a stream. The peer learns of it with the first byte written (or the shutdown).
+    pub(super) async fn open(&self) -> Result<MuxStream, TransportError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.0.opens.send(tx).map_err(|_| self.closed_error())?;
+        match rx.await {
+            Ok(Ok(mut stream)) => {
+                stream.session = Some(self.0.clone());
+                Ok(stream)
+            }
+            Ok(Err(reason)) => Err(TransportError::Closed(reason)),
+            Err(_) => Err(self.closed_error()),
+        }
+    }
+
+    /// Waits for a stream opened by the peer.
+    pub(super) async fn accept(&self) -> Result<MuxStream, TransportError> {
+        let mut inbound = self.0.inbound.lock().await;
+        match inbound.recv().await {
+            Some(mut stream) => {
+                stream.session = Some(self.0.clone());
+                Ok(stream)
+            }
+            None => Err(self.closed_error()),
+        }
+    }
+
+    /// Closes the session at once; open streams fail. The peer is told `reason`.
+    pub(super) fn close(&self, reason: &str) {
+        self.0.core.link.request_close(reason);
+    }
+
+    /// Waits until the session has ended, and says why.
+    pub(super) async fn closed(&self) -> String {
+        let mut rx = self.0.core.closed.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "session ended".into(),
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.0.core.link.close_requested() || self.0.core.closed.borrow().is_some()
+    }
+
+    /// The address of the shared state: unique among live sessions, like quinn's stable id.
+    pub(super) fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
+    /// Streams the tap still follows (tests: nothing may outlive its stream).
+    #[cfg(test)]
+    pub(super) fn tracked(&self) -> (usize, usize) {
+        (
+            self.0.core.lock().map.len(),
+            self.0.core.live.load(Ordering::Acquire),
+        )
+    }
+
+    fn closed_error(&self) -> TransportError {
+        TransportError::Closed(
+            self.0
+                .core
+                .closed_reason()
+                .or_else(|| {
+                    self.0
+                        .core
+                        .link
+                        .local_reason()
+                        .map(|r| format!("closed locally: {r}"))
+                })
+                .unwrap_or_else(|| "session ended".into()),
+        )
+    }
+}
+
+async fn drive<T>(
+    mut conn: yamux::Connection<Compat<Tap<T>>>,
+    core: Arc<Core>,
+    mut opens: mpsc::UnboundedReceiver<OpenReply>,
+    inbound: mpsc::UnboundedSender<MuxStream>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut waiting: VecDeque<OpenReply> = VecDeque::new();
+    let mut handles_alive = true;
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let result: Result<(), String> = poll_fn(|cx| {
+        core.link.register(cx.waker());
+        while handles_alive {
+            match opens.poll_recv(cx) {
+                Poll::Ready(Some(reply)) => waiting.push_back(reply),
+                Poll::Ready(None) => {
+                    handles_alive = false;
+                    core.link.request_close("session dropped");
+                }
+                Poll::Pending => break,
+            }
+        }
+        if core.link.close_requested() {
+            let d = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+            for reply in waiting.drain(..) {
+                let _ = reply.send(Err("session is closing".into()));
+            }
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err("close did not complete in time".into()));
+            }
+        }
+        while let Some(reply) = waiting.front() {
+            if reply.is_closed() {
+                waiting.pop_front();
+                continue;
+            }
+            // A full session makes opens wait (a dropped stream wakes us), as QUIC does: asking
+            // yamux past its limit would end the whole connection.
+            if core.live.load(Ordering::Acquire) >= MAX_STREAMS {
+                break;
+            }
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    let stream = MuxStream::new(stream, &core, true);
+                    if let Some(reply) = waiting.pop_front() {
+                        // A caller that gave up drops the stream, which resets it.
+                        let _ = reply.send(Ok(stream));
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    for reply in waiting.drain(..) {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    let stream = MuxStream::new(stream, &core, false);
+                    // Nobody left to accept: dropping the stream resets it.
+                    let _ = inbound.send(stream);
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    let reason = core.link.end_reason(&result);
+    tracing::debug!(reason = %reason, "websocket session ended");
+    core.closed.send_replace(Some(reason.clone()));
+    for reply in waiting {
+        let _ = reply.send(Err(reason.clone()));
+    }
+    drop(inbound);
+    drop(opens);
+    drop(conn);
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        self.closed.borrow().clone()
+    }
+
+    fn peer_end(&self, id: u32) -> Option<PeerEnd> {
+        self.lock().map.get(&id).map(|e| e.peer)
+    }
+
+    fn was_reset(&self, id: u32) -> bool {
+        self.lock().map.get(&id).is_some_and(|e| e.reset)
+    }
+
+    /// Notes a frame header read from the peer, before yamux sees the frame.
+    fn on_inbound(&self, h: Header) {
+        if h.stream == 0 || h.flags & (FLAG_SYN | FLAG_FIN | FLAG_RST) == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        // yamux ignores a SYN that carries RST (it makes no stream), so no entry either: an entry
+        // must only exist for a stream that a `MuxStream` will own and release.
+        if h.flags & FLAG_SYN != 0 && h.flags & FLAG_RST == 0 {
+            st.map.entry(h.stream).or_default();
+        }
+        if let Some(e) = st.map.get_mut(&h.stream) {
+            if h.flags & FLAG_RST != 0 {
+                e.reset = true;
+            }
+            if e.peer == PeerEnd::Open {
+                if h.flags & FLAG_RST != 0 {
+                    e.peer = PeerEnd::Reset;
+                } else if h.flags & FLAG_FIN != 0 {
+                    e.peer = PeerEnd::Fin;
+                }
+            }
+        }
+    }
+
+    /// Notes a frame header we wrote; a FIN may release a deferred reset.
+    fn on_outbound(&self, h: Header) {
+        if h.stream == 0 || h.flags & FLAG_FIN == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        let Some(e) = st.map.get_mut(&h.stream) else {
+            return;
+        };
+        e.fin_sent = true;
+        if e.reset_after_fin {
+            st.map.remove(&h.stream);
+            st.inject.push(h.stream);
+            self.inject_pending.store(true, Ordering::Release);
+        }
+    }
+
+    fn take_injections(&self) -> Vec<u32> {
+        self.inject_pending.store(false, Ordering::Release);
+        std::mem::take(&mut self.lock().inject)
+    }
+
+    /// A stream is gone (dropped or aborted): decide whether the peer must see a reset.
+    fn release(&self, id: u32, write_finished: bool) {
+        let mut st = self.lock();
+        let Some(e) = st.map.get_mut(&id) else {
+            return;
+        };
+        let reset = match (write_finished, e.peer) {
+            // The peer already failed the stream; nothing to tell it.
+            (_, PeerEnd::Reset) => false,
+            // We did not finish: the peer must not mistake this for a clean end.
+            (false, _) => true,
+            // Both directions ended cleanly (or the peer wrote its last byte).
+            (true, PeerEnd::Fin) => false,
+            // We finished, the peer may still be writing: fail its writes, but only after our
+            // FIN, so that it still reads all we sent.
+            (true, PeerEnd::Open) => {
+                if !e.fin_sent {
+                    e.reset_after_fin = true;
+                    return;
+                }
+                true
+            }
+        };
+        st.map.remove(&id);
+        if reset {
+            st.inject.push(id);
+            self.inject_pending.store(true, Ordering::Release);
+            drop(st);
+            self.link.wake();
+        }
+    }
+}
+
+/// One multiplexed stream; see the module docs for how it ends.
+pub(crate) struct MuxStream {
+    /// `None` once aborted.
+    inner: Option<Compat<yamux::Stream>>,
+    id: u32,
+    core: Arc<Core>,
+    /// Keeps the session open while the stream is in use (set when handed out).
+    session: Option<Arc<Shared>>,
+    /// An outbound stream the peer has not heard of yet (yamux announces on the first frame).
+    announce: bool,
+    write_finished: bool,
+    released: bool,
+}
+
+impl MuxStream {
+    fn new(stream: yamux::Stream, core: &Arc<Core>, outbound: bool) -> Self {
+        let id = stream.id().val();
+        core.lock().map.entry(id).or_default();
+        core.live.fetch_add(1, Ordering::AcqRel);
+        Self {
+            inner: Some(stream.compat()),
+            id,
+            core: core.clone(),
+            session: None,
+            announce: outbound,
+            write_finished: false,
+            released: false,
+        }
+    }
+
+    /// Fails the stream: the peer's reads fail unless we had finished writing (then it still
+    /// reads all we sent, as with QUIC), and its writes fail.
+    pub(crate) fn abort(&mut self) {
+        if !self.released {
+            self.released = true;
+            self.core.release(self.id, self.write_finished);
+        }
+        self.inner = None;
+    }
+
+    /// The error for a stream that yamux ended without a FIN from the peer, or that can no
+    /// longer be written.
+    fn failure(&self) -> io::Error {
+        if self.core.was_reset(self.id) {
+            io::Error::new(io::ErrorKind::ConnectionReset, "stream reset by peer")
+        } else {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                match self.core.closed_reason() {
+                    Some(r) => format!("session closed: {r}"),
+                    None => "session lost".into(),
+                },
+            )
+        }
+    }
+
+    fn parts(&mut self) -> io::Result<Pin<&mut Compat<yamux::Stream>>> {
+        self.inner
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::ConnectionAborted, "stream aborted"))
+    }
+}
+
+impl Drop for MuxStream {
+    fn drop(&mut self) {
+        if !self.released {
+            self.core.release(self.id, self.write_finished);
+        }
+        // The yamux stream drops after this, so its own FIN or RST queues behind our reset.
+        if self.core.live.fetch_sub(1, Ordering::AcqRel) >= MAX_STREAMS {
+            // An open may be waiting for room.
+            self.core.link.wake();
+        }
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        if ready!(this.parts()?.poll_read(cx, buf)).is_err() {
+            return Poll::Ready(Err(this.failure()));
+        }
+        if buf.filled().len() == before && this.core.peer_end(this.id) != Some(PeerEnd::Fin) {
+            return Poll::Ready(Err(this.failure()));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match ready!(this.parts()?.poll_write(cx, buf)) {
+            Ok(n) => {
+                // Any frame yamux sends, even an empty one, carries the SYN.
+                this.announce = false;
+                Poll::Ready(Ok(n))
+            }
+            Err(_) => Poll::Ready(Err(this.failure())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match ready!(this.parts()?.poll_flush(cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(_) => Poll::Ready(Err(this.failure())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_finished {
+            return Poll::Ready(Ok(()));
+        }
+        if this.announce {
+            // yamux would send a bare FIN for a stream the peer never saw, which the peer
+            // ignores; an empty data frame announces the stream first.
+            if ready!(this.parts()?.poll_write(cx, &[])).is_err() {
+                return Poll::Ready(Err(this.failure()));
+            }
+            this.announce = false;
+        }
+        // yamux reports success for a stream the peer has reset; we report the reset.
+        if ready!(this.parts()?.poll_shutdown(cx)).is_err() || this.core.was_reset(this.id) {
+            return Poll::Ready(Err(this.failure()));
+        }
+        this.write_finished = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A yamux frame header, as far as the tap cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    kind: u8,
+    flags: u16,
+    stream: u32,
+    length: u32,
+}
+
+impl Header {
+    fn parse(b: &[u8; HEADER_LEN]) -> Self {
+        Self {
+            kind: b[1],
+            flags: u16::from_be_bytes([b[2], b[3]]),
+            stream: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            length: u32::from_be_bytes([b[8], b[9], b[10], b[11]]),
+        }
+    }
+
+    fn reset(stream: u32) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[1] = TYPE_DATA;
+        b[2..4].copy_from_slice(&FLAG_RST.to_be_bytes());
+        b[4..8].copy_from_slice(&stream.to_be_bytes());
+        b
+    }
+}
+
+/// Follows frame boundaries in a yamux byte stream, whatever the chunking. Pure: never fails,
+/// whatever the bytes (yamux itself rejects a bad stream).
+#[derive(Debug, Default)]
+struct FrameScan {
+    header: [u8; HEADER_LEN],
+    have: usize,
+    /// Payload bytes of the current data frame still to skip.
+    body: u32,
+}
+
+impl FrameScan {
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.body == 0
+    }
+
+    fn scan(&mut self, mut bytes: &[u8], mut on_header: impl FnMut(Header)) {
+        while !bytes.is_empty() {
+            if self.body > 0 {
+                let k = bytes.len().min(self.body as usize);
+                bytes = &bytes[k..];
+                self.body -= k as u32;
+                continue;
+            }
+            let k = bytes.len().min(HEADER_LEN - self.have);
+            self.header[self.have..self.have + k].copy_from_slice(&bytes[..k]);
+            self.have += k;
+            bytes = &bytes[k..];
+            if self.have == HEADER_LEN {
+                self.have = 0;
+                let h = Header::parse(&self.header);
+                // Only data frames carry a payload; in the others `length` is a value.
+                if h.kind == TYPE_DATA {
+                    self.body = h.length;
+                }
+                on_header(h);
+            }
+        }
+    }
+}
+
+/// Sits under yamux: watches frame headers both ways and injects resets (see module docs).
+struct Tap<T> {
+    io: T,
+    core: Arc<Core>,
+    inbound: FrameScan,
+    outbound: FrameScan,
+    inject: Vec<u8>,
+    injected: usize,
+}
+
+impl<T: AsyncWrite + Unpin> Tap<T> {
+    fn new(io: T, core: Arc<Core>) -> Self {
+        Self {
+            io,
+            core,
+            inbound: FrameScan::default(),
+            outbound: FrameScan::default(),
+            inject: Vec::new(),
+            injected: 0,
+        }
+    }
+
+    /// Writes pending resets, only ever between two of yamux's frames.
+    fn poll_inject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while self.injected < self.inject.len() {
+                let n =
+                    ready!(Pin::new(&mut self.io).poll_write(cx, &self.inject[self.injected..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.injected += n;
+            }
+            self.inject.clear();
+            self.injected = 0;
+            if !self.outbound.at_boundary() || !self.core.inject_pending.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+            let ids = self.core.take_injections();
+            if ids.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            for id in ids {
+                tracing::trace!(stream = id, "resetting stream");
+                self.inject.extend_from_slice(&Header::reset(id));
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let core = &this.core;
+        this.inbound
+            .scan(&buf.filled()[before..], |h| core.on_inbound(h));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tap<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_inject(cx))?;
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+        let core = &this.core;
+        this.outbound.scan(&buf[..n], |h| core.on_outbound(h));
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // yamux flushes on every turn of its driver, so resets queued by a stream that was
+        // dropped while the connection was idle go out here.
+        this.core.link.register(cx.waker());
+        ready!(this.poll_inject(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_inject(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frame(kind: u8, flags: u16, stream: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, kind];
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&stream.to_be_bytes());
+        v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn scan_finds_headers_across_any_chunking() {
+        let mut bytes = frame(TYPE_DATA, FLAG_SYN, 1, &[7u8; 40]);
+        // A window update's length is a credit, not a payload.
+        let mut wu = frame(1, 0, 1, &[]);
+        wu[8..12].copy_from_slice(&262_144u32.to_be_bytes());
+        bytes.extend(wu);
+        bytes.extend(frame(TYPE_DATA, FLAG_FIN, 1, b"last"));
+        bytes.extend(frame(2, 0, 0, &[]));
+        let expect = |b: &[u8]| {
+            let mut s = FrameScan::default();
+            let mut got = Vec::new();
+            s.scan(b, |h| got.push((h.kind, h.flags, h.stream)));
+            (got, s.at_boundary())
+        };
+        let (whole, boundary) = expect(&bytes);
+        assert_eq!(
+            whole,
+            vec![
+                (TYPE_DATA, FLAG_SYN, 1),
+                (1, 0, 1),
+                (TYPE_DATA, FLAG_FIN, 1),
+                (2, 0, 0)
+            ]
+        );
+        assert!(boundary);
+        for step in 1..20 {
+            let mut s = FrameScan::default();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(step) {
+                s.scan(chunk, |h| got.push((h.kind, h.flags, h.stream)));
+            }
+            assert_eq!(got, whole, "chunks of {step}");
+        }
+        let mut s = FrameScan::default();
+        s.scan(&bytes[..5], |_| {});
+        assert!(!s.at_boundary());
+        s.scan(&bytes[5..20], |_| {});
+        assert!(!s.at_boundary(), "inside a payload");
+    }
+
+    #[test]
+    fn reset_frames_encode_as_yamux_expects() {
+        let b = Header::reset(0x0102_0304);
+        assert_eq!(b, [0, 0, 0, 8, 1, 2, 3, 4, 0, 0, 0, 0]);
+        let h = Header::parse(&b);
+        assert_eq!(
+            (h.kind, h.flags, h.stream, h.length),
+            (0, FLAG_RST, 0x0102_0304, 0)
+        );
+    }
+
+    #[test]
+    fn the_config_is_accepted_by_yamux() {
+        // yamux asserts on inconsistent limits; this would panic.
+        let _ = config();
+    }
+
+    proptest! {
+        #[test]
+        fn scan_never_panics_and_is_chunking_independent(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            cuts in proptest::collection::vec(1usize..64, 1..32),
+        ) {
+            let mut whole = Vec::new();
+            FrameScan::default().scan(&bytes, |h| whole.push(h));
+            let mut s = FrameScan::default();
+            let mut got = Vec::new();
+            let mut rest = &bytes[..];
+            for c in cuts.iter().cycle() {
+                if rest.is_empty() { break; }
+                let k = (*c).min(rest.len());
+                s.scan(&rest[..k], |h| got.push(h));
+                rest = &rest[k..];
+            }
+            prop_assert_eq!(got, whole);
+        }
+    }
+}

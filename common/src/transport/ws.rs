@@ -1,0 +1,816 @@
+//! The WebSocket transport: multiplexed streams over a WebSocket, for networks where only
+//! HTTP(S) gets out (corporate proxies) or in (Cloud Foundry's router carries HTTP/1.1 WebSocket,
+//! not UDP).
+//!
+//! Layers, outside in:
+//!
+//! ```text
+//! TCP ─ [HTTP CONNECT proxy] ─ [outer TLS, wss only] ─ WebSocket (binary messages)
+//!     ─ inner mutual TLS 1.3 (ALPN postern/1, the same as QUIC's) ─ yamux ─ streams
+//! ```
+//!
+//! The outer TLS is whatever the network offers (it usually ends at a router or load balancer),
+//! so it only keeps the path private. Authentication is the inner TLS, end to end between agent
+//! and relay with the Postern CA, exactly as on QUIC: no router in between can impersonate
+//! either side. After its handshake the relay sends [`READY`], so that `connect` only succeeds once
+//! the relay has accepted our certificate (TLS 1.3 lets a client finish its handshake before the
+//! server has checked the client certificate).
+//!
+//! Both ends send a WebSocket Ping every [`DEFAULT_PING_INTERVAL`] and give up on a peer that has
+//! been silent for two intervals. This keeps idle connections alive through proxies and load
+//! balancers and detects dead peers for sessions without an application heartbeat.
+//!
+//! A session closed with a reason sends it as the WebSocket Close reason, so the peer's
+//! [`Session::closed`] says why.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::sink::Sink as _;
+use futures_util::stream::Stream as _;
+use rustls::RootCertStore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::either::Either;
+use tracing::Instrument;
+
+use super::mux::{self, Link};
+use super::proxy::{self, Proxy, ProxyError};
+use super::{Inner, Session, TransportError};
+use crate::config::{RelayUrl, Scheme};
+use crate::tls::{self, Material};
+
+/// The relay's WebSocket path unless the URL names another.
+pub const DEFAULT_PATH: &str = "/v1/tunnel";
+
+/// How often each end pings; a peer silent for two intervals is dead.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
+
+/// How long `connect` may take from TCP connect to the relay's ready marker.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many streams one session may have open at once, both directions together (as on QUIC);
+/// opening more waits until one ends.
+pub const MAX_STREAMS: usize = mux::MAX_STREAMS;
+
+/// How much memory all stream windows of one session may grow by beyond yamux's fixed initial
+/// 256 KiB per stream. A stream whose reader stops holds at most those 256 KiB.
+pub const EXTRA_WINDOW: usize = mux::EXTRA_WINDOW;
+
+/// How long the relay waits for a client's inner TLS handshake after the upgrade.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the relay sends inside the inner TLS once it has accepted the client's identity, before
+/// any yamux frame: "postern yamux, version 1".
+pub const READY: &[u8; 8] = b"PSTNYMX1";
+
+/// Bytes gathered into one WebSocket message: yamux writes 12-byte headers and 16 KiB bodies,
+/// and TLS records of up to 16 KiB; one message per write would multiply the framing cost.
+const MESSAGE_SIZE: usize = 64 * 1024;
+
+/// How long a closing WebSocket waits for the peer's Close before it drops the connection.
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+
+/// How the agent (or a `connect` client) reaches a relay over WebSocket.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `ws://` or `wss://host[:port][/path]` (the path defaults to [`DEFAULT_PATH`]).
+    pub url: RelayUrl,
+    /// The name on the relay's certificate, checked by the inner TLS.
+    pub server_name: String,
+    /// The SNI and certificate name for the outer TLS (wss); default: the URL's host.
+    pub sni: Option<String>,
+    /// The `Host` header; default: the URL's host (and port, if not the default one).
+    pub host_header: Option<String>,
+    /// Extra request headers, e.g. `X-Cf-App-Instance: GUID:INDEX`.
+    pub headers: Vec<(String, String)>,
+    /// CAs for the outer TLS; default: the Postern CA roots of the [`Material`].
+    pub outer_roots: Option<Arc<RootCertStore>>,
+    /// An HTTP CONNECT proxy to go through.
+    pub proxy: Option<Proxy>,
+    /// WebSocket Ping interval; a relay silent for two intervals ends the session.
+    pub ping_interval: Duration,
+    /// Bound on the whole connect, up to the relay's ready marker.
+    pub connect_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Options with defaults for `url`, verifying the relay's inner certificate as `server_name`.
+    pub fn new(url: RelayUrl, server_name: impl Into<String>) -> Self {
+        Self {
+            url,
+            server_name: server_name.into(),
+            sni: None,
+            host_header: None,
+            headers: Vec::new(),
+            outer_roots: None,
+            proxy: None,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// How the relay runs accepted WebSocket sessions.
+#[derive(Debug, Clone)]
+pub struct AcceptOptions {
+    /// WebSocket Ping interval; a client silent for two intervals ends the session.
+    pub ping_interval: Duration,
+    /// Bound on the inner TLS handshake after the upgrade.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for AcceptOptions {
+    fn default() -> Self {
+        Self {
+            ping_interval: DEFAULT_PING_INTERVAL,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// WebSocket limits for both ends. Our messages are at most 64 KiB; much larger ones are
+/// refused rather than buffered. The relay passes this to `WebSocketStream::from_raw_socket`.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(1024 * 1024))
+        .max_frame_size(Some(1024 * 1024))
+}
+
+/// Dials a relay over WebSocket and returns an authenticated session.
+///
+/// Fails unless the relay completed the inner mutual TLS handshake *and* accepted our identity.
+/// An HTTP answer other than `101` is a [`TransportError::Rejected`] (a Cloud Foundry router
+/// answers `400` with `X-Cf-Routererror: unknown_route` for an instance that does not exist).
+pub async fn connect(
+    opts: &ConnectOptions,
+    material: &Material,
+) -> Result<Session, TransportError> {
+    let addr = opts.url.to_string();
+    if opts.url.scheme == Scheme::Quic {
+        return Err(TransportError::Connect {
+            addr,
+            reason: "not a websocket url: use ws:// or wss://".into(),
+        });
+    }
+    let span = tracing::debug_span!("ws_connect", relay = %addr);
+    match tokio::time::timeout(opts.connect_timeout, dial(opts, material).instrument(span)).await {
+        Ok(result) => result,
+        Err(_) => Err(TransportError::Connect {
+            addr,
+            reason: format!("timed out after {}ms", opts.connect_timeout.as_millis()),
+        }),
+    }
+}
+
+/// Runs the relay side of a session on an upgraded WebSocket (from hyper/axum via
+/// `WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config()))`, or from
+/// [`upgrade`]): inner TLS with a required client certificate, the client's identity, then the
+/// multiplexer. `remote` is the client's address as the relay knows it.
+pub async fn accept<S>(
+    ws: WebSocketStream<S>,
+    remote: SocketAddr,
+    material: &Material,
+) -> Result<Session, TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    accept_with(ws, remote, material, &AcceptOptions::default()).await
+}
+
+/// [`accept`] with explicit options.
+pub async fn accept_with<S>(
+    ws: WebSocketStream<S>,
+    remote: SocketAddr,
+    material: &Material,
+    opts: &AcceptOptions,
+) -> Result<Session, TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let fail = |reason: String| TransportError::Connect {
+        addr: remote.to_string(),
+        reason,
+    };
+    let link = Link::new();
+    let io = WsIo::new(ws, opts.ping_interval, link.clone());
+    let cfg = tls::link_server(material).map_err(|e| fail(e.to_string()))?;
+    let handshake = TlsAcceptor::from(Arc::new(cfg)).accept(io).into_fallible();
+    let mut stream = match tokio::time::timeout(opts.handshake_timeout, handshake).await {
+        Err(_) => return Err(fail("inner tls handshake timed out".into())),
+        Ok(Err((e, mut io))) => {
+            let why = tls::describe_handshake_error(&e);
+            io.refuse(&format!("tls handshake failed: {why}")).await;
+            return Err(fail(format!("inner tls handshake: {why}")));
+        }
+        Ok(Ok(s)) => s,
+    };
+    let peer = match tls::peer_identity(stream.get_ref().1.peer_certificates()) {
+        Ok(p) => p,
+        Err(e) => {
+            stream
+                .get_mut()
+                .0
+                .refuse("certificate has no postern identity")
+                .await;
+            return Err(e.into());
+        }
+    };
+    stream
+        .write_all(READY)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    stream.flush().await.map_err(|e| fail(e.to_string()))?;
+    let span = tracing::info_span!("ws_session", remote = %remote, peer = %peer);
+    Ok(Session {
+        inner: Inner::Mux(mux::start(stream, yamux::Mode::Server, link, span)),
+        peer: Some(peer),
+        remote,
+    })
+}
+
+/// The server side of the WebSocket handshake on an accepted connection (plain TCP, or TLS
+/// already accepted on it), answering `404` unless the request is for `path`. For tests and for
+/// relays without an HTTP stack; the relay proper upgrades through its HTTP router.
+pub async fn upgrade<S>(stream: S, path: &str) -> Result<WebSocketStream<S>, TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let want = path.to_owned();
+    // The refusal type is tungstenite's callback contract, large or not.
+    #[allow(clippy::result_large_err)]
+    let check = move |req: &Request, resp: Response| {
+        if req.uri().path() == want {
+            Ok(resp)
+        } else {
+            let mut refusal = ErrorResponse::new(Some("not found\n".into()));
+            *refusal.status_mut() = StatusCode::NOT_FOUND;
+            Err(refusal)
+        }
+    };
+    tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(websocket_config()))
+        .await
+        .map_err(|e| TransportError::Connect {
+            addr: "websocket client".into(),
+            reason: format!("websocket upgrade: {e}"),
+        })
+}
+
+async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, TransportError> {
+    let url = &opts.url;
+    let addr = url.to_string();
+    let fail = |reason: String| TransportError::Connect {
+        addr: addr.clone(),
+        reason,
+    };
+
+    let (host, port) = match &opts.proxy {
+        Some(p) => (p.host.as_str(), p.port),
+        None => (url.host.as_str(), url.port),
+    };
+    let mut tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| match &opts.proxy {
+            Some(p) => TransportError::Proxy(ProxyError::Io {
+                proxy: p.to_string(),
+                source: e,
+            }),
+            None => fail(e.to_string()),
+        })?;
+    crate::net::tune(&tcp);
+    let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+    if let Some(p) = &opts.proxy {
+        proxy::tunnel(&mut tcp, p, &url.host, url.port).await?;
+        tracing::debug!(proxy = %p, "proxy tunnel open");
+    }
+
+    let outer = if url.scheme == Scheme::Wss {
+        let cfg = outer_client(opts, material).map_err(|e| fail(format!("outer tls: {e}")))?;
+        let sni = opts.sni.as_deref().unwrap_or(&url.host);
+        let name = tls::server_name(sni).map_err(|e| fail(format!("outer tls: {e}")))?;
+        let stream = TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            // Not `describe_handshake_error`: the outer CA need not be the Postern CA.
+            .map_err(|e| fail(format!("outer tls: {e}")))?;
+        Either::Right(stream)
+    } else {
+        Either::Left(tcp)
+    };
+
+    let request = upgrade_request(opts).map_err(fail)?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(request, outer, Some(websocket_config()))
+            .await
+            .map_err(|e| upgrade_error(&addr, e))?;
+    tracing::debug!("websocket open");
+
+    let link = Link::new();
+    let io = WsIo::new(ws, opts.ping_interval, link.clone());
+    let cfg = tls::link_client(material).map_err(|e| fail(e.to_string()))?;
+    let name = tls::server_name(&opts.server_name).map_err(|e| fail(e.to_string()))?;
+    let mut stream = match TlsConnector::from(Arc::new(cfg))
+        .connect(name, io)
+        .into_fallible()
+        .await
+    {
+        Ok(s) => s,
+        Err((e, mut io)) => {
+            let why = tls::describe_handshake_error(&e);
+            io.refuse("tls handshake failed").await;
+            return Err(fail(format!("inner tls handshake: {why}")));
+        }
+    };
+    let mut marker = [0u8; READY.len()];
+    if let Err(e) = stream.read_exact(&mut marker).await {
+        let why = match link.peer_reason().filter(|r| !r.is_empty()) {
+            Some(r) => format!("relay refused the session: {r}"),
+            None => format!(
+                "relay refused the session: {}",
+                tls::describe_handshake_error(&e)
+            ),
+        };
+        return Err(fail(why));
+    }
+    if &marker != READY {
+        stream.get_mut().0.refuse("unexpected answer").await;
+        return Err(fail(
+            "unexpected answer after the tls handshake (not a postern relay?)".into(),
+        ));
+    }
+    let span = tracing::info_span!("ws_session", relay = %addr, remote = %remote);
+    Ok(Session {
+        inner: Inner::Mux(mux::start(stream, yamux::Mode::Client, link, span)),
+        peer: None,
+        remote,
+    })
+}
+
+/// The outer TLS client: HTTP/1.1 only (a WebSocket upgrade cannot run over h2 here), the
+/// configured CAs or else the Postern CA, no client certificate (that is the inner TLS's job).
+fn outer_client(
+    opts: &ConnectOptions,
+    material: &Material,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let roots = opts
+        .outer_roots
+        .clone()
+        .unwrap_or_else(|| material.roots.clone());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Headers the WebSocket handshake sets itself.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+];
+
+fn upgrade_request(opts: &ConnectOptions) -> Result<Request, String> {
+    let url = &opts.url;
+    let (scheme, default_port) = match url.scheme {
+        Scheme::Wss => ("wss", 443),
+        _ => ("ws", 80),
+    };
+    let host = if url.host.contains(':') {
+        format!("[{}]", url.host)
+    } else {
+        url.host.clone()
+    };
+    let authority = if url.port == default_port {
+        host
+    } else {
+        format!("{host}:{}", url.port)
+    };
+    let path = if url.path.is_empty() {
+        DEFAULT_PATH
+    } else {
+        &url.path
+    };
+    let uri = format!("{scheme}://{authority}{path}");
+    let mut request = uri
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("invalid websocket url {uri}: {e}"))?;
+    let headers = request.headers_mut();
+    if let Some(h) = &opts.host_header {
+        let value =
+            HeaderValue::from_str(h).map_err(|_| format!("invalid host header value {h:?}"))?;
+        headers.insert(header::HOST, value);
+    }
+    for (name, value) in &opts.headers {
+        let name_lc = name.to_ascii_lowercase();
+        if RESERVED_HEADERS.contains(&name_lc.as_str()) {
+            return Err(format!(
+                "header {name:?} is set by the websocket handshake (use host_header for Host)"
+            ));
+        }
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+        headers.append(name, value);
+    }
+    Ok(request)
+}
+
+fn upgrade_error(addr: &str, e: tungstenite::Error) -> TransportError {
+    match e {
+        tungstenite::Error::Http(response) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| {
+                    let text = String::from_utf8_lossy(b);
+                    let text = text.trim();
+                    match text.char_indices().nth(200) {
+                        Some((i, _)) => format!("{}...", &text[..i]),
+                        None => text.to_owned(),
+                    }
+                })
+                .unwrap_or_default();
+            TransportError::Rejected {
+                addr: addr.to_owned(),
+                status: response.status().as_u16(),
+                router_error: response
+                    .headers()
+                    .get("x-cf-routererror")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+                body,
+            }
+        }
+        other => TransportError::Connect {
+            addr: addr.to_owned(),
+            reason: format!("websocket upgrade: {other}"),
+        },
+    }
+}
+
+/// A WebSocket as a byte stream: binary messages in, writes gathered into binary messages out.
+/// Also runs the Ping liveness check and the close handshake that carries a session's reason.
+pub(super) struct WsIo<S> {
+    ws: WebSocketStream<S>,
+    /// The rest of the message being read.
+    read: Bytes,
+    /// Written bytes not yet handed to the WebSocket.
+    write: BytesMut,
+    /// The peer sent Close or the connection ended.
+    eof: bool,
+    link: Arc<Link>,
+    live: Liveness,
+    state: CloseState,
+}
+
+struct Liveness {
+    tick: Interval,
+    interval: Duration,
+    last_seen: Instant,
+    last_ping: Instant,
+    ping_due: bool,
+    dead: bool,
+}
+
+enum CloseState {
+    Open,
+    Closing {
+        step: CloseStep,
+        deadline: Pin<Box<Sleep>>,
+    },
+    Closed,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CloseStep {
+    /// Send what was written before closing (a graceful shutdown, e.g. a TLS alert).
+    Flush,
+    Send,
+    FlushClose,
+    /// Read until the peer's Close or end of connection.
+    Drain,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
+    fn new(ws: WebSocketStream<S>, ping_interval: Duration, link: Arc<Link>) -> Self {
+        let interval = ping_interval.max(Duration::from_millis(10));
+        // Checked twice per interval: a dead peer is noticed between two and two and a half
+        // intervals after it last spoke.
+        let mut tick = tokio::time::interval(interval / 2);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let now = Instant::now();
+        Self {
+            ws,
+            read: Bytes::new(),
+            write: BytesMut::new(),
+            eof: false,
+            link,
+            live: Liveness {
+                tick,
+                interval,
+                last_seen: now,
+                last_ping: now,
+                ping_due: false,
+                dead: false,
+            },
+            state: CloseState::Open,
+        }
+    }
+
+    /// Refuses the peer: sends what is buffered (a TLS alert), then Close with `reason`.
+    async fn refuse(&mut self, reason: &str) {
+        tracing::debug!(reason, "refusing websocket peer");
+        self.link.request_close(reason);
+        self.begin_close(true);
+        poll_fn(|cx| self.poll_closing(cx)).await;
+    }
+
+    fn begin_close(&mut self, flush_first: bool) {
+        if matches!(self.state, CloseState::Open) {
+            self.state = CloseState::Closing {
+                step: if flush_first {
+                    CloseStep::Flush
+                } else {
+                    CloseStep::Send
+                },
+                deadline: Box::pin(tokio::time::sleep(CLOSE_DRAIN)),
+            };
+        }
+    }
+
+    /// Drives the close handshake; `Ready` once the WebSocket is closed (or gave up).
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let CloseState::Closing { step, deadline } = &mut self.state else {
+            return Poll::Ready(());
+        };
+        if deadline.as_mut().poll(cx).is_ready() {
+            self.state = CloseState::Closed;
+            return Poll::Ready(());
+        }
+        let ws = &mut self.ws;
+        loop {
+            let done = match *step {
+                CloseStep::Flush => {
+                    if !self.write.is_empty() {
+                        match ready!(Pin::new(&mut *ws).poll_ready(cx)) {
+                            Ok(()) => Pin::new(&mut *ws)
+                                .start_send(Message::Binary(self.write.split().freeze()))
+                                .is_err(),
+                            Err(_) => true,
+                        }
+                    } else {
+                        *step = CloseStep::Send;
+                        false
+                    }
+                }
+                CloseStep::Send => {
+                    // An abrupt close: whatever was not sent yet no longer matters.
+                    self.write.clear();
+                    let reason = self.link.local_reason().unwrap_or_default();
+                    match ready!(Pin::new(&mut *ws).poll_ready(cx)) {
+                        Ok(()) => {
+                            let frame = CloseFrame {
+                                code: CloseCode::Normal,
+                                reason: truncate(&reason, 120).into(),
+                            };
+                            *step = CloseStep::FlushClose;
+                            Pin::new(&mut *ws)
+                                .start_send(Message::Close(Some(frame)))
+                                .is_err()
+                        }
+                        Err(_) => true,
+                    }
+                }
+                CloseStep::FlushClose => {
+                    let failed = ready!(Pin::new(&mut *ws).poll_flush(cx)).is_err();
+                    *step = CloseStep::Drain;
+                    failed
+                }
+                CloseStep::Drain => match ready!(Pin::new(&mut *ws).poll_next(cx)) {
+                    Some(Ok(_)) => false,
+                    Some(Err(_)) | None => true,
+                },
+            };
+            if done {
+                self.state = CloseState::Closed;
+                return Poll::Ready(());
+            }
+        }
+    }
+
+    /// Sends a Ping when one is due and fails once the peer has been silent too long.
+    fn poll_live(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.live.dead {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "peer timed out"));
+        }
+        while self.live.tick.poll_tick(cx).is_ready() {
+            let now = Instant::now();
+            let silent = now.saturating_duration_since(self.live.last_seen);
+            if silent >= self.live.interval * 2 {
+                self.live.dead = true;
+                let why = format!(
+                    "timed out: no answer from peer for {}ms",
+                    silent.as_millis()
+                );
+                tracing::debug!(
+                    silent_ms = silent.as_millis() as u64,
+                    "websocket peer is silent"
+                );
+                self.link.set_failure(why.clone());
+                return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+            }
+            if now.saturating_duration_since(self.live.last_ping) >= self.live.interval {
+                self.live.ping_due = true;
+            }
+        }
+        if self.live.ping_due
+            && let Poll::Ready(Ok(())) = Pin::new(&mut self.ws).poll_ready(cx)
+        {
+            self.live.ping_due = false;
+            self.live.last_ping = Instant::now();
+            // Errors show up on the next read or write.
+            if Pin::new(&mut self.ws)
+                .start_send(Message::Ping(Bytes::new()))
+                .is_ok()
+            {
+                let _ = Pin::new(&mut self.ws).poll_flush(cx);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the gathered bytes to the WebSocket as one message.
+    fn poll_send_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(|e| self.ws_error(e))?;
+        let message = Message::Binary(self.write.split().freeze());
+        Pin::new(&mut self.ws)
+            .start_send(message)
+            .map_err(|e| self.ws_error(e))?;
+        Poll::Ready(Ok(()))
+    }
+
+    fn ws_error(&self, e: tungstenite::Error) -> io::Error {
+        match e {
+            tungstenite::Error::Io(e) => {
+                self.link.set_failure(format!("connection lost: {e}"));
+                e
+            }
+            other => {
+                self.link.set_failure(format!("websocket error: {other}"));
+                io::Error::other(other)
+            }
+        }
+    }
+
+    /// Starts closing if the session asked for it; `Some` while closing or closed.
+    fn poll_close_request(&mut self, cx: &mut Context<'_>) -> Option<Poll<()>> {
+        if matches!(self.state, CloseState::Open) {
+            if !self.link.close_requested() {
+                return None;
+            }
+            self.begin_close(false);
+        }
+        Some(self.poll_closing(cx))
+    }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s
+        .char_indices()
+        .take_while(|(i, c)| i + c.len_utf8() <= max)
+        .last()
+    {
+        Some((i, c)) => s[..i + c.len_utf8()].to_owned(),
+        None => String::new(),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(p) = this.poll_close_request(cx) {
+            ready!(p);
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_live(cx)?;
+        loop {
+            if !this.read.is_empty() {
+                let n = this.read.len().min(buf.remaining());
+                buf.put_slice(&this.read.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let message = ready!(Pin::new(&mut this.ws).poll_next(cx));
+            this.live.last_seen = Instant::now();
+            match message {
+                Some(Ok(Message::Binary(data))) => this.read = data,
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                    // tungstenite queues the Pong; the next read or flush sends it.
+                }
+                Some(Ok(Message::Text(_))) => {
+                    this.link
+                        .set_failure("peer sent a websocket text message".into());
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "unexpected websocket text message",
+                    )));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                    tracing::debug!(reason = %reason, "peer closed the websocket");
+                    this.link.set_peer_reason(reason);
+                    this.eof = true;
+                    // Push out tungstenite's Close reply now; nobody may write after this.
+                    let _ = Pin::new(&mut this.ws).poll_flush(cx);
+                }
+                Some(Err(e)) => return Poll::Ready(Err(this.ws_error(e))),
+                None => {
+                    this.link
+                        .set_failure("connection lost: closed without a websocket close".into());
+                    this.eof = true;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(p) = this.poll_close_request(cx) {
+            ready!(p);
+            return Poll::Ready(Err(closed_error()));
+        }
+        this.poll_live(cx)?;
+        if this.write.len() >= MESSAGE_SIZE {
+            ready!(this.poll_send_buffered(cx))?;
+        }
+        if this.write.capacity() == 0 {
+            this.write.reserve(MESSAGE_SIZE);
+        }
+        let n = buf.len().min(MESSAGE_SIZE - this.write.len());
+        this.write.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(p) = this.poll_close_request(cx) {
+            ready!(p);
+            return Poll::Ready(Err(closed_error()));
+        }
+        this.poll_live(cx)?;
+        if !this.write.is_empty() {
+            ready!(this.poll_send_buffered(cx))?;
+        }
+        ready!(Pin::new(&mut this.ws).poll_flush(cx)).map_err(|e| this.ws_error(e))?;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.begin_close(true);
+        ready!(this.poll_closing(cx));
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,916 @@
+//! Tests of the WebSocket transport over real sockets on 127.0.0.1, real tokio-tungstenite on
+//! both ends and certificates made by `crate::pki` at test time.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::pki::{Ca, Identity, Kind, LeafSpec};
+use crate::transport::{Stream, TransportKind};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test step timed out")
+}
+
+struct Pki {
+    ca: Ca,
+    ca_key: String,
+    relay: Material,
+    agent: Material,
+}
+
+fn material(ca: &Ca, spec: &LeafSpec) -> Material {
+    let issued = ca.issue(spec).unwrap();
+    Material::from_pem(&ca.cert_pem, &issued.cert_pem, &issued.key_pem).unwrap()
+}
+
+fn pki() -> Pki {
+    let (ca, ca_key) = Ca::generate("test ca", 1).unwrap();
+    let mut relay = LeafSpec::new(Kind::Server, "relay", 1);
+    relay.dns.push("localhost".into());
+    relay.ips.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let relay = material(&ca, &relay);
+    let agent = material(&ca, &LeafSpec::new(Kind::Agent, "db1", 1));
+    Pki {
+        ca,
+        ca_key,
+        relay,
+        agent,
+    }
+}
+
+/// The outer TLS a router would terminate: the relay's certificate, HTTP/1.1, no client auth.
+fn outer_server(m: &Material) -> Arc<rustls::ServerConfig> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(m.chain.clone(), m.key.clone_key())
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// A relay's accepting side: TCP, optional outer TLS, the upgrade and [`accept_with`].
+struct TestRelay {
+    addr: SocketAddr,
+    sessions: mpsc::UnboundedReceiver<Result<Session, TransportError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestRelay {
+    async fn start(
+        material: Material,
+        outer: Option<Arc<rustls::ServerConfig>>,
+        opts: AcceptOptions,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, sessions) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, remote)) = listener.accept().await {
+                let (tx, material, outer, opts) =
+                    (tx.clone(), material.clone(), outer.clone(), opts.clone());
+                tokio::spawn(async move {
+                    let result = async {
+                        let stream = match outer {
+                            Some(cfg) => {
+                                Either::Right(TlsAcceptor::from(cfg).accept(tcp).await.map_err(
+                                    |e| TransportError::Connect {
+                                        addr: remote.to_string(),
+                                        reason: e.to_string(),
+                                    },
+                                )?)
+                            }
+                            None => Either::Left(tcp),
+                        };
+                        let ws = upgrade(stream, DEFAULT_PATH).await?;
+                        accept_with(ws, remote, &material, &opts).await
+                    }
+                    .await;
+                    let _ = tx.send(result);
+                });
+            }
+        });
+        Self {
+            addr,
+            sessions,
+            task,
+        }
+    }
+
+    async fn plain(material: &Material) -> Self {
+        Self::start(material.clone(), None, AcceptOptions::default()).await
+    }
+
+    async fn next(&mut self) -> Result<Session, TransportError> {
+        within(self.sessions.recv())
+            .await
+            .expect("relay task ended")
+    }
+
+    fn url(&self, scheme: &str) -> RelayUrl {
+        format!("{scheme}://127.0.0.1:{}", self.addr.port())
+            .parse()
+            .unwrap()
+    }
+
+    fn options(&self, scheme: &str) -> ConnectOptions {
+        ConnectOptions::new(self.url(scheme), "localhost")
+    }
+}
+
+/// A connected pair: (agent side, relay side).
+async fn pair(p: &Pki) -> (Session, Session, TestRelay) {
+    let mut relay = TestRelay::plain(&p.relay).await;
+    let client = within(connect(&relay.options("ws"), &p.agent))
+        .await
+        .unwrap();
+    let server = relay.next().await.unwrap();
+    (client, server, relay)
+}
+
+async fn open_pair(from: &Session, to: &Session) -> (Stream, Stream) {
+    let mut a = within(from.open()).await.unwrap();
+    // The peer hears of a stream with its first byte.
+    a.write_all(b"x").await.unwrap();
+    a.flush().await.unwrap();
+    let mut b = within(to.accept()).await.unwrap();
+    let mut x = [0u8; 1];
+    within(b.read_exact(&mut x)).await.unwrap();
+    assert_eq!(&x, b"x");
+    (a, b)
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+async fn exchange_both_ways(client: &Session, server: &Session) {
+    // Agent-opened stream (the control stream's direction).
+    let (mut a, mut b) = open_pair(client, server).await;
+    a.write_all(b"hello relay").await.unwrap();
+    a.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within(b.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"hello relay");
+    b.write_all(b"hello agent").await.unwrap();
+    b.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within(a.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"hello agent");
+
+    // Relay-opened stream (one per client connection).
+    let (mut b, mut a) = open_pair(server, client).await;
+    let data = pattern(7, 300_000);
+    let send = data.clone();
+    let writer = tokio::spawn(async move {
+        b.write_all(&send).await.unwrap();
+        b.shutdown().await.unwrap();
+        b
+    });
+    let mut got = Vec::new();
+    within(a.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, data);
+    a.shutdown().await.unwrap();
+    let mut b = writer.await.unwrap();
+    let mut rest = Vec::new();
+    within(b.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn streams_flow_both_ways_over_ws() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    assert_eq!(client.kind(), TransportKind::Websocket);
+    assert_eq!(server.kind(), TransportKind::Websocket);
+    assert_eq!(server.peer(), Some(&Identity::Agent("db1".into())));
+    assert_eq!(client.peer(), None);
+    assert_eq!(client.remote().ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert_eq!(server.remote().ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert_ne!(client.id(), server.id());
+    assert_eq!(client.id(), client.clone().id());
+    exchange_both_ways(&client, &server).await;
+    assert!(!client.is_closed() && !server.is_closed());
+}
+
+#[tokio::test]
+async fn streams_flow_both_ways_over_wss() {
+    let p = pki();
+    let mut relay = TestRelay::start(
+        p.relay.clone(),
+        Some(outer_server(&p.relay)),
+        AcceptOptions::default(),
+    )
+    .await;
+    // Dial the address, verify the outer certificate by name (SNI override).
+    let mut opts = relay.options("wss");
+    opts.sni = Some("localhost".into());
+    let client = within(connect(&opts, &p.agent)).await.unwrap();
+    let server = relay.next().await.unwrap();
+    exchange_both_ways(&client, &server).await;
+
+    // An outer certificate from a CA we were not told to trust is refused.
+    let (other_ca, _) = Ca::generate("other ca", 1).unwrap();
+    let mut roots = RootCertStore::empty();
+    let other_der =
+        rustls_pki_types::pem::PemObject::from_pem_slice(other_ca.cert_pem.as_bytes()).unwrap();
+    roots.add(other_der).unwrap();
+    opts.outer_roots = Some(Arc::new(roots));
+    let e = within(connect(&opts, &p.agent)).await.unwrap_err();
+    assert!(e.to_string().contains("outer tls"), "{e}");
+}
+
+#[tokio::test]
+async fn an_empty_stream_still_reaches_the_peer() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    let mut a = within(client.open()).await.unwrap();
+    a.shutdown().await.unwrap();
+    let mut b = within(server.accept()).await.unwrap();
+    let mut got = Vec::new();
+    within(b.read_to_end(&mut got)).await.unwrap();
+    assert!(got.is_empty());
+    b.write_all(b"still open this way").await.unwrap();
+    b.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within(a.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"still open this way");
+}
+
+#[tokio::test]
+async fn half_close_gives_eof_and_the_other_direction_keeps_working() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    let (mut a, mut b) = open_pair(&client, &server).await;
+    a.write_all(b"request").await.unwrap();
+    a.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within(b.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"request");
+    // After the peer's EOF we can still answer, at length.
+    let answer = pattern(3, 1_000_000);
+    let send = answer.clone();
+    let writer = tokio::spawn(async move {
+        b.write_all(&send).await.unwrap();
+        b.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    within(a.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got.len(), answer.len());
+    assert!(got == answer);
+    writer.await.unwrap();
+}
+
+async fn read_fails(s: &mut Stream) -> io::Error {
+    let mut sink = Vec::new();
+    match within(s.read_to_end(&mut sink)).await {
+        Ok(n) => panic!("clean end after {n} bytes where a failure was due"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test]
+async fn abort_and_unclean_drop_are_errors_for_the_peer() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+
+    // Abort after some data: the data arrives, then an error, not EOF.
+    let (mut a, mut b) = open_pair(&client, &server).await;
+    a.write_all(b"partial").await.unwrap();
+    a.flush().await.unwrap();
+    a.abort();
+    let e = read_fails(&mut b).await;
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    assert!(a.write_all(b"more").await.is_err());
+
+    // Dropped without shutdown.
+    let (mut a, mut b) = open_pair(&server, &client).await;
+    a.write_all(b"partial").await.unwrap();
+    drop(a);
+    assert_eq!(
+        read_fails(&mut b).await.kind(),
+        io::ErrorKind::ConnectionReset
+    );
+
+    // Dropped without shutdown after the peer's half-close (yamux alone would send FIN here).
+    let (a, mut b) = open_pair(&client, &server).await;
+    b.shutdown().await.unwrap();
+    let mut a = a;
+    let mut got = Vec::new();
+    within(a.read_to_end(&mut got)).await.unwrap();
+    drop(a);
+    assert_eq!(
+        read_fails(&mut b).await.kind(),
+        io::ErrorKind::ConnectionReset
+    );
+
+    // The peer that keeps writing into an aborted stream fails too.
+    let (mut a, mut b) = open_pair(&client, &server).await;
+    a.abort();
+    let chunk = vec![0u8; 64 * 1024];
+    let e = within(async {
+        loop {
+            if let Err(e) = b.write_all(&chunk).await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+
+    // Finished writing, then dropped without reading: the peer reads everything cleanly, and
+    // only its further writes fail.
+    let (mut a, mut b) = open_pair(&client, &server).await;
+    let data = pattern(11, 200_000);
+    a.write_all(&data).await.unwrap();
+    a.shutdown().await.unwrap();
+    drop(a);
+    let mut got = Vec::new();
+    within(b.read_to_end(&mut got)).await.unwrap();
+    assert!(got == data);
+    let e = within(async {
+        loop {
+            if let Err(e) = b.write_all(&chunk).await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+
+    // Aborted after a clean shutdown: as with QUIC, the peer still reads all of it, and only its
+    // writes fail.
+    let (mut a, mut b) = open_pair(&client, &server).await;
+    a.write_all(&data).await.unwrap();
+    a.shutdown().await.unwrap();
+    a.abort();
+    let mut got = Vec::new();
+    within(b.read_to_end(&mut got)).await.unwrap();
+    assert!(got == data);
+    let e = within(async {
+        loop {
+            if let Err(e) = b.write_all(&chunk).await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+
+    // A clean exchange in both directions followed by drops leaves nothing behind.
+    exchange_both_ways(&client, &server).await;
+}
+
+fn tracked(s: &Session) -> (usize, usize) {
+    match &s.inner {
+        Inner::Mux(m) => m.tracked(),
+        Inner::Quic(_) => unreachable!("a websocket session"),
+    }
+}
+
+#[tokio::test]
+async fn no_stream_state_outlives_its_streams() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    {
+        exchange_both_ways(&client, &server).await;
+        let (mut a, _b) = open_pair(&client, &server).await;
+        a.abort();
+        let (a, mut b) = open_pair(&server, &client).await;
+        drop(a);
+        let _ = read_fails(&mut b).await;
+        let (mut a, b) = open_pair(&client, &server).await;
+        a.write_all(b"done").await.unwrap();
+        a.shutdown().await.unwrap();
+        drop((a, b));
+        // Opened and never used: the peer never hears of it.
+        let _ = within(client.open()).await.unwrap();
+    }
+    within(async {
+        while tracked(&client) != (0, 0) || tracked(&server) != (0, 0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_streams_echo_intact() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    let echo = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let mut s = within(server.accept()).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                w.shutdown().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        server
+    });
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = within(client.open()).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(s);
+            let data = pattern(i, 50_000 + i as usize * 997);
+            let send = data.clone();
+            let writer = tokio::spawn(async move {
+                for chunk in send.chunks(4096 + i as usize) {
+                    w.write_all(chunk).await.unwrap();
+                }
+                w.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            within(r.read_to_end(&mut got)).await.unwrap();
+            writer.await.unwrap();
+            assert!(got == data, "stream {i} corrupted");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let _server = within(echo).await.unwrap();
+}
+
+#[tokio::test]
+async fn both_directions_at_full_speed_do_not_deadlock() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    const LEN: usize = 8 * 1024 * 1024;
+    let mut pairs = Vec::new();
+    for _ in 0..2 {
+        pairs.push(open_pair(&client, &server).await);
+        pairs.push({
+            let (b, a) = open_pair(&server, &client).await;
+            (a, b)
+        });
+    }
+    let mut tasks = Vec::new();
+    for (a, b) in pairs {
+        for mut s in [a, b] {
+            tasks.push(tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut s);
+                let write = async {
+                    let chunk = vec![5u8; 256 * 1024];
+                    for _ in 0..LEN / chunk.len() {
+                        w.write_all(&chunk).await.unwrap();
+                    }
+                    w.shutdown().await.unwrap();
+                };
+                let read = async {
+                    let mut n = 0usize;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let k = r.read(&mut buf).await.unwrap();
+                        if k == 0 {
+                            break n;
+                        }
+                        n += k;
+                    }
+                };
+                let ((), n) = tokio::join!(write, read);
+                assert_eq!(n, LEN);
+            }));
+        }
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("bidirectional transfer stalled")
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn close_reason_reaches_the_peer_and_streams_fail() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    let (mut a, _b) = open_pair(&client, &server).await;
+    server.close("replaced by a new session of the same agent");
+    assert!(server.is_closed());
+    assert_eq!(
+        within(server.closed()).await,
+        "closed locally: replaced by a new session of the same agent"
+    );
+    assert_eq!(
+        within(client.closed()).await,
+        "closed by peer: replaced by a new session of the same agent"
+    );
+    assert!(client.is_closed());
+    let e = read_fails(&mut a).await;
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+    assert!(matches!(
+        within(client.accept()).await,
+        Err(TransportError::Closed(_))
+    ));
+    assert!(matches!(
+        within(client.open()).await,
+        Err(TransportError::Closed(_))
+    ));
+    assert!(matches!(
+        within(server.open()).await,
+        Err(TransportError::Closed(_))
+    ));
+}
+
+#[tokio::test]
+async fn dropping_every_handle_closes_the_session() {
+    let p = pki();
+    let (client, server, _relay) = pair(&p).await;
+    let (a, b) = open_pair(&client, &server).await;
+    drop(client);
+    // A stream still in use keeps its session open.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!server.is_closed());
+    drop((a, b));
+    assert_eq!(
+        within(server.closed()).await,
+        "closed by peer: session dropped"
+    );
+}
+
+/// A TCP forwarder that can be told to stop forwarding: a path that silently drops packets.
+async fn stallable_forwarder(to: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stalled = Arc::new(AtomicBool::new(false));
+    let flag = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = TcpStream::connect(to).await.unwrap();
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut r, mut w) in [(ri, wo), (ro, wi)] {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = r.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        while flag.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, stalled)
+}
+
+#[tokio::test]
+async fn a_silent_peer_ends_the_session() {
+    let p = pki();
+    let interval = Duration::from_millis(150);
+    let mut relay = TestRelay::start(
+        p.relay.clone(),
+        None,
+        AcceptOptions {
+            ping_interval: interval,
+            ..AcceptOptions::default()
+        },
+    )
+    .await;
+    let (addr, stalled) = stallable_forwarder(relay.addr).await;
+    let mut opts = ConnectOptions::new(
+        format!("ws://127.0.0.1:{}", addr.port()).parse().unwrap(),
+        "localhost",
+    );
+    opts.ping_interval = interval;
+    let client = within(connect(&opts, &p.agent)).await.unwrap();
+    let server = relay.next().await.unwrap();
+    // Pings keep an idle session alive well past two intervals.
+    tokio::time::sleep(interval * 6).await;
+    assert!(!client.is_closed() && !server.is_closed());
+    exchange_both_ways(&client, &server).await;
+
+    stalled.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let why = within(client.closed()).await;
+    assert!(why.starts_with("timed out"), "{why}");
+    let why = within(server.closed()).await;
+    assert!(why.starts_with("timed out"), "{why}");
+    assert!(started.elapsed() < interval * 6, "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_client_without_a_valid_inner_certificate_is_refused() {
+    let p = pki();
+    let mut relay = TestRelay::plain(&p.relay).await;
+
+    // Signed by another CA: the upgrade succeeds, the inner TLS does not.
+    let (other, _) = Ca::generate("other ca", 1).unwrap();
+    let stranger = material(&other, &LeafSpec::new(Kind::Agent, "db1", 1));
+    let stranger = Material {
+        roots: p.agent.roots.clone(),
+        ..stranger
+    };
+    let e = within(connect(&relay.options("ws"), &stranger))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("relay refused the session"), "{e}");
+    let e = relay.next().await.unwrap_err();
+    assert!(e.to_string().contains("unknown issuer"), "{e}");
+
+    // Signed by our CA, but a server certificate.
+    let mut spec = LeafSpec::new(Kind::Server, "not-an-agent", 1);
+    spec.dns.push("localhost".into());
+    let server_cert = material(&p.ca, &spec);
+    let e = within(connect(&relay.options("ws"), &server_cert))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("relay refused the session"), "{e}");
+    assert!(relay.next().await.is_err());
+
+    // Signed by our CA for client auth, but without a postern identity.
+    let nobody = {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(
+            &p.ca.cert_pem,
+            rcgen::KeyPair::from_pem(&p.ca_key).unwrap(),
+        )
+        .unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Material::from_pem(&p.ca.cert_pem, &cert.pem(), &key.serialize_pem()).unwrap()
+    };
+    let e = within(connect(&relay.options("ws"), &nobody))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no postern identity"), "{e}");
+    assert!(matches!(
+        relay.next().await,
+        Err(TransportError::Identity(_))
+    ));
+
+    // No client certificate at all, through a hand-made client.
+    let tcp = TcpStream::connect(relay.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://127.0.0.1:{}{DEFAULT_PATH}", relay.addr.port()),
+        tcp,
+    )
+    .await
+    .unwrap();
+    let io = WsIo::new(ws, DEFAULT_PING_INTERVAL, Link::new());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(p.agent.roots.clone())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+    let name = tls::server_name("localhost").unwrap();
+    let mut anon = TlsConnector::from(Arc::new(cfg))
+        .connect(name, io)
+        .await
+        .unwrap();
+    let mut marker = [0u8; 8];
+    assert!(within(anon.read_exact(&mut marker)).await.is_err());
+    let e = relay.next().await.unwrap_err();
+    assert!(e.to_string().contains("no certificate"), "{e}");
+
+    // The relay's certificate must match the name we expect.
+    let mut opts = relay.options("ws");
+    opts.server_name = "other.example".into();
+    let e = within(connect(&opts, &p.agent)).await.unwrap_err();
+    assert!(e.to_string().contains("inner tls handshake"), "{e}");
+    assert!(relay.next().await.is_err());
+}
+
+#[tokio::test]
+async fn a_refused_upgrade_is_typed_and_headers_go_out() {
+    let p = pki();
+    // A router that refuses: reads the request head, answers 400 unknown_route.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tcp.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let body = "400 Bad Request: Requested instance ('7') does not exist for route\n";
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\nX-Cf-Routererror: unknown_route\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(answer.as_bytes()).await.unwrap();
+        String::from_utf8(head).unwrap()
+    });
+    let mut opts = ConnectOptions::new(
+        format!("ws://127.0.0.1:{port}/v1/tunnel").parse().unwrap(),
+        "localhost",
+    );
+    opts.host_header = Some("relay.apps.example.com".into());
+    opts.headers
+        .push(("X-Cf-App-Instance".into(), "8f1e-guid:7".into()));
+    let e = within(connect(&opts, &p.agent)).await.unwrap_err();
+    match &e {
+        TransportError::Rejected {
+            status,
+            router_error,
+            ..
+        } => {
+            assert_eq!(*status, 400);
+            assert_eq!(router_error.as_deref(), Some("unknown_route"));
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains("unknown_route"), "{e}");
+    let head = router.await.unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("get /v1/tunnel http/1.1\r\n"), "{head}");
+    assert!(head.contains("host: relay.apps.example.com\r\n"), "{head}");
+    assert!(
+        head.contains("x-cf-app-instance: 8f1e-guid:7\r\n"),
+        "{head}"
+    );
+
+    // Our own server answers 404 off the tunnel path.
+    let relay = TestRelay::plain(&p.relay).await;
+    let mut opts = relay.options("ws");
+    opts.url.path = "/elsewhere".into();
+    let e = within(connect(&opts, &p.agent)).await.unwrap_err();
+    assert!(
+        matches!(e, TransportError::Rejected { status: 404, .. }),
+        "{e}"
+    );
+
+    // Headers the handshake owns cannot be overridden.
+    let mut opts = relay.options("ws");
+    opts.headers.push(("Upgrade".into(), "h2c".into()));
+    assert!(within(connect(&opts, &p.agent)).await.is_err());
+}
+
+/// A minimal HTTP CONNECT proxy with optional basic auth ("user:pw").
+async fn forward_proxy(require_auth: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split(' ').next())
+                    .unwrap_or_default()
+                    .to_owned();
+                // base64("user:pw")
+                if require_auth && !head.contains("Proxy-Authorization: Basic dXNlcjpwdw==\r\n") {
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"t\"\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut upstream) = TcpStream::connect(&target).await else {
+                    let _ = tcp.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn sessions_go_through_an_http_connect_proxy() {
+    let p = pki();
+    let mut relay = TestRelay::start(
+        p.relay.clone(),
+        Some(outer_server(&p.relay)),
+        AcceptOptions::default(),
+    )
+    .await;
+    let proxy_addr = forward_proxy(true).await;
+    let env = |k: &str| match k {
+        "HTTPS_PROXY" => Some(format!("http://user:pw@127.0.0.1:{}", proxy_addr.port())),
+        _ => None,
+    };
+    let mut opts = relay.options("wss");
+    opts.sni = Some("localhost".into());
+    opts.proxy = proxy::proxy_from_env(env, Scheme::Wss, "127.0.0.1", relay.addr.port()).unwrap();
+    assert!(opts.proxy.is_some());
+    let client = within(connect(&opts, &p.agent)).await.unwrap();
+    let server = relay.next().await.unwrap();
+    exchange_both_ways(&client, &server).await;
+
+    // Without credentials the proxy answers 407, and we say so.
+    opts.proxy = Some(Proxy::parse("test", &format!("127.0.0.1:{}", proxy_addr.port())).unwrap());
+    let e = within(connect(&opts, &p.agent)).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TransportError::Proxy(ProxyError::AuthRequired {
+                sent_credentials: false,
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("407"), "{e}");
+}
+
+#[test]
+fn sessions_and_streams_can_move_between_tasks() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Session>();
+    send::<Stream>();
+}
+
+#[test]
+fn close_reasons_are_cut_at_a_character_boundary() {
+    assert_eq!(truncate("abc", 120), "abc");
+    assert_eq!(truncate("ééé", 5), "éé");
+    assert_eq!(truncate("", 3), "");
+}
+
+/// Checks the proxy client against a real proxy (the integration tests use Debian's tinyproxy):
+/// `HTTPS_PROXY=http://user:pw@127.0.0.1:PORT cargo test -p postern-common -- --ignored proxy_in`.
+#[tokio::test]
+#[ignore = "needs a real forward proxy named in HTTPS_PROXY"]
+async fn sessions_go_through_the_proxy_in_https_proxy() {
+    let p = pki();
+    let mut relay = TestRelay::start(
+        p.relay.clone(),
+        Some(outer_server(&p.relay)),
+        AcceptOptions::default(),
+    )
+    .await;
+    let mut opts = relay.options("wss");
+    opts.sni = Some("localhost".into());
+    opts.proxy = proxy::proxy_from_env(
+        |k| std::env::var(k).ok(),
+        Scheme::Wss,
+        "127.0.0.1",
+        relay.addr.port(),
+    )
+    .unwrap();
+    assert!(
+        opts.proxy.is_some(),
+        "HTTPS_PROXY is not set (or NO_PROXY covers 127.0.0.1)"
+    );
+    let client = within(connect(&opts, &p.agent)).await.unwrap();
+    let server = relay.next().await.unwrap();
+    exchange_both_ways(&client, &server).await;
+
+    // The same proxy without the credentials.
+    if let Some(proxy) = &mut opts.proxy
+        && proxy.auth.take().is_some()
+    {
+        let e = within(connect(&opts, &p.agent)).await.unwrap_err();
+        assert!(
+            matches!(e, TransportError::Proxy(ProxyError::AuthRequired { .. })),
+            "{e}"
+        );
+        println!("{e}");
+    }
+}
