@@ -50,9 +50,20 @@ pub enum Command {
 pub struct ConnectArgs {
     /// The service to reach.
     pub service: String,
-    /// The relay, e.g. quic://relay.example.com:7443.
-    #[arg(long, env = "POSTERN_RELAY")]
-    pub relay: String,
+    /// The relay, e.g. quic://relay.example.com:7443 or wss://relay.example.com. Give one
+    /// quic:// and one wss:// url to race them (see --transport).
+    #[arg(long, env = "POSTERN_RELAY", required = true, value_delimiter = ',')]
+    pub relay: Vec<String>,
+    /// auto (race QUIC and WebSocket, prefer QUIC), quic or websocket.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto, env = "POSTERN_TRANSPORT")]
+    pub transport: TransportArg,
+    /// HTTP CONNECT proxy for WebSocket (http://[user:pass@]host:port; "none" to ignore
+    /// HTTPS_PROXY). Default: HTTPS_PROXY / NO_PROXY from the environment.
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// Extra CA bundle for the outer TLS of wss:// (a TLS-inspecting proxy, a private router CA).
+    #[arg(long)]
+    pub ws_ca: Option<PathBuf>,
     /// The name on the relay's certificate (default: the relay URL's host).
     #[arg(long, env = "POSTERN_SERVER_NAME")]
     pub server_name: Option<String>,
@@ -75,6 +86,17 @@ pub struct ConnectArgs {
     /// `--exec mariadb -u app` or `--exec mysqldump -u app mydb`. Must come last.
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "PROGRAM [ARGS]")]
     pub exec: Vec<String>,
+}
+
+/// Transports on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// Race QUIC and WebSocket; prefer QUIC.
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// WebSocket only.
+    Websocket,
 }
 
 /// Protocols `connect` knows.

@@ -201,6 +201,13 @@ impl Config {
             }
             check.file_exists(&ca, "websocket.ca");
         }
+        if let Some(p) = &file.websocket.proxy
+            && !matches!(p.value.as_str(), "none" | "")
+            && let Err(e) =
+                postern_common::transport::proxy::Proxy::parse("websocket.proxy", &p.value)
+        {
+            check.at(p, "websocket.proxy", e.to_string());
+        }
         let websocket = WebsocketSettings {
             ping_interval: file.websocket.ping_interval.map(|d| d.0),
             sni: file.websocket.sni.clone(),

@@ -1,8 +1,8 @@
 //! `postern-agent connect SERVICE`: a local port that leads to a service through the relay.
 //!
 //! Like the old `cf tunnel`: it listens on `127.0.0.1:10000` (or `--listen`), and carries every
-//! local connection to the relay as one stream of a single QUIC session authenticated with the
-//! user's client certificate. The session is dialled before the port opens (so a wrong
+//! local connection to the relay as one stream of a single session (QUIC or WebSocket, as for
+//! agents) authenticated with the user's client certificate. The session is dialled before the port opens (so a wrong
 //! certificate or an unreachable relay is reported at once) and re-dialled when it drops.
 //! A refusal becomes a MySQL ERR packet on the local connection, so `mariadb` prints why.
 
@@ -10,10 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_common::config::RelayUrl;
 use postern_common::protocol::{Answer, Code, Open};
-use postern_common::tls::Material;
-use postern_common::transport::{Session, quic};
+use postern_common::transport::Session;
 use postern_common::{mysql, net, splice, wire};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -21,20 +19,19 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Idle timeout of the session to the relay.
-const IDLE: Duration = Duration::from_secs(30);
+use crate::config::RelayTarget;
+use crate::dial::Dialer;
+
 /// Deadline for the relay to answer an open.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What `connect` needs.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// How to reach relays (certificate, transport choice, WebSocket settings).
+    pub dialer: Dialer,
     /// The relay.
-    pub relay: RelayUrl,
-    /// The name the relay's certificate must carry.
-    pub server_name: String,
-    /// The user's certificate, key and the CA.
-    pub tls: Material,
+    pub relay: RelayTarget,
     /// The service to reach.
     pub service: String,
     /// The local address to listen on.
@@ -164,21 +161,11 @@ async fn open(
 }
 
 async fn dial(opts: &Options) -> anyhow::Result<Session> {
-    let addrs = opts
-        .relay
-        .resolve()
+    let session = opts
+        .dialer
+        .dial(&opts.relay)
         .await
-        .map_err(|e| anyhow::anyhow!("resolve {}: {e}", opts.relay.host))?;
-    let mut last = anyhow::anyhow!("{} resolved to no address", opts.relay.host);
-    for addr in addrs {
-        let endpoint = quic::client(addr, &opts.tls, IDLE)?;
-        match quic::connect(&endpoint, addr, &opts.server_name).await {
-            Ok(s) => {
-                info!(relay = %opts.relay, transport = %s.kind(), "connected to relay");
-                return Ok(s);
-            }
-            Err(e) => last = anyhow::anyhow!("relay {}: {e}", opts.relay),
-        }
-    }
-    Err(last)
+        .map_err(|e| anyhow::anyhow!("relay {}: {e}", opts.relay))?;
+    info!(relay = %opts.relay, transport = %session.kind(), "connected to relay");
+    Ok(session)
 }

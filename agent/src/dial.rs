@@ -10,7 +10,11 @@ use std::time::Duration;
 
 use postern_common::config::RelayUrl;
 use postern_common::tls::Material;
-use postern_common::transport::{Session, TransportKind, quic};
+use postern_common::transport::proxy::{self, Proxy};
+use postern_common::transport::{Session, TransportKind, quic, ws};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::config::{RelayTarget, TransportChoice, WebsocketSettings};
@@ -25,17 +29,50 @@ const QUIC_IDLE: Duration = Duration::from_secs(30);
 /// Everything needed to reach relays.
 #[derive(Debug, Clone)]
 pub struct Dialer {
-    /// Our certificate, key and the CA.
-    pub material: Material,
-    /// The name the relay's certificate must carry (default: each URL's host).
-    pub server_name: Option<String>,
-    /// Which transport to use.
-    pub transport: TransportChoice,
-    /// WebSocket settings.
-    pub websocket: Arc<WebsocketSettings>,
+    material: Material,
+    server_name: Option<String>,
+    transport: TransportChoice,
+    websocket: Arc<WebsocketSettings>,
+    /// CAs for the outer TLS of `wss://`: the system's, the configured bundle, and ours.
+    outer_roots: Arc<RootCertStore>,
 }
 
 impl Dialer {
+    /// Prepares to dial. Fails if the WebSocket CA bundle cannot be read.
+    pub fn new(
+        material: Material,
+        server_name: Option<String>,
+        transport: TransportChoice,
+        websocket: WebsocketSettings,
+    ) -> Result<Self, String> {
+        let mut roots = (*material.roots).clone();
+        if transport != TransportChoice::Quic {
+            // Routers on public platforms present certificates from public CAs.
+            let native = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+            debug!(added, "system CA certificates loaded for the outer tls");
+        }
+        if let Some(path) = &websocket.ca {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("websocket.ca {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "websocket.ca {}: no certificate in file",
+                    path.display()
+                ));
+            }
+            roots.add_parsable_certificates(certs);
+        }
+        Ok(Self {
+            material,
+            server_name,
+            transport,
+            websocket: Arc::new(websocket),
+            outer_roots: Arc::new(roots),
+        })
+    }
+
     /// Reaches `target` with the configured transport choice.
     pub async fn dial(&self, target: &RelayTarget) -> Result<Session, String> {
         self.dial_with(target, &[]).await
@@ -142,15 +179,35 @@ impl Dialer {
             .unwrap_or_else(|_| Err(format!("{url}: no answer over udp within {QUIC_TIMEOUT:?}")))
     }
 
-    /// One WebSocket attempt.
+    /// One WebSocket attempt (through a forward proxy when configured or set in the environment).
     pub async fn websocket(
         &self,
         url: &RelayUrl,
-        _headers: &[(String, String)],
+        headers: &[(String, String)],
     ) -> Result<Session, String> {
-        Err(format!(
-            "{url}: websocket transport is not available in this build"
-        ))
+        let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
+        let mut opts = ws::ConnectOptions::new(url.clone(), name);
+        opts.sni = self.websocket.sni.clone();
+        opts.host_header = self.websocket.host.clone();
+        opts.headers = headers.to_vec();
+        opts.outer_roots = Some(self.outer_roots.clone());
+        if let Some(i) = self.websocket.ping_interval {
+            opts.ping_interval = i;
+        }
+        opts.proxy = match self.websocket.proxy.as_deref() {
+            Some("none") | Some("") => None,
+            Some(p) => Some(Proxy::parse("websocket.proxy", p).map_err(|e| e.to_string())?),
+            None => {
+                proxy::proxy_from_env(|k| std::env::var(k).ok(), url.scheme, &url.host, url.port)
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        if let Some(p) = &opts.proxy {
+            debug!(proxy = %p, "dialling through a forward proxy");
+        }
+        ws::connect(&opts, &self.material)
+            .await
+            .map_err(|e| quic::humanize(&e.to_string()))
     }
 }
 

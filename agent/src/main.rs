@@ -2,10 +2,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use postern_agent::cli::{Cli, Command, ConnectArgs, ProtocolArg};
+use postern_agent::cli::{Cli, Command, ConnectArgs, ProtocolArg, TransportArg};
+use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
 use postern_agent::connect::{Connect, Options};
+use postern_agent::dial::Dialer;
 use postern_agent::{Agent, Config};
-use postern_common::config::{EXIT_CONFIG, RelayUrl};
+use postern_common::config::{EXIT_CONFIG, RelayUrl, Scheme};
 use postern_common::tls::Material;
 use tokio_util::sync::CancellationToken;
 
@@ -69,15 +71,45 @@ fn runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
 }
 
 async fn connect(args: ConnectArgs) -> ExitCode {
-    let relay: RelayUrl = match args.relay.parse() {
-        Ok(u) => u,
+    let mut relay = RelayTarget {
+        quic: None,
+        websocket: None,
+    };
+    for text in &args.relay {
+        match text.parse::<RelayUrl>() {
+            Ok(u) if u.scheme == Scheme::Quic && relay.quic.is_none() => relay.quic = Some(u),
+            Ok(u) if u.scheme != Scheme::Quic && relay.websocket.is_none() => {
+                relay.websocket = Some(u)
+            }
+            Ok(u) => {
+                eprintln!("error: --relay {u}: give at most one quic:// and one ws(s):// url");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(e) => {
+                eprintln!("error: --relay: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let tls = match Material::load(&args.ca, &args.cert, &args.key) {
+        Ok(m) => m,
         Err(e) => {
-            eprintln!("error: --relay: {e}");
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let tls = match Material::load(&args.ca, &args.cert, &args.key) {
-        Ok(m) => m,
+    let websocket = WebsocketSettings {
+        proxy: args.proxy.clone(),
+        ca: args.ws_ca.clone(),
+        ..WebsocketSettings::default()
+    };
+    let transport = match args.transport {
+        TransportArg::Auto => TransportChoice::Auto,
+        TransportArg::Quic => TransportChoice::Quic,
+        TransportArg::Websocket => TransportChoice::Websocket,
+    };
+    let dialer = match Dialer::new(tls, args.server_name.clone(), transport, websocket) {
+        Ok(d) => d,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -93,12 +125,8 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         .expect("literal address")
     });
     let opts = Options {
-        server_name: args
-            .server_name
-            .clone()
-            .unwrap_or_else(|| relay.host.clone()),
+        dialer,
         relay,
-        tls,
         service: args.service.clone(),
         listen,
         mysql: args.protocol == ProtocolArg::Mysql,

@@ -52,11 +52,18 @@ pub(crate) async fn run(
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) {
-    let dialer = Dialer {
-        material: config.tls.clone(),
-        server_name: config.server_name.clone(),
-        transport: config.transport,
-        websocket: Arc::new(config.websocket.clone()),
+    let dialer = match Dialer::new(
+        config.tls.clone(),
+        config.server_name.clone(),
+        config.transport,
+        config.websocket.clone(),
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            error!(error = %e, "cannot dial relays");
+            status.send_replace(Status::Disconnected(e));
+            return;
+        }
     };
     let status = Arc::new(status);
     let mut loops = tokio::task::JoinSet::new();

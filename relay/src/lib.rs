@@ -176,8 +176,11 @@ impl Relay {
             let router = api::router(shared.clone());
             let cancel = shared.cancel.clone();
             shared.tracker.spawn(async move {
-                let serve = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await });
+                let serve = axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { cancel.cancelled().await });
                 if let Err(e) = serve.await {
                     warn!(error = %e, "http listener failed");
                 }
@@ -218,16 +221,7 @@ impl Relay {
                         return;
                     }
                 };
-                match session.peer().cloned() {
-                    Some(Identity::Agent(name)) => {
-                        let span = info_span!("agent", agent = %name);
-                        agents::serve(shared2, session, name).instrument(span).await;
-                    }
-                    Some(Identity::Client(name)) => {
-                        clients::serve_session(shared2, session, name).await
-                    }
-                    None => session.close("no identity"),
-                }
+                serve_session(shared2, session).await;
             });
         }
         info!("relay shutting down");
@@ -249,6 +243,22 @@ impl Relay {
         Handle {
             shared: self.shared.clone(),
         }
+    }
+}
+
+/// Serves an authenticated session, whatever its transport: agents and clients are told apart
+/// by the identity in their certificate.
+pub(crate) async fn serve_session(
+    shared: Arc<Shared>,
+    session: postern_common::transport::Session,
+) {
+    match session.peer().cloned() {
+        Some(Identity::Agent(name)) => {
+            let span = info_span!("agent", agent = %name);
+            agents::serve(shared, session, name).instrument(span).await;
+        }
+        Some(Identity::Client(name)) => clients::serve_session(shared, session, name).await,
+        None => session.close("no identity"),
     }
 }
 

@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
 use postern_agent::connect::{Connect, Options};
+use postern_agent::dial::Dialer;
 use postern_agent::{Agent, Status};
 use postern_common::config::RelayUrl;
 use postern_relay::Relay;
@@ -175,23 +177,56 @@ pub struct ConnectRun {
 }
 
 impl ConnectRun {
-    /// Starts `connect` for `service` as client `client`.
+    /// Starts `connect` for `service` as client `client`, over QUIC to `relay`.
     pub async fn start(pki: &TestPki, relay: SocketAddr, client: &str, service: &str) -> Self {
+        let target = RelayTarget {
+            quic: Some(
+                format!("quic://{relay}")
+                    .parse::<RelayUrl>()
+                    .expect("relay url"),
+            ),
+            websocket: None,
+        };
+        Self::start_with(
+            pki,
+            target,
+            TransportChoice::Auto,
+            WebsocketSettings::default(),
+            client,
+            service,
+        )
+        .await
+        .expect("connect binds")
+    }
+
+    /// Starts `connect` with any relay target and transport settings.
+    pub async fn start_with(
+        pki: &TestPki,
+        target: RelayTarget,
+        transport: TransportChoice,
+        websocket: WebsocketSettings,
+        client: &str,
+        service: &str,
+    ) -> anyhow::Result<Self> {
+        let dialer = Dialer::new(
+            pki.client_material(client),
+            Some("localhost".into()),
+            transport,
+            websocket,
+        )
+        .map_err(anyhow::Error::msg)?;
         let opts = Options {
-            relay: format!("quic://{relay}")
-                .parse::<RelayUrl>()
-                .expect("relay url"),
-            server_name: "localhost".into(),
-            tls: pki.client_material(client),
+            dialer,
+            relay: target,
             service: service.into(),
             listen: "127.0.0.1:0".parse().expect("literal"),
             mysql: true,
         };
-        let connect = Connect::bind(opts).await.expect("connect binds");
+        let connect = Connect::bind(opts).await?;
         let addr = connect.local_addr();
         let shutdown = CancellationToken::new();
         tokio::spawn(connect.run(shutdown.clone()));
-        Self { addr, shutdown }
+        Ok(Self { addr, shutdown })
     }
 }
 

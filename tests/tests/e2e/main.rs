@@ -6,3 +6,4 @@ mod config;
 mod faults;
 mod router;
 mod security;
+mod websocket;

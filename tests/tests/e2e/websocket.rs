@@ -1,0 +1,362 @@
+//! The WebSocket transport through real middleboxes: nginx terminating TLS as the platform
+//! router does, tinyproxy as a corporate CONNECT proxy, a blocked UDP path, router restarts.
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
+use postern_common::pki::Kind;
+use postern_common::transport::TransportKind;
+use postern_tests::router::{Nginx, Tinyproxy, Upstreams};
+use postern_tests::*;
+use sha2::{Digest, Sha256};
+
+struct World {
+    pki: TestPki,
+    db: MariaDb,
+    relay: RelayRun,
+    nginx: Nginx,
+}
+
+async fn world() -> World {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    pki.issue(Kind::Client, "alice");
+    let db = MariaDb::start().await;
+    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
+    let (cert, key) = pki.files("server-relay");
+    let nginx = Nginx::start(
+        &cert,
+        &key,
+        Upstreams {
+            relays: vec![relay.http.unwrap()],
+            app_guid: None,
+        },
+    )
+    .await;
+    World {
+        pki,
+        db,
+        relay,
+        nginx,
+    }
+}
+
+fn wss(nginx: &Nginx) -> String {
+    format!("wss://localhost:{}/v1/tunnel", nginx.addr.port())
+}
+
+/// Agent YAML with a WebSocket relay and extra `websocket:` settings.
+fn agent_ws_yaml(w: &World, relay: &str, transport: &str, websocket: &str) -> String {
+    format!(
+        "relay: {relay}\ntransport: {transport}\nserver_name: localhost\n{tls}websocket:\n  ping_interval: 2s\n{websocket}services:\n  orders:\n    backend: {backend}\n",
+        tls = w.pki.tls_yaml("agent-db1"),
+        backend = w.db.backend(),
+    )
+}
+
+fn ws_target(url: &str) -> RelayTarget {
+    RelayTarget {
+        quic: None,
+        websocket: Some(url.parse().unwrap()),
+    }
+}
+
+async fn connect_ws(w: &World, url: &str, settings: WebsocketSettings) -> ConnectRun {
+    ConnectRun::start_with(
+        &w.pki,
+        ws_target(url),
+        TransportChoice::Websocket,
+        settings,
+        "alice",
+        "orders",
+    )
+    .await
+    .expect("connect over websocket")
+}
+
+fn mariadb(port: u16, sql: &str) -> String {
+    let out = std::process::Command::new(mariadb::find("mariadb"))
+        .args([
+            "--no-defaults",
+            "-h",
+            "127.0.0.1",
+            "--protocol=TCP",
+            "-uroot",
+            "--batch",
+            "--skip-column-names",
+        ])
+        .arg(format!("-P{port}"))
+        .arg("-e")
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn transport_of(agent: &AgentRun) -> Option<TransportKind> {
+    match &*agent.status.borrow() {
+        postern_agent::Status::Connected { transport, .. } => Some(*transport),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_and_connect_through_nginx_carry_the_mariadb_cli_and_64_mib() {
+    let w = world().await;
+    let url = wss(&w.nginx);
+    let mut agent = AgentRun::start(w.pki.dir(), &agent_ws_yaml(&w, &url, "websocket", ""));
+    agent.wait_connected().await;
+    assert_eq!(transport_of(&agent), Some(TransportKind::Websocket));
+    let c = connect_ws(&w, &url, WebsocketSettings::default()).await;
+    assert_eq!(mariadb(c.addr.port(), "SELECT 6 * 7"), "42\n");
+
+    let pool =
+        mysql_async::Pool::new(format!("mysql://root@127.0.0.1:{}/mysql", c.addr.port()).as_str());
+    let mut conn = pool.get_conn().await.unwrap();
+    conn.query_drop("CREATE DATABASE big; CREATE TABLE big.b (id INT PRIMARY KEY, data LONGBLOB)")
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..64 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let want = hex(&Sha256::digest(&data));
+    conn.exec_drop("INSERT INTO big.b VALUES (1, ?)", (data,))
+        .await
+        .unwrap();
+    let back: Option<Vec<u8>> = conn
+        .query_first("SELECT data FROM big.b WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(hex(&Sha256::digest(back.unwrap())), want);
+    drop(conn);
+    pool.disconnect().await.unwrap();
+    agent.stop().await;
+    w.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_connect_proxy_with_and_without_authentication() {
+    let w = world().await;
+    let url = wss(&w.nginx);
+    for auth in [None, Some(("proxyuser", "s3cret"))] {
+        let proxy = Tinyproxy::start(auth).await;
+        let proxy_url = match auth {
+            Some((u, p)) => format!("http://{u}:{p}@{}", proxy.addr),
+            None => format!("http://{}", proxy.addr),
+        };
+        let mut agent = AgentRun::start(
+            w.pki.dir(),
+            &agent_ws_yaml(&w, &url, "websocket", &format!("  proxy: {proxy_url}\n")),
+        );
+        agent.wait_connected().await;
+        let c = connect_ws(
+            &w,
+            &url,
+            WebsocketSettings {
+                proxy: Some(proxy_url.clone()),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(mariadb(c.addr.port(), "SELECT 'via proxy'"), "via proxy\n");
+        assert!(
+            proxy.log().contains("CONNECT"),
+            "the proxy carried the tunnel: {}",
+            proxy.log()
+        );
+        if auth.is_some() {
+            // Wrong credentials: a clear error, not a hang.
+            let bad = format!("http://proxyuser:wrong@{}", proxy.addr);
+            let err = ConnectRun::start_with(
+                &w.pki,
+                ws_target(&url),
+                TransportChoice::Websocket,
+                WebsocketSettings {
+                    proxy: Some(bad),
+                    ..Default::default()
+                },
+                "alice",
+                "orders",
+            )
+            .await
+            .err()
+            .expect("wrong proxy credentials are refused");
+            assert!(format!("{err:#}").contains("407"), "{err:#}");
+        }
+        agent.stop().await;
+    }
+    w.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_quickly_when_udp_is_blocked_and_prefers_quic_when_it_works() {
+    let w = world().await;
+    let url = wss(&w.nginx);
+    // A UDP port that swallows everything, as a firewall that drops UDP does.
+    let black_hole = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dead_quic = format!("quic://{}", black_hole.local_addr().unwrap());
+    let swallow = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while black_hole.recv_from(&mut buf).await.is_ok() {}
+    });
+
+    // Time to the first query: WebSocket only, then auto with a dead QUIC path.
+    let time_to_query = |target: RelayTarget, transport: TransportChoice| {
+        let pki = &w.pki;
+        async move {
+            let started = tokio::time::Instant::now();
+            let c = ConnectRun::start_with(
+                pki,
+                target,
+                transport,
+                WebsocketSettings::default(),
+                "alice",
+                "orders",
+            )
+            .await
+            .unwrap();
+            let port = c.addr.port();
+            tokio::task::spawn_blocking(move || mariadb(port, "SELECT 1"))
+                .await
+                .unwrap();
+            started.elapsed()
+        }
+    };
+    let mut agent = AgentRun::start(
+        w.pki.dir(),
+        &agent_ws_yaml(
+            &w,
+            &format!("{{ quic: \"{dead_quic}\", websocket: \"{url}\" }}"),
+            "auto",
+            "",
+        ),
+    );
+    agent.wait_connected().await;
+    assert_eq!(
+        transport_of(&agent),
+        Some(TransportKind::Websocket),
+        "agent fell back to websocket"
+    );
+    let ws_only = time_to_query(ws_target(&url), TransportChoice::Websocket).await;
+    let auto = time_to_query(
+        RelayTarget {
+            quic: Some(dead_quic.parse().unwrap()),
+            websocket: Some(url.parse().unwrap()),
+        },
+        TransportChoice::Auto,
+    )
+    .await;
+    eprintln!("time to first query: websocket only {ws_only:?}, auto with udp blocked {auto:?}");
+    assert!(
+        auto <= ws_only + Duration::from_secs(1),
+        "auto {auto:?} vs websocket only {ws_only:?}"
+    );
+    agent.stop().await;
+    swallow.abort();
+
+    // With QUIC reachable, auto uses QUIC.
+    let live_quic = format!("quic://{}", w.relay.quic);
+    let mut agent = AgentRun::start(
+        w.pki.dir(),
+        &agent_ws_yaml(
+            &w,
+            &format!("{{ quic: \"{live_quic}\", websocket: \"{url}\" }}"),
+            "auto",
+            "",
+        ),
+    );
+    agent.wait_connected().await;
+    assert_eq!(transport_of(&agent), Some(TransportKind::Quic));
+    agent.stop().await;
+    w.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_router_mid_session_recovers_within_5s() {
+    let mut w = world().await;
+    let url = wss(&w.nginx);
+    let mut agent = AgentRun::start(w.pki.dir(), &agent_ws_yaml(&w, &url, "websocket", ""));
+    agent.wait_connected().await;
+    let c = connect_ws(&w, &url, WebsocketSettings::default()).await;
+    assert_eq!(mariadb(c.addr.port(), "SELECT 1"), "1\n");
+
+    w.nginx.restart().await;
+    let restarted = tokio::time::Instant::now();
+    let port = c.addr.port();
+    eventually(
+        Duration::from_secs(5),
+        "queries through the restarted router",
+        || async move {
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(mariadb::find("mariadb"))
+                    .args([
+                        "--no-defaults",
+                        "-h",
+                        "127.0.0.1",
+                        "--protocol=TCP",
+                        "-uroot",
+                        "-N",
+                        "-e",
+                        "SELECT 2",
+                    ])
+                    .arg(format!("-P{port}"))
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            (out.status.success() && out.stdout == b"2\n").then_some(())
+        },
+    )
+    .await;
+    assert!(restarted.elapsed() < Duration::from_secs(5));
+    agent.stop().await;
+    w.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_client_certificate_header_without_a_valid_inner_certificate_is_refused() {
+    let w = world().await;
+    let url = wss(&w.nginx);
+    // The header claims alice's certificate; the inner TLS presents one from another CA.
+    let alice_pem = std::fs::read_to_string(w.pki.files("client-alice").0).unwrap();
+    let body: String = alice_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let other = TestPki::new();
+    other.issue(Kind::Client, "alice");
+    let mut material = other.material("client-alice");
+    material.roots = w.pki.material("client-alice").roots; // it trusts the real relay
+    let mut opts =
+        postern_common::transport::ws::ConnectOptions::new(url.parse().unwrap(), "localhost");
+    opts.headers.push(("X-Forwarded-Client-Cert".into(), body));
+    opts.headers.push(("X-Client-Cert".into(), "alice".into()));
+    let err = postern_common::transport::ws::connect(&opts, &material)
+        .await
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("refused") || text.contains("closed"),
+        "{text}"
+    );
+    // The real alice, same path, is served.
+    let c = connect_ws(&w, &url, WebsocketSettings::default()).await;
+    let mut agent = AgentRun::start(w.pki.dir(), &agent_ws_yaml(&w, &url, "websocket", ""));
+    agent.wait_connected().await;
+    assert_eq!(mariadb(c.addr.port(), "SELECT 3"), "3\n");
+    agent.stop().await;
+    w.relay.stop().await;
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
