@@ -42,7 +42,7 @@ pub enum Command {
         config: PathBuf,
     },
     /// Open a local port that leads to SERVICE through the relay (like `cf tunnel`).
-    Connect(ConnectArgs),
+    Connect(Box<ConnectArgs>),
 }
 
 /// `connect` arguments. Every option can also come from the environment.

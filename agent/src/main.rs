@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
-        Command::Connect(args) => runtime(connect(args)),
+        Command::Connect(args) => runtime(connect(*args)),
     }
 }
 
