@@ -341,8 +341,7 @@ async fn a_forged_client_certificate_header_without_a_valid_inner_certificate_is
     opts.headers.push(("X-Client-Cert".into(), "alice".into()));
     let err = postern_common::transport::ws::connect(&opts, &material)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     let text = err.to_string();
     assert!(
         text.contains("refused") || text.contains("closed"),
