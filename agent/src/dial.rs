@@ -11,7 +11,7 @@ use std::time::Duration;
 use postern_common::config::RelayUrl;
 use postern_common::tls::Material;
 use postern_common::transport::proxy::{self, Proxy};
-use postern_common::transport::{Session, TransportKind, quic, ws};
+use postern_common::transport::{Session, TransportError, TransportKind, quic, ws};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -185,6 +185,37 @@ impl Dialer {
         url: &RelayUrl,
         headers: &[(String, String)],
     ) -> Result<Session, String> {
+        let opts = self.ws_options(url, headers)?;
+        ws::connect(&opts, &self.material)
+            .await
+            .map_err(|e| quic::humanize(&e.to_string()))
+    }
+
+    /// One WebSocket attempt pinned to instance `index` of the Cloud Foundry app `app_guid`
+    /// (`X-Cf-App-Instance`). [`Pinned::Gone`] when the router says that instance does not exist.
+    pub async fn websocket_pinned(
+        &self,
+        url: &RelayUrl,
+        app_guid: &str,
+        index: u32,
+    ) -> Result<Session, Pinned> {
+        let header = [(
+            "X-Cf-App-Instance".to_owned(),
+            format!("{app_guid}:{index}"),
+        )];
+        let opts = self.ws_options(url, &header).map_err(Pinned::Failed)?;
+        match ws::connect(&opts, &self.material).await {
+            Ok(s) => Ok(s),
+            Err(TransportError::Rejected { status: 400, .. }) => Err(Pinned::Gone),
+            Err(e) => Err(Pinned::Failed(quic::humanize(&e.to_string()))),
+        }
+    }
+
+    fn ws_options(
+        &self,
+        url: &RelayUrl,
+        headers: &[(String, String)],
+    ) -> Result<ws::ConnectOptions, String> {
         let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
         let mut opts = ws::ConnectOptions::new(url.clone(), name);
         opts.sni = self.websocket.sni.clone();
@@ -205,10 +236,24 @@ impl Dialer {
         if let Some(p) = &opts.proxy {
             debug!(proxy = %p, "dialling through a forward proxy");
         }
-        ws::connect(&opts, &self.material)
-            .await
-            .map_err(|e| quic::humanize(&e.to_string()))
+        Ok(opts)
     }
+
+    /// Whether `target` should be reached as every instance of a Cloud Foundry app.
+    pub fn pins_instances(&self, target: &RelayTarget) -> bool {
+        self.websocket.cloud_foundry
+            && target.websocket.is_some()
+            && self.transport != TransportChoice::Quic
+    }
+}
+
+/// The outcome of a failed pinned dial.
+#[derive(Debug)]
+pub enum Pinned {
+    /// The router has no such instance (HTTP 400): the app has fewer instances.
+    Gone,
+    /// Any other failure.
+    Failed(String),
 }
 
 fn chosen(session: Session, why: &str) -> Session {

@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{Config, RelayTarget};
-use crate::dial::Dialer;
+use crate::dial::{Dialer, Pinned};
 use crate::forward;
+use postern_common::config::RelayUrl;
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -69,14 +70,28 @@ pub(crate) async fn run(
     let mut loops = tokio::task::JoinSet::new();
     for target in config.relays.clone() {
         let span = info_span!("relay", relay = %target);
+        let (config, dialer, status, shutdown) = (
+            config.clone(),
+            dialer.clone(),
+            status.clone(),
+            shutdown.clone(),
+        );
         loops.spawn(
-            relay_loop(
-                config.clone(),
-                dialer.clone(),
-                target,
-                status.clone(),
-                shutdown.clone(),
-            )
+            async move {
+                if dialer.pins_instances(&target) {
+                    cf_supervisor(config, dialer, target, status, shutdown).await;
+                } else {
+                    relay_loop(
+                        config,
+                        dialer,
+                        Route::Target(target),
+                        None,
+                        status,
+                        shutdown,
+                    )
+                    .await;
+                }
+            }
             .instrument(span),
         );
     }
@@ -84,24 +99,60 @@ pub(crate) async fn run(
     status.send_replace(Status::Disconnected("shut down".into()));
 }
 
-/// Holds a session with one relay, reconnecting with backoff.
+/// How a session loop reaches its relay.
+#[derive(Debug, Clone)]
+enum Route {
+    /// Any instance behind this target (QUIC, WebSocket or raced).
+    Target(RelayTarget),
+    /// One instance of a Cloud Foundry app, pinned with `X-Cf-App-Instance`.
+    Pinned {
+        url: RelayUrl,
+        app_guid: String,
+        index: u32,
+    },
+}
+
+/// Why a session attempt failed.
+enum Failure {
+    /// The pinned instance no longer exists: stop this loop.
+    Gone,
+    /// Anything else: retry with backoff.
+    Other(String),
+}
+
+/// Holds a session with one relay (or relay instance), reconnecting with backoff. Ends at
+/// shutdown, or when a pinned instance is gone.
 async fn relay_loop(
     config: Arc<Config>,
     dialer: Dialer,
-    target: RelayTarget,
+    route: Route,
+    mut first: Option<Session>,
     status: Arc<watch::Sender<Status>>,
     shutdown: CancellationToken,
 ) {
     let mut attempt: u32 = 0;
     loop {
         let started = Instant::now();
-        let result = once(&config, &dialer, &target, &status, &shutdown).await;
+        let session = match first.take() {
+            Some(s) => Ok(s),
+            None => dial(&dialer, &route).await,
+        };
+        let result = match session {
+            Ok(s) => once(&config, s, &status, &shutdown)
+                .await
+                .map_err(Failure::Other),
+            Err(f) => Err(f),
+        };
         if shutdown.is_cancelled() {
             break;
         }
         let reason = match result {
             Ok(end) => format!("session ended: {end}"),
-            Err(e) => e,
+            Err(Failure::Gone) => {
+                info!("relay instance no longer exists; its session loop ends");
+                break;
+            }
+            Err(Failure::Other(e)) => e,
         };
         if started.elapsed() >= HEALTHY_AFTER {
             attempt = 0;
@@ -117,6 +168,131 @@ async fn relay_loop(
     }
 }
 
+async fn dial(dialer: &Dialer, route: &Route) -> Result<Session, Failure> {
+    match route {
+        Route::Target(t) => dialer.dial(t).await.map_err(Failure::Other),
+        Route::Pinned {
+            url,
+            app_guid,
+            index,
+        } => dialer
+            .websocket_pinned(url, app_guid, *index)
+            .await
+            .map_err(|p| match p {
+                Pinned::Gone => Failure::Gone,
+                Pinned::Failed(e) => Failure::Other(e),
+            }),
+    }
+}
+
+/// How often a Cloud Foundry relay app is probed for instances added by scaling.
+pub const REPROBE: Duration = Duration::from_secs(30);
+/// The most instances probed.
+const MAX_INSTANCES: u32 = 256;
+
+/// Holds one session with **every** instance of a relay running as a Cloud Foundry app, so that
+/// any instance can serve any client. The first session (routed at random) learns the app GUID
+/// from the welcome; then instance `0, 1, ...` are dialled with `X-Cf-App-Instance: GUID:INDEX`
+/// until the router answers 400 (no such instance), and again every [`REPROBE`].
+async fn cf_supervisor(
+    config: Arc<Config>,
+    dialer: Dialer,
+    target: RelayTarget,
+    status: Arc<watch::Sender<Status>>,
+    shutdown: CancellationToken,
+) {
+    let Some(url) = target.websocket.clone() else {
+        return;
+    };
+    let mut attempt = 0;
+    let app_guid = loop {
+        let found = async {
+            let session = dialer.websocket(&url, &[]).await?;
+            let (_, welcome) = handshake(&config, &session).await?;
+            session.close("instance discovery done");
+            match welcome {
+                Control::Welcome { app_guid, .. } => Ok(app_guid),
+                _ => Ok(None),
+            }
+        }
+        .await;
+        match found {
+            Ok(Some(guid)) => break guid,
+            Ok(None) => {
+                info!("relay does not run on Cloud Foundry: holding a single session");
+                relay_loop(
+                    config,
+                    dialer,
+                    Route::Target(target),
+                    None,
+                    status,
+                    shutdown,
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                let delay = backoff(attempt);
+                attempt += 1;
+                warn!(reason = %e, retry_in_ms = delay.as_millis() as u64, "relay instance discovery failed");
+                status.send_replace(Status::Disconnected(e));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        }
+    };
+    info!(%app_guid, "relay is a Cloud Foundry app: holding a session with every instance");
+    let mut running: std::collections::BTreeMap<u32, tokio::task::JoinHandle<()>> =
+        std::collections::BTreeMap::new();
+    loop {
+        running.retain(|_, h| !h.is_finished());
+        for index in 0..MAX_INSTANCES {
+            if running.contains_key(&index) {
+                continue;
+            }
+            match dialer.websocket_pinned(&url, &app_guid, index).await {
+                Ok(session) => {
+                    info!(index, "relay instance found");
+                    let route = Route::Pinned {
+                        url: url.clone(),
+                        app_guid: app_guid.clone(),
+                        index,
+                    };
+                    let span = info_span!("instance", index);
+                    running.insert(
+                        index,
+                        tokio::spawn(
+                            relay_loop(
+                                config.clone(),
+                                dialer.clone(),
+                                route,
+                                Some(session),
+                                status.clone(),
+                                shutdown.clone(),
+                            )
+                            .instrument(span),
+                        ),
+                    );
+                }
+                Err(Pinned::Gone) => break,
+                Err(Pinned::Failed(e)) => {
+                    warn!(index, reason = %e, "relay instance did not answer; probing again later");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(REPROBE) => {}
+        }
+    }
+    for (_, h) in running {
+        let _ = h.await;
+    }
+}
+
 /// The delay before reconnect attempt `attempt` (0-based): exponential, capped, full jitter
 /// over its upper half so it never collapses to zero.
 pub fn backoff(attempt: u32) -> Duration {
@@ -126,15 +302,13 @@ pub fn backoff(attempt: u32) -> Duration {
     cap.mul_f64(jitter)
 }
 
-/// Dials the relay and serves one session until it ends.
+/// Serves one session until it ends.
 async fn once(
     config: &Arc<Config>,
-    dialer: &Dialer,
-    target: &RelayTarget,
+    session: Session,
     status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
 ) -> Result<ControlEnd, String> {
-    let session = dialer.dial(target).await?;
     let (control_stream, welcome) = handshake(config, &session)
         .await
         .inspect_err(|_| session.close("handshake failed"))?;

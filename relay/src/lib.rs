@@ -53,6 +53,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Numbers client connections; the count is also how many this relay has opened.
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -272,5 +273,10 @@ impl Handle {
     /// A snapshot of connected agents.
     pub fn agents(&self) -> Vec<registry::AgentInfo> {
         self.shared.registry.agents()
+    }
+
+    /// How many client connections this relay has sent to an agent so far.
+    pub fn connections_opened(&self) -> u64 {
+        self.shared.next_conn.load(Ordering::Relaxed)
     }
 }

@@ -71,9 +71,19 @@ pub struct RelayRun {
 impl RelayRun {
     /// Parses `yaml` (written as `dir/relay.yaml`) and starts the relay.
     pub async fn start(dir: &Path, yaml: &str) -> Self {
+        Self::start_on(dir, yaml, None).await
+    }
+
+    /// Starts the relay as instance `platform` of a Cloud Foundry app.
+    pub async fn start_on(
+        dir: &Path,
+        yaml: &str,
+        platform: Option<postern_relay::config::CfInstance>,
+    ) -> Self {
         let path = dir.join("relay.yaml");
         std::fs::write(&path, yaml).expect("write relay.yaml");
-        let config = postern_relay::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut config = postern_relay::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        config.platform = platform;
         let names: Vec<String> = config.services.keys().cloned().collect();
         let relay = Relay::bind(config).await.expect("bind relay");
         let services = names

@@ -4,6 +4,7 @@
 mod basic;
 mod config;
 mod faults;
+mod fleet;
 mod router;
 mod security;
 mod websocket;
