@@ -23,6 +23,9 @@ use postern_common::pki::{self, Identity};
 use postern_common::tls::Material;
 use serde::Deserialize;
 
+/// Default interval between QUIC re-probes while on WebSocket.
+pub const DEFAULT_QUIC_REPROBE: Duration = Duration::from_secs(60);
+
 /// Default deadline for connecting to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -35,6 +38,8 @@ struct File {
     relays: Option<Vec<RelayFile>>,
     #[serde(default)]
     transport: Option<TransportChoice>,
+    #[serde(default)]
+    quic_reprobe: Option<HumanDuration>,
     #[serde(default)]
     server_name: Option<String>,
     tls: TlsFiles,
@@ -138,6 +143,8 @@ pub struct Config {
     pub relays: Vec<RelayTarget>,
     /// Which transport to use.
     pub transport: TransportChoice,
+    /// While on WebSocket with `transport: auto`, how often QUIC is tried again.
+    pub quic_reprobe: Duration,
     /// WebSocket settings.
     pub websocket: WebsocketSettings,
     /// The name the relay's certificate must carry (default: each relay URL's host).
@@ -271,6 +278,7 @@ impl Config {
         check.finish(Self {
             relays,
             transport,
+            quic_reprobe: file.quic_reprobe.map_or(DEFAULT_QUIC_REPROBE, |d| d.0),
             websocket,
             server_name: file.server_name,
             tls,

@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, RelayTarget};
 use crate::dial::{Dialer, Pinned};
@@ -131,16 +131,52 @@ async fn relay_loop(
     shutdown: CancellationToken,
 ) {
     let mut attempt: u32 = 0;
+    let mut moved: Option<Ready> = None;
     loop {
         let started = Instant::now();
-        let session = match first.take() {
-            Some(s) => Ok(s),
-            None => dial(&dialer, &route).await,
+        let ready = match moved.take() {
+            Some(r) => Ok(r),
+            None => {
+                let session = match first.take() {
+                    Some(s) => Ok(s),
+                    None => dial(&dialer, &route).await,
+                };
+                match session {
+                    Ok(s) => match handshake(&config, &s, false).await {
+                        Ok((control, welcome)) => Ok(Ready {
+                            session: s,
+                            control,
+                            welcome,
+                        }),
+                        Err(e) => {
+                            s.close("handshake failed");
+                            Err(Failure::Other(e))
+                        }
+                    },
+                    Err(f) => Err(f),
+                }
+            }
         };
-        let result = match session {
-            Ok(s) => once(&config, s, &status, &shutdown)
+        let quic_probe = match &route {
+            Route::Target(RelayTarget {
+                quic: Some(q),
+                websocket: Some(_),
+            }) if config.transport == crate::config::TransportChoice::Auto => Some(q),
+            _ => None,
+        };
+        let result = match ready {
+            Ok(r) => once(&config, &dialer, r, quic_probe, &status, &shutdown)
                 .await
                 .map_err(Failure::Other),
+            Err(f) => Err(f),
+        };
+        let result = match result {
+            Ok(Outcome::Moved(next)) => {
+                moved = Some(*next);
+                attempt = 0;
+                continue;
+            }
+            Ok(Outcome::Ended(end)) => Ok(end),
             Err(f) => Err(f),
         };
         if shutdown.is_cancelled() {
@@ -208,7 +244,7 @@ async fn cf_supervisor(
     let app_guid = loop {
         let found = async {
             let session = dialer.websocket(&url, &[]).await?;
-            let (_, welcome) = handshake(&config, &session).await?;
+            let (_, welcome) = handshake(&config, &session, false).await?;
             session.close("instance discovery done");
             match welcome {
                 Control::Welcome { app_guid, .. } => Ok(app_guid),
@@ -302,16 +338,35 @@ pub fn backoff(attempt: u32) -> Duration {
     cap.mul_f64(jitter)
 }
 
-/// Serves one session until it ends.
+/// A session whose hello and welcome are done.
+struct Ready {
+    session: Session,
+    control: Stream,
+    welcome: Control,
+}
+
+/// How a served session ended.
+enum Outcome {
+    /// The session is over.
+    Ended(ControlEnd),
+    /// A better session (QUIC, found while on WebSocket) took over; the old one drains.
+    Moved(Box<Ready>),
+}
+
+/// Serves one session until it ends or, with `quic_probe`, until QUIC works again and takes over.
 async fn once(
     config: &Arc<Config>,
-    session: Session,
+    dialer: &Dialer,
+    ready: Ready,
+    quic_probe: Option<&RelayUrl>,
     status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
-) -> Result<ControlEnd, String> {
-    let (control_stream, welcome) = handshake(config, &session)
-        .await
-        .inspect_err(|_| session.close("handshake failed"))?;
+) -> Result<Outcome, String> {
+    let Ready {
+        session,
+        control,
+        welcome,
+    } = ready;
     let Control::Welcome {
         relay_instance,
         accepted,
@@ -321,7 +376,7 @@ async fn once(
         ..
     } = welcome
     else {
-        unreachable!("handshake returns only welcomes");
+        return Err("handshake did not end in a welcome".into());
     };
     for r in &rejected {
         error!(service = %r.service, reason = %r.reason, "relay refused a service this agent offers");
@@ -333,32 +388,94 @@ async fn once(
         accepted,
     });
 
+    // Streams are tracked so that a session being replaced can finish them first.
+    let tracker = tokio_util::task::TaskTracker::new();
     let streams = {
         let session = session.clone();
         let config = config.clone();
+        let tracker = tracker.clone();
         tokio::spawn(async move {
             while let Ok(stream) = session.accept().await {
-                tokio::spawn(forward::serve(config.clone(), stream));
+                tracker.spawn(forward::serve(config.clone(), stream));
             }
         })
     };
     let heartbeat = Duration::from_millis(heartbeat_ms.max(100));
+    let stop_heartbeat = shutdown.child_token();
+    let mut keepalive = tokio::spawn(control::keepalive(
+        control,
+        heartbeat,
+        stop_heartbeat.clone(),
+    ));
+    let probe = async {
+        match quic_probe {
+            Some(url) if session.kind() == TransportKind::Websocket => {
+                probe_quic(config, dialer, url).await
+            }
+            _ => std::future::pending().await,
+        }
+    };
     let end = tokio::select! {
-        end = control::keepalive(control_stream, heartbeat, shutdown.clone()) => end,
+        end = &mut keepalive => end.unwrap_or(ControlEnd::Shutdown),
         why = session.closed() => ControlEnd::Broken(why),
+        next = probe => {
+            info!(transport = %next.session.kind(), "quic works again: new streams move to it; the websocket session drains");
+            // The old session keeps its heartbeats until its streams are done, then closes.
+            tokio::spawn(async move {
+                tracker.close();
+                tokio::select! {
+                    _ = tracker.wait() => {}
+                    _ = session.closed() => {}
+                }
+                streams.abort();
+                stop_heartbeat.cancel();
+                let _ = keepalive.await;
+                session.close("moved to quic");
+            });
+            return Ok(Outcome::Moved(Box::new(next)));
+        }
     };
     streams.abort();
+    stop_heartbeat.cancel();
     session.close(&end.to_string());
-    Ok(end)
+    Ok(Outcome::Ended(end))
 }
 
-async fn handshake(config: &Config, session: &Session) -> Result<(Stream, Control), String> {
+/// Tries QUIC every `quic_reprobe` until a session is up and welcomed (as a take-over).
+async fn probe_quic(config: &Config, dialer: &Dialer, url: &RelayUrl) -> Ready {
+    loop {
+        tokio::time::sleep(config.quic_reprobe).await;
+        let Ok(session) = dialer.quic(url).await else {
+            debug!("quic still unavailable");
+            continue;
+        };
+        match handshake(config, &session, true).await {
+            Ok((control, welcome)) => {
+                return Ready {
+                    session,
+                    control,
+                    welcome,
+                };
+            }
+            Err(e) => {
+                debug!(error = %e, "quic session refused");
+                session.close("handshake failed");
+            }
+        }
+    }
+}
+
+async fn handshake(
+    config: &Config,
+    session: &Session,
+    take_over: bool,
+) -> Result<(Stream, Control), String> {
     let mut stream = session.open().await.map_err(|e| e.to_string())?;
     let hello = Control::Hello {
         versions: protocol::VERSIONS.to_vec(),
         services: config.services.keys().cloned().collect(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
-        take_over: false,
+        take_over,
     };
     wire::write_first(&mut stream, &hello)
         .await

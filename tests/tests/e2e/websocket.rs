@@ -359,3 +359,108 @@ async fn a_forged_client_certificate_header_without_a_valid_inner_certificate_is
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// A UDP path that drops everything until `open` is set, then forwards to `to` (and back).
+async fn udp_gate(
+    to: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    let front = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut backs: HashMap<std::net::SocketAddr, std::sync::Arc<tokio::net::UdpSocket>> =
+            HashMap::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            if !open.load(Ordering::Relaxed) {
+                continue;
+            }
+            let back = match backs.get(&from) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = std::sync::Arc::new(
+                        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+                    );
+                    b.connect(to).await.unwrap();
+                    let (b2, front2) = (b.clone(), front.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = b2.recv(&mut buf).await {
+                            let _ = front2.send_to(&buf[..n], from).await;
+                        }
+                    });
+                    backs.insert(from, b.clone());
+                    b
+                }
+            };
+            let _ = back.send(&buf[..n]).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_udp_opens_up_new_streams_move_to_quic_and_old_ones_finish_on_websocket() {
+    let w = world().await;
+    let url = wss(&w.nginx);
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = udp_gate(w.relay.quic, open.clone()).await;
+    let yaml = agent_ws_yaml(
+        &w,
+        &format!("{{ quic: \"quic://{gate}\", websocket: \"{url}\" }}"),
+        "auto",
+        "",
+    )
+    .replace("transport: auto\n", "transport: auto\nquic_reprobe: 1s\n");
+    let mut agent = AgentRun::start(w.pki.dir(), &yaml);
+    agent.wait_connected().await;
+    assert_eq!(transport_of(&agent), Some(TransportKind::Websocket));
+
+    // A client connection opened while on WebSocket...
+    let c = ConnectRun::start(&w.pki, w.relay.quic, "alice", "orders").await;
+    let mut old =
+        mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}/mysql", c.addr.port()))
+            .await
+            .unwrap();
+    let _: Option<u32> = old.query_first("SELECT 1").await.unwrap();
+
+    // ... then UDP opens: the agent moves to QUIC by itself.
+    open.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut status = agent.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| {
+            matches!(
+                s,
+                postern_agent::Status::Connected {
+                    transport: TransportKind::Quic,
+                    ..
+                }
+            )
+        }),
+    )
+    .await
+    .expect("agent moves to quic")
+    .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "relay to route new streams over quic",
+        || {
+            let agents = w.relay.handle.agents();
+            async move {
+                (agents.len() == 1 && agents[0].transport == TransportKind::Quic).then_some(())
+            }
+        },
+    )
+    .await;
+    // The old connection still works (it drains on the WebSocket session) ...
+    let v: Option<u32> = old.query_first("SELECT 2").await.unwrap();
+    assert_eq!(v, Some(2));
+    // ... and new ones work over QUIC.
+    assert_eq!(mariadb(c.addr.port(), "SELECT 3"), "3\n");
+    old.disconnect().await.unwrap();
+    agent.stop().await;
+    w.relay.stop().await;
+}
