@@ -31,9 +31,20 @@ pub struct Proc {
 impl Proc {
     /// Starts `name` with `args`, logging to `log`.
     pub fn spawn(name: &str, args: &[&str], log: PathBuf) -> Self {
+        Self::spawn_env(name, args, &[], log)
+    }
+
+    /// Starts `name` with `args` and extra environment variables, logging to `log`.
+    pub fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Self {
         let err = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin(name))
             .args(args)
+            // The proxy settings of the machine running the tests must not leak in.
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -7,6 +7,7 @@ use mysql_async::prelude::*;
 use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
 use postern_common::pki::Kind;
 use postern_common::transport::TransportKind;
+use postern_tests::procs::Proc;
 use postern_tests::router::{Nginx, Tinyproxy, Upstreams};
 use postern_tests::*;
 use sha2::{Digest, Sha256};
@@ -188,7 +189,12 @@ async fn through_a_connect_proxy_with_and_without_authentication() {
             .await
             .err()
             .expect("wrong proxy credentials are refused");
-            assert!(format!("{err:#}").contains("407"), "{err:#}");
+            // tinyproxy answers 401 to wrong credentials (407 when none are sent).
+            let text = format!("{err:#}");
+            assert!(
+                text.contains("refused CONNECT") && (text.contains("401") || text.contains("407")),
+                "{text}"
+            );
         }
         agent.stop().await;
     }
@@ -462,5 +468,85 @@ async fn when_udp_opens_up_new_streams_move_to_quic_and_old_ones_finish_on_webso
     assert_eq!(mariadb(c.addr.port(), "SELECT 3"), "3\n");
     old.disconnect().await.unwrap();
     agent.stop().await;
+    w.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_honours_https_proxy_and_no_proxy_from_its_environment() {
+    let w = world().await;
+    let url = wss(&w.nginx);
+    let proxy = Tinyproxy::start(Some(("corp", "pw"))).await;
+    let cfg = w.pki.dir().join("agent-env.yaml");
+    std::fs::write(&cfg, agent_ws_yaml(&w, &url, "websocket", "")).unwrap();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let proxy_url = format!("http://corp:pw@{}", proxy.addr);
+    let mut agent = Proc::spawn_env(
+        "postern-agent",
+        &["run", "--config", &cfg],
+        &[("HTTPS_PROXY", &proxy_url)],
+        w.pki.dir().join("agent-env.log"),
+    );
+    w.relay.wait_agent("db1").await;
+    let tunnel = format!("CONNECT localhost:{}", w.nginx.addr.port());
+    assert!(
+        proxy.log().contains(&tunnel),
+        "went through the proxy: {}",
+        proxy.log()
+    );
+    agent.kill();
+
+    // NO_PROXY for the relay's host: straight to the router.
+    let proxy = Tinyproxy::start(Some(("corp", "pw"))).await;
+    let proxy_url = format!("http://corp:pw@{}", proxy.addr);
+    let before = w.relay.handle.connections_opened();
+    let _agent = Proc::spawn_env(
+        "postern-agent",
+        &["run", "--config", &cfg],
+        &[("HTTPS_PROXY", &proxy_url), ("NO_PROXY", "localhost")],
+        w.pki.dir().join("agent-env2.log"),
+    );
+    let c = connect_ws(
+        &w,
+        &url,
+        WebsocketSettings {
+            proxy: Some("none".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "service through the direct agent",
+        || async {
+            let port = c.addr.port();
+            let ok = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(mariadb::find("mariadb"))
+                    .args([
+                        "--no-defaults",
+                        "-h",
+                        "127.0.0.1",
+                        "--protocol=TCP",
+                        "-uroot",
+                        "-N",
+                        "-e",
+                        "SELECT 1",
+                    ])
+                    .arg(format!("-P{port}"))
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap();
+            ok.then_some(())
+        },
+    )
+    .await;
+    assert!(w.relay.handle.connections_opened() > before);
+    assert!(
+        !proxy.log().contains(&tunnel),
+        "NO_PROXY bypassed the proxy: {}",
+        proxy.log()
+    );
     w.relay.stop().await;
 }
