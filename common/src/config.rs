@@ -114,15 +114,28 @@ impl<'a> Check<'a> {
         self.file_exists(&tls.ca, &format!("{key}.ca"));
         self.file_exists(&tls.cert, &format!("{key}.cert"));
         self.file_exists(&tls.key, &format!("{key}.key"));
+        if let Some(crl) = &tls.crl {
+            self.file_exists(crl, &format!("{key}.crl"));
+        }
         if self.errors.len() > before {
             return None;
         }
-        match Material::load(&tls.ca.value, &tls.cert.value, &tls.key.value) {
-            Ok(m) => Some(m),
+        let material = match Material::load(&tls.ca.value, &tls.cert.value, &tls.key.value) {
+            Ok(m) => m,
             Err(e) => {
                 self.at(&tls.cert, key, e.to_string());
-                None
+                return None;
             }
+        };
+        match &tls.crl {
+            None => Some(material),
+            Some(crl) => match material.with_crl_file(&crl.value) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    self.at(crl, &format!("{key}.crl"), e.to_string());
+                    None
+                }
+            },
         }
     }
 
@@ -252,12 +265,18 @@ pub struct TlsFiles {
     pub cert: Spanned<PathBuf>,
     /// This side's private key.
     pub key: Spanned<PathBuf>,
+    /// A revocation list (PEM, from `postern-relay certs revoke`): peers listed in it are refused.
+    #[serde(default)]
+    pub crl: Option<Spanned<PathBuf>>,
 }
 
 impl TlsFiles {
     /// Makes relative paths relative to `base` (the config file's directory).
     pub fn rebase(&mut self, base: &Path) {
-        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key]
+            .into_iter()
+            .chain(self.crl.as_mut())
+        {
             if p.value.is_relative() {
                 p.value = base.join(&p.value);
             }

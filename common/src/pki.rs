@@ -17,6 +17,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
 /// Default lifetime of a CA certificate, in days.
@@ -237,6 +238,69 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Makes a new revocation list (PEM) holding every entry of `previous` (a CRL this CA signed
+    /// before, PEM) plus the certificates with `serials`, with the next CRL number.
+    pub fn revoke(&self, previous: Option<&str>, serials: &[Vec<u8>]) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let mut revoked = Vec::new();
+        let mut number: u64 = 0;
+        if let Some(pem) = previous {
+            let der =
+                rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+                    .map_err(|e| PkiError::Parse(format!("revocation list: {e}")))?;
+            let (_, crl) = x509_parser::parse_x509_crl(&der)
+                .map_err(|e| PkiError::Parse(format!("revocation list: {e}")))?;
+            number = crl
+                .crl_number()
+                .map(|n| {
+                    n.to_bytes_be().iter().fold(0u64, |acc, b| {
+                        acc.saturating_mul(256).saturating_add(u64::from(*b))
+                    })
+                })
+                .unwrap_or(0);
+            for rc in crl.iter_revoked_certificates() {
+                let when = OffsetDateTime::from_unix_timestamp(rc.revocation_date.timestamp())
+                    .unwrap_or(now);
+                revoked.push(revoked_entry(rc.raw_serial(), when));
+            }
+        }
+        for serial in serials {
+            if !revoked
+                .iter()
+                .any(|r| r.serial_number.to_bytes() == *serial)
+            {
+                revoked.push(revoked_entry(serial, now));
+            }
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(365),
+            crl_number: rcgen::SerialNumber::from((number + 1).to_be_bytes().to_vec()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
+fn revoked_entry(serial: &[u8], when: OffsetDateTime) -> rcgen::RevokedCertParams {
+    rcgen::RevokedCertParams {
+        serial_number: rcgen::SerialNumber::from_slice(serial),
+        revocation_time: when,
+        reason_code: None,
+        invalidity_date: None,
+    }
+}
+
+/// The serial number of a DER certificate (to revoke it).
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, PkiError> {
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(x509.raw_serial().to_vec())
+}
+
 /// Reads the Postern identity from a DER certificate.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
     let (_, x509) =
@@ -345,7 +409,6 @@ fn dn(common_name: &str) -> DistinguishedName {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls_pki_types::pem::PemObject;
 
     #[test]
     fn issued_leaves_carry_their_identity() {
@@ -371,6 +434,27 @@ mod tests {
         let (ca, key) = Ca::generate("test ca", 1).unwrap();
         let again = Ca::from_pem(&ca.cert_pem, &key).unwrap();
         again.issue(&LeafSpec::new(Kind::Client, "bob", 1)).unwrap();
+    }
+
+    #[test]
+    fn revocation_lists_accumulate_and_verify() {
+        let (ca, _) = Ca::generate("test ca", 1).unwrap();
+        let a = ca.issue(&LeafSpec::new(Kind::Client, "a", 1)).unwrap();
+        let b = ca.issue(&LeafSpec::new(Kind::Client, "b", 1)).unwrap();
+        let serial = |i: &Issued| {
+            serial_of(&CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).unwrap()).unwrap()
+        };
+        let first = ca.revoke(None, &[serial(&a)]).unwrap();
+        let second = ca.revoke(Some(&first), &[serial(&b), serial(&a)]).unwrap();
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(second.as_bytes())
+            .unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        let serials: Vec<Vec<u8>> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect();
+        assert_eq!(serials, vec![serial(&a), serial(&b)]);
+        assert_eq!(crl.crl_number().unwrap().to_bytes_be(), vec![2]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 
 use crate::pki::{self, Identity};
 use crate::protocol::ALPN;
@@ -49,6 +49,8 @@ pub struct Material {
     pub key: Arc<PrivateKeyDer<'static>>,
     /// The CA certificates we trust for peers.
     pub roots: Arc<RootCertStore>,
+    /// Revocation lists: a client certificate listed in one is refused.
+    pub crls: Arc<Vec<CertificateRevocationListDer<'static>>>,
 }
 
 impl Material {
@@ -64,7 +66,23 @@ impl Material {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
+            crls: Arc::new(Vec::new()),
         })
+    }
+
+    /// Adds the revocation lists in the PEM file `path`.
+    pub fn with_crl_file(mut self, path: &Path) -> Result<Self, TlsError> {
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| pem_err(path, e))?;
+        if crls.is_empty() {
+            return Err(TlsError::File {
+                path: path.to_path_buf(),
+                reason: "no revocation list (X509 CRL) in file".into(),
+            });
+        }
+        self.crls = Arc::new(crls);
+        Ok(self)
     }
 
     /// Builds material from PEM strings (tests and the demo).
@@ -82,6 +100,7 @@ impl Material {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
+            crls: Arc::new(Vec::new()),
         })
     }
 
@@ -99,8 +118,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Server config for the agent/client link: TLS 1.3, ALPN `postern/1`, client cert required.
 pub fn link_server(m: &Material) -> Result<ServerConfig, TlsError> {
     let p = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone()).build()?;
+    let verifier = client_verifier(m, &p).build()?;
     let mut cfg = ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -122,8 +140,7 @@ pub fn link_client(m: &Material) -> Result<ClientConfig, TlsError> {
 /// Server config for client-facing listeners: TLS 1.2 and 1.3, client cert required.
 pub fn listener_server(m: &Material) -> Result<ServerConfig, TlsError> {
     let p = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone()).build()?;
+    let verifier = client_verifier(m, &p).build()?;
     let cfg = ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
@@ -137,6 +154,15 @@ pub fn listener_client(m: &Material) -> Result<ClientConfig, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(m.roots.clone())
         .with_client_auth_cert(m.chain.clone(), m.key.clone_key())?)
+}
+
+/// The client-certificate verifier every server config uses: the CA roots and revocation lists.
+fn client_verifier(
+    m: &Material,
+    p: &Arc<CryptoProvider>,
+) -> rustls::server::ClientCertVerifierBuilder {
+    WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone())
+        .with_crls(m.crls.iter().cloned())
 }
 
 /// Reads the identity of a verified peer from its certificate chain.

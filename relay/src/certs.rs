@@ -91,6 +91,39 @@ pub fn issue(
     Ok((cert, key))
 }
 
+/// What `certs revoke` does: adds the certificates to `crl.pem` in `dir` (signed by the CA),
+/// keeping what it already listed. A relay with `tls.crl` pointing at it picks it up without a
+/// restart.
+pub fn revoke(dir: &Path, certs: &[PathBuf]) -> Result<PathBuf> {
+    let ca = Ca::load(dir).with_context(|| format!("load the CA from {}", dir.display()))?;
+    let mut serials = Vec::new();
+    for path in certs {
+        let der = CertificateDer::from_pem_file(path)
+            .with_context(|| format!("read {}", path.display()))?;
+        let id = pki::identity_of(&der)
+            .map(|i| i.to_string())
+            .unwrap_or_else(|_| "(no identity)".into());
+        serials.push(pki::serial_of(&der)?);
+        println!("revoking {id} ({})", path.display());
+    }
+    let crl = dir.join("crl.pem");
+    let previous = match std::fs::read_to_string(&crl) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("read {}", crl.display())),
+    };
+    let pem = ca.revoke(previous.as_deref(), &serials)?;
+    // Replace atomically: a relay may be reading the file right now.
+    let tmp = dir.join(".crl.pem.tmp");
+    std::fs::write(&tmp, pem).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &crl).with_context(|| format!("write {}", crl.display()))?;
+    println!(
+        "  revocation list: {} (set tls.crl in relay.yaml to use it)",
+        crl.display()
+    );
+    Ok(crl)
+}
+
 fn print_fingerprint(cert: &Path) -> Result<()> {
     let der =
         CertificateDer::from_pem_file(cert).with_context(|| format!("read {}", cert.display()))?;

@@ -85,6 +85,15 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke certificates: add them to the CA's revocation list (crl.pem).
+    Revoke {
+        /// The certificate files (PEM) to revoke.
+        #[arg(required = true)]
+        certs: Vec<PathBuf>,
+        /// Where the CA and crl.pem are.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
 }
 
 /// Certificate kinds on the command line.

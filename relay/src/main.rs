@@ -65,6 +65,7 @@ fn main() -> ExitCode {
 fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
     match command {
         CertsCommand::Init { dir, days, force } => certs::init(&dir, days, force),
+        CertsCommand::Revoke { certs: files, dir } => certs::revoke(&dir, &files).map(|_| ()),
         CertsCommand::Issue {
             kind,
             name,
