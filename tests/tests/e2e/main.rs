@@ -2,6 +2,7 @@
 //! clients, a Rust MySQL driver, and the relay and agent in-process or as real processes.
 
 mod basic;
+mod certs;
 mod config;
 mod faults;
 mod fleet;
