@@ -1,1 +1,530 @@
-fn main() {}
+//! `postern-bench`: what the tunnel costs, measured side by side with a direct connection.
+//!
+//! One run starts a private `mariadbd` and the release `postern-relay`, `postern-agent run` and
+//! `postern-agent connect` as separate processes on loopback (see [`stack`]), then measures, with
+//! mysql_async as the client, the same workloads on two paths to the same server:
+//!
+//! - **direct**: client → mariadbd;
+//! - **tunnel**: client → `connect` → QUIC → relay → QUIC → agent → mariadbd.
+//!
+//! The workloads (see [`workload`]) are bulk transfer of a large LONGBLOB, sysbench-style
+//! point selects on one and on several connections (with latency percentiles), the time to open a
+//! connection, and the memory the relay and agent hold per idle tunneled connection.
+//!
+//! **Why ratios.** Absolute figures say more about the machine than about Postern: on loopback
+//! the direct path is as fast as it will ever be, and both paths share the same few cores with the
+//! database and the client. What carries over to other machines is the ratio tunnel/direct measured
+//! in the same run. To keep background noise from landing on one path only, every round runs each
+//! workload on both paths back to back (alternating which goes first), and the report gives the
+//! median over rounds and the median of the per-round ratios.
+//!
+//! Everything runs on loopback, so the tunnel's extra hops cost CPU and scheduling, not network
+//! latency; the CPU table in the report shows which process is busy on each path.
+
+mod report;
+mod stack;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use mysql_async::prelude::Queryable;
+use tokio::time::Instant;
+
+use report::{Context, CpuUse, Memory, Metric, Report, Rss, Target};
+use stack::{Stack, cpu_ticks, rss_kib};
+use workload::Path;
+
+/// The memory target: (Δ relay RSS + Δ agent RSS) per idle connection.
+const TARGET_KIB_PER_CONNECTION: f64 = 24.0;
+/// Time given to the processes to settle before RSS is read.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Benchmark a direct MariaDB connection against the same through Postern.
+///
+/// Build first: `cargo build --release -p postern-relay -p postern-agent -p postern-bench`.
+#[derive(Debug, Parser)]
+#[command(name = "postern-bench", version, about)]
+struct Args {
+    /// Rounds; each runs every workload on both paths [default: 5, --quick: 1].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
+    /// Seconds per point-select measurement; bulk transfers run for half of it
+    /// [default: 5, --quick: 1].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// A short smoke-test run (1 round of 1 s, 50 connection setups, 200 idle connections).
+    #[arg(long)]
+    quick: bool,
+    /// New connections timed per path and round [default: 200, --quick: 50].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    connects: Option<u32>,
+    /// Idle tunneled connections held for the memory test [default: 1000, --quick: 200];
+    /// below 1900, as the test server allows 2000 connections.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..1900))]
+    idle: Option<u32>,
+    /// Concurrent connections for the concurrent point-select test.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=256))]
+    threads: u32,
+    /// Size of the blob for the bulk tests, in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=200))]
+    blob_mib: u32,
+    /// Rows in the point-select table.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    rows: u32,
+    /// Worker threads of the relay, agent and connect runtimes (sets TOKIO_WORKER_THREADS for
+    /// them) [default: as deployed, one per CPU].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    postern_threads: Option<u32>,
+    /// Where postern-relay and postern-agent are [default: the directory of this program].
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// The run's parameters, with defaults filled in.
+#[derive(Debug)]
+struct Settings {
+    rounds: usize,
+    duration: Duration,
+    connects: usize,
+    idle: usize,
+    threads: usize,
+    blob_bytes: usize,
+    rows: u32,
+    postern_threads: Option<u32>,
+}
+
+impl Settings {
+    fn new(args: &Args) -> Result<Self> {
+        let q = args.quick;
+        let seconds = args.seconds.unwrap_or(if q { 1.0 } else { 5.0 });
+        if !(seconds.is_finite() && (0.1..=600.0).contains(&seconds)) {
+            bail!("--seconds must be between 0.1 and 600, got {seconds}");
+        }
+        let idle = args.idle.unwrap_or(if q { 200 } else { 1000 }) as usize;
+        Ok(Self {
+            rounds: args.rounds.unwrap_or(if q { 1 } else { 5 }) as usize,
+            duration: Duration::from_secs_f64(seconds),
+            connects: args.connects.unwrap_or(if q { 50 } else { 200 }) as usize,
+            idle,
+            threads: args.threads as usize,
+            blob_bytes: args.blob_mib as usize * 1024 * 1024,
+            rows: args.rows,
+            postern_threads: args.postern_threads,
+        })
+    }
+
+    fn describe(&self) -> String {
+        let threads = match self.postern_threads {
+            Some(n) => format!("; relay, agent and connect with {n} runtime worker thread(s)"),
+            None => String::new(),
+        };
+        format!(
+            "{} round(s); point selects {:.1} s per path and round on 1 and {} connections, \
+             {} rows; bulk {} MiB blob, ≥ {:.1} s per path and round; {} connection setups \
+             per path and round; {} idle connections{threads}",
+            self.rounds,
+            self.duration.as_secs_f64(),
+            self.threads,
+            self.rows,
+            self.blob_bytes / (1024 * 1024),
+            self.bulk_duration().as_secs_f64(),
+            self.connects,
+            self.idle
+        )
+    }
+
+    fn bulk_duration(&self) -> Duration {
+        self.duration / 2
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // On a signal the benchmark future is dropped, which stops every child process.
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = run(args) => r,
+            s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}")),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let settings = Settings::new(&args)?;
+    check_fd_limit(settings.idle)?;
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => stack::default_bin_dir()?,
+    };
+    eprintln!("starting mariadbd, postern-relay, postern-agent run and postern-agent connect");
+    let stack = Stack::start(&bin_dir, settings.postern_threads).await?;
+    let measured = measure(&stack, &settings).await;
+    for problem in stack.shutdown() {
+        eprintln!("warning: {problem}");
+    }
+    let report = measured?;
+    let text = report.markdown();
+    println!("{text}");
+    if let Some(path) = &args.output {
+        std::fs::write(path, &text).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs every measurement against a started stack.
+async fn measure(stack: &Stack, s: &Settings) -> Result<Report> {
+    let started = Instant::now();
+    eprintln!(
+        "creating the bench database ({} rows, {} MiB blob)",
+        s.rows,
+        s.blob_bytes >> 20
+    );
+    workload::prepare(stack.db.addr, s.rows, s.blob_bytes).await?;
+    let direct = workload::opts(stack.db.addr, Some("bench"));
+    let tunnel = workload::opts(stack.tunnel_addr, Some("bench"));
+    let opts = |p: Path| if p == Path::Direct { &direct } else { &tunnel };
+
+    let mut probe = mysql_async::Conn::new(tunnel.clone())
+        .await
+        .context("first connection through the tunnel")?;
+    let version: Option<String> = probe.query_first("SELECT VERSION()").await?;
+    probe.disconnect().await?;
+    let context = Context::gather(
+        &stack::workspace_root(),
+        format!("MariaDB {}", version.unwrap_or_default()),
+        s.describe(),
+    );
+
+    // Memory first, while the processes are fresh: after a bulk transfer the allocator keeps
+    // freed megabytes around, and new connections would fill those instead of growing RSS.
+    // A few connections first, so that one-time setup is not counted per connection.
+    workload::connection_setup(&tunnel, 10).await?;
+    eprintln!("memory: holding {} idle tunneled connections", s.idle);
+    let memory = idle_memory(stack, &tunnel, s.idle).await?;
+    eprintln!(
+        "  relay + agent: {:.1} KiB per connection",
+        memory.per_connection_kib()
+    );
+
+    eprintln!("warming up both paths");
+    for path in [Path::Direct, Path::Tunnel] {
+        workload::point_select(opts(path), s.rows, Duration::from_millis(300), 0).await?;
+        workload::bulk_read(opts(path), Duration::ZERO, s.blob_bytes).await?;
+        workload::connection_setup(opts(path), 10).await?;
+    }
+
+    let mut meter = Meter::new(stack);
+    let n = s.threads;
+    let mib = s.blob_bytes >> 20;
+    let mut bulk_read = Metric::new(
+        format!("bulk read, {mib} MiB LONGBLOB (MiB/s)"),
+        0,
+        Target::AtLeast(0.20),
+    );
+    let mut bulk_write = Metric::new(
+        format!("bulk write, {mib} MiB parameter (MiB/s)"),
+        0,
+        Target::None,
+    );
+    let mut select1 = Metric::new("point select, 1 connection (q/s)", 0, Target::AtLeast(0.60));
+    let mut select1_p50 = Metric::new(
+        "point select latency p50, 1 connection (µs)",
+        0,
+        Target::None,
+    );
+    let mut select1_p99 = Metric::new(
+        "point select latency p99, 1 connection (µs)",
+        0,
+        Target::None,
+    );
+    let mut select_n = Metric::new(
+        format!("point select, {n} connections (q/s)"),
+        0,
+        Target::AtLeast(0.55),
+    );
+    let mut setup_mean = Metric::new("connection setup, mean (ms)", 2, Target::AtMost(1.5));
+    let mut setup_p50 = Metric::new("connection setup, p50 (ms)", 2, Target::AtMost(1.5));
+
+    for round in 0..s.rounds {
+        let paths = if round % 2 == 0 {
+            [Path::Direct, Path::Tunnel]
+        } else {
+            [Path::Tunnel, Path::Direct]
+        };
+        let seed = round as u64 + 1;
+        eprintln!(
+            "round {}/{} ({} first)",
+            round + 1,
+            s.rounds,
+            paths[0].as_str()
+        );
+        for path in paths {
+            let v = meter
+                .run(
+                    "bulk read",
+                    path,
+                    workload::bulk_read(opts(path), s.bulk_duration(), s.blob_bytes),
+                )
+                .await?;
+            progress("bulk read", path, v, "MiB/s");
+            record(&mut bulk_read, path, v);
+        }
+        for path in paths {
+            let v = meter
+                .run(
+                    "bulk write",
+                    path,
+                    workload::bulk_write(opts(path), s.bulk_duration(), s.blob_bytes),
+                )
+                .await?;
+            progress("bulk write", path, v, "MiB/s");
+            record(&mut bulk_write, path, v);
+        }
+        for path in paths {
+            let r = meter
+                .run(
+                    "point select, 1 conn",
+                    path,
+                    workload::point_select(opts(path), s.rows, s.duration, seed),
+                )
+                .await?;
+            progress("point select, 1 conn", path, r.qps, "q/s");
+            record(&mut select1, path, r.qps);
+            record(
+                &mut select1_p50,
+                path,
+                micros(report::percentile(&r.latencies, 50.0)),
+            );
+            record(
+                &mut select1_p99,
+                path,
+                micros(report::percentile(&r.latencies, 99.0)),
+            );
+        }
+        for path in paths {
+            let v = meter
+                .run(
+                    "point select, concurrent",
+                    path,
+                    workload::point_select_concurrent(opts(path), s.rows, n, s.duration, seed),
+                )
+                .await?;
+            progress("point select, concurrent", path, v, "q/s");
+            record(&mut select_n, path, v);
+        }
+        for path in paths {
+            let mut samples = meter
+                .run(
+                    "connection setup",
+                    path,
+                    workload::connection_setup(opts(path), s.connects),
+                )
+                .await?;
+            samples.sort_unstable();
+            let mean = millis(report::mean(&samples));
+            progress("connection setup", path, mean, "ms mean");
+            record(&mut setup_mean, path, mean);
+            record(
+                &mut setup_p50,
+                path,
+                millis(report::percentile(&samples, 50.0)),
+            );
+        }
+    }
+
+    Ok(Report {
+        context,
+        rounds: s.rounds,
+        metrics: vec![
+            bulk_read,
+            bulk_write,
+            select1,
+            select1_p50,
+            select1_p99,
+            select_n,
+            setup_mean,
+            setup_p50,
+        ],
+        memory,
+        cpu: meter.cpu,
+        ticks_per_second: stack::ticks_per_second(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// RSS of relay, agent, connect and mariadbd before, while and after holding `n` idle
+/// tunneled connections.
+async fn idle_memory(stack: &Stack, tunnel: &mysql_async::Opts, n: usize) -> Result<Memory> {
+    let procs: [(&'static str, u32); 4] = [
+        ("relay", stack.relay.pid()),
+        ("agent", stack.agent.pid()),
+        ("connect", stack.connect.pid()),
+        ("mariadbd", stack.db_pid),
+    ];
+    let read = || -> Result<Vec<u64>> { procs.iter().map(|(_, pid)| rss_kib(*pid)).collect() };
+    tokio::time::sleep(SETTLE).await;
+    let before = read()?;
+    let conns = workload::open_idle(tunnel, n).await?;
+    tokio::time::sleep(SETTLE).await;
+    let held = read()?;
+    workload::close_all(conns).await?;
+    tokio::time::sleep(SETTLE).await;
+    let closed = read()?;
+    Ok(Memory {
+        connections: n,
+        rss: procs
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| Rss {
+                name,
+                before: before[i],
+                held: held[i],
+                closed: closed[i],
+            })
+            .collect(),
+        target_kib: TARGET_KIB_PER_CONNECTION,
+    })
+}
+
+/// Follows the CPU time of every process while workloads run.
+struct Meter {
+    pids: [u32; 5],
+    cpu: Vec<CpuUse>,
+}
+
+impl Meter {
+    fn new(stack: &Stack) -> Self {
+        Self {
+            // In report::PROCESSES order.
+            pids: [
+                std::process::id(),
+                stack.db_pid,
+                stack.connect.pid(),
+                stack.relay.pid(),
+                stack.agent.pid(),
+            ],
+            cpu: Vec::new(),
+        }
+    }
+
+    /// Runs `work`, adding its wall time and every process's CPU time to `workload`/`path`.
+    async fn run<T>(
+        &mut self,
+        workload: &'static str,
+        path: Path,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let before = self.ticks()?;
+        let start = Instant::now();
+        let out = work
+            .await
+            .with_context(|| format!("{workload} ({})", path.as_str()))?;
+        let wall = start.elapsed();
+        let after = self.ticks()?;
+        let path = path.as_str();
+        let entry = match self
+            .cpu
+            .iter_mut()
+            .position(|u| u.workload == workload && u.path == path)
+        {
+            Some(i) => &mut self.cpu[i],
+            None => {
+                self.cpu.push(CpuUse {
+                    workload,
+                    path,
+                    wall: Duration::ZERO,
+                    ticks: [0; 5],
+                });
+                self.cpu.last_mut().context("just pushed")?
+            }
+        };
+        entry.wall += wall;
+        for (i, t) in entry.ticks.iter_mut().enumerate() {
+            *t += after[i].saturating_sub(before[i]);
+        }
+        Ok(out)
+    }
+
+    fn ticks(&self) -> Result<[u64; 5]> {
+        let mut t = [0; 5];
+        for (slot, pid) in t.iter_mut().zip(self.pids) {
+            *slot = cpu_ticks(pid)?;
+        }
+        Ok(t)
+    }
+}
+
+fn record(metric: &mut Metric, path: Path, value: f64) {
+    match path {
+        Path::Direct => metric.direct.push(value),
+        Path::Tunnel => metric.tunnel.push(value),
+    }
+}
+
+fn progress(what: &str, path: Path, value: f64, unit: &str) {
+    eprintln!("  {what:<22} {:<6} {value:>10.2} {unit}", path.as_str());
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Fails early when this process (and so its children, which inherit the limit) cannot open
+/// enough sockets for the idle-connections test.
+fn check_fd_limit(idle: usize) -> Result<()> {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    let need = idle + 256;
+    match soft {
+        Some(soft) if soft < need => bail!(
+            "the open-files limit is {soft}, the idle test needs about {need}: \
+             raise it (`ulimit -n {need}`) or lower --idle"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}

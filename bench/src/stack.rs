@@ -1,0 +1,460 @@
+//! The system under test: a private `mariadbd`, certificates made with Postern's own PKI code, and
+//! the release binaries `postern-relay run`, `postern-agent run` and `postern-agent connect` as
+//! three separate processes on loopback, so that each one's memory and CPU time can be read from
+//! `/proc/PID`.
+//!
+//! ```text
+//! direct:  client ───────────────────────────────────────────────────────────────▶ mariadbd
+//! tunnel:  client ─tcp─▶ connect ─quic─▶ postern-relay ◀─quic─ postern-agent run ─tcp─▶ mariadbd
+//! ```
+//!
+//! Every process is stopped when the [`Stack`] is dropped (also on error or Ctrl-C): SIGTERM, a
+//! few seconds to exit, then SIGKILL.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use postern_common::pki::Kind;
+use postern_tests::{MariaDb, TestPki};
+
+/// The names of the binaries the bench runs.
+pub(crate) const BINARIES: [&str; 2] = ["postern-relay", "postern-agent"];
+/// The service name the relay and agent use for MariaDB.
+const SERVICE: &str = "mariadb";
+/// The agent's and the client's certificate names.
+const NAME: &str = "bench";
+/// Deadline for each process to say it is ready.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// MariaDB, relay, agent and `connect`, all running.
+///
+/// Fields drop in declaration order: `connect` first, the database last, the certificate and
+/// config directory after everything that reads it.
+pub(crate) struct Stack {
+    /// `postern-agent connect`: the local port clients of the tunnel use.
+    pub(crate) connect: Proc,
+    /// `postern-agent run`, next to the database.
+    pub(crate) agent: Proc,
+    /// `postern-relay run`.
+    pub(crate) relay: Proc,
+    /// The private MariaDB server.
+    pub(crate) db: MariaDb,
+    /// Where `connect` listens.
+    pub(crate) tunnel_addr: SocketAddr,
+    /// The process id of `mariadbd`.
+    pub(crate) db_pid: u32,
+    _pki: TestPki,
+}
+
+impl Stack {
+    /// Starts everything and waits until a client can connect through the tunnel.
+    ///
+    /// `worker_threads`, when set, becomes `TOKIO_WORKER_THREADS` of the three Postern processes
+    /// (by default their runtimes start one worker per CPU).
+    pub(crate) async fn start(bin_dir: &Path, worker_threads: Option<u32>) -> Result<Self> {
+        let env: Vec<(&str, String)> = worker_threads
+            .map(|n| ("TOKIO_WORKER_THREADS", n.to_string()))
+            .into_iter()
+            .collect();
+        for name in BINARIES {
+            let path = bin_dir.join(name);
+            if !path.is_file() {
+                bail!(
+                    "{} is missing: build it first with \
+                     `cargo build --release -p postern-relay -p postern-agent -p postern-bench`",
+                    path.display()
+                );
+            }
+        }
+        warn_if_stale(bin_dir);
+
+        // MariaDb::start panics if mariadbd cannot start; check the programs first so the common
+        // case (not installed) is a plain error.
+        for program in ["mariadb-install-db", "mariadbd"] {
+            if !on_path(program) {
+                bail!(
+                    "{program} not found: install mariadb-server (apt-get install mariadb-server)"
+                );
+            }
+        }
+        let db = start_mariadb().await?;
+        let db_pid = fs::read_to_string(db.dir().join("mysqld.pid"))
+            .context("read mariadbd pid file")?
+            .trim()
+            .parse()
+            .context("parse mariadbd pid file")?;
+
+        let pki = TestPki::new();
+        let agent_base = pki.issue(Kind::Agent, NAME);
+        let client_base = pki.issue(Kind::Client, NAME);
+        let dir = pki.dir().to_path_buf();
+
+        let (relay, quic) = start_relay(bin_dir, &pki, &env).await?;
+
+        let agent_yaml = format!(
+            "relay: quic://{quic}\nserver_name: localhost\n{tls}services:\n  {SERVICE}:\n    backend: {backend}\n",
+            tls = pki.tls_yaml(&agent_base),
+            backend = db.backend(),
+        );
+        let agent_config = dir.join("agent.yaml");
+        fs::write(&agent_config, agent_yaml).context("write agent.yaml")?;
+        let mut agent = Proc::spawn(
+            "agent",
+            &bin_dir.join("postern-agent"),
+            &["run".into(), "--config".into(), path_arg(&agent_config)],
+            dir.join("agent.log"),
+            &env,
+        )?;
+        agent
+            .wait_log("connected to relay", READY_WITHIN)
+            .await
+            .context("agent did not connect to the relay")?;
+
+        let tunnel_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?)
+            .parse()
+            .context("local address")?;
+        let (cert, key) = pki.files(&client_base);
+        let mut connect = Proc::spawn(
+            "connect",
+            &bin_dir.join("postern-agent"),
+            &[
+                "connect".into(),
+                SERVICE.into(),
+                "--relay".into(),
+                format!("quic://{quic}"),
+                "--server-name".into(),
+                "localhost".into(),
+                "--ca".into(),
+                path_arg(&pki.ca()),
+                "--cert".into(),
+                path_arg(&cert),
+                "--key".into(),
+                path_arg(&key),
+                "--listen".into(),
+                tunnel_addr.to_string(),
+            ],
+            dir.join("connect.log"),
+            &env,
+        )?;
+        connect
+            .wait_log("is available at", READY_WITHIN)
+            .await
+            .context("connect did not open its local port")?;
+
+        Ok(Self {
+            connect,
+            agent,
+            relay,
+            db,
+            tunnel_addr,
+            db_pid,
+            _pki: pki,
+        })
+    }
+
+    /// Stops the Postern processes in order and reports any that did not exit cleanly.
+    pub(crate) fn shutdown(mut self) -> Vec<String> {
+        [&mut self.connect, &mut self.agent, &mut self.relay]
+            .into_iter()
+            .filter_map(|p| p.stop().err().map(|e| format!("{e:#}")))
+            .collect()
+    }
+}
+
+/// Starts MariaDB through the test harness, which panics on failure: the panic is caught and
+/// becomes an error, after one retry (creating the system tables fails now and then on a
+/// loaded machine).
+async fn start_mariadb() -> Result<MariaDb> {
+    let mut last = String::new();
+    for _ in 0..2 {
+        match tokio::spawn(MariaDb::start()).await {
+            Ok(db) => return Ok(db),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                last = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "unknown reason".into());
+                eprintln!("mariadbd did not start; retrying once");
+            }
+            Err(e) => return Err(e).context("start mariadbd"),
+        }
+    }
+    bail!("mariadbd did not start: {last}")
+}
+
+/// Starts the relay on a free UDP port (retrying if the port was taken meanwhile).
+async fn start_relay(
+    bin_dir: &Path,
+    pki: &TestPki,
+    env: &[(&str, String)],
+) -> Result<(Proc, SocketAddr)> {
+    let dir = pki.dir();
+    let mut last = None;
+    for _ in 0..3 {
+        let quic: SocketAddr = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .context("find a free udp port")?;
+        let yaml = format!(
+            "listen:\n  quic: {quic}\n{tls}agents:\n  {NAME}:\n    services: [{SERVICE}]\nservices:\n  {SERVICE}:\n    clients: [{NAME}]\n",
+            tls = pki.tls_yaml("server-relay"),
+        );
+        let config = dir.join("relay.yaml");
+        fs::write(&config, yaml).context("write relay.yaml")?;
+        let mut relay = Proc::spawn(
+            "relay",
+            &bin_dir.join("postern-relay"),
+            &["run".into(), "--config".into(), path_arg(&config)],
+            dir.join("relay.log"),
+            env,
+        )?;
+        match relay.wait_log("relay listening", READY_WITHIN).await {
+            Ok(()) => return Ok((relay, quic)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
+        .context("relay did not start"))
+}
+
+/// A child process whose stderr goes to a log file. Stopped on drop.
+pub(crate) struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Proc {
+    fn spawn(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
+        let err = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new(bin)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        Ok(Self {
+            name,
+            child,
+            log,
+            stopped: false,
+        })
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Polls the log until a line contains `needle`, failing if the process exits first.
+    async fn wait_log(&mut self, needle: &str, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if fs::read_to_string(&self.log).is_ok_and(|t| t.contains(needle)) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait().context("wait for child")? {
+                self.stopped = true;
+                bail!(
+                    "{} exited ({status}) before logging {needle:?}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{} did not log {needle:?} within {within:?}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The last lines of the log, for error messages.
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// SIGTERM, up to five seconds to exit, then SIGKILL. Errs if the exit was not clean.
+    fn stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        if let Ok(Some(status)) = self.child.try_wait() {
+            bail!("{} had already exited ({status})", self.name);
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = SystemTime::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => bail!("{} exited with {status} on SIGTERM", self.name),
+                Ok(None) if SystemTime::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    bail!("{} did not exit within 5 s of SIGTERM: killed", self.name);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS`).
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// User plus system CPU time of process `pid` (all threads), in clock ticks.
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces; the fields after its ')' are fixed.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("malformed /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3 of the file, so utime (14) and stime (15) are at 11 and 12.
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("malformed /proc/{pid}/stat"))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on every common Linux).
+pub(crate) fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Where the Postern binaries are by default: next to this executable (`target/release`).
+pub(crate) fn default_bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate this executable")?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .context("executable has no directory")
+}
+
+/// The workspace this bench was built from.
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Prints a warning when a source file of the relay or agent is newer than the binaries, which
+/// would mean measuring old code.
+fn warn_if_stale(bin_dir: &Path) {
+    let oldest_bin = BINARIES
+        .iter()
+        .filter_map(|b| mtime(&bin_dir.join(b)))
+        .min();
+    let root = workspace_root();
+    let newest_src = ["common", "agent", "relay"]
+        .iter()
+        .filter_map(|c| newest_mtime(&root.join(c)))
+        .max();
+    if let (Some(bin), Some(src)) = (oldest_bin, newest_src)
+        && src > bin
+    {
+        eprintln!(
+            "warning: sources changed since {} were built; rebuild with \
+             `cargo build --release -p postern-relay -p postern-agent -p postern-bench`",
+            BINARIES.join(" and ")
+        );
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The newest modification time of a file below `dir` (skipping `target`).
+fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if entry.file_name() != "target" {
+                    todo.push(path);
+                }
+            } else if let Some(t) = mtime(&path) {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    newest
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin"])
+        .any(|d| Path::new(d).join(program).is_file())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .context("find a free tcp port")
+}
+
+fn path_arg(p: &Path) -> String {
+    p.display().to_string()
+}
