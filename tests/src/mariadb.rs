@@ -19,14 +19,28 @@ pub struct MariaDb {
     dir: TempDir,
 }
 
+/// The initialised data directory that instances copy. Made once per machine and MariaDB
+/// version (in the temp dir, so a clean machine makes its own), reused by later test runs.
 fn template() -> &'static Path {
-    static TEMPLATE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
-    let (_, path) = TEMPLATE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("postern-mariadb-template")
-            .tempdir()
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let version = Command::new(find("mariadbd"))
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let tag: u32 = version.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let path = std::env::temp_dir().join(format!("postern-mariadb-template-{tag:08x}"));
+        if path.join("mysql").is_dir() {
+            return path;
+        }
+        // Build next to it and rename into place, so concurrent test processes never see a
+        // half-made template (the loser of a race just removes its copy).
+        let work = tempfile::Builder::new()
+            .prefix("postern-mariadb-template-work")
+            .tempdir_in(std::env::temp_dir())
             .expect("tempdir");
-        let data = dir.path().join("data");
+        let data = work.path().join("data");
         let out = Command::new(find("mariadb-install-db"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
@@ -42,9 +56,10 @@ fn template() -> &'static Path {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        (dir, data)
-    });
-    path
+        let _ = std::fs::rename(&data, &path);
+        assert!(path.join("mysql").is_dir(), "template data directory at {}", path.display());
+        path
+    })
 }
 
 /// Finds a MariaDB program in PATH or /usr/sbin, /usr/bin.

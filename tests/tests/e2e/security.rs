@@ -209,3 +209,88 @@ async fn connect_client_not_allowed_sees_a_mysql_error() {
     agent.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_without_restarting_the_relay() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    pki.issue(Kind::Client, "alice");
+    pki.issue(Kind::Client, "bob");
+    let db = MariaDb::start().await;
+    // Start with a list that revokes someone else.
+    let ca = postern_common::pki::Ca::from_pem(
+        &std::fs::read_to_string(pki.ca()).unwrap(),
+        &std::fs::read_to_string(pki.dir().join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let serial = |base: &str| {
+        let der = rustls_pki_types::pem::PemObject::from_pem_file(pki.files(base).0).unwrap();
+        postern_common::pki::serial_of(&der).unwrap()
+    };
+    let crl_path = pki.dir().join("crl.pem");
+    let first = ca.revoke(None, &[serial("client-bob")]).unwrap();
+    std::fs::write(&crl_path, &first).unwrap();
+    let yaml = relay_yaml(&pki, "db1", "orders", &["alice", "bob"]).replace(
+        "heartbeat_interval:",
+        &format!("  crl: {}\nheartbeat_interval:", crl_path.display()),
+    );
+    let relay = RelayRun::start(pki.dir(), &yaml).await;
+    let mut agent = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
+    );
+    agent.wait_connected().await;
+    let port = relay.service("orders").port();
+
+    // bob is already revoked; alice is served.
+    assert!(
+        tls_client(&pki, port, Some(pki.client_material("bob")))
+            .await
+            .is_err()
+    );
+    let alice = tls_client(&pki, port, Some(pki.client_material("alice")))
+        .await
+        .unwrap();
+    assert_eq!(alice[0], 10);
+
+    // Revoke alice: written next to the relay's config, picked up within a few seconds.
+    let second = ca.revoke(Some(&first), &[serial("client-alice")]).unwrap();
+    std::fs::write(pki.dir().join("crl.tmp"), second).unwrap();
+    std::fs::rename(pki.dir().join("crl.tmp"), &crl_path).unwrap();
+    eventually(Duration::from_secs(6), "alice to be refused", || async {
+        tls_client(&pki, port, Some(pki.client_material("alice")))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // New QUIC sessions with alice's certificate are refused too.
+    let target = postern_agent::config::RelayTarget {
+        quic: Some(format!("quic://{}", relay.quic).parse().unwrap()),
+        websocket: None,
+    };
+    let err = ConnectRun::start_with(
+        &pki,
+        target,
+        postern_agent::config::TransportChoice::Quic,
+        Default::default(),
+        "alice",
+        "orders",
+    )
+    .await
+    .err()
+    .map(|e| format!("{e:#}"));
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("CertificateRevoked") || e.contains("revoked")),
+        "{err:?}"
+    );
+    // The agent was never disturbed.
+    assert!(matches!(
+        *agent.status.borrow(),
+        postern_agent::Status::Connected { .. }
+    ));
+    agent.stop().await;
+    relay.stop().await;
+}
