@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_common::protocol::{Answer, Code, Open};
-use postern_common::transport::Session;
+use postern_common::transport::{Session, quic};
 use postern_common::{mysql, net, splice, wire};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -166,6 +166,37 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
         .dial(&opts.relay)
         .await
         .map_err(|e| anyhow::anyhow!("relay {}: {e}", opts.relay))?;
+    // In TLS 1.3 our handshake completes before the relay has checked our certificate: ask it
+    // once (an open for no service) so a refused certificate is reported now, not per connection.
+    let probe = async {
+        let mut stream = session.open().await.map_err(|e| e.to_string())?;
+        let open = Open {
+            service: String::new(),
+            client: String::new(),
+            client_addr: String::new(),
+            conn_id: 0,
+        };
+        wire::write_first(&mut stream, &open)
+            .await
+            .map_err(|e| e.to_string())?;
+        wire::read_first::<_, Answer>(&mut stream)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, probe).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            let why = tokio::time::timeout(Duration::from_secs(1), session.closed())
+                .await
+                .unwrap_or(e);
+            anyhow::bail!(
+                "relay {} refused the session: {}",
+                opts.relay,
+                quic::humanize(&why)
+            );
+        }
+        Err(_) => anyhow::bail!("relay {} did not answer", opts.relay),
+    }
     info!(relay = %opts.relay, transport = %session.kind(), "connected to relay");
     Ok(session)
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
@@ -49,8 +50,9 @@ pub struct Material {
     pub key: Arc<PrivateKeyDer<'static>>,
     /// The CA certificates we trust for peers.
     pub roots: Arc<RootCertStore>,
-    /// Revocation lists: a client certificate listed in one is refused.
-    pub crls: Arc<Vec<CertificateRevocationListDer<'static>>>,
+    /// Revocation lists: a client certificate listed in one is refused. Shared by every
+    /// verifier made from this material, and reloadable while they run.
+    pub revocations: Arc<Revocations>,
 }
 
 impl Material {
@@ -66,22 +68,14 @@ impl Material {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
-            crls: Arc::new(Vec::new()),
+            revocations: Arc::new(Revocations::default()),
         })
     }
 
-    /// Adds the revocation lists in the PEM file `path`.
+    /// Uses the revocation lists in the PEM file `path` (and re-reads it on
+    /// [`Revocations::reload`]).
     pub fn with_crl_file(mut self, path: &Path) -> Result<Self, TlsError> {
-        let crls = CertificateRevocationListDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| pem_err(path, e))?;
-        if crls.is_empty() {
-            return Err(TlsError::File {
-                path: path.to_path_buf(),
-                reason: "no revocation list (X509 CRL) in file".into(),
-            });
-        }
-        self.crls = Arc::new(crls);
+        self.revocations = Arc::new(Revocations::load(path)?);
         Ok(self)
     }
 
@@ -100,7 +94,7 @@ impl Material {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
-            crls: Arc::new(Vec::new()),
+            revocations: Arc::new(Revocations::default()),
         })
     }
 
@@ -118,7 +112,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Server config for the agent/client link: TLS 1.3, ALPN `postern/1`, client cert required.
 pub fn link_server(m: &Material) -> Result<ServerConfig, TlsError> {
     let p = provider();
-    let verifier = client_verifier(m, &p).build()?;
+    let verifier = client_verifier(m, &p, false)?;
     let mut cfg = ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -140,7 +134,7 @@ pub fn link_client(m: &Material) -> Result<ClientConfig, TlsError> {
 /// Server config for client-facing listeners: TLS 1.2 and 1.3, client cert required.
 pub fn listener_server(m: &Material) -> Result<ServerConfig, TlsError> {
     let p = provider();
-    let verifier = client_verifier(m, &p).build()?;
+    let verifier = client_verifier(m, &p, false)?;
     let cfg = ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
@@ -156,13 +150,201 @@ pub fn listener_client(m: &Material) -> Result<ClientConfig, TlsError> {
         .with_client_auth_cert(m.chain.clone(), m.key.clone_key())?)
 }
 
-/// The client-certificate verifier every server config uses: the CA roots and revocation lists.
+/// The client-certificate verifier every server config uses: the CA roots and the current
+/// revocation lists.
 fn client_verifier(
     m: &Material,
     p: &Arc<CryptoProvider>,
-) -> rustls::server::ClientCertVerifierBuilder {
-    WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone())
-        .with_crls(m.crls.iter().cloned())
+    optional: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    Ok(Arc::new(Verifier::new(
+        m.roots.clone(),
+        p.clone(),
+        m.revocations.clone(),
+        optional,
+    )?))
+}
+
+/// Revocation lists that can be re-read while servers run: a certificate revoked with
+/// `postern-relay certs revoke` is refused from the next handshake on, without a restart.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    path: Option<PathBuf>,
+    state: std::sync::RwLock<CrlState>,
+}
+
+#[derive(Debug, Default)]
+struct CrlState {
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    modified: Option<std::time::SystemTime>,
+    generation: u64,
+}
+
+impl Revocations {
+    /// Reads the revocation lists in `path` (PEM).
+    pub fn load(path: &Path) -> Result<Self, TlsError> {
+        let me = Self {
+            path: Some(path.to_path_buf()),
+            state: Default::default(),
+        };
+        me.reload()?;
+        Ok(me)
+    }
+
+    /// Re-reads the file if it changed since the last read. Returns whether it changed.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified == self.read().modified {
+            return Ok(false);
+        }
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| pem_err(path, e))?;
+        if crls.is_empty() {
+            return Err(TlsError::File {
+                path: path.to_path_buf(),
+                reason: "no revocation list (X509 CRL) in file".into(),
+            });
+        }
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        st.crls = crls;
+        st.modified = modified;
+        st.generation += 1;
+        Ok(true)
+    }
+
+    /// The file the lists come from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CrlState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A client verifier that follows [`Revocations`]: it rebuilds its webpki verifier when the
+/// lists change.
+#[derive(Debug)]
+struct Verifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    revocations: Arc<Revocations>,
+    optional: bool,
+    hints: Vec<rustls::DistinguishedName>,
+    current: std::sync::RwLock<(u64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl Verifier {
+    fn new(
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+        revocations: Arc<Revocations>,
+        optional: bool,
+    ) -> Result<Self, TlsError> {
+        let (generation, inner) = build_webpki(&roots, &provider, &revocations, optional)?;
+        Ok(Self {
+            hints: inner.root_hint_subjects().to_vec(),
+            roots,
+            provider,
+            revocations,
+            optional,
+            current: std::sync::RwLock::new((generation, inner)),
+        })
+    }
+
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        let generation = self.revocations.read().generation;
+        {
+            let cur = self.current.read().unwrap_or_else(|p| p.into_inner());
+            if cur.0 == generation {
+                return cur.1.clone();
+            }
+        }
+        match build_webpki(
+            &self.roots,
+            &self.provider,
+            &self.revocations,
+            self.optional,
+        ) {
+            Ok((g, v)) => {
+                let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+                *cur = (g, v.clone());
+                v
+            }
+            // Lists that do not build keep the previous verifier (and the reload logged why).
+            Err(_) => self
+                .current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .clone(),
+        }
+    }
+}
+
+fn build_webpki(
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+    revocations: &Revocations,
+    optional: bool,
+) -> Result<(u64, Arc<dyn ClientCertVerifier>), TlsError> {
+    let st = revocations.read();
+    let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(st.crls.iter().cloned());
+    if optional {
+        b = b.allow_unauthenticated();
+    }
+    Ok((st.generation, b.build()?))
+}
+
+impl ClientCertVerifier for Verifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.optional
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.inner()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner().supported_verify_schemes()
+    }
 }
 
 /// Reads the identity of a verified peer from its certificate chain.

@@ -174,6 +174,19 @@ async fn serve_stream(
             return;
         }
     };
+    if open.service.is_empty() {
+        // A probe: the client checks that the relay accepted its certificate (in TLS 1.3 the
+        // client's handshake completes before the server has verified it).
+        let _ = wire::write_first(
+            &mut stream,
+            &Answer::Ok {
+                backend: String::new(),
+            },
+        )
+        .await;
+        let _ = stream.shutdown().await;
+        return;
+    }
     let span = info_span!("stream", service = %open.service);
     async move {
         let mut reached = match forward::reach(&shared, &open.service, &identity, peer).await {

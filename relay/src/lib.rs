@@ -172,6 +172,9 @@ impl Relay {
             http,
             acceptor,
         } = self;
+        if shared.config.tls.revocations.path().is_some() {
+            shared.tracker.spawn(watch_revocations(shared.clone()));
+        }
         if let Some(listener) = http {
             info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http listener ready");
             let router = api::router(shared.clone());
@@ -243,6 +246,28 @@ impl Relay {
     pub fn handle(&self) -> Handle {
         Handle {
             shared: self.shared.clone(),
+        }
+    }
+}
+
+/// How often the revocation list file is checked for changes.
+const REVOCATION_POLL: Duration = Duration::from_secs(2);
+
+/// Re-reads `tls.crl` when it changes, so revoking a certificate needs no restart: the next
+/// handshake with it is refused.
+async fn watch_revocations(shared: Arc<Shared>) {
+    let revocations = shared.config.tls.revocations.clone();
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(REVOCATION_POLL) => {}
+        }
+        match revocations.reload() {
+            Ok(true) => {
+                info!(path = %revocations.path().map(|p| p.display().to_string()).unwrap_or_default(), "revocation list reloaded")
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "revocation list not reloaded; keeping the previous one"),
         }
     }
 }

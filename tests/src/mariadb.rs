@@ -29,7 +29,9 @@ fn template() -> &'static Path {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        let tag: u32 = version.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let tag: u32 = version
+            .bytes()
+            .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
         let path = std::env::temp_dir().join(format!("postern-mariadb-template-{tag:08x}"));
         if path.join("mysql").is_dir() {
             return path;
@@ -57,7 +59,11 @@ fn template() -> &'static Path {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = std::fs::rename(&data, &path);
-        assert!(path.join("mysql").is_dir(), "template data directory at {}", path.display());
+        assert!(
+            path.join("mysql").is_dir(),
+            "template data directory at {}",
+            path.display()
+        );
         path
     })
 }
