@@ -149,6 +149,7 @@ async fn open(
         client: String::new(),
         client_addr: String::new(),
         conn_id: 0,
+        pre_auth: false,
     };
     wire::write_first(&mut stream, &open)
         .await

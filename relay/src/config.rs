@@ -10,9 +10,18 @@
 //!   db-host-1: { services: [orders] }
 //! services:
 //!   orders:
-//!     listen: 0.0.0.0:13306       # mutual-TLS listener for applications (optional)
+//!     listen: 0.0.0.0:13306       # MySQL-native listener: stock drivers with a client certificate
+//!     tls_listen: 0.0.0.0:13307   # TLS-first listener for sidecars (optional)
 //!     clients: [billing, alice]   # client identities allowed ("*": any valid certificate)
+//!     allowed_users:              # MySQL users each client may log in as (optional)
+//!       billing: [app]
+//!       alice: ["*"]
+//!     client_attribute: true      # tag sessions with connection attribute postern_client
 //! ```
+//!
+//! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
+//! and upgrades to TLS in-band, as a MySQL server does ([`crate::mysql`]); for `tcp` services it
+//! is TLS-first. `tls_listen` is always TLS-first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -70,11 +79,58 @@ struct AgentFile {
 struct ServiceFile {
     #[serde(default)]
     listen: Option<Spanned<String>>,
+    #[serde(default)]
+    tls_listen: Option<Spanned<String>>,
     clients: Vec<Spanned<String>>,
     #[serde(default)]
-    protocol: Option<Protocol>,
+    protocol: Option<Spanned<Protocol>>,
     #[serde(default)]
     max_connections: Option<usize>,
+    #[serde(default)]
+    tls_termination: Option<Spanned<TlsTermination>>,
+    #[serde(default)]
+    allowed_users: Option<Spanned<UsersFile>>,
+    #[serde(default)]
+    client_attribute: Option<Spanned<bool>>,
+}
+
+/// `allowed_users`: a list for every client, or a mapping from client name (or `"*"`) to a list.
+#[derive(Debug)]
+enum UsersFile {
+    List(Vec<Spanned<String>>),
+    Map(Entries<Vec<Spanned<String>>>),
+}
+
+impl<'de> Deserialize<'de> for UsersFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UsersFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a list of MySQL user names, or a mapping from client name to such a list",
+                )
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(UsersFile::List(out))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                Entries::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(UsersFile::Map)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// What a service speaks, so refusals can be put in words its clients show.
@@ -86,6 +142,17 @@ pub enum Protocol {
     Mysql,
     /// Any TCP protocol: refusals close the connection.
     Tcp,
+}
+
+/// Where TLS from a MySQL client ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsTermination {
+    /// At the relay: it verifies the client and applies the policy, and sees the plaintext.
+    #[default]
+    Relay,
+    /// End to end at the agent: the relay would forward only ciphertext (not supported yet).
+    Agent,
 }
 
 /// The validated relay configuration.
@@ -114,14 +181,72 @@ pub struct Config {
 pub struct Service {
     /// The service name.
     pub name: String,
-    /// Mutual-TLS listener for applications, if any.
+    /// The listener for applications, if any: MySQL-native for `mysql` services (TLS upgraded
+    /// in-band, client certificate required), TLS-first for `tcp` services.
     pub listen: Option<SocketAddr>,
+    /// A TLS-first listener (client certificate required), for sidecars and any protocol.
+    pub tls_listen: Option<SocketAddr>,
     /// Who may connect.
     pub clients: Acl,
     /// What the service speaks.
     pub protocol: Protocol,
     /// Limit of concurrent client connections.
     pub max_connections: usize,
+    /// Where a MySQL client's TLS ends.
+    pub tls_termination: TlsTermination,
+    /// Which MySQL users each client may log in as.
+    pub allowed_users: AllowedUsers,
+    /// Whether sessions get the connection attribute `postern_client` (the client identity).
+    pub client_attribute: bool,
+}
+
+/// Which MySQL user names each client identity may log in as.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AllowedUsers {
+    /// No policy: any user the database accepts.
+    #[default]
+    Any,
+    /// A policy: per-client lists, and a list for every other client (`"*"`, or the plain list
+    /// form). A client that neither names may log in as no one.
+    Policy {
+        /// Lists by client name.
+        clients: BTreeMap<String, Users>,
+        /// The list for clients not named.
+        others: Option<Users>,
+    },
+}
+
+/// A list of MySQL user names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Users {
+    /// Any user (`"*"` in the list).
+    Any,
+    /// Only these, compared byte for byte (MySQL user names are case-sensitive).
+    Only(BTreeSet<String>),
+}
+
+impl Users {
+    /// Whether `user` is on the list.
+    pub fn allows(&self, user: &[u8]) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(names) => names.iter().any(|n| n.as_bytes() == user),
+        }
+    }
+}
+
+impl AllowedUsers {
+    /// The users client `name` may log in as.
+    pub fn for_client(&self, name: &str) -> Users {
+        match self {
+            Self::Any => Users::Any,
+            Self::Policy { clients, others } => clients
+                .get(name)
+                .or(others.as_ref())
+                .cloned()
+                .unwrap_or_else(|| Users::Only(BTreeSet::new())),
+        }
+    }
 }
 
 /// Which client identities may use a service.
@@ -180,6 +305,10 @@ impl Config {
                 .listen
                 .as_ref()
                 .and_then(|l| parse_addr(&mut check, l, &format!("{key}.listen")));
+            let tls_listen = svc
+                .tls_listen
+                .as_ref()
+                .and_then(|l| parse_addr(&mut check, l, &format!("{key}.tls_listen")));
             let mut names = BTreeSet::new();
             let mut any = false;
             for c in &svc.clients {
@@ -199,14 +328,63 @@ impl Config {
                     "must be at least 1",
                 );
             }
+            let clients = if any { Acl::Any } else { Acl::Only(names) };
+            let protocol = svc.protocol.as_ref().map(|p| p.value).unwrap_or_default();
+            if protocol == Protocol::Tcp {
+                let mysql_only = [
+                    ("tls_listen", svc.tls_listen.as_ref().map(config::line_of)),
+                    (
+                        "tls_termination",
+                        svc.tls_termination.as_ref().map(config::line_of),
+                    ),
+                    (
+                        "allowed_users",
+                        svc.allowed_users.as_ref().map(config::line_of),
+                    ),
+                    (
+                        "client_attribute",
+                        svc.client_attribute.as_ref().map(config::line_of),
+                    ),
+                ];
+                for (field, line) in mysql_only {
+                    let Some(line) = line else { continue };
+                    let why = if field == "tls_listen" {
+                        "a tcp service's `listen` is already TLS-first: use `listen`"
+                    } else {
+                        "applies only to services with protocol: mysql"
+                    };
+                    check.error(line, &format!("{key}.{field}"), why);
+                }
+            }
+            let tls_termination = svc
+                .tls_termination
+                .as_ref()
+                .map(|t| t.value)
+                .unwrap_or_default();
+            if let Some(t) = &svc.tls_termination
+                && t.value == TlsTermination::Agent
+            {
+                check.at(
+                    t,
+                    &format!("{key}.tls_termination"),
+                    "`agent` (end-to-end TLS to the agent) is not supported yet: use `relay`",
+                );
+            }
+            let allowed_users = svc.allowed_users.as_ref().map_or(AllowedUsers::Any, |u| {
+                allowed_users(&mut check, &key, &u.value, &clients)
+            });
             services.insert(
                 name.value.clone(),
                 Service {
                     name: name.value.clone(),
                     listen,
-                    clients: if any { Acl::Any } else { Acl::Only(names) },
-                    protocol: svc.protocol.unwrap_or_default(),
+                    tls_listen,
+                    clients,
+                    protocol,
                     max_connections,
+                    tls_termination,
+                    allowed_users,
+                    client_attribute: svc.client_attribute.as_ref().is_some_and(|c| c.value),
                 },
             );
         }
@@ -254,6 +432,57 @@ impl Config {
             agents,
             services,
         })
+    }
+}
+
+/// Validates `services.NAME.allowed_users`.
+fn allowed_users(check: &mut Check<'_>, key: &str, file: &UsersFile, acl: &Acl) -> AllowedUsers {
+    let key = format!("{key}.allowed_users");
+    let list = |check: &mut Check<'_>, users: &[Spanned<String>]| {
+        let mut names = BTreeSet::new();
+        for u in users {
+            if u.value == "*" {
+                return Users::Any;
+            }
+            if u.value.is_empty() {
+                check.at(u, &key, "a MySQL user name cannot be empty");
+            }
+            names.insert(u.value.clone());
+        }
+        Users::Only(names)
+    };
+    match file {
+        UsersFile::List(users) => AllowedUsers::Policy {
+            clients: BTreeMap::new(),
+            others: Some(list(check, users)),
+        },
+        UsersFile::Map(entries) => {
+            let mut clients = BTreeMap::new();
+            let mut others = None;
+            for (client, users) in entries.iter() {
+                let users = list(check, users);
+                if client.value == "*" {
+                    others = Some(users);
+                    continue;
+                }
+                if let Err(e) = pki::check_name(&client.value) {
+                    check.at(client, &key, e.to_string());
+                } else if let Acl::Only(names) = acl
+                    && !names.contains(&client.value)
+                {
+                    check.at(
+                        client,
+                        &key,
+                        format!(
+                            "client {:?} is not in this service's `clients`, so it can never connect",
+                            client.value
+                        ),
+                    );
+                }
+                clients.insert(client.value.clone(), users);
+            }
+            AllowedUsers::Policy { clients, others }
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 //! token fires, drains, and returns.
 //!
 //! * [`agents`]: agent sessions (hello, welcome, heartbeats) and the [`registry`] of them.
-//! * [`clients`]: the per-service TLS listeners and `connect` client sessions.
+//! * [`clients`]: the per-service listeners and `connect` client sessions.
+//! * [`mysql`]: the MySQL-native listener (TLS negotiated in-band, client certificate, user
+//!   policy) for stock MySQL and MariaDB clients.
 //! * [`forward`]: authorising one client connection and opening its stream to an agent.
 //! * [`certs`]: the `certs` subcommand.
 
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod forward;
+pub mod mysql;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -35,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use clients::ListenerKind;
 pub use config::Config;
 use registry::Registry;
 
@@ -62,9 +66,17 @@ impl Shared {
 pub struct Relay {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
-    listeners: Vec<(String, TcpListener)>,
+    listeners: Vec<Listener>,
     http: Option<TcpListener>,
     acceptor: TlsAcceptor,
+    mysql_acceptor: TlsAcceptor,
+}
+
+/// One bound service listener.
+struct Listener {
+    service: String,
+    kind: ListenerKind,
+    socket: TcpListener,
 }
 
 /// Errors starting a relay.
@@ -94,17 +106,30 @@ impl Relay {
         let idle = postern_common::control::dead_after(config.heartbeat) + Duration::from_secs(5);
         let endpoint = quic::server(config.quic_listen, &config.tls, idle)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls::listener_server(&config.tls)?));
+        let mysql_acceptor = TlsAcceptor::from(Arc::new(tls::mysql_listener_server(&config.tls)?));
         let mut listeners = Vec::new();
         for svc in config.services.values() {
-            if let Some(addr) = svc.listen {
-                let l = TcpListener::bind(addr)
+            let listen_kind = match svc.protocol {
+                config::Protocol::Mysql => ListenerKind::Mysql,
+                config::Protocol::Tcp => ListenerKind::Tls,
+            };
+            let wanted = [
+                svc.listen.map(|a| (a, listen_kind)),
+                svc.tls_listen.map(|a| (a, ListenerKind::Tls)),
+            ];
+            for (addr, kind) in wanted.into_iter().flatten() {
+                let socket = TcpListener::bind(addr)
                     .await
                     .map_err(|source| StartError::Bind {
                         service: svc.name.clone(),
                         addr,
                         source,
                     })?;
-                listeners.push((svc.name.clone(), l));
+                listeners.push(Listener {
+                    service: svc.name.clone(),
+                    kind,
+                    socket,
+                });
             }
         }
         let http = match config.http_listen {
@@ -139,6 +164,7 @@ impl Relay {
             listeners,
             http,
             acceptor,
+            mysql_acceptor,
         })
     }
 
@@ -154,12 +180,31 @@ impl Relay {
             .unwrap_or(self.shared.config.quic_listen)
     }
 
-    /// The bound address of a service's TLS listener.
+    /// The bound address of a service's `listen` listener (MySQL-native for MySQL services,
+    /// TLS-first for TCP services).
     pub fn service_addr(&self, service: &str) -> Option<SocketAddr> {
+        let kind = match self.shared.config.services.get(service)?.protocol {
+            config::Protocol::Mysql => ListenerKind::Mysql,
+            config::Protocol::Tcp => ListenerKind::Tls,
+        };
+        self.listener_addr(service, kind)
+    }
+
+    /// The bound address of a MySQL service's TLS-first `tls_listen` listener.
+    pub fn tls_service_addr(&self, service: &str) -> Option<SocketAddr> {
+        let svc = self.shared.config.services.get(service)?;
+        svc.tls_listen?;
+        if svc.protocol == config::Protocol::Tcp {
+            return None;
+        }
+        self.listener_addr(service, ListenerKind::Tls)
+    }
+
+    fn listener_addr(&self, service: &str, kind: ListenerKind) -> Option<SocketAddr> {
         self.listeners
             .iter()
-            .find(|(n, _)| n == service)
-            .and_then(|(_, l)| l.local_addr().ok())
+            .find(|l| l.service == service && l.kind == kind)
+            .and_then(|l| l.socket.local_addr().ok())
     }
 
     /// Serves until `shutdown` fires, then drains for up to [`SHUTDOWN_GRACE`].
@@ -170,6 +215,7 @@ impl Relay {
             listeners,
             http,
             acceptor,
+            mysql_acceptor,
         } = self;
         if let Some(listener) = http {
             info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http listener ready");
@@ -184,13 +230,23 @@ impl Relay {
             });
         }
         info!(quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), instance = %shared.config.instance, "relay listening");
-        for (service, listener) in listeners {
-            info!(service = %service, addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "service listener ready");
+        for Listener {
+            service,
+            kind,
+            socket,
+        } in listeners
+        {
+            info!(service = %service, kind = kind.as_str(), addr = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "service listener ready");
+            let acceptor = match kind {
+                ListenerKind::Mysql => mysql_acceptor.clone(),
+                ListenerKind::Tls => acceptor.clone(),
+            };
             shared.tracker.spawn(clients::listen(
                 shared.clone(),
                 service,
-                listener,
-                acceptor.clone(),
+                kind,
+                socket,
+                acceptor,
             ));
         }
         loop {

@@ -45,13 +45,13 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
                 "heartbeat_interval: 1s\n",
                 "heartbeat_interval: 1s\nheartbeet: 2s\n",
             ),
-            "unknown.yaml:8: key `heartbeet`: unknown field",
+            "unknown.yaml:9: key `heartbeet`: unknown field",
         ),
         (
             "postern-relay",
             "nocert.yaml",
             good_relay.replace("server-relay.pem", "missing.pem"),
-            "nocert.yaml:5: key `tls.cert`: cannot read",
+            "nocert.yaml:6: key `tls.cert`: cannot read",
         ),
         (
             "postern-agent",

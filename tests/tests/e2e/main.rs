@@ -4,4 +4,5 @@
 mod basic;
 mod config;
 mod faults;
+mod mysql_tls;
 mod security;
