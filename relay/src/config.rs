@@ -166,7 +166,9 @@ pub struct Config {
     pub tls: Material,
     /// How often heartbeats are sent on agent control streams.
     pub heartbeat: Duration,
-    /// Deadline for a client's handshake and first frame.
+    /// Deadline for a client's handshake and first frame; for the MySQL-native listener, for
+    /// everything from the accepted connection to the client's handshake response, and again for
+    /// each packet of the login that follows.
     pub handshake_timeout: Duration,
     /// Names this relay instance in welcomes and logs.
     pub instance: String,
@@ -513,4 +515,137 @@ fn default_instance() -> String {
 /// The directory certificate paths in `path` are relative to.
 pub fn base_dir(path: &Path) -> PathBuf {
     path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_common::pki::{Ca, Kind, LeafSpec};
+
+    /// A directory with a CA and a relay certificate, and a relay.yaml prefix that uses them.
+    fn files() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, key) = Ca::generate("test", 1).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(dir.path().join("ca-key.pem"), key).unwrap();
+        let issued = ca.issue(&LeafSpec::new(Kind::Server, "relay", 1)).unwrap();
+        std::fs::write(dir.path().join("relay.pem"), issued.cert_pem).unwrap();
+        std::fs::write(dir.path().join("relay-key.pem"), issued.key_pem).unwrap();
+        let head = "listen:\n  quic: 127.0.0.1:0\ntls: { ca: ca.pem, cert: relay.pem, key: relay-key.pem }\nservices:\n".to_owned();
+        (dir, head)
+    }
+
+    fn parse(services: &str) -> Result<Config, ConfigErrors> {
+        let (dir, head) = files();
+        Config::parse(&dir.path().join("relay.yaml"), &(head + services))
+    }
+
+    fn errors(services: &str) -> Vec<String> {
+        parse(services)
+            .expect_err("the config is refused")
+            .0
+            .iter()
+            .map(|e| {
+                let file = e.file.file_name().unwrap().to_string_lossy();
+                format!(
+                    "{file}:{}: {}: {}",
+                    e.line.unwrap_or(0),
+                    e.key.as_deref().unwrap_or(""),
+                    e.message
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn listeners_and_defaults() {
+        let c = parse(
+            "  orders:\n    listen: 127.0.0.1:3306\n    tls_listen: 127.0.0.1:3307\n    clients: [alice]\n  files:\n    protocol: tcp\n    listen: 127.0.0.1:9000\n    clients: [\"*\"]\n",
+        )
+        .unwrap();
+        let orders = &c.services["orders"];
+        assert_eq!(orders.protocol, Protocol::Mysql);
+        assert_eq!(orders.listen, Some("127.0.0.1:3306".parse().unwrap()));
+        assert_eq!(orders.tls_listen, Some("127.0.0.1:3307".parse().unwrap()));
+        assert_eq!(orders.tls_termination, TlsTermination::Relay);
+        assert_eq!(orders.allowed_users, AllowedUsers::Any);
+        assert!(!orders.client_attribute);
+        assert_eq!(orders.allowed_users.for_client("alice"), Users::Any);
+        assert_eq!(c.services["files"].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn allowed_users_as_a_list_applies_to_every_client() {
+        let c = parse(
+            "  orders:\n    clients: [\"*\"]\n    allowed_users: [app, report]\n    client_attribute: true\n",
+        )
+        .unwrap();
+        let users = c.services["orders"].allowed_users.for_client("anyone");
+        assert!(users.allows(b"app") && users.allows(b"report"));
+        assert!(!users.allows(b"root") && !users.allows(b"App"));
+        assert!(c.services["orders"].client_attribute);
+    }
+
+    #[test]
+    fn allowed_users_as_a_mapping_with_a_fallback() {
+        let c = parse(
+            "  orders:\n    clients: [alice, billing, carol]\n    allowed_users:\n      alice: [\"*\"]\n      billing: [app]\n      \"*\": [report]\n",
+        )
+        .unwrap();
+        let policy = &c.services["orders"].allowed_users;
+        assert_eq!(policy.for_client("alice"), Users::Any);
+        assert!(policy.for_client("billing").allows(b"app"));
+        assert!(!policy.for_client("billing").allows(b"report"));
+        assert!(policy.for_client("carol").allows(b"report"));
+        let c = parse(
+            "  orders:\n    clients: [alice, carol]\n    allowed_users:\n      alice: [app]\n",
+        )
+        .unwrap();
+        assert!(
+            !c.services["orders"]
+                .allowed_users
+                .for_client("carol")
+                .allows(b"app"),
+            "a client the mapping does not name may log in as no one"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_line_and_key() {
+        assert_eq!(
+            errors("  orders:\n    clients: [alice]\n    tls_termination: agent\n"),
+            vec![
+                "relay.yaml:7: services.orders.tls_termination: `agent` (end-to-end TLS to the \
+                 agent) is not supported yet: use `relay`"
+            ]
+        );
+        assert_eq!(
+            errors(
+                "  orders:\n    clients: [alice]\n    allowed_users:\n      alise: [app]\n      bob/x: [app]\n"
+            ),
+            vec![
+                "relay.yaml:8: services.orders.allowed_users: client \"alise\" is not in this \
+                 service's `clients`, so it can never connect",
+                "relay.yaml:9: services.orders.allowed_users: invalid name \"bob/x\": use 1-64 \
+                 characters from a-z, A-Z, 0-9, '.', '_' and '-'",
+            ]
+        );
+        assert_eq!(
+            errors(
+                "  files:\n    protocol: tcp\n    clients: [alice]\n    tls_listen: 127.0.0.1:1\n    allowed_users: [app]\n"
+            ),
+            vec![
+                "relay.yaml:8: services.files.tls_listen: a tcp service's `listen` is already TLS-first: use `listen`",
+                "relay.yaml:9: services.files.allowed_users: applies only to services with protocol: mysql",
+            ]
+        );
+        let e = errors("  orders:\n    clients: [alice]\n    allowed_users: app\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("relay.yaml:7:"), "{e:?}");
+        let e = errors("  orders:\n    clients: [alice]\n    tls_termination: both\n");
+        assert!(
+            e[0].starts_with("relay.yaml:7:") && e[0].contains("both"),
+            "{e:?}"
+        );
+    }
 }

@@ -890,3 +890,98 @@ impl<S: AsyncWrite + Unpin, J: Unpin> AsyncWrite for Watched<S, J> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    fn change_user(user: &[u8]) -> Vec<u8> {
+        let mut p = vec![mysql::COM_CHANGE_USER];
+        p.extend_from_slice(user);
+        p.extend_from_slice(b"\0\x00\0");
+        p
+    }
+
+    fn judge(command: &Command) -> Result<(), Refusal> {
+        match command {
+            Command::ChangeUser { username } if &username[..] != b"app" => {
+                Err(Refusal::new(Code::NotAuthorized, "not app"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends `wire` through a [`Watched`] reader in small writes; returns what came out and the
+    /// refusal that stopped it, if any.
+    async fn watch(wire: Vec<u8>) -> (Vec<u8>, Option<Refusal>) {
+        let (mut client, relay_side) = duplex(1024);
+        let writer = tokio::spawn(async move {
+            for chunk in wire.chunks(7) {
+                if client.write_all(chunk).await.is_err() {
+                    break;
+                }
+            }
+            let _ = client.shutdown().await;
+        });
+        let mut watched = Watched {
+            inner: relay_side,
+            watch: CommandWatch::default(),
+            buf: BytesMut::new(),
+            pass: 0,
+            eof: false,
+            judge,
+            refused: None,
+        };
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 100];
+        loop {
+            match watched.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+                    break;
+                }
+            }
+        }
+        let refused = watched.refused.take();
+        drop(watched);
+        let _ = writer.await;
+        (out, refused)
+    }
+
+    #[tokio::test]
+    async fn allowed_commands_pass_unchanged() {
+        let mut wire = BytesMut::new();
+        mysql::encode(0, b"\x03SELECT 1", &mut wire);
+        mysql::encode(0, &change_user(b"app"), &mut wire);
+        mysql::encode(0, &[mysql::COM_QUIT], &mut wire);
+        let (out, refused) = watch(wire.to_vec()).await;
+        assert_eq!(out, wire.to_vec());
+        assert!(refused.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refused_change_of_user_never_comes_out() {
+        let mut wire = BytesMut::new();
+        mysql::encode(0, b"\x03SELECT 1", &mut wire);
+        let before = wire.len();
+        mysql::encode(0, &change_user(b"root"), &mut wire);
+        mysql::encode(0, b"\x03SELECT 2", &mut wire);
+        let (out, refused) = watch(wire.to_vec()).await;
+        assert_eq!(out, wire[..before].to_vec(), "only what came before it");
+        assert_eq!(refused.map(|r| r.message).as_deref(), Some("not app"));
+    }
+
+    #[tokio::test]
+    async fn rewind_reads_the_bytes_ahead_first() {
+        let (mut a, b) = duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut r = Rewind::new(BytesMut::from(&b"hello"[..]), b);
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+}

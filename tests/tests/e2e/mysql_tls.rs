@@ -537,7 +537,7 @@ fn ssl_request() -> SslRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ssl_request_sent_one_byte_at_a_time_is_served() {
-    let s = setup(MariaDb::start().await, "", "5s").await;
+    let s = setup(MariaDb::start().await, "    max_connections: 1\n", "5s").await;
     let mut tcp = tokio::net::TcpStream::connect(s.relay.service("orders"))
         .await
         .unwrap();
@@ -591,6 +591,27 @@ async fn an_ssl_request_sent_one_byte_at_a_time_is_served() {
     };
     // Column count, column definition, EOF (no CLIENT_DEPRECATE_EOF), then the row.
     assert_eq!(row.seq, 4);
+
+    // That connection is the service's only slot: the next client is told so.
+    let alice = ssl_args(&s.pki, Some("client-alice"));
+    let err = failed(&cli(s.port(), "root", &alice, "SELECT 1"));
+    assert!(
+        err.contains("1040")
+            && err.contains("too many connections to service \"orders\" (limit 1)"),
+        "{err}"
+    );
+    drop(conn);
+    eventually(
+        Duration::from_secs(5),
+        "the slot to be free again",
+        || async {
+            cli(s.port(), "root", &alice, "SELECT 1")
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
     s.stop().await;
 }
 
