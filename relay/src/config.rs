@@ -41,6 +41,9 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default limit of concurrent client connections per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default limit of connections per MySQL service that are still in their handshake (each holds
+/// a database connection before the client is authorised).
+pub const DEFAULT_MAX_HANDSHAKES: usize = 100;
 
 /// The YAML shape of `relay.yaml`.
 #[derive(Debug, Deserialize)]
@@ -86,6 +89,8 @@ struct ServiceFile {
     protocol: Option<Spanned<Protocol>>,
     #[serde(default)]
     max_connections: Option<usize>,
+    #[serde(default)]
+    max_handshakes: Option<Spanned<usize>>,
     #[serde(default)]
     tls_termination: Option<Spanned<TlsTermination>>,
     #[serde(default)]
@@ -194,6 +199,8 @@ pub struct Service {
     pub protocol: Protocol,
     /// Limit of concurrent client connections.
     pub max_connections: usize,
+    /// Limit of MySQL-native connections still in their handshake, not yet authorised.
+    pub max_handshakes: usize,
     /// Where a MySQL client's TLS ends.
     pub tls_termination: TlsTermination,
     /// Which MySQL users each client may log in as.
@@ -372,6 +379,15 @@ impl Config {
                     "`agent` (end-to-end TLS to the agent) is not supported yet: use `relay`",
                 );
             }
+            let max_handshakes = svc
+                .max_handshakes
+                .as_ref()
+                .map_or(DEFAULT_MAX_HANDSHAKES, |m| m.value);
+            if let Some(m) = &svc.max_handshakes
+                && m.value == 0
+            {
+                check.at(m, &format!("{key}.max_handshakes"), "must be at least 1");
+            }
             let allowed_users = svc.allowed_users.as_ref().map_or(AllowedUsers::Any, |u| {
                 allowed_users(&mut check, &key, &u.value, &clients)
             });
@@ -384,6 +400,7 @@ impl Config {
                     clients,
                     protocol,
                     max_connections,
+                    max_handshakes,
                     tls_termination,
                     allowed_users,
                     client_attribute: svc.client_attribute.as_ref().is_some_and(|c| c.value),
@@ -568,6 +585,7 @@ mod tests {
         assert_eq!(orders.listen, Some("127.0.0.1:3306".parse().unwrap()));
         assert_eq!(orders.tls_listen, Some("127.0.0.1:3307".parse().unwrap()));
         assert_eq!(orders.tls_termination, TlsTermination::Relay);
+        assert_eq!(orders.max_handshakes, DEFAULT_MAX_HANDSHAKES);
         assert_eq!(orders.allowed_users, AllowedUsers::Any);
         assert!(!orders.client_attribute);
         assert_eq!(orders.allowed_users.for_client("alice"), Users::Any);

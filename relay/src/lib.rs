@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// Per-service connection limits.
     pub(crate) limits: HashMap<String, Arc<Semaphore>>,
+    /// Per-service limits of MySQL-native connections still in their handshake.
+    pub(crate) handshakes: HashMap<String, Arc<Semaphore>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     next_conn: AtomicU64,
@@ -151,11 +153,17 @@ impl Relay {
             .values()
             .map(|s| (s.name.clone(), Arc::new(Semaphore::new(s.max_connections))))
             .collect();
+        let handshakes = config
+            .services
+            .values()
+            .map(|s| (s.name.clone(), Arc::new(Semaphore::new(s.max_handshakes))))
+            .collect();
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 registry: Registry::default(),
                 limits,
+                handshakes,
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 next_conn: AtomicU64::new(0),

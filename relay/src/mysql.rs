@@ -36,7 +36,8 @@
 //! identity has passed the service's checks; a refused client's stream is aborted, and the
 //! database sees a connection that closed before any login. An unauthenticated client costs the
 //! backend one connection for at most the handshake deadline, and holds one of the service's
-//! `max_connections` slots while it does.
+//! `max_connections` slots and one of its `max_handshakes` slots (connections not yet
+//! authorised) while it does, so unauthenticated clients cannot take every database connection.
 //!
 //! # Clients that arrive already authenticated
 //!
@@ -92,6 +93,21 @@ pub(crate) async fn serve(
     };
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let mut client = Leg::new(tcp, Side::Client);
+    // Until the client is authorised it holds a database connection: limit how many may.
+    let Some(handshake) = shared
+        .handshakes
+        .get(&service)
+        .and_then(|s| s.clone().try_acquire_owned().ok())
+    else {
+        let r = Refusal::new(
+            Code::TooManyConnections,
+            format!(
+                "too many connections to service {:?} in their handshake (limit {})",
+                svc.name, svc.max_handshakes
+            ),
+        );
+        return refuse(&mut client.io, 0, &r).await;
+    };
 
     // 1. An agent and the backend, before anything is known about the client.
     let reached =
@@ -210,6 +226,7 @@ pub(crate) async fn serve(
         backend.io.abort();
         return refuse(&mut client.io, reply_seq, &r).await;
     }
+    drop(handshake);
     info!(
         conn_id,
         %agent,

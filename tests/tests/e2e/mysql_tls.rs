@@ -380,7 +380,7 @@ async fn refusal_setup(pki: &TestPki) -> (RelayProc, AgentRun, MariaDb) {
     let db = MariaDb::start().await;
     let yaml = relay_yaml(pki, "db1", "orders", &["alice"])
         .replace("handshake_timeout: 5s", "handshake_timeout: 2s")
-        + "  offline:\n    listen: 127.0.0.1:0\n    clients: [alice]\n";
+        + "    max_handshakes: 1\n  offline:\n    listen: 127.0.0.1:0\n    clients: [alice]\n";
     let relay = RelayProc::start(pki.dir(), &yaml).await;
     let mut agent = AgentRun::start(
         pki.dir(),
@@ -495,6 +495,12 @@ async fn every_refusal_says_why_and_the_relay_keeps_serving() {
             wire.extend_from_slice(partial);
             tcp.write_all(&wire).await.unwrap();
         }
+        // The stalled client holds the service's only handshake slot meanwhile.
+        let err = failed(&cli(port, "root", &alice, "SELECT 1"));
+        assert!(
+            err.contains("1040") && err.contains("in their handshake (limit 1)"),
+            "{err}"
+        );
         let started = tokio::time::Instant::now();
         let mut rest = Vec::new();
         let end = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest)).await;
@@ -502,7 +508,7 @@ async fn every_refusal_says_why_and_the_relay_keeps_serving() {
             end.is_ok(),
             "the relay dropped the stalled client within the deadline"
         );
-        assert!(started.elapsed() >= Duration::from_millis(1500));
+        assert!(started.elapsed() >= Duration::from_millis(500));
     }
     let line = relay.wait_log("the SSL request").await;
     assert!(line.contains("handshake timed out"), "{line}");
