@@ -23,9 +23,10 @@
 //! 7. Splice bytes. With a user policy, the client's commands pass a [`CommandWatch`], and a
 //!    `COM_CHANGE_USER` to a user outside the policy is refused and the connection closed.
 //!
-//! Steps 1 to 5 run under one deadline (`handshake_timeout`, from the moment the connection is
-//! accepted): a client that stalls after the greeting or during TLS is dropped and logged. Each
-//! packet of step 6 gets the same deadline again.
+//! Steps 1 to 5 run under one deadline (`handshake_timeout`): a client that stalls after the
+//! greeting or during TLS is dropped and logged. Each packet of step 6 gets the same deadline
+//! again. At most `max_handshakes` connections per service are in steps 1 to 5 at once; more
+//! wait for a slot, for up to another `handshake_timeout`.
 //!
 //! # Why opening the backend connection before authorisation is safe
 //!
@@ -91,14 +92,16 @@ pub(crate) async fn serve(
     let Some(svc) = shared.config.services.get(&service) else {
         return;
     };
-    let deadline = Instant::now() + shared.config.handshake_timeout;
     let mut client = Leg::new(tcp, Side::Client);
-    // Until the client is authorised it holds a database connection: limit how many may.
-    let Some(handshake) = shared
-        .handshakes
-        .get(&service)
-        .and_then(|s| s.clone().try_acquire_owned().ok())
-    else {
+    // Until the client is authorised it holds a database connection: limit how many may. A
+    // burst of clients waits for a slot (handshakes take milliseconds); only when slots stay
+    // taken for a whole handshake deadline is the client refused.
+    let timeout = shared.config.handshake_timeout;
+    let slot = match shared.handshakes.get(&service) {
+        Some(slots) => tokio::time::timeout(timeout, slots.clone().acquire_owned()).await,
+        None => return,
+    };
+    let Ok(Ok(handshake)) = slot else {
         let r = Refusal::new(
             Code::TooManyConnections,
             format!(
@@ -108,6 +111,7 @@ pub(crate) async fn serve(
         );
         return refuse(&mut client.io, 0, &r).await;
     };
+    let deadline = Instant::now() + timeout;
 
     // 1. An agent and the backend, before anything is known about the client.
     let reached =
