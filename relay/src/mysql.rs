@@ -20,8 +20,10 @@
 //!    `allowed_users`. With `client_attribute`, set the connection attribute `postern_client`.
 //! 6. Relay the authentication exchange with [`AuthRelay`]; the backend leg is plaintext, so it
 //!    carries one packet (the SSLRequest) fewer and sequence ids are renumbered.
-//! 7. Splice bytes. With a user policy, the client's commands pass a [`CommandWatch`], and a
-//!    `COM_CHANGE_USER` to a user outside the policy is refused and the connection closed.
+//! 7. Splice bytes. With a user policy or `client_attribute`, the client's commands pass a
+//!    [`CommandWatch`]: a `COM_CHANGE_USER` to a user outside the policy is refused and the
+//!    connection closed, and an allowed one gets `postern_client` set again (the new session's
+//!    attributes are the ones in that command, so a client could otherwise forge them).
 //!
 //! Steps 1 to 5 run under one deadline (`handshake_timeout`): a client that stalls after the
 //! greeting or during TLS is dropped and logged. Each packet of step 6 gets the same deadline
@@ -57,8 +59,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use postern_common::mysql::{
-    self, AuthOutcome, AuthRelay, ClientFirst, Command, CommandWatch, ErrPacket, Greeting,
-    HandshakeResponse, Legs, MysqlError, Packet, PacketReader, Scan, Turn,
+    self, AuthOutcome, AuthRelay, ChangeUser, ClientFirst, Command, CommandWatch, ErrPacket,
+    Greeting, HandshakeResponse, Legs, MysqlError, Packet, PacketReader, Scan, Turn,
 };
 use postern_common::pki::Identity;
 use postern_common::protocol::Code;
@@ -249,6 +251,7 @@ pub(crate) async fn serve(
         svc,
         identity: &identity,
         conn_id,
+        server_capabilities: greeting.capabilities(),
     };
     login
         .run(client, backend, legs, packet.seq, &response)
@@ -328,6 +331,7 @@ pub(crate) async fn serve_inspected<C: ClientConn>(
         svc,
         identity,
         conn_id,
+        server_capabilities: greeting.capabilities(),
     };
     login
         .run(client, backend, legs, packet.seq, &response)
@@ -506,6 +510,8 @@ struct Login<'a> {
     svc: &'a Service,
     identity: &'a Identity,
     conn_id: u64,
+    /// The backend's capabilities, from its greeting.
+    server_capabilities: u32,
 }
 
 impl Login<'_> {
@@ -590,12 +596,15 @@ impl Login<'_> {
             }
         }
         debug!(plugin = %String::from_utf8_lossy(relay.plugin()), "logged in");
-        self.splice(client, backend).await;
+        // What the server takes the client to speak, for reading its later COM_CHANGE_USER.
+        let capabilities = response.capabilities & self.server_capabilities;
+        self.splice(client, backend, capabilities).await;
     }
 
-    /// The command phase: bytes pass unchanged, through a [`CommandWatch`] when the client's
-    /// MySQL users are limited.
-    async fn splice<C: ClientConn>(self, client: Leg<C>, backend: Leg<Stream>) {
+    /// The command phase: bytes pass unchanged, or through a [`Watched`] reader when the
+    /// client's MySQL users are limited or its sessions are tagged, so a `COM_CHANGE_USER` is
+    /// checked against the policy and keeps the tag.
+    async fn splice<C: ClientConn>(self, client: Leg<C>, backend: Leg<Stream>, capabilities: u32) {
         let Leg {
             io: mut client_io,
             buf: client_ahead,
@@ -610,26 +619,16 @@ impl Login<'_> {
             return fail(client_io, backend_io);
         }
         let users = self.svc.allowed_users.for_client(self.identity.name());
-        let result = if users == Users::Any {
+        let result = if users == Users::Any && !self.svc.client_attribute {
             if !client_ahead.is_empty() && backend_io.write_all(&client_ahead).await.is_err() {
                 return fail(client_io, backend_io);
             }
             splice::splice(&mut client_io, &mut backend_io).await
         } else {
-            let mut watched = Watched {
-                inner: &mut client_io,
-                watch: CommandWatch::default(),
-                buf: client_ahead,
-                pass: 0,
-                eof: false,
-                judge: |command: &Command| match command {
-                    Command::ChangeUser { username } => {
-                        check_user(self.svc, self.identity, username)
-                    }
-                    _ => Ok(()),
-                },
-                refused: None,
+            let judge = |command: &Command, packet: &[u8]| {
+                judge_command(self.svc, self.identity, capabilities, command, packet)
             };
+            let mut watched = Watched::new(&mut client_io, client_ahead, judge);
             let result = splice::splice(&mut watched, &mut backend_io).await;
             if let Some(r) = watched.refused.take() {
                 // A command was refused: its answer (sequence id 1) is the refusal.
@@ -651,6 +650,32 @@ impl Login<'_> {
             }
         }
     }
+}
+
+/// The policy for commands after the login: a `COM_CHANGE_USER` must name a user the client may
+/// log in as, and with `client_attribute` it gets the client's identity as its attribute too
+/// (the new session's attributes are the ones in that command).
+fn judge_command(
+    svc: &Service,
+    identity: &Identity,
+    capabilities: u32,
+    command: &Command,
+    packet: &[u8],
+) -> Judgement {
+    let Command::ChangeUser { username } = command else {
+        return Ok(None);
+    };
+    check_user(svc, identity, username)?;
+    if !svc.client_attribute {
+        return Ok(None);
+    }
+    let payload = packet.get(4..).unwrap_or_default();
+    let mut change = ChangeUser::parse(payload, capabilities)
+        .map_err(|e| Refusal::new(Code::BadRequest, format!("unreadable COM_CHANGE_USER: {e}")))?;
+    change.set_attribute(CLIENT_ATTRIBUTE, identity.uri(), capabilities);
+    let mut out = BytesMut::new();
+    mysql::encode(0, &change.encode(capabilities), &mut out);
+    Ok(Some(out))
 }
 
 /// Ends both sides of a connection as failures.
@@ -820,27 +845,46 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
-/// A client connection whose reads pass through a [`CommandWatch`]: commands the policy
-/// (`judge`) refuses never come out; the read fails instead and `refused` says why.
+/// A client connection whose reads pass through a [`CommandWatch`]: a command that `judge`
+/// refuses never comes out (the read fails instead and `refused` says why), and one it rewrites
+/// comes out rewritten.
 struct Watched<S, J> {
     inner: S,
     watch: CommandWatch,
-    /// Bytes read from the client that have not been handed on.
+    /// Bytes read from the client that the watch has not looked at.
     buf: BytesMut,
-    /// How many bytes at the front of `buf` may be handed on.
-    pass: usize,
+    /// Bytes that may be handed on.
+    ready: BytesMut,
     eof: bool,
     judge: J,
     refused: Option<Refusal>,
 }
 
+/// Judges one command packet (`packet`: the whole packet, header included): `Ok(None)` lets it
+/// pass unchanged, `Ok(Some(bytes))` replaces it, `Err` refuses it.
+type Judgement = Result<Option<BytesMut>, Refusal>;
+
 /// The size of one read from the client while watching.
 const WATCH_READ: usize = 32 * 1024;
+
+impl<S, J> Watched<S, J> {
+    fn new(inner: S, ahead: BytesMut, judge: J) -> Self {
+        Self {
+            inner,
+            watch: CommandWatch::default(),
+            buf: ahead,
+            ready: BytesMut::new(),
+            eof: false,
+            judge,
+            refused: None,
+        }
+    }
+}
 
 impl<S, J> AsyncRead for Watched<S, J>
 where
     S: AsyncRead + Unpin,
-    J: Fn(&Command) -> Result<(), Refusal> + Unpin,
+    J: Fn(&Command, &[u8]) -> Judgement + Unpin,
 {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -849,11 +893,10 @@ where
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.pass > 0 {
-                let n = this.pass.min(out.remaining());
-                out.put_slice(&this.buf[..n]);
-                this.buf.advance(n);
-                this.pass -= n;
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(out.remaining());
+                out.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
                 return Poll::Ready(Ok(()));
             }
             if this.refused.is_some() {
@@ -863,16 +906,22 @@ where
                 )));
             }
             match this.watch.scan(&this.buf) {
-                Ok(Scan::Pass(n)) => this.pass = n,
-                Ok(Scan::Judge { command, len }) => match (this.judge)(&command) {
-                    Ok(()) => this.pass = len,
-                    Err(r) => this.refused = Some(r),
-                },
+                Ok(Scan::Pass(n)) => this.ready = this.buf.split_to(n),
+                Ok(Scan::Judge { command, len }) => {
+                    let packet = this.buf.split_to(len);
+                    match (this.judge)(&command, &packet) {
+                        Ok(None) => this.ready = packet,
+                        Ok(Some(rewritten)) => this.ready = rewritten,
+                        Err(r) => this.refused = Some(r),
+                    }
+                }
                 Ok(Scan::NeedMore) => {
                     if this.eof {
                         // The client ended, possibly mid-packet: the server sees the end too.
                         return Poll::Ready(Ok(()));
                     }
+                    // Let go of the handed-on bytes first, so the buffer can be reused.
+                    this.ready = BytesMut::new();
                     this.buf.reserve(WATCH_READ);
                     let n = ready!(tokio_util::io::poll_read_buf(
                         Pin::new(&mut this.inner),
@@ -924,12 +973,12 @@ mod tests {
         p
     }
 
-    fn judge(command: &Command) -> Result<(), Refusal> {
+    fn judge(command: &Command, _packet: &[u8]) -> Judgement {
         match command {
             Command::ChangeUser { username } if &username[..] != b"app" => {
                 Err(Refusal::new(Code::NotAuthorized, "not app"))
             }
-            _ => Ok(()),
+            _ => Ok(None),
         }
     }
 
@@ -945,15 +994,7 @@ mod tests {
             }
             let _ = client.shutdown().await;
         });
-        let mut watched = Watched {
-            inner: relay_side,
-            watch: CommandWatch::default(),
-            buf: BytesMut::new(),
-            pass: 0,
-            eof: false,
-            judge,
-            refused: None,
-        };
+        let mut watched = Watched::new(relay_side, BytesMut::new(), judge);
         let mut out = Vec::new();
         let mut chunk = [0u8; 100];
         loop {
@@ -993,6 +1034,76 @@ mod tests {
         let (out, refused) = watch(wire.to_vec()).await;
         assert_eq!(out, wire[..before].to_vec(), "only what came before it");
         assert_eq!(refused.map(|r| r.message).as_deref(), Some("not app"));
+    }
+
+    fn service(client_attribute: bool) -> Service {
+        Service {
+            name: "orders".into(),
+            listen: None,
+            tls_listen: None,
+            clients: crate::config::Acl::Any,
+            protocol: Protocol::Mysql,
+            max_connections: 1,
+            max_handshakes: 1,
+            tls_termination: crate::config::TlsTermination::Relay,
+            allowed_users: crate::config::AllowedUsers::Policy {
+                clients: Default::default(),
+                others: Some(Users::Only(["app".to_owned()].into())),
+            },
+            client_attribute,
+        }
+    }
+
+    #[test]
+    fn a_change_of_user_is_judged_and_keeps_the_identity_attribute() {
+        let caps = mysql::CLIENT_PROTOCOL_41
+            | mysql::CLIENT_SECURE_CONNECTION
+            | mysql::CLIENT_PLUGIN_AUTH
+            | mysql::CLIENT_CONNECT_ATTRS;
+        let alice = Identity::Client("alice".into());
+        let forged = ChangeUser {
+            username: "app".into(),
+            auth_response: vec![7; 20].into(),
+            database: "shop".into(),
+            charset: Some(45),
+            auth_plugin: Some("mysql_native_password".into()),
+            attributes: Some(vec![(
+                "postern_client".into(),
+                "postern://client/mallory".into(),
+            )]),
+            rest: Default::default(),
+        };
+        let mut packet = BytesMut::new();
+        mysql::encode(0, &forged.encode(caps), &mut packet);
+        let command = Command::ChangeUser {
+            username: "app".into(),
+        };
+        // Without the attribute the packet passes as it is.
+        assert!(matches!(
+            judge_command(&service(false), &alice, caps, &command, &packet),
+            Ok(None)
+        ));
+        let Ok(Some(out)) = judge_command(&service(true), &alice, caps, &command, &packet) else {
+            panic!("rewritten");
+        };
+        assert_eq!(out[3], 0, "still a command");
+        let again = ChangeUser::parse(&out[4..], caps).unwrap();
+        assert_eq!(
+            again.attributes.unwrap(),
+            vec![("postern_client".into(), "postern://client/alice".into())]
+        );
+        assert_eq!(again.username, forged.username);
+        assert_eq!(again.auth_response, forged.auth_response);
+        // A user outside the policy is refused, whatever else the packet says.
+        let root = Command::ChangeUser {
+            username: "root".into(),
+        };
+        let refused = judge_command(&service(true), &alice, caps, &root, &packet).unwrap_err();
+        assert!(
+            refused.message.contains("as MySQL user \"root\""),
+            "{}",
+            refused.message
+        );
     }
 
     #[tokio::test]

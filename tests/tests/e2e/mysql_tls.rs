@@ -686,6 +686,18 @@ async fn user_policy_attribute_change_user_and_large_packets() {
     .expect("change to an allowed user");
     let who: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.unwrap();
     assert_eq!(who.as_deref(), Some("app@%"));
+    let attr: Option<String> = conn
+        .query_first(
+            "SELECT ATTR_VALUE FROM performance_schema.session_connect_attrs \
+             WHERE PROCESSLIST_ID = CONNECTION_ID() AND ATTR_NAME = 'postern_client'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        attr.as_deref(),
+        Some("postern://client/alice"),
+        "the new session keeps the identity"
+    );
     let err = conn
         .change_user(
             mysql_async::ChangeUserOpts::default()
