@@ -28,7 +28,7 @@
 //! Steps 1 to 5 run under one deadline (`handshake_timeout`): a client that stalls after the
 //! greeting or during TLS is dropped and logged. Each packet of step 6 gets the same deadline
 //! again. At most `max_handshakes` connections per service are in steps 1 to 5 at once; more
-//! wait for a slot, for up to another `handshake_timeout`.
+//! wait for a slot, for up to twice `handshake_timeout`.
 //!
 //! # Why opening the backend connection before authorisation is safe
 //!
@@ -96,11 +96,12 @@ pub(crate) async fn serve(
     };
     let mut client = Leg::new(tcp, Side::Client);
     // Until the client is authorised it holds a database connection: limit how many may. A
-    // burst of clients waits for a slot (handshakes take milliseconds); only when slots stay
-    // taken for a whole handshake deadline is the client refused.
+    // burst of clients waits for a slot (handshakes take milliseconds). Every slot taken when
+    // this client arrived frees up within one handshake deadline; the wait allows two, so that
+    // only slots that keep being taken refuse the client.
     let timeout = shared.config.handshake_timeout;
     let slot = match shared.handshakes.get(&service) {
-        Some(slots) => tokio::time::timeout(timeout, slots.clone().acquire_owned()).await,
+        Some(slots) => tokio::time::timeout(2 * timeout, slots.clone().acquire_owned()).await,
         None => return,
     };
     let Ok(Ok(handshake)) = slot else {

@@ -35,10 +35,15 @@ async fn setup(db: MariaDb, extra: &str, timeout: &str) -> Setup {
     pki.issue(Kind::Agent, "db1");
     pki.issue(Kind::Client, "alice");
     pki.issue(Kind::Client, "bob");
-    let yaml = relay_yaml(&pki, "db1", "orders", &["alice", "bob"]).replace(
-        "handshake_timeout: 5s",
-        &format!("handshake_timeout: {timeout}"),
-    ) + extra;
+    // Heartbeats far apart: these tests load both cores, and a starved agent must not be taken
+    // for a dead one.
+    let yaml = relay_yaml(&pki, "db1", "orders", &["alice", "bob"])
+        .replace(
+            "handshake_timeout: 5s",
+            &format!("handshake_timeout: {timeout}"),
+        )
+        .replace("heartbeat_interval: 1s", "heartbeat_interval: 5s")
+        + extra;
     let relay = RelayRun::start(pki.dir(), &yaml).await;
     let mut agent = AgentRun::start(
         pki.dir(),
@@ -135,7 +140,13 @@ fn driver_opts(pki: &TestPki, port: u16, base: &str, user: &str, pass: &str) -> 
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(b.len() * 2);
+    for x in b {
+        out.push(char::from(DIGITS[usize::from(x >> 4)]));
+        out.push(char::from(DIGITS[usize::from(x & 15)]));
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,6 +391,7 @@ async fn refusal_setup(pki: &TestPki) -> (RelayProc, AgentRun, MariaDb) {
     let db = MariaDb::start().await;
     let yaml = relay_yaml(pki, "db1", "orders", &["alice"])
         .replace("handshake_timeout: 5s", "handshake_timeout: 2s")
+        .replace("heartbeat_interval: 1s", "heartbeat_interval: 5s")
         + "    max_handshakes: 1\n  offline:\n    listen: 127.0.0.1:0\n    clients: [alice]\n";
     let relay = RelayProc::start(pki.dir(), &yaml).await;
     let mut agent = AgentRun::start(
