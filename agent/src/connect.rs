@@ -146,6 +146,7 @@ async fn open(
         client: String::new(),
         client_addr: String::new(),
         conn_id: 0,
+        pre_auth: false,
     };
     wire::write_first(&mut stream, &open)
         .await
@@ -175,6 +176,7 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
             client: String::new(),
             client_addr: String::new(),
             conn_id: 0,
+            pre_auth: false,
         };
         wire::write_first(&mut stream, &open)
             .await

@@ -30,7 +30,7 @@ pub(crate) async fn serve(config: Arc<Config>, mut stream: Stream) {
                 return;
             }
         };
-    let span = info_span!("stream", service = %open.service, client = %open.client, conn_id = open.conn_id);
+    let span = info_span!("stream", service = %open.service, client = %open.client, pre_auth = open.pre_auth, conn_id = open.conn_id);
     forward(config, stream, open).instrument(span).await
 }
 

@@ -126,6 +126,11 @@ pub struct Open {
     /// A relay-assigned id that appears in both sides' logs.
     #[serde(default)]
     pub conn_id: u64,
+    /// The relay opened the stream before it knew the client (`client` is empty): a MySQL
+    /// front end needs the server's greeting before the client's TLS handshake shows who it
+    /// is. No client byte goes into the stream until the relay has authorised the client.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_auth: bool,
 }
 
 /// The answer to an [`Open`].
@@ -313,6 +318,14 @@ mod tests {
             client: "alice".into(),
             client_addr: "127.0.0.1:1".into(),
             conn_id: 9,
+            pre_auth: false,
+        });
+        roundtrip(Open {
+            service: "orders".into(),
+            client: String::new(),
+            client_addr: "127.0.0.1:1".into(),
+            conn_id: 10,
+            pre_auth: true,
         });
         roundtrip(Answer::Refused {
             code: Code::BackendUnavailable,

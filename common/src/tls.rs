@@ -3,11 +3,13 @@
 //! * The agent and client link to the relay (QUIC or TLS inside a WebSocket): TLS 1.3 only,
 //!   ALPN `postern/1`, client certificate required and verified against the Postern CA.
 //! * The relay's client-facing listeners: TLS 1.2 and 1.3 (older MySQL drivers), client
-//!   certificate required.
+//!   certificate required (for the MySQL-native listener, required by the MySQL front end after
+//!   the handshake, so a client without one gets a MySQL error it can show).
 //!
 //! Authentication is a verifier choice, never a separate code path: every server config here
-//! requires a client certificate chained to the configured CA, and the identity is read from the
-//! verified certificate afterwards with [`peer_identity`].
+//! verifies the client certificate against the configured CA (all but the MySQL-native one also
+//! refuse a handshake without one), and the identity is read from the verified certificate
+//! afterwards with [`peer_identity`], which fails when there is none.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -135,6 +137,25 @@ pub fn link_client(m: &Material) -> Result<ClientConfig, TlsError> {
 pub fn listener_server(m: &Material) -> Result<ServerConfig, TlsError> {
     let p = provider();
     let verifier = client_verifier(m, &p, false)?;
+    let cfg = ServerConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())?;
+    Ok(cfg)
+}
+
+/// Server config for the MySQL-native listener: TLS 1.2 and 1.3; a client certificate is
+/// requested and verified against the CA, but the handshake also completes without one.
+///
+/// The certificate is still required: the MySQL front end refuses a client that sent none, but
+/// with a MySQL ERR packet over the finished handshake, which the client shows ("a client
+/// certificate is required"), instead of a TLS alert that drivers report as a bare handshake
+/// failure. A certificate that is presented and does not verify still fails the handshake.
+pub fn mysql_listener_server(m: &Material) -> Result<ServerConfig, TlsError> {
+    let p = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone())
+        .allow_unauthenticated()
+        .build()?;
     let cfg = ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)

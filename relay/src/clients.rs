@@ -1,8 +1,11 @@
-//! Client front ends: per-service mutual-TLS listeners, and `connect` clients over QUIC.
+//! Client front ends: per-service listeners, and `connect` clients over QUIC.
 //!
-//! Both end in [`forward::reach`] and then splice bytes. A refusal is put in the client's own
-//! terms: a MySQL ERR packet for MySQL services (so `mariadb` prints why), a refusal frame for
-//! `connect` clients (which turn it into an ERR packet locally).
+//! A service listener is either MySQL-native (served by [`crate::mysql`]) or TLS-first. The
+//! TLS-first listeners and `connect` streams end in [`forward::reach`] and then splice bytes, or,
+//! when a MySQL service has a user policy, go through the relay's MySQL login
+//! ([`mysql::serve_inspected`]). A refusal is put in the client's own terms: a MySQL ERR packet
+//! for MySQL services (so `mariadb` prints why), a refusal frame for `connect` clients (which turn
+//! it into an ERR packet locally).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,11 +22,32 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::Shared;
 use crate::config::Protocol;
 use crate::forward::{self, Refusal};
+use crate::mysql as front;
 
-/// Accepts connections on one service's TLS listener until shutdown.
+/// What a service listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// MySQL with TLS negotiated in-band (the `listen` address of a MySQL service).
+    Mysql,
+    /// TLS first, then the service's protocol (`tls_listen`, or `listen` of a TCP service).
+    Tls,
+}
+
+impl ListenerKind {
+    /// The name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mysql => "mysql",
+            Self::Tls => "tls",
+        }
+    }
+}
+
+/// Accepts connections on one service listener until shutdown.
 pub(crate) async fn listen(
     shared: Arc<Shared>,
     service: String,
+    kind: ListenerKind,
     listener: TcpListener,
     acceptor: TlsAcceptor,
 ) {
@@ -42,9 +66,23 @@ pub(crate) async fn listen(
             }
         };
         net::tune(&tcp);
-        let span = info_span!("client", service = %service, peer = %peer);
-        let task = serve_tls(shared.clone(), service.clone(), tcp, peer, acceptor.clone());
-        shared.tracker.spawn(task.instrument(span));
+        let span = info_span!(
+            "client",
+            service = %service,
+            peer = %peer,
+            listener = kind.as_str(),
+            conn_id = tracing::field::Empty,
+            client = tracing::field::Empty,
+        );
+        let (shared2, service2, acceptor2) = (shared.clone(), service.clone(), acceptor.clone());
+        match kind {
+            ListenerKind::Mysql => shared
+                .tracker
+                .spawn(front::serve(shared2, service2, tcp, peer, acceptor2).instrument(span)),
+            ListenerKind::Tls => shared
+                .tracker
+                .spawn(serve_tls(shared2, service2, tcp, peer, acceptor2).instrument(span)),
+        };
     }
 }
 
@@ -98,6 +136,11 @@ async fn serve_tls(
         }
     };
     info!(client = %identity, conn_id = reached.conn_id, agent = %reached.agent, backend = %reached.backend, "client connected");
+    if let Some(svc) = shared.config.services.get(&service)
+        && front::needs_inspection(svc, &identity)
+    {
+        return front::serve_inspected(&shared, svc, &identity, conn, reached).await;
+    }
     match splice::splice(&mut conn, &mut reached.stream).await {
         Ok(t) => debug!(
             conn_id = reached.conn_id,
@@ -205,6 +248,11 @@ async fn serve_stream(
             return;
         }
         info!(conn_id = reached.conn_id, agent = %reached.agent, backend = %reached.backend, "client connected");
+        if let Some(svc) = shared.config.services.get(&open.service)
+            && front::needs_inspection(svc, &identity)
+        {
+            return front::serve_inspected(&shared, svc, &identity, stream, reached).await;
+        }
         match splice::splice(&mut stream, &mut reached.stream).await {
             Ok(t) => debug!(conn_id = reached.conn_id, up = t.a_to_b, down = t.b_to_a, "client disconnected"),
             Err(e) => {

@@ -10,9 +10,18 @@
 //!   db-host-1: { services: [orders] }
 //! services:
 //!   orders:
-//!     listen: 0.0.0.0:13306       # mutual-TLS listener for applications (optional)
+//!     listen: 0.0.0.0:13306       # MySQL-native listener: stock drivers with a client certificate
+//!     tls_listen: 0.0.0.0:13307   # TLS-first listener for sidecars (optional)
 //!     clients: [billing, alice]   # client identities allowed ("*": any valid certificate)
+//!     allowed_users:              # MySQL users each client may log in as (optional)
+//!       billing: [app]
+//!       alice: ["*"]
+//!     client_attribute: true      # tag sessions with connection attribute postern_client
 //! ```
+//!
+//! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
+//! and upgrades to TLS in-band, as a MySQL server does ([`crate::mysql`]); for `tcp` services it
+//! is TLS-first. `tls_listen` is always TLS-first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -32,6 +41,9 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default limit of concurrent client connections per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default limit of connections per MySQL service that are still in their handshake (each holds
+/// a database connection before the client is authorised).
+pub const DEFAULT_MAX_HANDSHAKES: usize = 100;
 
 /// The YAML shape of `relay.yaml`.
 #[derive(Debug, Deserialize)]
@@ -70,11 +82,60 @@ struct AgentFile {
 struct ServiceFile {
     #[serde(default)]
     listen: Option<Spanned<String>>,
+    #[serde(default)]
+    tls_listen: Option<Spanned<String>>,
     clients: Vec<Spanned<String>>,
     #[serde(default)]
-    protocol: Option<Protocol>,
+    protocol: Option<Spanned<Protocol>>,
     #[serde(default)]
     max_connections: Option<usize>,
+    #[serde(default)]
+    max_handshakes: Option<Spanned<usize>>,
+    #[serde(default)]
+    tls_termination: Option<Spanned<TlsTermination>>,
+    #[serde(default)]
+    allowed_users: Option<Spanned<UsersFile>>,
+    #[serde(default)]
+    client_attribute: Option<Spanned<bool>>,
+}
+
+/// `allowed_users`: a list for every client, or a mapping from client name (or `"*"`) to a list.
+#[derive(Debug)]
+enum UsersFile {
+    List(Vec<Spanned<String>>),
+    Map(Entries<Vec<Spanned<String>>>),
+}
+
+impl<'de> Deserialize<'de> for UsersFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UsersFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a list of MySQL user names, or a mapping from client name to such a list",
+                )
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(UsersFile::List(out))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                Entries::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(UsersFile::Map)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// What a service speaks, so refusals can be put in words its clients show.
@@ -88,6 +149,17 @@ pub enum Protocol {
     Tcp,
 }
 
+/// Where TLS from a MySQL client ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsTermination {
+    /// At the relay: it verifies the client and applies the policy, and sees the plaintext.
+    #[default]
+    Relay,
+    /// End to end at the agent: the relay would forward only ciphertext (not supported yet).
+    Agent,
+}
+
 /// The validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -99,7 +171,9 @@ pub struct Config {
     pub tls: Material,
     /// How often heartbeats are sent on agent control streams.
     pub heartbeat: Duration,
-    /// Deadline for a client's handshake and first frame.
+    /// Deadline for a client's handshake and first frame; for the MySQL-native listener, for
+    /// everything from the accepted connection to the client's handshake response, and again for
+    /// each packet of the login that follows.
     pub handshake_timeout: Duration,
     /// Names this relay instance in welcomes and logs.
     pub instance: String,
@@ -140,14 +214,74 @@ impl CfInstance {
 pub struct Service {
     /// The service name.
     pub name: String,
-    /// Mutual-TLS listener for applications, if any.
+    /// The listener for applications, if any: MySQL-native for `mysql` services (TLS upgraded
+    /// in-band, client certificate required), TLS-first for `tcp` services.
     pub listen: Option<SocketAddr>,
+    /// A TLS-first listener (client certificate required), for sidecars and any protocol.
+    pub tls_listen: Option<SocketAddr>,
     /// Who may connect.
     pub clients: Acl,
     /// What the service speaks.
     pub protocol: Protocol,
     /// Limit of concurrent client connections.
     pub max_connections: usize,
+    /// Limit of MySQL-native connections still in their handshake, not yet authorised.
+    pub max_handshakes: usize,
+    /// Where a MySQL client's TLS ends.
+    pub tls_termination: TlsTermination,
+    /// Which MySQL users each client may log in as.
+    pub allowed_users: AllowedUsers,
+    /// Whether sessions get the connection attribute `postern_client` (the client identity).
+    pub client_attribute: bool,
+}
+
+/// Which MySQL user names each client identity may log in as.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AllowedUsers {
+    /// No policy: any user the database accepts.
+    #[default]
+    Any,
+    /// A policy: per-client lists, and a list for every other client (`"*"`, or the plain list
+    /// form). A client that neither names may log in as no one.
+    Policy {
+        /// Lists by client name.
+        clients: BTreeMap<String, Users>,
+        /// The list for clients not named.
+        others: Option<Users>,
+    },
+}
+
+/// A list of MySQL user names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Users {
+    /// Any user (`"*"` in the list).
+    Any,
+    /// Only these, compared byte for byte (MySQL user names are case-sensitive).
+    Only(BTreeSet<String>),
+}
+
+impl Users {
+    /// Whether `user` is on the list.
+    pub fn allows(&self, user: &[u8]) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(names) => names.iter().any(|n| n.as_bytes() == user),
+        }
+    }
+}
+
+impl AllowedUsers {
+    /// The users client `name` may log in as.
+    pub fn for_client(&self, name: &str) -> Users {
+        match self {
+            Self::Any => Users::Any,
+            Self::Policy { clients, others } => clients
+                .get(name)
+                .or(others.as_ref())
+                .cloned()
+                .unwrap_or_else(|| Users::Only(BTreeSet::new())),
+        }
+    }
 }
 
 /// Which client identities may use a service.
@@ -206,6 +340,10 @@ impl Config {
                 .listen
                 .as_ref()
                 .and_then(|l| parse_addr(&mut check, l, &format!("{key}.listen")));
+            let tls_listen = svc
+                .tls_listen
+                .as_ref()
+                .and_then(|l| parse_addr(&mut check, l, &format!("{key}.tls_listen")));
             let mut names = BTreeSet::new();
             let mut any = false;
             for c in &svc.clients {
@@ -225,14 +363,73 @@ impl Config {
                     "must be at least 1",
                 );
             }
+            let clients = if any { Acl::Any } else { Acl::Only(names) };
+            let protocol = svc.protocol.as_ref().map(|p| p.value).unwrap_or_default();
+            if protocol == Protocol::Tcp {
+                let mysql_only = [
+                    ("tls_listen", svc.tls_listen.as_ref().map(config::line_of)),
+                    (
+                        "tls_termination",
+                        svc.tls_termination.as_ref().map(config::line_of),
+                    ),
+                    (
+                        "allowed_users",
+                        svc.allowed_users.as_ref().map(config::line_of),
+                    ),
+                    (
+                        "client_attribute",
+                        svc.client_attribute.as_ref().map(config::line_of),
+                    ),
+                ];
+                for (field, line) in mysql_only {
+                    let Some(line) = line else { continue };
+                    let why = if field == "tls_listen" {
+                        "a tcp service's `listen` is already TLS-first: use `listen`"
+                    } else {
+                        "applies only to services with protocol: mysql"
+                    };
+                    check.error(line, &format!("{key}.{field}"), why);
+                }
+            }
+            let tls_termination = svc
+                .tls_termination
+                .as_ref()
+                .map(|t| t.value)
+                .unwrap_or_default();
+            if let Some(t) = &svc.tls_termination
+                && t.value == TlsTermination::Agent
+            {
+                check.at(
+                    t,
+                    &format!("{key}.tls_termination"),
+                    "`agent` (end-to-end TLS to the agent) is not supported yet: use `relay`",
+                );
+            }
+            let max_handshakes = svc
+                .max_handshakes
+                .as_ref()
+                .map_or(DEFAULT_MAX_HANDSHAKES, |m| m.value);
+            if let Some(m) = &svc.max_handshakes
+                && m.value == 0
+            {
+                check.at(m, &format!("{key}.max_handshakes"), "must be at least 1");
+            }
+            let allowed_users = svc.allowed_users.as_ref().map_or(AllowedUsers::Any, |u| {
+                allowed_users(&mut check, &key, &u.value, &clients)
+            });
             services.insert(
                 name.value.clone(),
                 Service {
                     name: name.value.clone(),
                     listen,
-                    clients: if any { Acl::Any } else { Acl::Only(names) },
-                    protocol: svc.protocol.unwrap_or_default(),
+                    tls_listen,
+                    clients,
+                    protocol,
                     max_connections,
+                    max_handshakes,
+                    tls_termination,
+                    allowed_users,
+                    client_attribute: svc.client_attribute.as_ref().is_some_and(|c| c.value),
                 },
             );
         }
@@ -281,6 +478,57 @@ impl Config {
             services,
             platform: None,
         })
+    }
+}
+
+/// Validates `services.NAME.allowed_users`.
+fn allowed_users(check: &mut Check<'_>, key: &str, file: &UsersFile, acl: &Acl) -> AllowedUsers {
+    let key = format!("{key}.allowed_users");
+    let list = |check: &mut Check<'_>, users: &[Spanned<String>]| {
+        let mut names = BTreeSet::new();
+        for u in users {
+            if u.value == "*" {
+                return Users::Any;
+            }
+            if u.value.is_empty() {
+                check.at(u, &key, "a MySQL user name cannot be empty");
+            }
+            names.insert(u.value.clone());
+        }
+        Users::Only(names)
+    };
+    match file {
+        UsersFile::List(users) => AllowedUsers::Policy {
+            clients: BTreeMap::new(),
+            others: Some(list(check, users)),
+        },
+        UsersFile::Map(entries) => {
+            let mut clients = BTreeMap::new();
+            let mut others = None;
+            for (client, users) in entries.iter() {
+                let users = list(check, users);
+                if client.value == "*" {
+                    others = Some(users);
+                    continue;
+                }
+                if let Err(e) = pki::check_name(&client.value) {
+                    check.at(client, &key, e.to_string());
+                } else if let Acl::Only(names) = acl
+                    && !names.contains(&client.value)
+                {
+                    check.at(
+                        client,
+                        &key,
+                        format!(
+                            "client {:?} is not in this service's `clients`, so it can never connect",
+                            client.value
+                        ),
+                    );
+                }
+                clients.insert(client.value.clone(), users);
+            }
+            AllowedUsers::Policy { clients, others }
+        }
     }
 }
 
@@ -341,4 +589,138 @@ fn default_instance() -> String {
 /// The directory certificate paths in `path` are relative to.
 pub fn base_dir(path: &Path) -> PathBuf {
     path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_common::pki::{Ca, Kind, LeafSpec};
+
+    /// A directory with a CA and a relay certificate, and a relay.yaml prefix that uses them.
+    fn files() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, key) = Ca::generate("test", 1).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(dir.path().join("ca-key.pem"), key).unwrap();
+        let issued = ca.issue(&LeafSpec::new(Kind::Server, "relay", 1)).unwrap();
+        std::fs::write(dir.path().join("relay.pem"), issued.cert_pem).unwrap();
+        std::fs::write(dir.path().join("relay-key.pem"), issued.key_pem).unwrap();
+        let head = "listen:\n  quic: 127.0.0.1:0\ntls: { ca: ca.pem, cert: relay.pem, key: relay-key.pem }\nservices:\n".to_owned();
+        (dir, head)
+    }
+
+    fn parse(services: &str) -> Result<Config, ConfigErrors> {
+        let (dir, head) = files();
+        Config::parse(&dir.path().join("relay.yaml"), &(head + services))
+    }
+
+    fn errors(services: &str) -> Vec<String> {
+        parse(services)
+            .expect_err("the config is refused")
+            .0
+            .iter()
+            .map(|e| {
+                let file = e.file.file_name().unwrap().to_string_lossy();
+                format!(
+                    "{file}:{}: {}: {}",
+                    e.line.unwrap_or(0),
+                    e.key.as_deref().unwrap_or(""),
+                    e.message
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn listeners_and_defaults() {
+        let c = parse(
+            "  orders:\n    listen: 127.0.0.1:3306\n    tls_listen: 127.0.0.1:3307\n    clients: [alice]\n  files:\n    protocol: tcp\n    listen: 127.0.0.1:9000\n    clients: [\"*\"]\n",
+        )
+        .unwrap();
+        let orders = &c.services["orders"];
+        assert_eq!(orders.protocol, Protocol::Mysql);
+        assert_eq!(orders.listen, Some("127.0.0.1:3306".parse().unwrap()));
+        assert_eq!(orders.tls_listen, Some("127.0.0.1:3307".parse().unwrap()));
+        assert_eq!(orders.tls_termination, TlsTermination::Relay);
+        assert_eq!(orders.max_handshakes, DEFAULT_MAX_HANDSHAKES);
+        assert_eq!(orders.allowed_users, AllowedUsers::Any);
+        assert!(!orders.client_attribute);
+        assert_eq!(orders.allowed_users.for_client("alice"), Users::Any);
+        assert_eq!(c.services["files"].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn allowed_users_as_a_list_applies_to_every_client() {
+        let c = parse(
+            "  orders:\n    clients: [\"*\"]\n    allowed_users: [app, report]\n    client_attribute: true\n",
+        )
+        .unwrap();
+        let users = c.services["orders"].allowed_users.for_client("anyone");
+        assert!(users.allows(b"app") && users.allows(b"report"));
+        assert!(!users.allows(b"root") && !users.allows(b"App"));
+        assert!(c.services["orders"].client_attribute);
+    }
+
+    #[test]
+    fn allowed_users_as_a_mapping_with_a_fallback() {
+        let c = parse(
+            "  orders:\n    clients: [alice, billing, carol]\n    allowed_users:\n      alice: [\"*\"]\n      billing: [app]\n      \"*\": [report]\n",
+        )
+        .unwrap();
+        let policy = &c.services["orders"].allowed_users;
+        assert_eq!(policy.for_client("alice"), Users::Any);
+        assert!(policy.for_client("billing").allows(b"app"));
+        assert!(!policy.for_client("billing").allows(b"report"));
+        assert!(policy.for_client("carol").allows(b"report"));
+        let c = parse(
+            "  orders:\n    clients: [alice, carol]\n    allowed_users:\n      alice: [app]\n",
+        )
+        .unwrap();
+        assert!(
+            !c.services["orders"]
+                .allowed_users
+                .for_client("carol")
+                .allows(b"app"),
+            "a client the mapping does not name may log in as no one"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_line_and_key() {
+        assert_eq!(
+            errors("  orders:\n    clients: [alice]\n    tls_termination: agent\n"),
+            vec![
+                "relay.yaml:7: services.orders.tls_termination: `agent` (end-to-end TLS to the \
+                 agent) is not supported yet: use `relay`"
+            ]
+        );
+        assert_eq!(
+            errors(
+                "  orders:\n    clients: [alice]\n    allowed_users:\n      alise: [app]\n      bob/x: [app]\n"
+            ),
+            vec![
+                "relay.yaml:8: services.orders.allowed_users: client \"alise\" is not in this \
+                 service's `clients`, so it can never connect",
+                "relay.yaml:9: services.orders.allowed_users: invalid name \"bob/x\": use 1-64 \
+                 characters from a-z, A-Z, 0-9, '.', '_' and '-'",
+            ]
+        );
+        assert_eq!(
+            errors(
+                "  files:\n    protocol: tcp\n    clients: [alice]\n    tls_listen: 127.0.0.1:1\n    allowed_users: [app]\n"
+            ),
+            vec![
+                "relay.yaml:8: services.files.tls_listen: a tcp service's `listen` is already TLS-first: use `listen`",
+                "relay.yaml:9: services.files.allowed_users: applies only to services with protocol: mysql",
+            ]
+        );
+        let e = errors("  orders:\n    clients: [alice]\n    allowed_users: app\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("relay.yaml:7:"), "{e:?}");
+        let e = errors("  orders:\n    clients: [alice]\n    tls_termination: both\n");
+        assert!(
+            e[0].starts_with("relay.yaml:7:") && e[0].contains("both"),
+            "{e:?}"
+        );
+    }
 }

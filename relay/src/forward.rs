@@ -1,7 +1,11 @@
 //! Reaching a service for one client connection: authorise, find the agent, open a stream to it.
 //!
-//! Every client front end (the TLS listeners, `connect` clients over QUIC) goes through
-//! [`reach`], so the checks and their refusal messages are the same whichever way a client comes.
+//! Every client front end goes through [`authorise`] and [`open`], so the checks and their
+//! refusal messages are the same whichever way a client comes. The TLS-first listeners and
+//! `connect` clients know the client before anything else and use [`reach`] (both steps at
+//! once). The MySQL-native listener needs the backend's greeting before the client's TLS
+//! handshake, so it opens the stream first (marked pre-authorisation) and authorises once the
+//! handshake has shown who the client is; see [`crate::mysql`] for why that is safe.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use crate::Shared;
+use crate::config::Service;
 
 /// Why a client connection was refused; the message is shown to the client.
 #[derive(Debug, Clone)]
@@ -56,12 +61,35 @@ pub(crate) async fn reach(
             format!("unknown service {service:?}"),
         ));
     };
-    if !svc.clients.allows(client) {
-        return Err(Refusal::new(
+    authorise(svc, client)?;
+    open(shared, svc, Some(client), client_addr).await
+}
+
+/// Whether `client` may use `svc`.
+pub(crate) fn authorise(svc: &Service, client: &Identity) -> Result<(), Refusal> {
+    if svc.clients.allows(client) {
+        Ok(())
+    } else {
+        Err(Refusal::new(
             Code::NotAuthorized,
-            format!("{client} is not allowed to use service {service:?}"),
-        ));
+            format!("{client} is not allowed to use service {:?}", svc.name),
+        ))
     }
+}
+
+/// Takes a connection slot of `svc` and opens a stream to an agent that serves it, which
+/// connects to the backend.
+///
+/// `client` is `None` before the client is authorised: the stream is then marked
+/// pre-authorisation, and the caller must authorise the client before any of its bytes go
+/// into the stream.
+pub(crate) async fn open(
+    shared: &Arc<Shared>,
+    svc: &Service,
+    client: Option<&Identity>,
+    client_addr: SocketAddr,
+) -> Result<Reached, Refusal> {
+    let service = svc.name.as_str();
     let permit = shared
         .limits
         .get(service)
@@ -91,9 +119,10 @@ pub(crate) async fn reach(
     let mut stream = session.open().await.map_err(|e| no_agent(&e))?;
     let open = Open {
         service: service.to_owned(),
-        client: client.name().to_owned(),
+        client: client.map(|c| c.name().to_owned()).unwrap_or_default(),
         client_addr: client_addr.to_string(),
         conn_id,
+        pre_auth: client.is_none(),
     };
     wire::write_first(&mut stream, &open)
         .await

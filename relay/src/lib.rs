@@ -6,7 +6,9 @@
 //! token fires, drains, and returns.
 //!
 //! * [`agents`]: agent sessions (hello, welcome, heartbeats) and the [`registry`] of them.
-//! * [`clients`]: the per-service TLS listeners and `connect` client sessions.
+//! * [`clients`]: the per-service listeners and `connect` client sessions.
+//! * [`mysql`]: the MySQL-native listener (TLS negotiated in-band, client certificate, user
+//!   policy) for stock MySQL and MariaDB clients.
 //! * [`forward`]: authorising one client connection and opening its stream to an agent.
 //! * [`certs`]: the `certs` subcommand.
 
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod forward;
+pub mod mysql;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -35,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use clients::ListenerKind;
 pub use config::Config;
 use registry::Registry;
 
@@ -47,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// Per-service connection limits.
     pub(crate) limits: HashMap<String, Arc<Semaphore>>,
+    /// Per-service limits of MySQL-native connections still in their handshake.
+    pub(crate) handshakes: HashMap<String, Arc<Semaphore>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     next_conn: AtomicU64,
@@ -63,9 +69,17 @@ impl Shared {
 pub struct Relay {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
-    listeners: Vec<(String, TcpListener)>,
+    listeners: Vec<Listener>,
     http: Option<TcpListener>,
     acceptor: TlsAcceptor,
+    mysql_acceptor: TlsAcceptor,
+}
+
+/// One bound service listener.
+struct Listener {
+    service: String,
+    kind: ListenerKind,
+    socket: TcpListener,
 }
 
 /// Errors starting a relay.
@@ -95,17 +109,30 @@ impl Relay {
         let idle = postern_common::control::dead_after(config.heartbeat) + Duration::from_secs(5);
         let endpoint = quic::server(config.quic_listen, &config.tls, idle)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls::listener_server(&config.tls)?));
+        let mysql_acceptor = TlsAcceptor::from(Arc::new(tls::mysql_listener_server(&config.tls)?));
         let mut listeners = Vec::new();
         for svc in config.services.values() {
-            if let Some(addr) = svc.listen {
-                let l = TcpListener::bind(addr)
+            let listen_kind = match svc.protocol {
+                config::Protocol::Mysql => ListenerKind::Mysql,
+                config::Protocol::Tcp => ListenerKind::Tls,
+            };
+            let wanted = [
+                svc.listen.map(|a| (a, listen_kind)),
+                svc.tls_listen.map(|a| (a, ListenerKind::Tls)),
+            ];
+            for (addr, kind) in wanted.into_iter().flatten() {
+                let socket = TcpListener::bind(addr)
                     .await
                     .map_err(|source| StartError::Bind {
                         service: svc.name.clone(),
                         addr,
                         source,
                     })?;
-                listeners.push((svc.name.clone(), l));
+                listeners.push(Listener {
+                    service: svc.name.clone(),
+                    kind,
+                    socket,
+                });
             }
         }
         let http = match config.http_listen {
@@ -127,11 +154,17 @@ impl Relay {
             .values()
             .map(|s| (s.name.clone(), Arc::new(Semaphore::new(s.max_connections))))
             .collect();
+        let handshakes = config
+            .services
+            .values()
+            .map(|s| (s.name.clone(), Arc::new(Semaphore::new(s.max_handshakes))))
+            .collect();
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 registry: Registry::default(),
                 limits,
+                handshakes,
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 next_conn: AtomicU64::new(0),
@@ -140,6 +173,7 @@ impl Relay {
             listeners,
             http,
             acceptor,
+            mysql_acceptor,
         })
     }
 
@@ -155,12 +189,31 @@ impl Relay {
             .unwrap_or(self.shared.config.quic_listen)
     }
 
-    /// The bound address of a service's TLS listener.
+    /// The bound address of a service's `listen` listener (MySQL-native for MySQL services,
+    /// TLS-first for TCP services).
     pub fn service_addr(&self, service: &str) -> Option<SocketAddr> {
+        let kind = match self.shared.config.services.get(service)?.protocol {
+            config::Protocol::Mysql => ListenerKind::Mysql,
+            config::Protocol::Tcp => ListenerKind::Tls,
+        };
+        self.listener_addr(service, kind)
+    }
+
+    /// The bound address of a MySQL service's TLS-first `tls_listen` listener.
+    pub fn tls_service_addr(&self, service: &str) -> Option<SocketAddr> {
+        let svc = self.shared.config.services.get(service)?;
+        svc.tls_listen?;
+        if svc.protocol == config::Protocol::Tcp {
+            return None;
+        }
+        self.listener_addr(service, ListenerKind::Tls)
+    }
+
+    fn listener_addr(&self, service: &str, kind: ListenerKind) -> Option<SocketAddr> {
         self.listeners
             .iter()
-            .find(|(n, _)| n == service)
-            .and_then(|(_, l)| l.local_addr().ok())
+            .find(|l| l.service == service && l.kind == kind)
+            .and_then(|l| l.socket.local_addr().ok())
     }
 
     /// Serves until `shutdown` fires, then drains for up to [`SHUTDOWN_GRACE`].
@@ -171,6 +224,7 @@ impl Relay {
             listeners,
             http,
             acceptor,
+            mysql_acceptor,
         } = self;
         if shared.config.tls.revocations.path().is_some() {
             shared.tracker.spawn(watch_revocations(shared.clone()));
@@ -191,13 +245,23 @@ impl Relay {
             });
         }
         info!(quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), instance = %shared.config.instance, "relay listening");
-        for (service, listener) in listeners {
-            info!(service = %service, addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "service listener ready");
+        for Listener {
+            service,
+            kind,
+            socket,
+        } in listeners
+        {
+            info!(service = %service, kind = kind.as_str(), addr = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "service listener ready");
+            let acceptor = match kind {
+                ListenerKind::Mysql => mysql_acceptor.clone(),
+                ListenerKind::Tls => acceptor.clone(),
+            };
             shared.tracker.spawn(clients::listen(
                 shared.clone(),
                 service,
-                listener,
-                acceptor.clone(),
+                kind,
+                socket,
+                acceptor,
             ));
         }
         loop {

@@ -62,8 +62,10 @@ pub struct RelayRun {
     pub http: Option<SocketAddr>,
     /// Inspects the relay.
     pub handle: postern_relay::Handle,
-    /// Service listener addresses.
+    /// Service `listen` addresses (MySQL-native for MySQL services).
     pub services: Vec<(String, SocketAddr)>,
+    /// Service `tls_listen` addresses (TLS-first).
+    pub tls_services: Vec<(String, SocketAddr)>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -90,6 +92,10 @@ impl RelayRun {
             .iter()
             .filter_map(|n| relay.service_addr(n).map(|a| (n.clone(), a)))
             .collect();
+        let tls_services = names
+            .iter()
+            .filter_map(|n| relay.tls_service_addr(n).map(|a| (n.clone(), a)))
+            .collect();
         let quic = relay.quic_addr();
         let http = relay.http_addr();
         let handle = relay.handle();
@@ -100,18 +106,28 @@ impl RelayRun {
             http,
             handle,
             services,
+            tls_services,
             shutdown,
             task,
         }
     }
 
-    /// The TLS listener address of `service`.
+    /// The `listen` address of `service` (MySQL-native for MySQL services).
     pub fn service(&self, name: &str) -> SocketAddr {
         self.services
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
             .unwrap_or_else(|| panic!("service {name} has no listener"))
+    }
+
+    /// The TLS-first `tls_listen` address of `service`.
+    pub fn tls_service(&self, name: &str) -> SocketAddr {
+        self.tls_services
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("service {name} has no TLS-first listener"))
     }
 
     /// Waits until agent `name` is registered.
@@ -247,10 +263,11 @@ impl Drop for ConnectRun {
 }
 
 /// Relay YAML for one service `svc` served by agent `agent`, usable by `clients`, with a
-/// TLS listener on an ephemeral port and a 1 s heartbeat (so dead peers are found quickly).
+/// MySQL-native and a TLS-first listener on ephemeral ports and a 1 s heartbeat (so dead peers
+/// are found quickly). Further service keys can be appended (indented by four spaces).
 pub fn relay_yaml(pki: &TestPki, agent: &str, svc: &str, clients: &[&str]) -> String {
     format!(
-        "listen:\n  quic: 127.0.0.1:0\n  http: 127.0.0.1:0\n{tls}heartbeat_interval: 1s\nhandshake_timeout: 5s\nagents:\n  {agent}:\n    services: [{svc}]\nservices:\n  {svc}:\n    listen: 127.0.0.1:0\n    clients: [{clients}]\n",
+        "listen:\n  quic: 127.0.0.1:0\n  http: 127.0.0.1:0\n{tls}heartbeat_interval: 1s\nhandshake_timeout: 5s\nagents:\n  {agent}:\n    services: [{svc}]\nservices:\n  {svc}:\n    listen: 127.0.0.1:0\n    tls_listen: 127.0.0.1:0\n    clients: [{clients}]\n",
         tls = pki.tls_yaml("server-relay"),
         clients = clients.join(", "),
     )

@@ -86,6 +86,11 @@ pub fn find(name: &str) -> PathBuf {
 impl MariaDb {
     /// Starts a fresh server and waits until it accepts connections.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a fresh server with extra `mariadbd` options (later options win).
+    pub async fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("postern-mariadb")
             .tempdir()
@@ -121,6 +126,7 @@ impl MariaDb {
                 .arg("--max-allowed-packet=256M")
                 .arg("--max-connections=2000")
                 .arg("--performance-schema=OFF")
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.path().join("error.log")).expect("log file"))
                 .spawn()

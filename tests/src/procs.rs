@@ -76,3 +76,107 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+impl Proc {
+    /// Waits up to `within` for a log line containing `needle` and returns it.
+    pub async fn wait_log(&self, needle: &str, within: std::time::Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let text = self.log_text();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line containing {needle:?} in {}:\n{text}",
+                self.log.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A `postern-relay run` process on ephemeral ports, which it reports in its log.
+pub struct RelayProc {
+    /// The process.
+    pub proc: Proc,
+    /// Where agents and `connect` clients reach it.
+    pub quic: std::net::SocketAddr,
+    /// `(service, kind, address)` of every service listener (kind `mysql` or `tls`).
+    pub listeners: Vec<(String, String, std::net::SocketAddr)>,
+}
+
+impl RelayProc {
+    /// Writes `yaml` as `dir/relay.yaml`, starts the relay and reads its addresses from its log.
+    pub async fn start(dir: &Path, yaml: &str) -> Self {
+        let cfg = dir.join("relay.yaml");
+        std::fs::write(&cfg, yaml).expect("write relay.yaml");
+        let config = postern_relay::Config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        let expected: usize = config
+            .services
+            .values()
+            .map(|s| usize::from(s.listen.is_some()) + usize::from(s.tls_listen.is_some()))
+            .sum();
+        let cfg = cfg.to_str().expect("utf-8 path").to_owned();
+        let proc = Proc::spawn(
+            "postern-relay",
+            &["run", "--config", &cfg],
+            dir.join("relay.log"),
+        );
+        let quic_line = proc
+            .wait_log("relay listening", std::time::Duration::from_secs(10))
+            .await;
+        let quic = field(&quic_line, "quic").expect("quic address in the log");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let listeners = loop {
+            let text = proc.log_text();
+            let found: Vec<_> = text
+                .lines()
+                .filter(|l| l.contains("service listener ready"))
+                .filter_map(|l| {
+                    let svc = field(l, "service")?;
+                    let kind = field(l, "kind")?;
+                    let addr = field(l, "addr")?.parse().ok()?;
+                    Some((svc, kind, addr))
+                })
+                .collect();
+            if found.len() >= expected {
+                break found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "relay listeners not reported:\n{text}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        };
+        Self {
+            quic: quic.parse().expect("quic address"),
+            listeners,
+            proc,
+        }
+    }
+
+    /// The address of `service`'s listener of `kind` (`mysql` or `tls`).
+    pub fn listener(&self, service: &str, kind: &str) -> std::net::SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(s, k, _)| s == service && k == kind)
+            .map(|(_, _, a)| *a)
+            .unwrap_or_else(|| panic!("no {kind} listener for {service}"))
+    }
+
+    /// Waits for a log line containing `needle` (5 s) and returns it.
+    pub async fn wait_log(&self, needle: &str) -> String {
+        self.proc
+            .wait_log(needle, std::time::Duration::from_secs(5))
+            .await
+    }
+}
+
+/// The value of `key=value` in a log line.
+fn field(line: &str, key: &str) -> Option<String> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[at..];
+    let value = rest.split_whitespace().next()?;
+    Some(value.trim_matches('"').to_owned())
+}

@@ -14,7 +14,7 @@
 
 use bytes::Bytes;
 
-use super::codec::{Reader, owned, read_attributes};
+use super::codec::{Reader, owned, put_attributes, put_nul_terminated, read_attributes};
 use super::packet::Packet;
 use super::{CLIENT_CONNECT_ATTRS, CLIENT_PLUGIN_AUTH, CLIENT_SECURE_CONNECTION, MysqlError};
 
@@ -80,6 +80,8 @@ pub struct ChangeUser {
     pub auth_plugin: Option<Bytes>,
     /// Connection attributes (CONNECT_ATTRS).
     pub attributes: Option<Vec<(Bytes, Bytes)>>,
+    /// Bytes after the last known field, kept so the command re-encodes unchanged.
+    pub rest: Bytes,
 }
 
 impl ChangeUser {
@@ -119,7 +121,76 @@ impl ChangeUser {
             charset,
             auth_plugin,
             attributes,
+            rest: owned(r.rest()),
         })
+    }
+
+    /// The payload (command byte included) for a server that takes `client_capabilities`.
+    ///
+    /// Optional fields are written when present, or as empty values when a later one needs
+    /// them; a command parsed with the same capabilities encodes to the bytes it came from.
+    pub fn encode(&self, client_capabilities: u32) -> Vec<u8> {
+        let caps = client_capabilities;
+        let mut out = Vec::with_capacity(64);
+        out.push(COM_CHANGE_USER);
+        put_nul_terminated(&mut out, &self.username);
+        if caps & CLIENT_SECURE_CONNECTION != 0 {
+            // The one-byte length cannot say more.
+            let len = self.auth_response.len().min(255);
+            out.push(len as u8);
+            out.extend_from_slice(self.auth_response.get(..len).unwrap_or_default());
+        } else {
+            put_nul_terminated(&mut out, &self.auth_response);
+        }
+        put_nul_terminated(&mut out, &self.database);
+        let attrs = self
+            .attributes
+            .as_deref()
+            .filter(|_| caps & CLIENT_CONNECT_ATTRS != 0);
+        let plugin = self
+            .auth_plugin
+            .as_deref()
+            .filter(|_| caps & CLIENT_PLUGIN_AUTH != 0)
+            .or_else(|| {
+                (attrs.is_some() && caps & CLIENT_PLUGIN_AUTH != 0).then_some(&[] as &[u8])
+            });
+        // Nothing follows the database unless the character set does.
+        let Some(charset) = self.charset else {
+            return out;
+        };
+        out.extend_from_slice(&charset.to_le_bytes());
+        if let Some(plugin) = plugin {
+            put_nul_terminated(&mut out, plugin);
+        }
+        if let Some(attrs) = attrs {
+            put_attributes(&mut out, attrs);
+        }
+        out.extend_from_slice(&self.rest);
+        out
+    }
+
+    /// Sets connection attribute `key` to `value`, replacing any the client sent under that key
+    /// (a change of user replaces the session's attributes, so a client could otherwise pose as
+    /// someone else through them).
+    ///
+    /// Returns whether the attribute was set: not when the server does not take attributes from
+    /// this client (`client_capabilities` lack CONNECT_ATTRS), nor when the command carries no
+    /// character set, after which nothing can follow; in both cases the command carries no
+    /// attributes at all.
+    pub fn set_attribute(
+        &mut self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        client_capabilities: u32,
+    ) -> bool {
+        if client_capabilities & CLIENT_CONNECT_ATTRS == 0 || self.charset.is_none() {
+            return false;
+        }
+        let key = key.into();
+        let attrs = self.attributes.get_or_insert_with(Vec::new);
+        attrs.retain(|(k, _)| *k != key);
+        attrs.push((key, value.into()));
+        true
     }
 }
 
@@ -187,6 +258,39 @@ mod tests {
     }
 
     #[test]
+    fn change_user_reencodes_unchanged_and_takes_an_attribute() {
+        let caps = HandshakeResponse::parse(&payload(vectors::RESPONSE_PLAIN))
+            .unwrap()
+            .capabilities;
+        for c in [caps, caps & !CLIENT_CONNECT_ATTRS, CLIENT_SECURE_CONNECTION] {
+            let p = change_user(b"bob", c);
+            assert_eq!(ChangeUser::parse(&p, c).unwrap().encode(c), p);
+        }
+        // A forged attribute is replaced, the others kept.
+        let mut p = change_user(b"bob", caps & !CLIENT_CONNECT_ATTRS);
+        p.extend_from_slice(b"\x22\x0epostern_client\x07mallory\x04_pid\x0512345");
+        let mut cu = ChangeUser::parse(&p, caps).unwrap();
+        assert!(cu.set_attribute("postern_client", "alice", caps));
+        let again = ChangeUser::parse(&cu.encode(caps), caps).unwrap();
+        assert_eq!(
+            again.attributes.unwrap(),
+            vec![
+                (Bytes::from("_pid"), Bytes::from("12345")),
+                (Bytes::from("postern_client"), Bytes::from("alice")),
+            ]
+        );
+        assert_eq!(again.username, cu.username);
+        assert_eq!(again.auth_plugin, cu.auth_plugin);
+        // Added where the client sent none; refused where the server takes none.
+        let c = caps & !CLIENT_CONNECT_ATTRS;
+        let mut cu = ChangeUser::parse(&change_user(b"bob", c), c).unwrap();
+        assert!(!cu.set_attribute("postern_client", "alice", c));
+        assert!(cu.set_attribute("postern_client", "alice", caps));
+        let again = ChangeUser::parse(&cu.encode(caps), caps).unwrap();
+        assert_eq!(again.attributes.unwrap().len(), 1);
+    }
+
+    #[test]
     fn other_commands() {
         assert_eq!(
             command(0, &[COM_RESET_CONNECTION]).unwrap(),
@@ -212,7 +316,9 @@ mod tests {
             let _ = ChangeUser::parse(&data, caps);
             let mut p = vec![COM_CHANGE_USER];
             p.extend_from_slice(&data);
-            let _ = ChangeUser::parse(&p, caps);
+            if let Ok(cu) = ChangeUser::parse(&p, caps) {
+                let _ = cu.encode(caps);
+            }
         }
     }
 }

@@ -86,14 +86,18 @@ pub fn err_packet(seq: u8, errno: u16, sqlstate: &str, message: &str) -> Vec<u8>
 
 /// The MySQL error number and SQLSTATE a client sees for a Postern refusal code.
 ///
-/// Unavailability maps to 2003 ("can't connect"), which drivers and pools already treat as a
-/// transient failure worth retrying; authorisation to 1045 (access denied); limits to 1040.
+/// Only server error numbers (1000 to 1999) are used: current MariaDB clients (Connector/C 3.3
+/// and the `mariadb` tools built on it) reject an ERR packet from a server that carries a client
+/// error number such as 2003 as "malformed packet", hiding the message. Unavailability maps to
+/// 1053 with SQLSTATE 08S01 (a communication failure), which drivers and pools treat as a
+/// transient connection failure worth retrying; authorisation to 1045 (access denied); limits
+/// to 1040 (too many connections).
 pub fn error_for(code: Code) -> (u16, &'static str) {
     match code {
         Code::NotAuthorized => (1045, "28000"),
         Code::TooManyConnections => (1040, "08004"),
         Code::UnknownService => (1049, "42000"),
-        Code::NoAgent | Code::BackendUnavailable | Code::ShuttingDown => (2003, "HY000"),
+        Code::NoAgent | Code::BackendUnavailable | Code::ShuttingDown => (1053, "08S01"),
         Code::UnsupportedVersion | Code::BadRequest | Code::Unknown => (1105, "HY000"),
     }
 }

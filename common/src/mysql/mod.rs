@@ -44,8 +44,9 @@
 //! 6. [`AuthRelay::start`] gives the response to send to the backend; then read from whichever
 //!    side [`AuthRelay::turn`] names and pass each packet through
 //!    [`AuthRelay::from_backend`] or [`AuthRelay::from_client`] until [`Turn::Done`].
-//! 7. Forward bytes unchanged, starting with anything left in either reader's buffer; watch
-//!    commands with [`Command::parse`] if `COM_CHANGE_USER` needs checking.
+//! 7. Forward bytes unchanged, starting with anything left in either reader's buffer; when
+//!    `COM_CHANGE_USER` needs checking, pass the client's bytes through a [`CommandWatch`],
+//!    which holds back only that command until a policy has judged it.
 
 mod auth;
 mod codec;
@@ -55,12 +56,14 @@ mod handshake;
 mod packet;
 #[cfg(test)]
 mod vectors;
+mod watch;
 
 pub use auth::{AuthOutcome, AuthRelay, CACHING_SHA2_PASSWORD, Legs, Turn};
 pub use command::{COM_CHANGE_USER, COM_QUIT, COM_RESET_CONNECTION, ChangeUser, Command};
 pub use err::{ErrPacket, err_packet, error_for, refusal, refusal_at};
 pub use handshake::{ClientFirst, Greeting, HandshakeResponse, SSL_REQUEST_LEN, SslRequest};
 pub use packet::{HANDSHAKE_LIMIT, MAX_PAYLOAD, Packet, PacketReader, encode};
+pub use watch::{CommandWatch, Scan};
 
 /// Set by MySQL servers and clients; MariaDB clears it to say its extended capabilities follow
 /// in the reserved bytes (historically `CLIENT_LONG_PASSWORD`).

@@ -231,7 +231,7 @@ async fn mysqldump_through_connect_exec_restores_identically() {
 async fn tls_listener_serves_a_driver_with_a_client_certificate() {
     let s = setup().await;
     // A TLS-first client (as a sidecar would be) with alice's certificate, speaking MySQL inside.
-    let addr = s.relay.service("orders");
+    let addr = s.relay.tls_service("orders");
     let tls = postern_common::tls::listener_client(&s.pki.client_material("alice")).unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();

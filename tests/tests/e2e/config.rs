@@ -54,6 +54,13 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
             "nocert.yaml:{line:missing.pem}: key `tls.cert`: cannot read",
         ),
         (
+            "postern-relay",
+            "termination.yaml",
+            good_relay.clone() + "    tls_termination: agent\n",
+            "termination.yaml:{line:tls_termination}: key `services.orders.tls_termination`: `agent` (end-to-end TLS \
+             to the agent) is not supported yet",
+        ),
+        (
             "postern-agent",
             "agent-unknown.yaml",
             good_agent.replace("    backend:", "    backnd: x\n    backend:"),

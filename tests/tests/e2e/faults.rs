@@ -104,9 +104,10 @@ async fn agent_reconnects_by_itself_after_the_relay_is_killed_and_restarted() {
     let yaml = relay_yaml(&pki, "db1", "orders", &["alice"])
         .replace("quic: 127.0.0.1:0", &format!("quic: 127.0.0.1:{quic_port}"))
         .replace(
-            "listen: 127.0.0.1:0",
-            &format!("listen: 127.0.0.1:{tcp_port}"),
-        );
+            "    tls_listen: 127.0.0.1:0\n",
+            &format!("    tls_listen: 127.0.0.1:{tcp_port}\n"),
+        )
+        .replace("    listen: 127.0.0.1:0\n", "");
     let relay_cfg = pki.dir().join("relay.yaml");
     std::fs::write(&relay_cfg, yaml).unwrap();
     let rc = relay_cfg.to_str().unwrap().to_owned();
@@ -248,6 +249,7 @@ async fn garbage_and_oversized_frames_close_only_the_offending_stream_or_session
             client: String::new(),
             client_addr: String::new(),
             conn_id: 0,
+            pre_auth: false,
         },
     )
     .await
@@ -420,6 +422,7 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         client: "alice".into(),
         client_addr: "127.0.0.1:1".into(),
         conn_id: 1,
+        pre_auth: false,
     };
     postern_common::wire::write_first(&mut send, &open)
         .await

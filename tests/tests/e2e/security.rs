@@ -5,56 +5,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_common::pki::Kind;
-use postern_tests::procs::Proc;
+use postern_tests::procs::RelayProc;
 use postern_tests::*;
 use tokio::io::AsyncReadExt;
 
-struct Relay {
-    proc: Proc,
-    quic: std::net::SocketAddr,
-    tcp: u16,
+async fn start_relay(pki: &TestPki) -> RelayProc {
+    RelayProc::start(pki.dir(), &relay_yaml(pki, "db1", "orders", &["alice"])).await
 }
 
-fn start_relay(pki: &TestPki) -> Relay {
-    let quic_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let tcp = mariadb::free_port();
-    let yaml = relay_yaml(pki, "db1", "orders", &["alice"])
-        .replace("quic: 127.0.0.1:0", &format!("quic: 127.0.0.1:{quic_port}"))
-        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{tcp}"));
-    let cfg = pki.dir().join("relay.yaml");
-    std::fs::write(&cfg, yaml).unwrap();
-    let proc = Proc::spawn(
-        "postern-relay",
-        &["run", "--config", cfg.to_str().unwrap()],
-        pki.dir().join("relay.log"),
-    );
-    Relay {
-        proc,
-        quic: format!("127.0.0.1:{quic_port}").parse().unwrap(),
-        tcp,
-    }
+async fn wait_log(relay: &RelayProc, needle: &str) -> String {
+    relay.wait_log(needle).await
 }
 
-async fn wait_log(relay: &Relay, needle: &str) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = relay.proc.log_text();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no relay log line containing {needle:?}; log:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// Connects to the TLS listener with `material` (or no client certificate) and returns the
+/// Connects to the TLS-first listener with `material` (or no client certificate) and returns the
 /// first packet's bytes, or the error.
 async fn tls_client(
     pki: &TestPki,
@@ -100,14 +63,15 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
     pki.issue(Kind::Client, "alice");
     pki.issue(Kind::Client, "mallory");
     let db = MariaDb::start().await;
-    let relay = start_relay(&pki);
+    let relay = start_relay(&pki).await;
+    let tls_port = relay.listener("orders", "tls").port();
     let mut agent = AgentRun::start(
         pki.dir(),
         &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
     );
     agent.wait_connected().await;
     let good = || async {
-        matches!(tls_client(&pki, relay.tcp, Some(pki.client_material("alice"))).await, Ok(b) if b[0] == 10)
+        matches!(tls_client(&pki, tls_port, Some(pki.client_material("alice"))).await, Ok(b) if b[0] == 10)
     };
     assert!(good().await);
 
@@ -137,7 +101,7 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
     expired.stop().await;
 
     // A client certificate not allowed for the service: the client sees a MySQL error.
-    let got = tls_client(&pki, relay.tcp, Some(pki.client_material("mallory")))
+    let got = tls_client(&pki, tls_port, Some(pki.client_material("mallory")))
         .await
         .unwrap();
     assert_eq!(got[0], 0xff, "an ERR packet");
@@ -151,14 +115,14 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
     assert!(line.contains("refused client"), "{line}");
 
     // A client with no certificate at all.
-    assert!(tls_client(&pki, relay.tcp, None).await.is_err());
+    assert!(tls_client(&pki, tls_port, None).await.is_err());
     let line = wait_log(&relay, "client presented no certificate").await;
     assert!(line.contains("refused client"), "{line}");
 
     // An expired client certificate.
     let base = pki.issue_expired(Kind::Client, "alice");
     assert!(
-        tls_client(&pki, relay.tcp, Some(pki.material(&base)))
+        tls_client(&pki, tls_port, Some(pki.material(&base)))
             .await
             .is_err()
     );
@@ -241,7 +205,7 @@ async fn a_revoked_certificate_is_refused_without_restarting_the_relay() {
         &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
     );
     agent.wait_connected().await;
-    let port = relay.service("orders").port();
+    let port = relay.tls_service("orders").port();
 
     // bob is already revoked; alice is served.
     assert!(
