@@ -4,6 +4,7 @@
 //! Nothing here sleeps for readiness: every wait polls a real condition with a deadline
 //! ([`eventually`]).
 
+pub mod client;
 pub mod mariadb;
 pub mod pki;
 pub mod procs;

@@ -39,29 +39,11 @@ async fn setup() -> Setup {
     }
 }
 
-fn mariadb_cli(port: u16, sql: &str) -> std::process::Output {
-    Command::new(find("mariadb"))
-        .args([
-            "--no-defaults",
-            "-h",
-            "127.0.0.1",
-            "--protocol=TCP",
-            "-uroot",
-            "--batch",
-            "--skip-column-names",
-        ])
-        .arg(format!("-P{port}"))
-        .arg("-e")
-        .arg(sql)
-        .output()
-        .expect("run mariadb")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_cli_through_connect_creates_inserts_and_selects() {
     let s = setup().await;
     let c = ConnectRun::start(&s.pki, s.relay.quic, "alice", "orders").await;
-    let out = mariadb_cli(
+    let out = client::cli(
         c.addr.port(),
         "CREATE DATABASE shop; CREATE TABLE shop.items (id INT PRIMARY KEY, name TEXT); \
          INSERT INTO shop.items VALUES (1, 'anvil'), (2, 'rope'); SELECT id, name FROM shop.items ORDER BY id;",

@@ -78,27 +78,7 @@ async fn connect_ws(w: &World, url: &str, settings: WebsocketSettings) -> Connec
 }
 
 fn mariadb(port: u16, sql: &str) -> String {
-    let out = std::process::Command::new(mariadb::find("mariadb"))
-        .args([
-            "--no-defaults",
-            "-h",
-            "127.0.0.1",
-            "--protocol=TCP",
-            "-uroot",
-            "--batch",
-            "--skip-column-names",
-        ])
-        .arg(format!("-P{port}"))
-        .arg("-e")
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    client::query(port, sql).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn transport_of(agent: &AgentRun) -> Option<TransportKind> {
@@ -300,25 +280,8 @@ async fn restarting_the_router_mid_session_recovers_within_5s() {
         Duration::from_secs(5),
         "queries through the restarted router",
         || async move {
-            let out = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(mariadb::find("mariadb"))
-                    .args([
-                        "--no-defaults",
-                        "-h",
-                        "127.0.0.1",
-                        "--protocol=TCP",
-                        "-uroot",
-                        "-N",
-                        "-e",
-                        "SELECT 2",
-                    ])
-                    .arg(format!("-P{port}"))
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
-            (out.status.success() && out.stdout == b"2\n").then_some(())
+            let out = client::query_async(port, "SELECT 2").await;
+            (out.as_deref() == Ok("2\n")).then_some(())
         },
     )
     .await;
@@ -519,25 +482,7 @@ async fn the_agent_binary_honours_https_proxy_and_no_proxy_from_its_environment(
         "service through the direct agent",
         || async {
             let port = c.addr.port();
-            let ok = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(mariadb::find("mariadb"))
-                    .args([
-                        "--no-defaults",
-                        "-h",
-                        "127.0.0.1",
-                        "--protocol=TCP",
-                        "-uroot",
-                        "-N",
-                        "-e",
-                        "SELECT 1",
-                    ])
-                    .arg(format!("-P{port}"))
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
-            })
-            .await
-            .unwrap();
+            let ok = client::query_async(port, "SELECT 1").await.is_ok();
             ok.then_some(())
         },
     )
