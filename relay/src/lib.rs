@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use postern_common::net;
 use postern_common::pki::Identity;
 use postern_common::tls;
 use postern_common::transport::quic;
@@ -234,6 +235,9 @@ impl Relay {
             let router = api::router(shared.clone());
             let cancel = shared.cancel.clone();
             shared.tracker.spawn(async move {
+                // WebSocket sessions carry small frames back and forth: without TCP_NODELAY,
+                // Nagle's algorithm and delayed ACKs add tens of milliseconds to stream opens.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| net::tune(tcp));
                 let serve = axum::serve(
                     listener,
                     router.into_make_service_with_connect_info::<SocketAddr>(),
