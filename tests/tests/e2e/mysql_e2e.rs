@@ -299,3 +299,72 @@ async fn end_to_end_refusals_say_why() {
     assert!(err.contains("1053"), "{err}");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_certificates_the_relay_revokes_without_restarts() {
+    init_logging();
+    let db = MariaDb::start().await;
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    pki.issue(Kind::Client, "alice");
+    pki.issue(Kind::Client, "bob");
+    let cert = service_certificate(&pki);
+    let ca = postern_common::pki::Ca::from_pem(
+        &std::fs::read_to_string(pki.ca()).unwrap(),
+        &std::fs::read_to_string(pki.dir().join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let serial = |base: &str| {
+        let der = rustls_pki_types::pem::PemObject::from_pem_file(pki.files(base).0).unwrap();
+        postern_common::pki::serial_of(&der).unwrap()
+    };
+    // Only the relay has the list; the agent gets it in the policy.
+    let crl_path = pki.dir().join("crl.pem");
+    let first = ca.revoke(None, &[serial("client-bob")]).unwrap();
+    std::fs::write(&crl_path, &first).unwrap();
+    let yaml = relay_yaml(
+        &pki,
+        "orders",
+        "  orders:\n    listen: 127.0.0.1:0\n    clients: [alice, bob]\n    tls_termination: agent\n",
+    )
+    .replace(
+        "heartbeat_interval:",
+        &format!("  crl: {}\nheartbeat_interval:", crl_path.display()),
+    );
+    let relay = RelayRun::start(pki.dir(), &yaml).await;
+    let mut agent = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(
+            &pki,
+            relay.quic,
+            &format!(
+                "  orders:\n    backend: {}\n{}",
+                db.backend(),
+                agent_tls(&pki, &cert)
+            ),
+        ),
+    );
+    agent.wait_connected().await;
+    relay.wait_agent("db1").await;
+    let port = relay.service("orders").port();
+    let as_client = |name: &str| cli(port, "root", &ssl_args(&pki, Some(name)), "SELECT 1");
+
+    // bob is revoked from the start; alice is served.
+    failed(&as_client("client-bob"));
+    assert_eq!(ok(&as_client("client-alice")), "1\n");
+
+    // Revoke alice at the relay: the relay sends the agent the new list.
+    let second = ca.revoke(Some(&first), &[serial("client-alice")]).unwrap();
+    std::fs::write(pki.dir().join("crl.tmp"), second).unwrap();
+    std::fs::rename(pki.dir().join("crl.tmp"), &crl_path).unwrap();
+    eventually(Duration::from_secs(10), "alice to be refused", || async {
+        (!as_client("client-alice").status.success()).then_some(())
+    })
+    .await;
+    assert!(matches!(
+        *agent.status.borrow(),
+        postern_agent::Status::Connected { .. }
+    ));
+    agent.stop().await;
+    relay.stop().await;
+}
