@@ -108,3 +108,72 @@ impl SessionPolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_common::pki::{Ca, Kind, LeafSpec};
+    use postern_common::policy::Acl;
+
+    /// A session policy with an acceptor for `orders` and none for `plain`.
+    fn session() -> SessionPolicy {
+        let (ca, _key) = Ca::generate("test", 1).unwrap();
+        let mut spec = LeafSpec::new(Kind::Server, "orders", 1);
+        spec.dns = vec!["localhost".into()];
+        let issued = ca.issue(&spec).unwrap();
+        let material =
+            tls::Material::from_pem(&ca.cert_pem, &issued.cert_pem, &issued.key_pem).unwrap();
+        let config = tls::mysql_listener_server(&material).unwrap();
+        SessionPolicy {
+            services: RwLock::new(None),
+            arrived: watch::Sender::new(false),
+            revocations: Arc::new(Revocations::default()),
+            acceptors: [("orders".to_owned(), TlsAcceptor::from(Arc::new(config)))].into(),
+        }
+    }
+
+    fn rules(name: &str) -> ServicePolicy {
+        ServicePolicy {
+            name: name.into(),
+            clients: Acl::Any,
+            allowed_users: Default::default(),
+            client_attribute: false,
+            handshake_timeout_ms: 1000,
+        }
+    }
+
+    fn refusal(r: Result<(Arc<ServicePolicy>, TlsAcceptor), String>) -> String {
+        match r {
+            Ok(_) => panic!("refused"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_wait_briefly_for_the_first_policy_then_say_why() {
+        let p = session();
+        let why = refusal(p.for_service("db1", "orders").await);
+        assert!(why.contains("no policy received from the relay"), "{why}");
+        let why = refusal(p.for_service("db1", "plain").await);
+        assert!(
+            why.contains("has no certificate for it (services.plain.tls in agent.yaml)"),
+            "{why}"
+        );
+        p.apply(vec![rules("orders")], None);
+        assert!(p.for_service("db1", "orders").await.is_ok());
+        p.apply(vec![], None);
+        let why = refusal(p.for_service("db1", "orders").await);
+        assert!(why.contains("does not include it"), "{why}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unusable_revocation_list_refuses_every_service() {
+        let p = session();
+        p.apply(
+            vec![rules("orders")],
+            Some("-----BEGIN X509 CRL-----\nnot base64!\n-----END X509 CRL-----\n".into()),
+        );
+        let why = refusal(p.for_service("db1", "orders").await);
+        assert!(why.contains("does not include it"), "{why}");
+    }
+}
