@@ -62,7 +62,24 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
     let e2e = match open.mode {
         StreamMode::Plain => None,
         StreamMode::MysqlE2e => match policy.for_service(&config.name, &svc.name).await {
-            Ok(p) => Some(p),
+            Ok((rules, acceptor)) => {
+                // A burst waits for a handshake slot, for up to half the deadline: the relay
+                // waits for this stream's answer for the whole deadline, and the refusal must
+                // reach it first.
+                let timeout = Duration::from_millis(rules.policy.handshake_timeout_ms);
+                let slots = rules.handshakes.clone();
+                match tokio::time::timeout(timeout / 2, slots.acquire_owned()).await {
+                    Ok(Ok(slot)) => Some((rules.policy, acceptor, slot)),
+                    _ => {
+                        let message = format!(
+                            "too many connections to service {:?} in their handshake (limit {})",
+                            svc.name, rules.policy.max_handshakes
+                        );
+                        refuse(&mut stream, Code::TooManyConnections, message).await;
+                        return;
+                    }
+                }
+            }
             Err(message) => {
                 refuse(&mut stream, Code::NotAuthorized, message).await;
                 return;
@@ -89,7 +106,7 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
         debug!(error = %e, "relay went away before the stream started");
         return;
     }
-    if let Some((rules, acceptor)) = e2e {
+    if let Some((rules, acceptor, handshake)) = e2e {
         let timeout = Duration::from_millis(rules.handshake_timeout_ms);
         let policy = Policy {
             service: &rules.name,
@@ -103,7 +120,16 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
             backend: &svc.backend,
         };
         debug!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend; tls ends here");
-        front::serve_tls(&policy, meta, stream, tcp, &acceptor, started + timeout, ()).await;
+        front::serve_tls(
+            &policy,
+            meta,
+            stream,
+            tcp,
+            &acceptor,
+            started + timeout,
+            handshake,
+        )
+        .await;
         return;
     }
     info!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend");

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use postern_common::policy::ServicePolicy;
 use postern_common::tls::{self, Revocations};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info};
 
@@ -23,9 +23,17 @@ use crate::config::Config;
 /// How long an end-to-end stream waits for the relay's first policy.
 const FIRST_POLICY_WAIT: Duration = Duration::from_secs(1);
 
+/// The rules of one service, and its handshake slots (connections not yet authorised hold a
+/// database connection: `max_handshakes` limits them here as the relay limits its own).
+#[derive(Clone)]
+pub(crate) struct Rules {
+    pub(crate) policy: Arc<ServicePolicy>,
+    pub(crate) handshakes: Arc<Semaphore>,
+}
+
 /// The policy of one relay session, and the TLS acceptors that follow its revocation lists.
 pub(crate) struct SessionPolicy {
-    services: RwLock<Option<HashMap<String, Arc<ServicePolicy>>>>,
+    services: RwLock<Option<HashMap<String, Rules>>>,
     /// Set once the first policy is in.
     arrived: watch::Sender<bool>,
     revocations: Arc<Revocations>,
@@ -59,9 +67,30 @@ impl SessionPolicy {
     /// Takes a policy from the relay. Revocation lists that do not parse leave no service
     /// usable (refusing is safer than admitting a revoked certificate).
     pub(crate) fn apply(&self, services: Vec<ServicePolicy>, crl_pem: Option<String>) {
-        let mut services: HashMap<String, Arc<ServicePolicy>> = services
+        let mut current = self.services.write().unwrap_or_else(|p| p.into_inner());
+        let mut services: HashMap<String, Rules> = services
             .into_iter()
-            .map(|s| (s.name.clone(), Arc::new(s)))
+            .map(|s| {
+                // Slots carry over while the limit stays, so connections in their handshake
+                // keep counting.
+                let handshakes = current
+                    .as_ref()
+                    .and_then(|c| c.get(&s.name))
+                    .filter(|r| r.policy.max_handshakes == s.max_handshakes)
+                    .map(|r| r.handshakes.clone())
+                    .unwrap_or_else(|| {
+                        let n = match s.max_handshakes {
+                            0 => Semaphore::MAX_PERMITS,
+                            n => n.min(Semaphore::MAX_PERMITS),
+                        };
+                        Arc::new(Semaphore::new(n))
+                    });
+                let rules = Rules {
+                    policy: Arc::new(s),
+                    handshakes,
+                };
+                (rules.policy.name.clone(), rules)
+            })
             .collect();
         if let Err(e) = self
             .revocations
@@ -71,7 +100,8 @@ impl SessionPolicy {
             services.clear();
         }
         info!(services = ?services.keys().collect::<Vec<_>>(), revocations = crl_pem.is_some(), "policy received from the relay");
-        *self.services.write().unwrap_or_else(|p| p.into_inner()) = Some(services);
+        *current = Some(services);
+        drop(current);
         self.arrived.send_replace(true);
     }
 
@@ -83,7 +113,7 @@ impl SessionPolicy {
         &self,
         agent: &str,
         service: &str,
-    ) -> Result<(Arc<ServicePolicy>, TlsAcceptor), String> {
+    ) -> Result<(Rules, TlsAcceptor), String> {
         let Some(acceptor) = self.acceptors.get(service) else {
             return Err(format!(
                 "service {service:?} ends TLS at the agent, and agent {agent} has no certificate \
@@ -139,10 +169,11 @@ mod tests {
             allowed_users: Default::default(),
             client_attribute: false,
             handshake_timeout_ms: 1000,
+            max_handshakes: 1,
         }
     }
 
-    fn refusal(r: Result<(Arc<ServicePolicy>, TlsAcceptor), String>) -> String {
+    fn refusal(r: Result<(Rules, TlsAcceptor), String>) -> String {
         match r {
             Ok(_) => panic!("refused"),
             Err(e) => e,

@@ -99,6 +99,10 @@ pub struct ServicePolicy {
     pub client_attribute: bool,
     /// Deadline for the connection phase, in milliseconds (as the relay's `handshake_timeout`).
     pub handshake_timeout_ms: u64,
+    /// Limit of connections still in their handshake (not yet authorised) at the agent, per
+    /// relay session; 0 means no limit.
+    #[serde(default)]
+    pub max_handshakes: usize,
 }
 
 #[cfg(test)]
@@ -116,6 +120,7 @@ mod tests {
             },
             client_attribute: true,
             handshake_timeout_ms: 5000,
+            max_handshakes: 100,
         };
         let json = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<ServicePolicy>(&json).unwrap(), p);

@@ -360,6 +360,7 @@ mod tests {
                 allowed_users: Default::default(),
                 client_attribute: false,
                 handshake_timeout_ms: 10_000,
+                max_handshakes: 100,
             }],
             crl_pem: Some("-----BEGIN X509 CRL-----".into()),
         });

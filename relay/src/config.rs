@@ -259,6 +259,7 @@ impl Service {
             allowed_users: self.allowed_users.clone(),
             client_attribute: self.client_attribute,
             handshake_timeout_ms: u64::try_from(handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+            max_handshakes: self.max_handshakes,
         }
     }
 }

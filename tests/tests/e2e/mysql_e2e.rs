@@ -205,8 +205,8 @@ async fn end_to_end_refusals_say_why() {
         &relay_yaml(
             &pki,
             "orders, nocert",
-            "  orders:\n    listen: 127.0.0.1:0\n    clients: [alice]\n    tls_termination: agent\n  \
-             nocert:\n    listen: 127.0.0.1:0\n    clients: [alice]\n    tls_termination: agent\n  \
+            "  orders:\n    listen: 127.0.0.1:0\n    clients: [alice]\n    tls_termination: agent\n    \
+             max_handshakes: 1\n  nocert:\n    listen: 127.0.0.1:0\n    clients: [alice]\n    tls_termination: agent\n  \
              offline:\n    listen: 127.0.0.1:0\n    clients: [alice]\n    tls_termination: agent\n",
         ),
     )
@@ -287,6 +287,36 @@ async fn end_to_end_refusals_say_why() {
         "{err}"
     );
     assert_eq!(ok(&cli(port, "root", &alice, "SELECT 2")), "2\n");
+
+    // A client that stalls after the greeting holds the agent's only handshake slot: the next
+    // client is told so, and is served once the stalled one is gone.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 4];
+    tokio::io::AsyncReadExt::read_exact(&mut stalled, &mut greeting)
+        .await
+        .unwrap();
+    let err = failed(&cli(port, "root", &alice, "SELECT 1"));
+    assert!(
+        err.contains("1040")
+            && err.contains(
+                "too many connections to service \"orders\" in their handshake (limit 1)"
+            ),
+        "{err}"
+    );
+    drop(stalled);
+    eventually(
+        Duration::from_secs(10),
+        "the slot to be free again",
+        || async {
+            cli(port, "root", &alice, "SELECT 1")
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
 
     // The agent goes away: new clients are told so, by the relay.
     agent.kill();
