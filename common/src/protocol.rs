@@ -20,7 +20,8 @@
 //!   answers [`Control::Welcome`] (the chosen version, which services it accepted and why it
 //!   refused the others) or [`Control::Refused`] and closes. Afterwards both sides send
 //!   [`Control::Heartbeat`] every interval; a side that hears nothing for about two intervals
-//!   considers the peer dead.
+//!   considers the peer dead. To agents whose hello lists [`FEATURE_MYSQL_E2E`], the relay also
+//!   sends [`Control::Policy`] right after the welcome and whenever it changes.
 //! * A **data stream**, one per client connection. The opener (the relay towards an agent, a
 //!   `connect` client towards the relay) sends one [`Open`] frame; the other side answers with one
 //!   [`Answer`] frame. After an [`Answer::Ok`] the stream carries raw bytes in both directions,
@@ -169,7 +170,8 @@ pub struct Open {
     pub conn_id: u64,
     /// The relay opened the stream before it knew the client (`client` is empty): a MySQL
     /// front end needs the server's greeting before the client's TLS handshake shows who it
-    /// is. No client byte goes into the stream until the relay has authorised the client.
+    /// is. No client byte goes into the stream until the relay has authorised the client
+    /// (in [`StreamMode::MysqlE2e`], until the agent has: the relay cannot read them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pre_auth: bool,
     /// What the stream carries; see [`StreamMode`].

@@ -17,6 +17,7 @@
 //!       billing: [app]
 //!       alice: ["*"]
 //!     client_attribute: true      # tag sessions with connection attribute postern_client
+//!     tls_termination: relay      # or `agent`: TLS ends at the agent, the relay stays blind
 //! ```
 //!
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL

@@ -15,9 +15,10 @@
 //!   ([`crate::agents`]), and the relay only splices bytes: it never parses, decrypts or keeps
 //!   anything the client sends. The handshake deadline is enforced at the agent.
 //!
-//! All of steps up to the client's handshake response run under one deadline
-//! (`handshake_timeout`), and at most `max_handshakes` connections per service are in them at
-//! once; more wait for a slot, for up to twice `handshake_timeout`.
+//! Everything up to the client's handshake response runs under one deadline
+//! (`handshake_timeout`), and at most `max_handshakes` connections per service are in it at
+//! once; more wait for a slot, for up to twice `handshake_timeout`. In end-to-end mode the
+//! agent applies both (the relay's slot covers only finding the agent).
 //!
 //! # Why opening the backend connection before authorisation is safe
 //!
