@@ -288,6 +288,15 @@ async fn end_to_end_refusals_say_why() {
     );
     assert_eq!(ok(&cli(port, "root", &alice, "SELECT 2")), "2\n");
 
+    // `connect` would end TLS at the relay: refused, with the way that works.
+    let via_connect = ConnectRun::start(&pki, relay.quic, "alice", "orders").await;
+    let err = failed(&cli(via_connect.addr.port(), "root", &[], "SELECT 1"));
+    assert!(
+        err.contains("ends TLS at the agent (tls_termination: agent)"),
+        "{err}"
+    );
+    drop(via_connect);
+
     // A client that stalls after the greeting holds the agent's only handshake slot: the next
     // client is told so, and is served once the stalled one is gone.
     let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
