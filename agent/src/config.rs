@@ -6,6 +6,10 @@
 //! services:
 //!   orders:
 //!     backend: 127.0.0.1:3306
+//!     # For a relay service with `tls_termination: agent` (end-to-end TLS): the certificate this
+//!     # agent presents to MySQL clients. Clients dial the relay, so it carries the relay's
+//!     # names: `postern-relay certs issue server --dns relay.example.com`.
+//!     tls: { cert: orders-server.pem, key: orders-server-key.pem }
 //! ```
 //!
 //! A relay can be reached over QUIC, over WebSocket (through HTTP routers and proxies), or both
@@ -134,6 +138,16 @@ struct ServiceFile {
     backend: Spanned<String>,
     #[serde(default)]
     connect_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    tls: Option<ServiceTlsFile>,
+}
+
+/// `services.NAME.tls`: the server certificate for end-to-end TLS (the CA is `tls.ca`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceTlsFile {
+    cert: Spanned<std::path::PathBuf>,
+    key: Spanned<std::path::PathBuf>,
 }
 
 /// The validated agent configuration.
@@ -166,6 +180,10 @@ pub struct Service {
     pub backend: String,
     /// Deadline for connecting to the backend.
     pub connect_timeout: Duration,
+    /// The certificate and key presented to MySQL clients when the relay has this service end
+    /// TLS at the agent (`tls_termination: agent`), with the agent's CA for client certificates.
+    /// Revocation lists come from the relay's policy.
+    pub tls: Option<Material>,
 }
 
 impl Config {
@@ -256,12 +274,23 @@ impl Config {
                     format!("{:?} is not host:port", svc.backend.value),
                 );
             }
+            let tls = svc.tls.as_ref().and_then(|t| {
+                let mut files = TlsFiles {
+                    ca: file.tls.ca.clone(),
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    crl: None,
+                };
+                files.rebase(&base);
+                check.tls(&files, &format!("{key}.tls"))
+            });
             services.insert(
                 name.value.clone(),
                 Service {
                     name: name.value.clone(),
                     backend: svc.backend.value.clone(),
                     connect_timeout: svc.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+                    tls,
                 },
             );
         }

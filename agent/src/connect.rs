@@ -147,6 +147,7 @@ async fn open(
         client_addr: String::new(),
         conn_id: 0,
         pre_auth: false,
+        mode: Default::default(),
     };
     wire::write_first(&mut stream, &open)
         .await
@@ -177,6 +178,7 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
             client_addr: String::new(),
             conn_id: 0,
             pre_auth: false,
+            mode: Default::default(),
         };
         wire::write_first(&mut stream, &open)
             .await

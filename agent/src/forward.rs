@@ -1,21 +1,29 @@
 //! One data stream from the relay: read its open frame, connect to the backend, pipe bytes.
+//!
+//! A stream in [`StreamMode::MysqlE2e`] carries a MySQL client's raw connection (the relay only
+//! splices it): the agent runs the MySQL front end itself ([`front::serve_tls`]) with the
+//! service's certificate and the policy the relay sent, so TLS ends here and the relay never
+//! sees queries, results or passwords.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_common::protocol::{Answer, Code, Open};
+use postern_common::front::{self, Meta, Policy};
+use postern_common::protocol::{Answer, Code, Open, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::{net, splice, wire};
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
+use crate::policy::SessionPolicy;
 
 /// How long the relay has to send the open frame of a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one stream the relay opened.
-pub(crate) async fn serve(config: Arc<Config>, mut stream: Stream) {
+pub(crate) async fn serve(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: Stream) {
     let open =
         match tokio::time::timeout(OPEN_TIMEOUT, wire::read_first::<_, Open>(&mut stream)).await {
             Ok(Ok(o)) => o,
@@ -30,11 +38,15 @@ pub(crate) async fn serve(config: Arc<Config>, mut stream: Stream) {
                 return;
             }
         };
-    let span = info_span!("stream", service = %open.service, client = %open.client, pre_auth = open.pre_auth, conn_id = open.conn_id);
-    forward(config, stream, open).instrument(span).await
+    // In end-to-end mode the client is known only after TLS; the front end records it.
+    let span = info_span!("stream", service = %open.service, client = tracing::field::Empty, pre_auth = open.pre_auth, e2e = open.mode == StreamMode::MysqlE2e, conn_id = open.conn_id);
+    if !open.client.is_empty() {
+        span.record("client", &open.client);
+    }
+    forward(config, policy, stream, open).instrument(span).await
 }
 
-async fn forward(config: Arc<Config>, mut stream: Stream, open: Open) {
+async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: Stream, open: Open) {
     let Some(svc) = config.services.get(&open.service) else {
         refuse(
             &mut stream,
@@ -47,6 +59,35 @@ async fn forward(config: Arc<Config>, mut stream: Stream, open: Open) {
         .await;
         return;
     };
+    let e2e = match open.mode {
+        StreamMode::Plain => None,
+        StreamMode::MysqlE2e => match policy.for_service(&config.name, &svc.name).await {
+            Ok((rules, acceptor)) => {
+                // A burst waits for a handshake slot, for up to half the deadline: the relay
+                // waits for this stream's answer for the whole deadline, and the refusal must
+                // reach it first.
+                let timeout = Duration::from_millis(rules.policy.handshake_timeout_ms);
+                let slots = rules.handshakes.clone();
+                match tokio::time::timeout(timeout / 2, slots.acquire_owned()).await {
+                    Ok(Ok(slot)) => Some((rules.policy, acceptor, slot)),
+                    _ => {
+                        let message = format!(
+                            "too many connections to service {:?} in their handshake (limit {})",
+                            svc.name, rules.policy.max_handshakes
+                        );
+                        refuse(&mut stream, Code::TooManyConnections, message).await;
+                        return;
+                    }
+                }
+            }
+            Err(message) => {
+                refuse(&mut stream, Code::NotAuthorized, message).await;
+                return;
+            }
+        },
+    };
+    // The handshake deadline runs from here, as it runs at the relay from the accepted client.
+    let started = Instant::now();
     let mut tcp = match net::connect(&svc.backend, svc.connect_timeout).await {
         Ok(t) => t,
         Err(e) => {
@@ -63,6 +104,32 @@ async fn forward(config: Arc<Config>, mut stream: Stream, open: Open) {
     };
     if let Err(e) = wire::write_first(&mut stream, &ok).await {
         debug!(error = %e, "relay went away before the stream started");
+        return;
+    }
+    if let Some((rules, acceptor, handshake)) = e2e {
+        let timeout = Duration::from_millis(rules.handshake_timeout_ms);
+        let policy = Policy {
+            service: &rules.name,
+            clients: &rules.clients,
+            allowed_users: &rules.allowed_users,
+            client_attribute: rules.client_attribute,
+            handshake_timeout: timeout,
+        };
+        let meta = Meta {
+            conn_id: open.conn_id,
+            backend: &svc.backend,
+        };
+        debug!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend; tls ends here");
+        front::serve_tls(
+            &policy,
+            meta,
+            stream,
+            tcp,
+            &acceptor,
+            started + timeout,
+            handshake,
+        )
+        .await;
         return;
     }
     info!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend");

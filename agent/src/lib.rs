@@ -2,7 +2,8 @@
 //! relay's streams to local backends. Also home of `connect`, the client side for laptops.
 //!
 //! * [`session`]: the relay session (dial, hello, heartbeats, reconnect with backoff).
-//! * [`forward`]: one stream from the relay to a backend.
+//! * [`forward`]: one stream from the relay to a backend; for services whose TLS ends here,
+//!   the MySQL front end with the policy the relay sent (`policy`).
 //! * [`connect`]: a local port leading to a service through the relay.
 
 pub mod cli;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod connect;
 pub mod dial;
 pub mod forward;
+mod policy;
 pub mod session;
 
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_common::control::{self, ControlEnd};
-use postern_common::protocol::{self, Control};
+use postern_common::protocol::{self, Control, FEATURE_MYSQL_E2E};
 use postern_common::transport::{Session, Stream, TransportKind};
 use postern_common::wire;
 use rand::Rng;
@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::config::{Config, RelayTarget};
 use crate::dial::{Dialer, Pinned};
 use crate::forward;
+use crate::policy::SessionPolicy;
 use postern_common::config::RelayUrl;
 
 /// First reconnect delay.
@@ -390,22 +391,34 @@ async fn once(
 
     // Streams are tracked so that a session being replaced can finish them first.
     let tracker = tokio_util::task::TaskTracker::new();
+    let policy = Arc::new(SessionPolicy::new(config));
     let streams = {
         let session = session.clone();
         let config = config.clone();
         let tracker = tracker.clone();
+        let policy = policy.clone();
         tokio::spawn(async move {
             while let Ok(stream) = session.accept().await {
-                tracker.spawn(forward::serve(config.clone(), stream));
+                tracker.spawn(forward::serve(config.clone(), policy.clone(), stream));
             }
         })
     };
     let heartbeat = Duration::from_millis(heartbeat_ms.max(100));
     let stop_heartbeat = shutdown.child_token();
-    let mut keepalive = tokio::spawn(control::keepalive(
+    // The relay sends nothing on the control stream; keep the sender so it stays open.
+    let (_outgoing, outgoing_rx) = tokio::sync::mpsc::channel(1);
+    let mut keepalive = tokio::spawn(control::keepalive_with(
         control,
         heartbeat,
         stop_heartbeat.clone(),
+        outgoing_rx,
+        move |msg| match msg {
+            Control::Policy { services, crl_pem } => {
+                policy.apply(services, crl_pem);
+                Ok(())
+            }
+            other => Err(other),
+        },
     ));
     let probe = async {
         match quic_probe {
@@ -476,6 +489,7 @@ async fn handshake(
         services: config.services.keys().cloned().collect(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
         take_over,
+        features: vec![FEATURE_MYSQL_E2E.to_owned()],
     };
     wire::write_first(&mut stream, &hello)
         .await

@@ -44,6 +44,21 @@ pub async fn keepalive(
     interval: Duration,
     cancel: CancellationToken,
 ) -> ControlEnd {
+    let (_keep, outgoing) = mpsc::channel(1);
+    keepalive_with(stream, interval, cancel, outgoing, Err).await
+}
+
+/// [`keepalive`] that also sends the messages that arrive on `outgoing` and hands messages
+/// other than heartbeats to `incoming`, which hands back a message it does not take (that ends
+/// the session as not protocol).
+pub async fn keepalive_with(
+    stream: Stream,
+    interval: Duration,
+    cancel: CancellationToken,
+    mut outgoing: mpsc::Receiver<Control>,
+    mut incoming: impl FnMut(Control) -> Result<(), Control>,
+) -> ControlEnd {
+    let mut outgoing_open = true;
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Result<Control, WireError>>(4);
     let read_task = tokio::spawn(async move {
@@ -71,10 +86,23 @@ pub async fn keepalive(
                     break ControlEnd::Broken(e.to_string());
                 }
             }
+            out = outgoing.recv(), if outgoing_open => match out {
+                Some(msg) => {
+                    if let Err(e) = wire::write_frame(&mut writer, &msg).await {
+                        break ControlEnd::Broken(e.to_string());
+                    }
+                }
+                None => outgoing_open = false,
+            },
             frame = rx.recv() => match frame {
                 Some(Ok(Control::Heartbeat { .. })) => deadline = Instant::now() + limit,
                 Some(Ok(other)) => {
-                    break ControlEnd::Broken(format!("unexpected message {other:?}"));
+                    // Any frame shows the peer is alive.
+                    deadline = Instant::now() + limit;
+                    if let Err(other) = incoming(other) {
+                        let what: String = format!("{other:?}").chars().take(200).collect();
+                        break ControlEnd::Broken(format!("unexpected message {what}"));
+                    }
                 }
                 Some(Err(WireError::Frame(crate::protocol::FrameError::Truncated))) | None => {
                     break ControlEnd::Closed;

@@ -7,9 +7,11 @@
 
 pub mod config;
 pub mod control;
+pub mod front;
 pub mod mysql;
 pub mod net;
 pub mod pki;
+pub mod policy;
 pub mod protocol;
 pub mod splice;
 pub mod telemetry;

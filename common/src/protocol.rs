@@ -20,7 +20,8 @@
 //!   answers [`Control::Welcome`] (the chosen version, which services it accepted and why it
 //!   refused the others) or [`Control::Refused`] and closes. Afterwards both sides send
 //!   [`Control::Heartbeat`] every interval; a side that hears nothing for about two intervals
-//!   considers the peer dead.
+//!   considers the peer dead. To agents whose hello lists [`FEATURE_MYSQL_E2E`], the relay also
+//!   sends [`Control::Policy`] right after the welcome and whenever it changes.
 //! * A **data stream**, one per client connection. The opener (the relay towards an agent, a
 //!   `connect` client towards the relay) sends one [`Open`] frame; the other side answers with one
 //!   [`Answer`] frame. After an [`Answer::Ok`] the stream carries raw bytes in both directions,
@@ -65,6 +66,10 @@ pub enum Control {
         /// session finish its streams instead of closing it at once.
         #[serde(default)]
         take_over: bool,
+        /// Optional features the agent supports ([`FEATURE_MYSQL_E2E`]); older agents send
+        /// none, and the relay sends them nothing they would not understand.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// The relay accepts the session.
     Welcome {
@@ -99,6 +104,43 @@ pub enum Control {
         /// Increments with every heartbeat a side sends.
         seq: u64,
     },
+    /// The rules for services whose TLS ends at the agent ([`StreamMode::MysqlE2e`]), sent by
+    /// the relay after the welcome and again whenever they change (a new revocation list), to
+    /// agents that listed [`FEATURE_MYSQL_E2E`]. Each message replaces the previous one whole.
+    Policy {
+        /// One entry per end-to-end service this agent serves; a service not listed is refused.
+        services: Vec<crate::policy::ServicePolicy>,
+        /// The relay's revocation lists (PEM), applied to client certificates as the relay
+        /// applies them. The whole message must fit in [`MAX_FRAME`]: a relay whose lists do
+        /// not fit sends no services, so the agent refuses end-to-end clients rather than admit
+        /// a revoked one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        crl_pem: Option<String>,
+    },
+}
+
+/// The hello feature of agents that serve MySQL with TLS ending at the agent: they understand
+/// [`Control::Policy`] and [`StreamMode::MysqlE2e`].
+pub const FEATURE_MYSQL_E2E: &str = "mysql_e2e";
+
+/// What the bytes of a data stream are, after the [`Answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamMode {
+    /// The client's bytes as the backend takes them (the relay or the client ended TLS).
+    #[default]
+    Plain,
+    /// A MySQL client's raw connection, TLS negotiated in-band: the agent runs the MySQL front
+    /// end (greeting, SSLRequest, TLS with the service certificate, policy) and the relay only
+    /// carries ciphertext.
+    MysqlE2e,
+}
+
+impl StreamMode {
+    /// Whether this is the default (left out of frames, so older peers read them).
+    pub fn is_plain(&self) -> bool {
+        *self == Self::Plain
+    }
 }
 
 /// A service the relay would not accept from an agent.
@@ -128,9 +170,13 @@ pub struct Open {
     pub conn_id: u64,
     /// The relay opened the stream before it knew the client (`client` is empty): a MySQL
     /// front end needs the server's greeting before the client's TLS handshake shows who it
-    /// is. No client byte goes into the stream until the relay has authorised the client.
+    /// is. No client byte goes into the stream until the relay has authorised the client
+    /// (in [`StreamMode::MysqlE2e`], until the agent has: the relay cannot read them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pre_auth: bool,
+    /// What the stream carries; see [`StreamMode`].
+    #[serde(default, skip_serializing_if = "StreamMode::is_plain")]
+    pub mode: StreamMode,
 }
 
 /// The answer to an [`Open`].
@@ -307,6 +353,18 @@ mod tests {
             services: vec!["orders".into()],
             software: "0.1.0".into(),
             take_over: false,
+            features: vec![FEATURE_MYSQL_E2E.into()],
+        });
+        roundtrip(Control::Policy {
+            services: vec![crate::policy::ServicePolicy {
+                name: "orders".into(),
+                clients: crate::policy::Acl::Any,
+                allowed_users: Default::default(),
+                client_attribute: false,
+                handshake_timeout_ms: 10_000,
+                max_handshakes: 100,
+            }],
+            crl_pem: Some("-----BEGIN X509 CRL-----".into()),
         });
         roundtrip(Control::Heartbeat { seq: 7 });
         roundtrip(Control::Refused {
@@ -319,6 +377,7 @@ mod tests {
             client_addr: "127.0.0.1:1".into(),
             conn_id: 9,
             pre_auth: false,
+            mode: StreamMode::Plain,
         });
         roundtrip(Open {
             service: "orders".into(),
@@ -326,6 +385,7 @@ mod tests {
             client_addr: "127.0.0.1:1".into(),
             conn_id: 10,
             pre_auth: true,
+            mode: StreamMode::MysqlE2e,
         });
         roundtrip(Answer::Refused {
             code: Code::BackendUnavailable,

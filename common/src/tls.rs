@@ -151,11 +151,12 @@ pub fn listener_server(m: &Material) -> Result<ServerConfig, TlsError> {
 /// with a MySQL ERR packet over the finished handshake, which the client shows ("a client
 /// certificate is required"), instead of a TLS alert that drivers report as a bare handshake
 /// failure. A certificate that is presented and does not verify still fails the handshake.
+///
+/// Revoked certificates fail the handshake too (the lists in `m.revocations`, followed as they
+/// change).
 pub fn mysql_listener_server(m: &Material) -> Result<ServerConfig, TlsError> {
     let p = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), p.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier = client_verifier(m, &p, true)?;
     let cfg = ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
@@ -235,6 +236,20 @@ impl Revocations {
         st.modified = modified;
         st.generation += 1;
         Ok(true)
+    }
+
+    /// Replaces the lists with those in `pem` (PEM text, possibly empty: no revocations). An
+    /// agent takes them from the relay's policy this way.
+    pub fn replace_pem(&self, pem: &[u8]) -> Result<(), TlsError> {
+        let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err("<revocation list from the relay>", e))?;
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if st.crls != crls {
+            st.crls = crls;
+            st.generation += 1;
+        }
+        Ok(())
     }
 
     /// The file the lists come from, if any.

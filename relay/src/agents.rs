@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use postern_common::control::{self, ControlEnd};
-use postern_common::protocol::{self, Code, Control, Rejected};
+use postern_common::policy::ServicePolicy;
+use postern_common::protocol::{self, Code, Control, FEATURE_MYSQL_E2E, MAX_FRAME, Rejected};
 use postern_common::transport::Session;
 use postern_common::wire;
 use tracing::{debug, info, warn};
@@ -44,6 +45,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         services,
         software,
         take_over,
+        features,
     } = hello
     else {
         warn!(agent = %name, "refused agent: first control message is not a hello");
@@ -97,9 +99,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         return;
     }
 
-    let generation = shared
-        .registry
-        .insert(&name, session.clone(), accepted.clone(), take_over);
+    let mysql_e2e = features.iter().any(|f| f == FEATURE_MYSQL_E2E);
+    // The first policy goes out before any client stream can be routed to this agent.
+    let mut changes = shared.revocations_changed.subscribe();
+    if mysql_e2e
+        && let Err(e) = wire::write_frame(&mut stream, &policy_for(&shared, &name, &accepted)).await
+    {
+        debug!(agent = %name, error = %e, "agent left during welcome");
+        return;
+    }
+    let generation = shared.registry.insert(
+        &name,
+        session.clone(),
+        accepted.clone(),
+        take_over,
+        mysql_e2e,
+    );
     info!(agent = %name, remote = %session.remote(), transport = %session.kind(), services = ?accepted, %software, "agent connected");
 
     // Agents do not open further streams; refuse any that appear so they cannot pile up.
@@ -114,11 +129,39 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         })
     };
 
+    // Agents that end TLS get the policy again whenever the revocation lists change.
+    let (policy_tx, policy_rx) = tokio::sync::mpsc::channel(1);
+    let policies = mysql_e2e.then(|| {
+        let shared = shared.clone();
+        let accepted = accepted.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                if policy_tx
+                    .send(policy_for(&shared, &name, &accepted))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    });
+    let keepalive = control::keepalive_with(
+        stream,
+        shared.config.heartbeat,
+        shared.cancel.clone(),
+        policy_rx,
+        Err,
+    );
     let end = tokio::select! {
-        end = control::keepalive(stream, shared.config.heartbeat, shared.cancel.clone()) => end,
+        end = keepalive => end,
         why = session.closed() => ControlEnd::Broken(why),
     };
     extra.abort();
+    if let Some(p) = policies {
+        p.abort();
+    }
     shared.registry.remove(&name, generation);
     match &end {
         ControlEnd::Shutdown => session.close("relay shutting down"),
@@ -126,4 +169,43 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         other => session.close(&other.to_string()),
     }
     info!(agent = %name, reason = %end, "agent disconnected");
+}
+
+/// The policy for agent `name`: its end-to-end services, and this relay's revocation lists.
+///
+/// The lists travel in the same frame, within [`MAX_FRAME`] (a Postern list with a thousand
+/// entries is about 40 KiB). Lists that do not fit are not cut: the agent gets no services,
+/// refuses end-to-end clients, and the operator is told, since admitting a revoked certificate
+/// would be worse than refusing everyone.
+fn policy_for(shared: &Shared, name: &str, accepted: &[String]) -> Control {
+    let services: Vec<ServicePolicy> = accepted
+        .iter()
+        .filter_map(|s| shared.config.services.get(s))
+        .filter(|s| s.tls_termination == crate::config::TlsTermination::Agent)
+        .map(|s| s.wire_policy(shared.config.handshake_timeout))
+        .collect();
+    let crl_pem = match shared.config.tls.revocations.path() {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                warn!(agent = %name, path = %path.display(), error = %e, "revocation list unreadable: end-to-end services refused at the agent");
+                return Control::Policy {
+                    services: Vec::new(),
+                    crl_pem: None,
+                };
+            }
+        },
+    };
+    let policy = Control::Policy { services, crl_pem };
+    let size = serde_json::to_vec(&policy).map_or(usize::MAX, |v| v.len());
+    if size > MAX_FRAME {
+        warn!(agent = %name, size, limit = MAX_FRAME, "revocation list too large to send to agents: end-to-end services refused at the agent until it is smaller");
+        return Control::Policy {
+            services: Vec::new(),
+            crl_pem: None,
+        };
+    }
+    debug!(agent = %name, "policy sent");
+    policy
 }

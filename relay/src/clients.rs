@@ -72,6 +72,7 @@ pub(crate) async fn listen(
             peer = %peer,
             listener = kind.as_str(),
             conn_id = tracing::field::Empty,
+            agent = tracing::field::Empty,
             client = tracing::field::Empty,
         );
         let (shared2, service2, acceptor2) = (shared.clone(), service.clone(), acceptor.clone());

@@ -17,6 +17,7 @@
 //!       billing: [app]
 //!       alice: ["*"]
 //!     client_attribute: true      # tag sessions with connection attribute postern_client
+//!     tls_termination: relay      # or `agent`: TLS ends at the agent, the relay stays blind
 //! ```
 //!
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
@@ -31,7 +32,10 @@ use std::time::Duration;
 use postern_common::config::{
     self, Check, ConfigErrors, Entries, HumanDuration, Spanned, TlsFiles,
 };
-use postern_common::pki::{self, Identity};
+use postern_common::front::Policy;
+use postern_common::pki;
+use postern_common::policy::ServicePolicy;
+pub use postern_common::policy::{Acl, AllowedUsers, Users};
 use postern_common::tls::Material;
 use serde::Deserialize;
 
@@ -156,7 +160,8 @@ pub enum TlsTermination {
     /// At the relay: it verifies the client and applies the policy, and sees the plaintext.
     #[default]
     Relay,
-    /// End to end at the agent: the relay would forward only ciphertext (not supported yet).
+    /// End to end at the agent: the relay forwards only ciphertext; the agent presents the
+    /// service certificate and applies the policy the relay sends it.
     Agent,
 }
 
@@ -235,71 +240,27 @@ pub struct Service {
     pub client_attribute: bool,
 }
 
-/// Which MySQL user names each client identity may log in as.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum AllowedUsers {
-    /// No policy: any user the database accepts.
-    #[default]
-    Any,
-    /// A policy: per-client lists, and a list for every other client (`"*"`, or the plain list
-    /// form). A client that neither names may log in as no one.
-    Policy {
-        /// Lists by client name.
-        clients: BTreeMap<String, Users>,
-        /// The list for clients not named.
-        others: Option<Users>,
-    },
-}
-
-/// A list of MySQL user names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Users {
-    /// Any user (`"*"` in the list).
-    Any,
-    /// Only these, compared byte for byte (MySQL user names are case-sensitive).
-    Only(BTreeSet<String>),
-}
-
-impl Users {
-    /// Whether `user` is on the list.
-    pub fn allows(&self, user: &[u8]) -> bool {
-        match self {
-            Self::Any => true,
-            Self::Only(names) => names.iter().any(|n| n.as_bytes() == user),
+impl Service {
+    /// The rules the MySQL front end applies, with `handshake_timeout` per login packet.
+    pub fn policy(&self, handshake_timeout: Duration) -> Policy<'_> {
+        Policy {
+            service: &self.name,
+            clients: &self.clients,
+            allowed_users: &self.allowed_users,
+            client_attribute: self.client_attribute,
+            handshake_timeout,
         }
     }
-}
 
-impl AllowedUsers {
-    /// The users client `name` may log in as.
-    pub fn for_client(&self, name: &str) -> Users {
-        match self {
-            Self::Any => Users::Any,
-            Self::Policy { clients, others } => clients
-                .get(name)
-                .or(others.as_ref())
-                .cloned()
-                .unwrap_or_else(|| Users::Only(BTreeSet::new())),
-        }
-    }
-}
-
-/// Which client identities may use a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Acl {
-    /// Any client certificate signed by the CA.
-    Any,
-    /// Only these client names.
-    Only(BTreeSet<String>),
-}
-
-impl Acl {
-    /// Whether `id` may use the service. Agents never may.
-    pub fn allows(&self, id: &Identity) -> bool {
-        match (self, id) {
-            (_, Identity::Agent(_)) => false,
-            (Self::Any, Identity::Client(_)) => true,
-            (Self::Only(names), Identity::Client(n)) => names.contains(n),
+    /// The rules as the relay sends them to an agent that ends TLS for this service.
+    pub fn wire_policy(&self, handshake_timeout: Duration) -> ServicePolicy {
+        ServicePolicy {
+            name: self.name.clone(),
+            clients: self.clients.clone(),
+            allowed_users: self.allowed_users.clone(),
+            client_attribute: self.client_attribute,
+            handshake_timeout_ms: u64::try_from(handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+            max_handshakes: self.max_handshakes,
         }
     }
 }
@@ -398,11 +359,22 @@ impl Config {
                 .unwrap_or_default();
             if let Some(t) = &svc.tls_termination
                 && t.value == TlsTermination::Agent
+                && svc.listen.is_none()
             {
                 check.at(
                     t,
                     &format!("{key}.tls_termination"),
-                    "`agent` (end-to-end TLS to the agent) is not supported yet: use `relay`",
+                    "`agent` applies to the MySQL-native `listen` listener, and this service has none",
+                );
+            }
+            if let (Some(t), Some(l)) = (&svc.tls_termination, &svc.tls_listen)
+                && t.value == TlsTermination::Agent
+            {
+                check.at(
+                    l,
+                    &format!("{key}.tls_listen"),
+                    "a TLS-first listener ends TLS at the relay, and this service ends TLS at the \
+                     agent (tls_termination: agent): remove tls_listen",
                 );
             }
             let max_handshakes = svc
@@ -690,10 +662,15 @@ mod tests {
         assert_eq!(
             errors("  orders:\n    clients: [alice]\n    tls_termination: agent\n"),
             vec![
-                "relay.yaml:7: services.orders.tls_termination: `agent` (end-to-end TLS to the \
-                 agent) is not supported yet: use `relay`"
+                "relay.yaml:7: services.orders.tls_termination: `agent` applies to the \
+                 MySQL-native `listen` listener, and this service has none"
             ]
         );
+        let c = parse(
+            "  orders:\n    listen: 127.0.0.1:0\n    clients: [alice]\n    tls_termination: agent\n",
+        )
+        .unwrap();
+        assert_eq!(c.services["orders"].tls_termination, TlsTermination::Agent);
         assert_eq!(
             errors(
                 "  orders:\n    clients: [alice]\n    allowed_users:\n      alise: [app]\n      bob/x: [app]\n"

@@ -10,33 +10,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use postern_common::front;
 use postern_common::pki::Identity;
-use postern_common::protocol::{Answer, Code, Open};
+use postern_common::protocol::{Answer, Code, Open, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::wire;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use crate::Shared;
-use crate::config::Service;
+use crate::config::{Service, TlsTermination};
 
-/// Why a client connection was refused; the message is shown to the client.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// The stable code.
-    pub code: Code,
-    /// The reason, in words.
-    pub message: String,
-}
-
-impl Refusal {
-    pub(crate) fn new(code: Code, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
+pub use postern_common::front::Refusal;
 
 /// A stream to the agent, connected to the backend and ready for bytes.
 pub(crate) struct Reached {
@@ -62,19 +47,22 @@ pub(crate) async fn reach(
         ));
     };
     authorise(svc, client)?;
-    open(shared, svc, Some(client), client_addr).await
+    if svc.tls_termination == TlsTermination::Agent {
+        // These clients' TLS ends here, so the relay would see their queries and passwords.
+        return Err(Refusal::new(
+            Code::NotAuthorized,
+            format!(
+                "service {service:?} ends TLS at the agent (tls_termination: agent): connect to \
+                 its MySQL listener with TLS and a client certificate"
+            ),
+        ));
+    }
+    open(shared, svc, Some(client), client_addr, StreamMode::Plain).await
 }
 
 /// Whether `client` may use `svc`.
 pub(crate) fn authorise(svc: &Service, client: &Identity) -> Result<(), Refusal> {
-    if svc.clients.allows(client) {
-        Ok(())
-    } else {
-        Err(Refusal::new(
-            Code::NotAuthorized,
-            format!("{client} is not allowed to use service {:?}", svc.name),
-        ))
-    }
+    front::authorise(&svc.policy(std::time::Duration::ZERO), client)
 }
 
 /// Takes a connection slot of `svc` and opens a stream to an agent that serves it, which
@@ -82,12 +70,13 @@ pub(crate) fn authorise(svc: &Service, client: &Identity) -> Result<(), Refusal>
 ///
 /// `client` is `None` before the client is authorised: the stream is then marked
 /// pre-authorisation, and the caller must authorise the client before any of its bytes go
-/// into the stream.
+/// into the stream. In [`StreamMode::MysqlE2e`] the agent authorises the client itself.
 pub(crate) async fn open(
     shared: &Arc<Shared>,
     svc: &Service,
     client: Option<&Identity>,
     client_addr: SocketAddr,
+    mode: StreamMode,
 ) -> Result<Reached, Refusal> {
     let service = svc.name.as_str();
     let permit = shared
@@ -103,12 +92,22 @@ pub(crate) async fn open(
                 ),
             )
         })?;
-    let Some((agent, session)) = shared.registry.route(service) else {
+    let Some(route) = shared.registry.route(service) else {
         return Err(Refusal::new(
             Code::NoAgent,
             format!("service {service:?} is unavailable: no agent is connected for it"),
         ));
     };
+    let (agent, session) = (route.agent, route.session);
+    if mode == StreamMode::MysqlE2e && !route.mysql_e2e {
+        return Err(Refusal::new(
+            Code::NoAgent,
+            format!(
+                "service {service:?} is unavailable: agent {agent} cannot end TLS itself \
+                 (tls_termination: agent needs a newer agent)"
+            ),
+        ));
+    }
     let conn_id = shared.next_conn_id();
     let no_agent = |e: &dyn std::fmt::Display| {
         Refusal::new(
@@ -123,6 +122,7 @@ pub(crate) async fn open(
         client_addr: client_addr.to_string(),
         conn_id,
         pre_auth: client.is_none(),
+        mode,
     };
     wire::write_first(&mut stream, &open)
         .await

@@ -56,6 +56,10 @@ pub(crate) struct Shared {
     pub(crate) handshakes: HashMap<String, Arc<Semaphore>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// Bumped when the revocation lists are reloaded, so agents get them again.
+    pub(crate) revocations_changed: tokio::sync::watch::Sender<u64>,
+    /// For tests: a copy of every byte the MySQL-native listeners write into agent streams.
+    pub(crate) tap: std::sync::OnceLock<mysql::Tap>,
     next_conn: AtomicU64,
 }
 
@@ -168,6 +172,8 @@ impl Relay {
                 handshakes,
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                revocations_changed: tokio::sync::watch::Sender::new(0),
+                tap: std::sync::OnceLock::new(),
                 next_conn: AtomicU64::new(0),
             }),
             endpoint,
@@ -332,7 +338,8 @@ async fn watch_revocations(shared: Arc<Shared>) {
         }
         match revocations.reload() {
             Ok(true) => {
-                info!(path = %revocations.path().map(|p| p.display().to_string()).unwrap_or_default(), "revocation list reloaded")
+                info!(path = %revocations.path().map(|p| p.display().to_string()).unwrap_or_default(), "revocation list reloaded");
+                shared.revocations_changed.send_modify(|g| *g += 1);
             }
             Ok(false) => {}
             Err(e) => warn!(error = %e, "revocation list not reloaded; keeping the previous one"),
@@ -366,6 +373,14 @@ impl Handle {
     /// A snapshot of connected agents.
     pub fn agents(&self) -> Vec<registry::AgentInfo> {
         self.shared.registry.agents()
+    }
+
+    /// For tests that check what the relay can see: from now on, every byte the MySQL-native
+    /// listeners write into agent streams is also appended to the returned buffer (which grows
+    /// without bound: never in production).
+    #[doc(hidden)]
+    pub fn tap_agent_streams(&self) -> mysql::Tap {
+        self.shared.tap.get_or_init(Default::default).clone()
     }
 
     /// How many client connections this relay has sent to an agent so far.

@@ -26,8 +26,19 @@ struct State {
 struct Entry {
     session: Session,
     services: Vec<String>,
+    mysql_e2e: bool,
     generation: u64,
     since: SystemTime,
+}
+
+/// The agent [`Registry::route`] chose.
+pub struct Route {
+    /// Its identity name.
+    pub agent: String,
+    /// Its session.
+    pub session: Session,
+    /// Whether it serves end-to-end streams (it said so in its hello).
+    pub mysql_e2e: bool,
 }
 
 /// A registration; pass it back to [`Registry::remove`] when the session ends.
@@ -52,13 +63,15 @@ pub struct AgentInfo {
 impl Registry {
     /// Registers `session` for agent `name`, replacing any previous session. The previous one is
     /// closed at once, unless `take_over` says the agent is moving to a new session itself: then
-    /// it only stops receiving new streams, and finishes the ones it has.
+    /// it only stops receiving new streams, and finishes the ones it has. `mysql_e2e`: the agent
+    /// serves end-to-end streams.
     pub fn insert(
         &self,
         name: &str,
         session: Session,
         services: Vec<String>,
         take_over: bool,
+        mysql_e2e: bool,
     ) -> Generation {
         let mut st = self.lock();
         st.next_generation += 1;
@@ -68,6 +81,7 @@ impl Registry {
             Entry {
                 session,
                 services,
+                mysql_e2e,
                 generation,
                 since: SystemTime::now(),
             },
@@ -101,13 +115,17 @@ impl Registry {
     }
 
     /// The session of an agent serving `service`, the most recently connected first.
-    pub fn route(&self, service: &str) -> Option<(String, Session)> {
+    pub fn route(&self, service: &str) -> Option<Route> {
         let st = self.lock();
         st.agents
             .iter()
             .filter(|(_, e)| !e.session.is_closed() && e.services.iter().any(|s| s == service))
             .max_by_key(|(_, e)| e.generation)
-            .map(|(n, e)| (n.clone(), e.session.clone()))
+            .map(|(n, e)| Route {
+                agent: n.clone(),
+                session: e.session.clone(),
+                mysql_e2e: e.mysql_e2e,
+            })
     }
 
     /// A snapshot of the connected agents, sorted by name.

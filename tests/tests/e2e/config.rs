@@ -57,8 +57,8 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
             "postern-relay",
             "termination.yaml",
             good_relay.clone() + "    tls_termination: agent\n",
-            "termination.yaml:{line:tls_termination}: key `services.orders.tls_termination`: `agent` (end-to-end TLS \
-             to the agent) is not supported yet",
+            "termination.yaml:{line:tls_listen}: key `services.orders.tls_listen`: a TLS-first listener ends TLS \
+             at the relay, and this service ends TLS at the agent",
         ),
         (
             "postern-agent",
@@ -147,6 +147,14 @@ fn every_example_config_parses() {
             )
             .replace(
                 "/etc/postern/server-relay-key.pem",
+                pki.files("server-relay").1.to_str().unwrap(),
+            )
+            .replace(
+                "/etc/postern/server-reports.pem",
+                pki.files("server-relay").0.to_str().unwrap(),
+            )
+            .replace(
+                "/etc/postern/server-reports-key.pem",
                 pki.files("server-relay").1.to_str().unwrap(),
             )
             .replace(

@@ -250,6 +250,7 @@ async fn garbage_and_oversized_frames_close_only_the_offending_stream_or_session
             client_addr: String::new(),
             conn_id: 0,
             pre_auth: false,
+            mode: Default::default(),
         },
     )
     .await
@@ -284,6 +285,7 @@ async fn unknown_protocol_versions_get_a_clear_refusal() {
         services: vec!["orders".into()],
         software: "future".into(),
         take_over: false,
+        features: Vec::new(),
     };
     postern_common::wire::write_first(&mut send, &hello)
         .await
@@ -423,6 +425,7 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         client_addr: "127.0.0.1:1".into(),
         conn_id: 1,
         pre_auth: false,
+        mode: Default::default(),
     };
     postern_common::wire::write_first(&mut send, &open)
         .await

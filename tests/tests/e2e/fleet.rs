@@ -129,6 +129,7 @@ async fn the_agent_serves_every_relay_instance_and_survives_losing_one() {
                 client_addr: String::new(),
                 conn_id: 0,
                 pre_auth: false,
+                mode: Default::default(),
             },
         )
         .await

@@ -6,6 +6,7 @@ mod certs;
 mod config;
 mod faults;
 mod fleet;
+mod mysql_e2e;
 mod mysql_tls;
 mod router;
 mod security;

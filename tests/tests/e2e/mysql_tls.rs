@@ -71,7 +71,7 @@ impl Setup {
 }
 
 /// `--ssl-*` options that verify the relay by name and present certificate `base`, if any.
-fn ssl_args(pki: &TestPki, base: Option<&str>) -> Vec<String> {
+pub(crate) fn ssl_args(pki: &TestPki, base: Option<&str>) -> Vec<String> {
     let mut args = vec![
         format!("--ssl-ca={}", pki.ca().display()),
         "--ssl-verify-server-cert".to_owned(),
@@ -85,7 +85,7 @@ fn ssl_args(pki: &TestPki, base: Option<&str>) -> Vec<String> {
 }
 
 /// A MariaDB client program aimed at `127.0.0.1:port` as `user`.
-fn client(program: &str, port: u16, user: &str, extra: &[String]) -> Command {
+pub(crate) fn client(program: &str, port: u16, user: &str, extra: &[String]) -> Command {
     let mut c = Command::new(find(program));
     c.args(["--no-defaults", "-h", "127.0.0.1", "--protocol=TCP"])
         .arg(format!("-P{port}"))
@@ -95,7 +95,7 @@ fn client(program: &str, port: u16, user: &str, extra: &[String]) -> Command {
 }
 
 /// Runs `sql` with the `mariadb` CLI in batch mode.
-fn cli(port: u16, user: &str, extra: &[String], sql: &str) -> Output {
+pub(crate) fn cli(port: u16, user: &str, extra: &[String], sql: &str) -> Output {
     client("mariadb", port, user, extra)
         .args(["--batch", "--skip-column-names", "-e", sql])
         .output()
@@ -103,7 +103,7 @@ fn cli(port: u16, user: &str, extra: &[String], sql: &str) -> Output {
 }
 
 /// The standard output of a run that must have succeeded.
-fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
         "client failed: {}",
@@ -113,7 +113,7 @@ fn ok(out: &Output) -> String {
 }
 
 /// The standard error of a run that must have failed.
-fn failed(out: &Output) -> String {
+pub(crate) fn failed(out: &Output) -> String {
     assert!(
         !out.status.success(),
         "client succeeded: {}",
@@ -124,7 +124,13 @@ fn failed(out: &Output) -> String {
 
 /// mysql_async options for `user` at the relay's MySQL port, verifying the relay's certificate
 /// against the Postern CA and presenting client certificate `base`.
-fn driver_opts(pki: &TestPki, port: u16, base: &str, user: &str, pass: &str) -> OptsBuilder {
+pub(crate) fn driver_opts(
+    pki: &TestPki,
+    port: u16,
+    base: &str,
+    user: &str,
+    pass: &str,
+) -> OptsBuilder {
     let (cert, key) = pki.files(base);
     let ssl = SslOpts::default()
         .with_root_certs(vec![pki.ca().into()])

@@ -1,0 +1,210 @@
+//! The relay's rules for services whose TLS ends at this agent (`tls_termination: agent`), one
+//! set per relay session.
+//!
+//! The relay sends [`Control::Policy`] after its welcome and again when its revocation lists
+//! change; each message replaces the previous one whole. Until one arrives (an older relay
+//! never sends one) end-to-end streams are refused, so a client is never admitted on rules
+//! this agent has not been given.
+//!
+//! [`Control::Policy`]: postern_common::protocol::Control::Policy
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use postern_common::policy::ServicePolicy;
+use postern_common::tls::{self, Revocations};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info};
+
+use crate::config::Config;
+
+/// How long an end-to-end stream waits for the relay's first policy.
+const FIRST_POLICY_WAIT: Duration = Duration::from_secs(1);
+
+/// The rules of one service, and its handshake slots (connections not yet authorised hold a
+/// database connection: `max_handshakes` limits them here as the relay limits its own).
+#[derive(Clone)]
+pub(crate) struct Rules {
+    pub(crate) policy: Arc<ServicePolicy>,
+    pub(crate) handshakes: Arc<Semaphore>,
+}
+
+/// The policy of one relay session, and the TLS acceptors that follow its revocation lists.
+pub(crate) struct SessionPolicy {
+    services: RwLock<Option<HashMap<String, Rules>>>,
+    /// Set once the first policy is in.
+    arrived: watch::Sender<bool>,
+    revocations: Arc<Revocations>,
+    acceptors: HashMap<String, TlsAcceptor>,
+}
+
+impl SessionPolicy {
+    /// No policy yet; an acceptor for every service with a certificate (`services.NAME.tls`).
+    pub(crate) fn new(config: &Config) -> Self {
+        let revocations = Arc::new(Revocations::default());
+        let mut acceptors = HashMap::new();
+        for svc in config.services.values() {
+            let Some(material) = &svc.tls else { continue };
+            let mut material = material.clone();
+            material.revocations = revocations.clone();
+            match tls::mysql_listener_server(&material) {
+                Ok(c) => {
+                    acceptors.insert(svc.name.clone(), TlsAcceptor::from(Arc::new(c)));
+                }
+                Err(e) => error!(service = %svc.name, error = %e, "service certificate unusable"),
+            }
+        }
+        Self {
+            services: RwLock::new(None),
+            arrived: watch::Sender::new(false),
+            revocations,
+            acceptors,
+        }
+    }
+
+    /// Takes a policy from the relay. Revocation lists that do not parse leave no service
+    /// usable (refusing is safer than admitting a revoked certificate).
+    pub(crate) fn apply(&self, services: Vec<ServicePolicy>, crl_pem: Option<String>) {
+        let mut current = self.services.write().unwrap_or_else(|p| p.into_inner());
+        let mut services: HashMap<String, Rules> = services
+            .into_iter()
+            .map(|s| {
+                // Slots carry over while the limit stays, so connections in their handshake
+                // keep counting.
+                let handshakes = current
+                    .as_ref()
+                    .and_then(|c| c.get(&s.name))
+                    .filter(|r| r.policy.max_handshakes == s.max_handshakes)
+                    .map(|r| r.handshakes.clone())
+                    .unwrap_or_else(|| {
+                        let n = match s.max_handshakes {
+                            0 => Semaphore::MAX_PERMITS,
+                            n => n.min(Semaphore::MAX_PERMITS),
+                        };
+                        Arc::new(Semaphore::new(n))
+                    });
+                let rules = Rules {
+                    policy: Arc::new(s),
+                    handshakes,
+                };
+                (rules.policy.name.clone(), rules)
+            })
+            .collect();
+        if let Err(e) = self
+            .revocations
+            .replace_pem(crl_pem.as_deref().unwrap_or_default().as_bytes())
+        {
+            error!(error = %e, "revocation list from the relay unusable: end-to-end clients refused");
+            services.clear();
+        }
+        info!(services = ?services.keys().collect::<Vec<_>>(), revocations = crl_pem.is_some(), "policy received from the relay");
+        *current = Some(services);
+        drop(current);
+        self.arrived.send_replace(true);
+    }
+
+    /// The rules and the acceptor for an end-to-end stream of `service`, or why there are none.
+    ///
+    /// The relay sends its policy right after the welcome, on the control stream; a data stream
+    /// may still overtake it, so a stream that finds none waits for it briefly.
+    pub(crate) async fn for_service(
+        &self,
+        agent: &str,
+        service: &str,
+    ) -> Result<(Rules, TlsAcceptor), String> {
+        let Some(acceptor) = self.acceptors.get(service) else {
+            return Err(format!(
+                "service {service:?} ends TLS at the agent, and agent {agent} has no certificate \
+                 for it (services.{service}.tls in agent.yaml)"
+            ));
+        };
+        let mut arrived = self.arrived.subscribe();
+        let _ = tokio::time::timeout(FIRST_POLICY_WAIT, arrived.wait_for(|a| *a)).await;
+        let guard = self.services.read().unwrap_or_else(|p| p.into_inner());
+        let Some(services) = guard.as_ref() else {
+            return Err(format!(
+                "service {service:?} is unavailable end to end: agent {agent} has no policy \
+                 received from the relay"
+            ));
+        };
+        match services.get(service) {
+            Some(p) => Ok((p.clone(), acceptor.clone())),
+            None => Err(format!(
+                "service {service:?} is unavailable end to end: the relay's policy for agent \
+                 {agent} does not include it (see the relay's log)"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_common::pki::{Ca, Kind, LeafSpec};
+    use postern_common::policy::Acl;
+
+    /// A session policy with an acceptor for `orders` and none for `plain`.
+    fn session() -> SessionPolicy {
+        let (ca, _key) = Ca::generate("test", 1).unwrap();
+        let mut spec = LeafSpec::new(Kind::Server, "orders", 1);
+        spec.dns = vec!["localhost".into()];
+        let issued = ca.issue(&spec).unwrap();
+        let material =
+            tls::Material::from_pem(&ca.cert_pem, &issued.cert_pem, &issued.key_pem).unwrap();
+        let config = tls::mysql_listener_server(&material).unwrap();
+        SessionPolicy {
+            services: RwLock::new(None),
+            arrived: watch::Sender::new(false),
+            revocations: Arc::new(Revocations::default()),
+            acceptors: [("orders".to_owned(), TlsAcceptor::from(Arc::new(config)))].into(),
+        }
+    }
+
+    fn rules(name: &str) -> ServicePolicy {
+        ServicePolicy {
+            name: name.into(),
+            clients: Acl::Any,
+            allowed_users: Default::default(),
+            client_attribute: false,
+            handshake_timeout_ms: 1000,
+            max_handshakes: 1,
+        }
+    }
+
+    fn refusal(r: Result<(Rules, TlsAcceptor), String>) -> String {
+        match r {
+            Ok(_) => panic!("refused"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_wait_briefly_for_the_first_policy_then_say_why() {
+        let p = session();
+        let why = refusal(p.for_service("db1", "orders").await);
+        assert!(why.contains("no policy received from the relay"), "{why}");
+        let why = refusal(p.for_service("db1", "plain").await);
+        assert!(
+            why.contains("has no certificate for it (services.plain.tls in agent.yaml)"),
+            "{why}"
+        );
+        p.apply(vec![rules("orders")], None);
+        assert!(p.for_service("db1", "orders").await.is_ok());
+        p.apply(vec![], None);
+        let why = refusal(p.for_service("db1", "orders").await);
+        assert!(why.contains("does not include it"), "{why}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unusable_revocation_list_refuses_every_service() {
+        let p = session();
+        p.apply(
+            vec![rules("orders")],
+            Some("-----BEGIN X509 CRL-----\nnot base64!\n-----END X509 CRL-----\n".into()),
+        );
+        let why = refusal(p.for_service("db1", "orders").await);
+        assert!(why.contains("does not include it"), "{why}");
+    }
+}

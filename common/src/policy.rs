@@ -1,0 +1,133 @@
+//! Who may use a service and as which MySQL users: the rules the relay's config states, in a
+//! form the relay applies itself and sends to agents that end TLS (end-to-end mode).
+//!
+//! These are plain values, serialised as JSON inside [`Control::Policy`] frames; they hold no
+//! I/O and no secrets.
+//!
+//! [`Control::Policy`]: crate::protocol::Control::Policy
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pki::Identity;
+
+/// Which client identities may use a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Acl {
+    /// Any client certificate signed by the CA.
+    Any,
+    /// Only these client names.
+    Only(BTreeSet<String>),
+}
+
+impl Acl {
+    /// Whether `id` may use the service. Agents never may.
+    pub fn allows(&self, id: &Identity) -> bool {
+        match (self, id) {
+            (_, Identity::Agent(_)) => false,
+            (Self::Any, Identity::Client(_)) => true,
+            (Self::Only(names), Identity::Client(n)) => names.contains(n),
+        }
+    }
+}
+
+/// Which MySQL user names each client identity may log in as.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllowedUsers {
+    /// No policy: any user the database accepts.
+    #[default]
+    Any,
+    /// A policy: per-client lists, and a list for every other client (`"*"`, or the plain list
+    /// form). A client that neither names may log in as no one.
+    Policy {
+        /// Lists by client name.
+        clients: BTreeMap<String, Users>,
+        /// The list for clients not named.
+        others: Option<Users>,
+    },
+}
+
+/// A list of MySQL user names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Users {
+    /// Any user (`"*"` in the list).
+    Any,
+    /// Only these, compared byte for byte (MySQL user names are case-sensitive).
+    Only(BTreeSet<String>),
+}
+
+impl Users {
+    /// Whether `user` is on the list.
+    pub fn allows(&self, user: &[u8]) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(names) => names.iter().any(|n| n.as_bytes() == user),
+        }
+    }
+}
+
+impl AllowedUsers {
+    /// The users client `name` may log in as.
+    pub fn for_client(&self, name: &str) -> Users {
+        match self {
+            Self::Any => Users::Any,
+            Self::Policy { clients, others } => clients
+                .get(name)
+                .or(others.as_ref())
+                .cloned()
+                .unwrap_or_else(|| Users::Only(BTreeSet::new())),
+        }
+    }
+}
+
+/// The rules of one MySQL service whose TLS ends at the agent, as the relay sends them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePolicy {
+    /// The service name.
+    pub name: String,
+    /// Who may connect.
+    pub clients: Acl,
+    /// Which MySQL users each client may log in as.
+    #[serde(default)]
+    pub allowed_users: AllowedUsers,
+    /// Whether sessions get the connection attribute `postern_client`.
+    #[serde(default)]
+    pub client_attribute: bool,
+    /// Deadline for the connection phase, in milliseconds (as the relay's `handshake_timeout`).
+    pub handshake_timeout_ms: u64,
+    /// Limit of connections still in their handshake (not yet authorised) at the agent, per
+    /// relay session; 0 means no limit.
+    #[serde(default)]
+    pub max_handshakes: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_survive_json() {
+        let p = ServicePolicy {
+            name: "orders".into(),
+            clients: Acl::Only(["alice".to_owned()].into()),
+            allowed_users: AllowedUsers::Policy {
+                clients: [("alice".to_owned(), Users::Any)].into(),
+                others: Some(Users::Only(["app".to_owned()].into())),
+            },
+            client_attribute: true,
+            handshake_timeout_ms: 5000,
+            max_handshakes: 100,
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<ServicePolicy>(&json).unwrap(), p);
+        let any: ServicePolicy =
+            serde_json::from_str(r#"{"name":"x","clients":"any","handshake_timeout_ms":1}"#)
+                .unwrap();
+        assert_eq!(any.allowed_users, AllowedUsers::Any);
+        assert!(any.clients.allows(&Identity::Client("z".into())));
+    }
+}
