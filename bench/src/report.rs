@@ -36,19 +36,17 @@ impl Target {
     }
 }
 
-/// One row of the table: a value per round for each path.
+/// One row of a table: a value per round for each of the table's paths.
 #[derive(Debug)]
 pub(crate) struct Metric {
     /// What is measured, with its unit.
     pub(crate) name: String,
     /// Decimal places to print.
     pub(crate) decimals: usize,
-    /// The condition on tunnel/direct.
+    /// The condition on each path's ratio to the table's first path.
     pub(crate) target: Target,
-    /// One value per round, direct.
-    pub(crate) direct: Vec<f64>,
-    /// One value per round, tunnel.
-    pub(crate) tunnel: Vec<f64>,
+    /// Per path of the table (the first is the baseline), one value per round.
+    pub(crate) values: Vec<Vec<f64>>,
 }
 
 impl Metric {
@@ -57,19 +55,43 @@ impl Metric {
             name: name.into(),
             decimals,
             target,
-            direct: Vec::new(),
-            tunnel: Vec::new(),
+            values: Vec::new(),
         }
     }
 
-    /// The per-round ratios tunnel/direct (rounds are paired: both paths ran back to back).
-    fn ratios(&self) -> Vec<f64> {
-        self.direct
-            .iter()
-            .zip(&self.tunnel)
+    /// Adds the value of path `column` for the current round.
+    pub(crate) fn record(&mut self, column: usize, value: f64) {
+        if self.values.len() <= column {
+            self.values.resize_with(column + 1, Vec::new);
+        }
+        self.values[column].push(value);
+    }
+
+    /// The per-round ratios path `column` / baseline (rounds are paired: every path ran in
+    /// each round, back to back), finite ones only.
+    fn ratios(&self, column: usize) -> Vec<f64> {
+        let (Some(base), Some(other)) = (self.values.first(), self.values.get(column)) else {
+            return Vec::new();
+        };
+        base.iter()
+            .zip(other)
             .map(|(d, t)| t / d)
+            .filter(|r| r.is_finite())
             .collect()
     }
+}
+
+/// Metrics measured on several paths, the first being the baseline.
+#[derive(Debug)]
+pub(crate) struct Table {
+    /// A heading, or empty for none.
+    pub(crate) title: String,
+    /// The paths, as column names; the first is the baseline.
+    pub(crate) columns: Vec<&'static str>,
+    /// The rows.
+    pub(crate) metrics: Vec<Metric>,
+    /// With the idle-memory row, one [`Memory`] per column after the first.
+    pub(crate) memory_row: bool,
 }
 
 /// RSS of one process around the idle-connections test, in KiB.
@@ -88,6 +110,8 @@ pub(crate) struct Rss {
 /// The idle-connections memory test.
 #[derive(Debug)]
 pub(crate) struct Memory {
+    /// Which tunnel (QUIC, WebSocket).
+    pub(crate) tunnel: &'static str,
     /// How many tunneled connections were held.
     pub(crate) connections: usize,
     /// relay, agent, connect, mariadbd.
@@ -119,7 +143,7 @@ pub(crate) const PROCESSES: [&str; 5] = ["client", "mariadbd", "connect", "relay
 pub(crate) struct CpuUse {
     /// The workload.
     pub(crate) workload: &'static str,
-    /// direct or tunnel.
+    /// The path (direct, QUIC, ...).
     pub(crate) path: &'static str,
     /// Wall time summed over rounds.
     pub(crate) wall: Duration,
@@ -208,8 +232,9 @@ impl Context {
 pub(crate) struct Report {
     pub(crate) context: Context,
     pub(crate) rounds: usize,
-    pub(crate) metrics: Vec<Metric>,
-    pub(crate) memory: Memory,
+    pub(crate) tables: Vec<Table>,
+    /// One per tunnel, in the order of the first table's columns after the first.
+    pub(crate) memory: Vec<Memory>,
     pub(crate) cpu: Vec<CpuUse>,
     pub(crate) ticks_per_second: f64,
     pub(crate) elapsed: Duration,
@@ -237,75 +262,47 @@ impl Report {
         let _ = writeln!(w, "- command: `{}`", c.command);
         let _ = writeln!(w, "- total run time: {:.0} s\n", self.elapsed.as_secs_f64());
 
-        let _ = writeln!(
-            w,
-            "| metric | direct | tunnel | tunnel/direct (range) | target | result |"
-        );
-        let _ = writeln!(w, "|---|---:|---:|---:|---|---|");
-        for m in &self.metrics {
-            let ratios = self.ratios_or_empty(m);
-            if ratios.is_empty() {
-                continue;
-            }
-            let ratio = median(&ratios);
-            let (lo, hi) = min_max(&ratios);
-            let _ = writeln!(
-                w,
-                "| {} | {:.*} | {:.*} | {ratio:.2}× ({lo:.2}–{hi:.2}) | {} | {} |",
-                m.name,
-                m.decimals,
-                median(&m.direct),
-                m.decimals,
-                median(&m.tunnel),
-                m.target.describe(),
-                m.target.verdict(ratio),
-            );
+        for table in &self.tables {
+            self.table(w, table);
         }
-        let mem = &self.memory;
-        let per_conn = mem.per_connection_kib();
         let _ = writeln!(
             w,
-            "| memory per idle tunneled connection, relay + agent RSS (KiB) | — | {per_conn:.1} | — | ≤ {:.0} KiB | {} |",
-            mem.target_kib,
-            if per_conn <= mem.target_kib {
-                "pass"
-            } else {
-                "**FAIL**"
-            }
-        );
-        let _ = writeln!(
-            w,
-            "\nDirect and tunnel values are medians over {} round(s); each round runs every \
-             workload on both paths back to back (alternating which goes first), and the ratio \
-             is the median of the per-round ratios, with their range in brackets. Throughput \
-             ratios should be high, time ratios low.\n",
+            "Values are medians over {} round(s); each round runs every workload on every path \
+             of a table back to back (rotating which goes first), and a ratio is the median of \
+             the per-round ratios to the table's first column, with their range in brackets. \
+             Throughput ratios should be high, time ratios low. Where a table compares several \
+             paths, the result column gives one verdict per ratio, in column order.\n",
             self.rounds
         );
 
+        let n = self.memory.first().map_or(0, |m| m.connections);
         let _ = writeln!(
             w,
-            "### Memory: RSS with {} idle tunneled connections (KiB)\n",
-            mem.connections
+            "### Memory: RSS with {n} idle tunneled connections (KiB)\n"
         );
         let _ = writeln!(
             w,
-            "| process | before | held open | per connection | after closing |"
+            "| tunnel | process | before | held open | per connection | after closing |"
         );
-        let _ = writeln!(w, "|---|---:|---:|---:|---:|");
-        for r in &mem.rss {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} | {:.1} | {} |",
-                r.name,
-                r.before,
-                r.held,
-                (r.held as f64 - r.before as f64) / mem.connections.max(1) as f64,
-                r.closed
-            );
+        let _ = writeln!(w, "|---|---|---:|---:|---:|---:|");
+        for mem in &self.memory {
+            for r in &mem.rss {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {:.1} | {} |",
+                    mem.tunnel,
+                    r.name,
+                    r.before,
+                    r.held,
+                    (r.held as f64 - r.before as f64) / mem.connections.max(1) as f64,
+                    r.closed
+                );
+            }
         }
         let _ = writeln!(
             w,
-            "\nThe target counts relay + agent, the two long-running Postern processes; \
+            "\nEach tunnel has its own relay, agent and `connect`, measured fresh, one tunnel after \
+             the other. The target counts relay + agent, the two long-running Postern processes; \
              `connect` runs on the user's machine and mariadbd's own cost is there for scale.\n"
         );
 
@@ -334,8 +331,94 @@ impl Report {
         out
     }
 
-    fn ratios_or_empty(&self, m: &Metric) -> Vec<f64> {
-        m.ratios().into_iter().filter(|r| r.is_finite()).collect()
+    /// One table: values per path, ratios to the first path, target and verdicts.
+    fn table(&self, w: &mut String, t: &Table) {
+        let Some((base, others)) = t.columns.split_first() else {
+            return;
+        };
+        if !t.title.is_empty() {
+            let _ = writeln!(w, "### {}\n", t.title);
+        }
+        let _ = write!(w, "| metric |");
+        for c in &t.columns {
+            let _ = write!(w, " {c} |");
+        }
+        for c in others {
+            let _ = write!(w, " {c}/{base} (range) |");
+        }
+        let _ = writeln!(w, " target | result |");
+        let _ = writeln!(
+            w,
+            "|---|{}{}---|---|",
+            "---:|".repeat(t.columns.len()),
+            "---:|".repeat(others.len())
+        );
+        for m in &t.metrics {
+            let _ = write!(w, "| {} |", m.name);
+            for i in 0..t.columns.len() {
+                let v = m.values.get(i).map(|v| median(v)).unwrap_or(f64::NAN);
+                let _ = write!(w, " {v:.*} |", m.decimals);
+            }
+            let mut verdicts = Vec::new();
+            for i in 1..t.columns.len() {
+                let ratios = m.ratios(i);
+                if ratios.is_empty() {
+                    let _ = write!(w, " — |");
+                    continue;
+                }
+                let ratio = median(&ratios);
+                let (lo, hi) = min_max(&ratios);
+                let _ = write!(w, " {ratio:.2}× ({lo:.2}–{hi:.2}) |");
+                verdicts.push(m.target.verdict(ratio));
+            }
+            let _ = writeln!(
+                w,
+                " {} | {} |",
+                m.target.describe(),
+                verdict_list(&verdicts)
+            );
+        }
+        if t.memory_row {
+            let _ = write!(
+                w,
+                "| memory per idle tunneled connection, relay + agent RSS (KiB) | — |"
+            );
+            let mut verdicts = Vec::new();
+            let mut target = 0.0;
+            for i in 0..others.len() {
+                match self.memory.get(i) {
+                    Some(mem) => {
+                        let per_conn = mem.per_connection_kib();
+                        target = mem.target_kib;
+                        let _ = write!(w, " {per_conn:.1} |");
+                        verdicts.push(if per_conn <= mem.target_kib {
+                            "pass"
+                        } else {
+                            "**FAIL**"
+                        });
+                    }
+                    None => {
+                        let _ = write!(w, " — |");
+                    }
+                }
+            }
+            let _ = writeln!(
+                w,
+                "{} ≤ {target:.0} KiB | {} |",
+                " — |".repeat(others.len()),
+                verdict_list(&verdicts)
+            );
+        }
+        let _ = writeln!(w);
+    }
+}
+
+/// Verdicts joined with " / ", or "—" when all are "—".
+fn verdict_list(verdicts: &[&str]) -> String {
+    if verdicts.iter().all(|v| *v == "—") {
+        "—".into()
+    } else {
+        verdicts.join(" / ")
     }
 }
 

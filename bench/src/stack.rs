@@ -1,12 +1,20 @@
-//! The system under test: a private `mariadbd`, certificates made with Postern's own PKI code, and
-//! the release binaries `postern-relay run`, `postern-agent run` and `postern-agent connect` as
-//! three separate processes on loopback, so that each one's memory and CPU time can be read from
-//! `/proc/PID`.
+//! The system under test: a private `mariadbd` (offering TLS too), certificates made with
+//! Postern's own PKI code, and two tunnels, each made of the release binaries `postern-relay
+//! run`, `postern-agent run` and `postern-agent connect` as three separate processes on loopback,
+//! so that each one's memory and CPU time can be read from `/proc/PID`:
 //!
 //! ```text
-//! direct:  client ───────────────────────────────────────────────────────────────▶ mariadbd
-//! tunnel:  client ─tcp─▶ connect ─quic─▶ postern-relay ◀─quic─ postern-agent run ─tcp─▶ mariadbd
+//! direct:      client ───────────────────────────────────────────────────────────────▶ mariadbd
+//! QUIC:        client ─tcp─▶ connect ─quic─▶ postern-relay ◀─quic─ postern-agent run ─tcp─▶ mariadbd
+//! WebSocket:   client ─tcp─▶ connect ──ws──▶ postern-relay ◀──ws── postern-agent run ─tcp─▶ mariadbd
+//! direct TLS:  client ─mysql+tls───────────────────────────────────────────────────────▶ mariadbd
+//! MySQL-TLS:   client ─mysql+tls─▶ postern-relay (QUIC stack) ◀─quic─ agent ─tcp─▶ mariadbd
 //! ```
+//!
+//! The WebSocket tunnel is a second relay and agent of its own (`ws://` to the relay's
+//! `listen.http`, `transport: websocket` on both sides), so its memory is measured on fresh
+//! processes too. The MySQL-native path goes to the QUIC relay's service `listen` address
+//! (`protocol: mysql`, `tls_termination: relay`).
 //!
 //! Every process is stopped when the [`Stack`] is dropped (also on error or Ctrl-C): SIGTERM, a
 //! few seconds to exit, then SIGKILL.
@@ -30,30 +38,72 @@ const NAME: &str = "bench";
 /// Deadline for each process to say it is ready.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
-/// MariaDB, relay, agent and `connect`, all running.
+/// How a tunnel's agent and `connect` reach its relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Quic,
+    WebSocket,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::WebSocket => "ws",
+        }
+    }
+}
+
+/// One relay, one agent and one `connect`, all running.
 ///
-/// Fields drop in declaration order: `connect` first, the database last, the certificate and
-/// config directory after everything that reads it.
-pub(crate) struct Stack {
+/// Fields drop in declaration order: `connect` first, the relay last.
+pub(crate) struct Tunnel {
     /// `postern-agent connect`: the local port clients of the tunnel use.
     pub(crate) connect: Proc,
     /// `postern-agent run`, next to the database.
     pub(crate) agent: Proc,
     /// `postern-relay run`.
     pub(crate) relay: Proc,
+    /// Where `connect` listens.
+    pub(crate) addr: SocketAddr,
+    /// The relay's MySQL-native listener for the service (QUIC tunnel only).
+    pub(crate) mysql: Option<SocketAddr>,
+}
+
+impl Tunnel {
+    /// Stops the processes in order and reports any that did not exit cleanly.
+    fn shutdown(&mut self) -> Vec<String> {
+        [&mut self.connect, &mut self.agent, &mut self.relay]
+            .into_iter()
+            .filter_map(|p| p.stop().err().map(|e| format!("{e:#}")))
+            .collect()
+    }
+}
+
+/// MariaDB and both tunnels, all running.
+///
+/// Fields drop in declaration order: the tunnels first, the database last, the certificate and
+/// config directory after everything that reads it.
+pub(crate) struct Stack {
+    /// The tunnel over QUIC, whose relay also has the MySQL-native listener.
+    pub(crate) quic: Tunnel,
+    /// The tunnel over WebSocket.
+    pub(crate) ws: Tunnel,
     /// The private MariaDB server.
     pub(crate) db: MariaDb,
-    /// Where `connect` listens.
-    pub(crate) tunnel_addr: SocketAddr,
     /// The process id of `mariadbd`.
     pub(crate) db_pid: u32,
-    _pki: TestPki,
+    /// Client certificate and key, for the MySQL-native TLS paths.
+    pub(crate) client_cert: (PathBuf, PathBuf),
+    /// The CA that signed the relay's, mariadbd's and the client's certificates.
+    pub(crate) ca: PathBuf,
+    pki: TestPki,
 }
 
 impl Stack {
-    /// Starts everything and waits until a client can connect through the tunnel.
+    /// Starts everything and waits until a client can connect through both tunnels.
     ///
-    /// `worker_threads`, when set, becomes `TOKIO_WORKER_THREADS` of the three Postern processes
+    /// `worker_threads`, when set, becomes `TOKIO_WORKER_THREADS` of the Postern processes
     /// (by default their runtimes start one worker per CPU).
     pub(crate) async fn start(bin_dir: &Path, worker_threads: Option<u32>) -> Result<Self> {
         let env: Vec<(&str, String)> = worker_threads
@@ -81,97 +131,129 @@ impl Stack {
                 );
             }
         }
-        let db = start_mariadb().await?;
+        let pki = TestPki::new();
+        pki.issue(Kind::Agent, NAME);
+        let client_base = pki.issue(Kind::Client, NAME);
+        let db = start_mariadb(&pki).await?;
         let db_pid = fs::read_to_string(db.dir().join("mysqld.pid"))
             .context("read mariadbd pid file")?
             .trim()
             .parse()
             .context("parse mariadbd pid file")?;
 
-        let pki = TestPki::new();
-        let agent_base = pki.issue(Kind::Agent, NAME);
-        let client_base = pki.issue(Kind::Client, NAME);
-        let dir = pki.dir().to_path_buf();
-
-        let (relay, quic) = start_relay(bin_dir, &pki, &env).await?;
-
-        let agent_yaml = format!(
-            "relay: quic://{quic}\nserver_name: localhost\n{tls}services:\n  {SERVICE}:\n    backend: {backend}\n",
-            tls = pki.tls_yaml(&agent_base),
-            backend = db.backend(),
-        );
-        let agent_config = dir.join("agent.yaml");
-        fs::write(&agent_config, agent_yaml).context("write agent.yaml")?;
-        let mut agent = Proc::spawn(
-            "agent",
-            &bin_dir.join("postern-agent"),
-            &["run".into(), "--config".into(), path_arg(&agent_config)],
-            dir.join("agent.log"),
-            &env,
-        )?;
-        agent
-            .wait_log("connected to relay", READY_WITHIN)
-            .await
-            .context("agent did not connect to the relay")?;
-
-        let tunnel_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?)
-            .parse()
-            .context("local address")?;
-        let (cert, key) = pki.files(&client_base);
-        let mut connect = Proc::spawn(
-            "connect",
-            &bin_dir.join("postern-agent"),
-            &[
-                "connect".into(),
-                SERVICE.into(),
-                "--relay".into(),
-                format!("quic://{quic}"),
-                "--server-name".into(),
-                "localhost".into(),
-                "--ca".into(),
-                path_arg(&pki.ca()),
-                "--cert".into(),
-                path_arg(&cert),
-                "--key".into(),
-                path_arg(&key),
-                "--listen".into(),
-                tunnel_addr.to_string(),
-            ],
-            dir.join("connect.log"),
-            &env,
-        )?;
-        connect
-            .wait_log("is available at", READY_WITHIN)
-            .await
-            .context("connect did not open its local port")?;
-
+        let quic = start_tunnel(bin_dir, &pki, &db, Transport::Quic, &env).await?;
+        let ws = start_tunnel(bin_dir, &pki, &db, Transport::WebSocket, &env).await?;
         Ok(Self {
-            connect,
-            agent,
-            relay,
+            quic,
+            ws,
             db,
-            tunnel_addr,
             db_pid,
-            _pki: pki,
+            client_cert: pki.files(&client_base),
+            ca: pki.ca(),
+            pki,
         })
     }
 
     /// Stops the Postern processes in order and reports any that did not exit cleanly.
     pub(crate) fn shutdown(mut self) -> Vec<String> {
-        [&mut self.connect, &mut self.agent, &mut self.relay]
-            .into_iter()
-            .filter_map(|p| p.stop().err().map(|e| format!("{e:#}")))
-            .collect()
+        let mut problems = self.quic.shutdown();
+        problems.extend(self.ws.shutdown());
+        drop(self.pki);
+        problems
     }
 }
 
-/// Starts MariaDB through the test harness, which panics on failure: the panic is caught and
-/// becomes an error, after one retry (creating the system tables fails now and then on a
-/// loaded machine).
-async fn start_mariadb() -> Result<MariaDb> {
+/// Starts a relay, an agent and `connect` that talk over `transport`.
+async fn start_tunnel(
+    bin_dir: &Path,
+    pki: &TestPki,
+    db: &MariaDb,
+    transport: Transport,
+    env: &[(&str, String)],
+) -> Result<Tunnel> {
+    let dir = pki.dir().to_path_buf();
+    let tag = transport.as_str();
+    let (relay, ports) = start_relay(bin_dir, pki, transport, env).await?;
+    let url = match transport {
+        Transport::Quic => format!("quic://{}", ports.quic),
+        Transport::WebSocket => format!("ws://{}/v1/tunnel", ports.http),
+    };
+    let transport_name = match transport {
+        Transport::Quic => "quic",
+        Transport::WebSocket => "websocket",
+    };
+
+    let agent_yaml = format!(
+        "relay: {url}\ntransport: {transport_name}\nserver_name: localhost\n{tls}services:\n  {SERVICE}:\n    backend: {backend}\n",
+        tls = pki.tls_yaml(&format!("agent-{NAME}")),
+        backend = db.backend(),
+    );
+    let agent_config = dir.join(format!("{tag}-agent.yaml"));
+    fs::write(&agent_config, agent_yaml).context("write agent.yaml")?;
+    let mut agent = Proc::spawn(
+        "agent",
+        &bin_dir.join("postern-agent"),
+        &["run".into(), "--config".into(), path_arg(&agent_config)],
+        dir.join(format!("{tag}-agent.log")),
+        env,
+    )?;
+    agent
+        .wait_log("connected to relay", READY_WITHIN)
+        .await
+        .with_context(|| format!("agent did not connect to the relay over {transport_name}"))?;
+
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?)
+        .parse()
+        .context("local address")?;
+    let (cert, key) = pki.files(&format!("client-{NAME}"));
+    let mut connect = Proc::spawn(
+        "connect",
+        &bin_dir.join("postern-agent"),
+        &[
+            "connect".into(),
+            SERVICE.into(),
+            "--relay".into(),
+            url,
+            "--transport".into(),
+            transport_name.into(),
+            "--server-name".into(),
+            "localhost".into(),
+            "--ca".into(),
+            path_arg(&pki.ca()),
+            "--cert".into(),
+            path_arg(&cert),
+            "--key".into(),
+            path_arg(&key),
+            "--listen".into(),
+            addr.to_string(),
+        ],
+        dir.join(format!("{tag}-connect.log")),
+        env,
+    )?;
+    connect
+        .wait_log("is available at", READY_WITHIN)
+        .await
+        .with_context(|| format!("connect ({transport_name}) did not open its local port"))?;
+    Ok(Tunnel {
+        connect,
+        agent,
+        relay,
+        addr,
+        mysql: ports.mysql,
+    })
+}
+
+/// Starts MariaDB (with TLS, certificate from `pki`) through the test harness, which panics on
+/// failure: the panic is caught and becomes an error, after one retry (creating the system
+/// tables fails now and then on a loaded machine).
+async fn start_mariadb(pki: &TestPki) -> Result<MariaDb> {
+    let (cert, key) = pki.files(&pki.issue_server("mariadb"));
+    let ca = pki.ca();
     let mut last = String::new();
     for _ in 0..2 {
-        match tokio::spawn(MariaDb::start()).await {
+        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+        let start = async move { MariaDb::start_with_tls(&ca, &cert, &key).await };
+        match tokio::spawn(start).await {
             Ok(db) => return Ok(db),
             Err(e) if e.is_panic() => {
                 let payload = e.into_panic();
@@ -188,33 +270,65 @@ async fn start_mariadb() -> Result<MariaDb> {
     bail!("mariadbd did not start: {last}")
 }
 
-/// Starts the relay on a free UDP port (retrying if the port was taken meanwhile).
+/// Where a relay listens.
+struct RelayPorts {
+    quic: SocketAddr,
+    http: SocketAddr,
+    mysql: Option<SocketAddr>,
+}
+
+/// Starts a relay on free ports (retrying if a port was taken meanwhile): QUIC, HTTP (for the
+/// WebSocket tunnel) and, for the QUIC tunnel, the service's MySQL-native listener.
 async fn start_relay(
     bin_dir: &Path,
     pki: &TestPki,
+    transport: Transport,
     env: &[(&str, String)],
-) -> Result<(Proc, SocketAddr)> {
+) -> Result<(Proc, RelayPorts)> {
     let dir = pki.dir();
+    let tag = transport.as_str();
     let mut last = None;
     for _ in 0..3 {
         let quic: SocketAddr = UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .context("find a free udp port")?;
+        let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?)
+            .parse()
+            .context("http address")?;
+        let mysql: Option<SocketAddr> = match transport {
+            Transport::Quic => Some(
+                format!("127.0.0.1:{}", free_tcp_port()?)
+                    .parse()
+                    .context("mysql address")?,
+            ),
+            Transport::WebSocket => None,
+        };
+        let listen = match mysql {
+            Some(a) => {
+                format!("    protocol: mysql\n    listen: {a}\n    tls_termination: relay\n")
+            }
+            None => String::new(),
+        };
         let yaml = format!(
-            "listen:\n  quic: {quic}\n{tls}agents:\n  {NAME}:\n    services: [{SERVICE}]\nservices:\n  {SERVICE}:\n    clients: [{NAME}]\n",
+            "listen:\n  quic: {quic}\n  http: {http}\n{tls}agents:\n  {NAME}:\n    services: [{SERVICE}]\nservices:\n  {SERVICE}:\n    clients: [{NAME}]\n{listen}",
             tls = pki.tls_yaml("server-relay"),
         );
-        let config = dir.join("relay.yaml");
+        let config = dir.join(format!("{tag}-relay.yaml"));
         fs::write(&config, yaml).context("write relay.yaml")?;
         let mut relay = Proc::spawn(
             "relay",
             &bin_dir.join("postern-relay"),
             &["run".into(), "--config".into(), path_arg(&config)],
-            dir.join("relay.log"),
+            dir.join(format!("{tag}-relay.log")),
             env,
         )?;
-        match relay.wait_log("relay listening", READY_WITHIN).await {
-            Ok(()) => return Ok((relay, quic)),
+        let ready = if mysql.is_some() {
+            "service listener ready"
+        } else {
+            "relay listening"
+        };
+        match relay.wait_log(ready, READY_WITHIN).await {
+            Ok(()) => return Ok((relay, RelayPorts { quic, http, mysql })),
             Err(e) => last = Some(e),
         }
     }

@@ -1,4 +1,4 @@
-//! The workloads, each run against one path (direct or tunnel) with mysql_async as the client.
+//! The workloads, each run against one path (see [`Path`]) with mysql_async as the client.
 //!
 //! - bulk read: a 64 MiB LONGBLOB selected repeatedly; bulk write: the same size sent as a
 //!   prepared-statement parameter into an `UPDATE` (both in MiB/s);
@@ -9,12 +9,13 @@
 //! - idle connections: many connections held open after one `SELECT 1`, for the memory figure.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use mysql_async::prelude::{Query, Queryable, WithParams};
-use mysql_async::{Conn, Opts, OptsBuilder};
+use mysql_async::{ClientIdentity, Conn, Opts, OptsBuilder, SslOpts};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::task::JoinSet;
@@ -25,20 +26,29 @@ const DB: &str = "bench";
 /// How many connections are opened at once when filling the idle set.
 const OPEN_PARALLEL: usize = 16;
 
-/// One of the two ways to reach the database.
+/// The ways to reach the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Path {
-    /// Straight to mariadbd.
+    /// Straight to mariadbd, plaintext.
     Direct,
-    /// Through `connect`, the relay and the agent.
-    Tunnel,
+    /// Through `connect`, the relay and the agent over QUIC.
+    Quic,
+    /// Through `connect`, the relay and the agent over WebSocket.
+    WebSocket,
+    /// Straight to mariadbd with TLS (and the client certificate).
+    DirectTls,
+    /// TLS to the relay's MySQL-native listener, then QUIC to the agent and on to mariadbd.
+    RelayTls,
 }
 
 impl Path {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Direct => "direct",
-            Self::Tunnel => "tunnel",
+            Self::Quic => "QUIC",
+            Self::WebSocket => "WebSocket",
+            Self::DirectTls => "direct TLS",
+            Self::RelayTls => "relay MySQL-TLS",
         }
     }
 }
@@ -48,13 +58,34 @@ impl Path {
 /// `prefer_socket` is off: otherwise mysql_async notices the server is local and switches to
 /// its Unix socket, which would bypass the tunnel.
 pub(crate) fn opts(addr: SocketAddr, db: Option<&str>) -> Opts {
+    builder(addr, db).into()
+}
+
+/// Like [`opts`], with TLS in-band (as MySQL does it): the server's certificate is verified
+/// against `ca` and its name (here its address), and the client presents `cert` and `key`.
+pub(crate) fn tls_opts(
+    addr: SocketAddr,
+    db: Option<&str>,
+    ca: &std::path::Path,
+    (cert, key): &(PathBuf, PathBuf),
+) -> Opts {
+    let ssl = SslOpts::default()
+        .with_root_certs(vec![ca.to_path_buf().into()])
+        .with_disable_built_in_roots(true)
+        .with_client_identity(Some(ClientIdentity::new(
+            cert.clone().into(),
+            key.clone().into(),
+        )));
+    builder(addr, db).ssl_opts(ssl).into()
+}
+
+fn builder(addr: SocketAddr, db: Option<&str>) -> OptsBuilder {
     OptsBuilder::default()
         .ip_or_hostname(addr.ip().to_string())
         .tcp_port(addr.port())
         .user(Some("root"))
         .db_name(db)
         .prefer_socket(false)
-        .into()
 }
 
 /// Creates the bench database: `sbtest1` with `rows` rows, and `blobs` holding one blob of

@@ -89,6 +89,20 @@ impl MariaDb {
         Self::start_with(&[]).await
     }
 
+    /// Starts a fresh server that also offers TLS with certificate `cert` and key `key` (PEM),
+    /// trusting CA `ca` for client certificates; e.g. with
+    /// [`TestPki::issue_server`](crate::TestPki::issue_server). TLS stays optional, as with
+    /// [`start`](Self::start): plaintext clients connect as before.
+    pub async fn start_with_tls(ca: &Path, cert: &Path, key: &Path) -> Self {
+        let tls = [
+            format!("--ssl-ca={}", ca.display()),
+            format!("--ssl-cert={}", cert.display()),
+            format!("--ssl-key={}", key.display()),
+        ];
+        let args: Vec<&str> = tls.iter().map(String::as_str).collect();
+        Self::start_with(&args).await
+    }
+
     /// Starts a fresh server with extra `mariadbd` options (later options win).
     pub async fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new()

@@ -50,6 +50,20 @@ impl TestPki {
         base
     }
 
+    /// Issues a server certificate `server-NAME` for `localhost` and `127.0.0.1`, for a TLS
+    /// server other than the relay (e.g. [`MariaDb::start_with_tls`](crate::MariaDb::start_with_tls)),
+    /// if not there yet; returns the base name.
+    pub fn issue_server(&self, name: &str) -> String {
+        let base = format!("{}-{name}", Kind::Server.as_str());
+        if !self.dir().join(format!("{base}.pem")).exists() {
+            let mut spec = LeafSpec::new(Kind::Server, name, 1);
+            spec.dns = vec!["localhost".into()];
+            spec.ips = vec!["127.0.0.1".parse().expect("ip")];
+            self.write(&base, &spec);
+        }
+        base
+    }
+
     /// Issues a certificate that expired yesterday.
     pub fn issue_expired(&self, kind: Kind, name: &str) -> String {
         let base = format!("{}-{name}-expired", kind.as_str());
