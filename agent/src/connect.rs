@@ -130,7 +130,8 @@ async fn open(
         match guard.as_ref() {
             Some(s) if !s.is_closed() => s.clone(),
             _ => {
-                let fresh = dial(opts)
+                // Boxed: dialling carries a whole handshake's state; idle connections must not.
+                let fresh = Box::pin(dial(opts))
                     .await
                     .map_err(|e| (Code::NoAgent, format!("cannot reach the relay: {e:#}")))?;
                 *guard = Some(fresh.clone());

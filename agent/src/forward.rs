@@ -120,7 +120,9 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
             backend: &svc.backend,
         };
         debug!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend; tls ends here");
-        front::serve_tls(
+        // Boxed: the TLS front end's state is large, and plain streams (most of them, and every
+        // idle one) must not carry its size.
+        Box::pin(front::serve_tls(
             &policy,
             meta,
             stream,
@@ -128,7 +130,7 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
             &acceptor,
             started + timeout,
             handshake,
-        )
+        ))
         .await;
         return;
     }

@@ -140,7 +140,11 @@ async fn serve_tls(
     if let Some(svc) = shared.config.services.get(&service)
         && front::needs_inspection(svc, &identity)
     {
-        return front::serve_inspected(&shared, svc, &identity, conn, reached).await;
+        // Boxed: the login state is large, and most connections never need it.
+        return Box::pin(front::serve_inspected(
+            &shared, svc, &identity, conn, reached,
+        ))
+        .await;
     }
     match splice::splice(&mut conn, &mut reached.stream).await {
         Ok(t) => debug!(
@@ -252,7 +256,8 @@ async fn serve_stream(
         if let Some(svc) = shared.config.services.get(&open.service)
             && front::needs_inspection(svc, &identity)
         {
-            return front::serve_inspected(&shared, svc, &identity, stream, reached).await;
+            // Boxed: the login state is large, and most connections never need it.
+            return Box::pin(front::serve_inspected(&shared, svc, &identity, stream, reached)).await;
         }
         match splice::splice(&mut stream, &mut reached.stream).await {
             Ok(t) => debug!(conn_id = reached.conn_id, up = t.a_to_b, down = t.b_to_a, "client disconnected"),
