@@ -142,14 +142,7 @@ async fn open(
     let unreachable =
         |e: &dyn std::fmt::Display| (Code::NoAgent, format!("relay connection failed: {e}"));
     let mut stream = current.open().await.map_err(|e| unreachable(&e))?;
-    let open = Open {
-        service: opts.service.clone(),
-        client: String::new(),
-        client_addr: String::new(),
-        conn_id: 0,
-        pre_auth: false,
-        mode: Default::default(),
-    };
+    let open = Open::for_service(opts.service.clone());
     wire::write_first(&mut stream, &open)
         .await
         .map_err(|e| unreachable(&e))?;
@@ -173,14 +166,7 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
     // once (an open for no service) so a refused certificate is reported now, not per connection.
     let probe = async {
         let mut stream = session.open().await.map_err(|e| e.to_string())?;
-        let open = Open {
-            service: String::new(),
-            client: String::new(),
-            client_addr: String::new(),
-            conn_id: 0,
-            pre_auth: false,
-            mode: Default::default(),
-        };
+        let open = Open::for_service("");
         wire::write_first(&mut stream, &open)
             .await
             .map_err(|e| e.to_string())?;

@@ -179,6 +179,22 @@ pub struct Open {
     pub mode: StreamMode,
 }
 
+impl Open {
+    /// An open as a client sends it to the relay: only the service; the relay knows who the
+    /// client is from its certificate and fills in the rest towards the agent. An empty service
+    /// is a probe the relay answers itself (has it accepted our certificate?).
+    pub fn for_service(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            client: String::new(),
+            client_addr: String::new(),
+            conn_id: 0,
+            pre_auth: false,
+            mode: StreamMode::default(),
+        }
+    }
+}
+
 /// The answer to an [`Open`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

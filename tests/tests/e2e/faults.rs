@@ -244,14 +244,7 @@ async fn garbage_and_oversized_frames_close_only_the_offending_stream_or_session
     let (mut send, mut recv) = client.open_bi().await.unwrap();
     postern_common::wire::write_first(
         &mut send,
-        &postern_common::protocol::Open {
-            service: "orders".into(),
-            client: String::new(),
-            client_addr: String::new(),
-            conn_id: 0,
-            pre_auth: false,
-            mode: Default::default(),
-        },
+        &postern_common::protocol::Open::for_service("orders"),
     )
     .await
     .unwrap();

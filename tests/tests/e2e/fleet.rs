@@ -123,14 +123,7 @@ async fn the_agent_serves_every_relay_instance_and_survives_losing_one() {
         let mut stream = session.open().await.unwrap();
         postern_common::wire::write_first(
             &mut stream,
-            &postern_common::protocol::Open {
-                service: "orders".into(),
-                client: String::new(),
-                client_addr: String::new(),
-                conn_id: 0,
-                pre_auth: false,
-                mode: Default::default(),
-            },
+            &postern_common::protocol::Open::for_service("orders"),
         )
         .await
         .unwrap();
