@@ -110,7 +110,8 @@ fn config(dir: &Path, port: u16, cert: &Path, key: &Path, up: &Upstreams) -> Str
         ));
     }
     format!(
-        r#"worker_processes 1;
+        r#"master_process off;
+worker_processes 1;
 user root;
 daemon off;
 pid {d}/nginx.pid;
