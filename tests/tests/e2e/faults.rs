@@ -438,3 +438,41 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
     ));
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_gives_clients_a_mysql_error_that_says_why() {
+    init_logging();
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, "db1");
+    pki.issue(Kind::Client, "alice");
+    let mut db = MariaDb::start().await;
+    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
+    let mut agent = AgentRun::start(
+        pki.dir(),
+        &agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend()),
+    );
+    agent.wait_connected().await;
+    let c = ConnectRun::start(&pki, relay.quic, "alice", "orders").await;
+    assert!(is_greeting(&first_packet(c.addr.port()).await));
+
+    // The database goes away: the next client gets an ERR packet naming the backend, not a reset.
+    db.kill();
+    let got = first_packet(c.addr.port()).await;
+    let text = err_text(&got).unwrap_or_else(|| panic!("an ERR packet, got {got:?}"));
+    assert!(
+        text.contains("cannot connect to backend") && text.contains(&db.backend()),
+        "{text}"
+    );
+    let out = client::query(c.addr.port(), "SELECT 1").expect_err("the mariadb client fails");
+    assert!(
+        out.contains("1053") && out.contains("is unavailable"),
+        "{out}"
+    );
+    // The agent's session with the relay is untouched.
+    assert!(matches!(
+        *agent.status.borrow(),
+        postern_agent::Status::Connected { .. }
+    ));
+    agent.stop().await;
+    relay.stop().await;
+}

@@ -306,6 +306,11 @@ async fn python_pymysql_connects_with_an_ssl_context() {
         .args(["-c", "import pymysql"])
         .output()
         .is_ok_and(|o| o.status.success());
+    // In CI (which installs it) a missing driver is a failure, not a silent pass.
+    assert!(
+        available || std::env::var_os("CI").is_none(),
+        "PyMySQL is not installed, and CI must run this test (python3 -m pip install pymysql)"
+    );
     if !available {
         eprintln!(
             "SKIPPED python_pymysql_connects_with_an_ssl_context: PyMySQL is not installed \
