@@ -66,24 +66,7 @@ pub const CLIENT_ATTRIBUTE: &str = "postern_client";
 /// How long a refusal may take to write before the connection is dropped anyway.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why a client connection was refused; the message is shown to the client.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// The stable code.
-    pub code: Code,
-    /// The reason, in words.
-    pub message: String,
-}
-
-impl Refusal {
-    /// A refusal with `code` and `message`.
-    pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
+pub use crate::protocol::Refusal;
 
 /// The rules of one service, wherever they come from (the relay's config, or the policy the
 /// relay sent the agent).

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod front;
 pub mod mysql;
 pub mod net;

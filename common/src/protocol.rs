@@ -262,6 +262,41 @@ impl std::fmt::Display for Code {
     }
 }
 
+/// Why a peer was refused: a stable [`Code`] and words for people. The message is shown to the
+/// peer (in an [`Answer::Refused`], a MySQL ERR packet, a log line), so it says what happened and,
+/// where it can, what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The stable code.
+    pub code: Code,
+    /// The reason, in words.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The answer that carries this refusal on a data stream.
+    pub fn answer(&self) -> Answer {
+        Answer::Refused {
+            code: self.code,
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} [{}]", self.message, self.code)
+    }
+}
+
 /// What can be wrong with bytes that should be a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
