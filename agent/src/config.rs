@@ -21,10 +21,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use postern_common::config::{
-    self, Check, ConfigErrors, Entries, HumanDuration, RelayUrl, Scheme, Spanned, TlsFiles,
+    self, Check, ConfigErrors, Entries, Env, HumanDuration, ProcessEnv, RelayUrl, Scheme, Spanned,
+    TlsFiles,
 };
 use postern_common::pki::{self, Identity};
 use postern_common::tls::Material;
+use postern_common::transport::proxy::{self, Proxy, ProxyError};
 use serde::Deserialize;
 
 /// Default interval between QUIC re-probes while on WebSocket.
@@ -33,17 +35,27 @@ pub const DEFAULT_QUIC_REPROBE: Duration = Duration::from_secs(60);
 /// Default deadline for connecting to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The range of `quic_reprobe`.
+const QUIC_REPROBE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// The range of `websocket.ping_interval`.
+const PING_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
+/// The range of `services.NAME.connect_timeout`.
+const CONNECT_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(600);
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
     relay: Option<RelayFile>,
     #[serde(default)]
-    relays: Option<Vec<RelayFile>>,
+    relays: Option<Spanned<Vec<RelayFile>>>,
     #[serde(default)]
     transport: Option<TransportChoice>,
     #[serde(default)]
-    quic_reprobe: Option<HumanDuration>,
+    quic_reprobe: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     server_name: Option<String>,
     tls: TlsFiles,
@@ -70,7 +82,7 @@ enum RelayFile {
 #[serde(deny_unknown_fields)]
 struct WebsocketFile {
     #[serde(default)]
-    ping_interval: Option<HumanDuration>,
+    ping_interval: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     sni: Option<String>,
     #[serde(default)]
@@ -126,10 +138,93 @@ pub struct WebsocketSettings {
     pub host: Option<String>,
     /// Extra CA bundle for the outer TLS (a TLS-inspecting proxy, a private router CA).
     pub ca: Option<std::path::PathBuf>,
-    /// Forward proxy URL (`http://[user:pass@]host:port`); None: from the environment.
-    pub proxy: Option<String>,
+    /// How WebSocket sessions get out: straight, or through an HTTP CONNECT proxy.
+    pub proxy: ProxySetting,
     /// Pin one session to every instance of a Cloud Foundry relay app.
     pub cloud_foundry: bool,
+}
+
+/// How WebSocket sessions reach the relay: parsed once, when the config (or the command line) is
+/// read, so a typo fails then, not at the first dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxySetting {
+    /// As the environment says (`HTTPS_PROXY`, `NO_PROXY`, ...), captured when the settings were
+    /// made.
+    Environment(ProxyEnv),
+    /// No proxy (`websocket.proxy: none`).
+    Direct,
+    /// Always through this proxy (`websocket.proxy: http://[user:pass@]host:port`).
+    Via(Proxy),
+}
+
+impl Default for ProxySetting {
+    /// An empty environment: no proxy. Binaries use [`ProxySetting::from_env`].
+    fn default() -> Self {
+        Self::Environment(ProxyEnv::default())
+    }
+}
+
+impl ProxySetting {
+    /// The environment's proxy settings, read through `env`.
+    pub fn from_env(env: &dyn Env) -> Self {
+        Self::Environment(ProxyEnv::capture(env))
+    }
+
+    /// A `websocket.proxy` / `--proxy` value: `none` (or empty) for no proxy, else a proxy URL.
+    pub fn parse(key: &str, value: &str) -> Result<Self, ProxyError> {
+        match value.trim() {
+            "none" | "" => Ok(Self::Direct),
+            v => Proxy::parse(key, v).map(Self::Via),
+        }
+    }
+
+    /// The proxy for reaching `url`, if any.
+    pub fn for_url(&self, url: &RelayUrl) -> Result<Option<Proxy>, ProxyError> {
+        match self {
+            Self::Direct => Ok(None),
+            Self::Via(p) => Ok(Some(p.clone())),
+            Self::Environment(env) => {
+                proxy::proxy_from_env(|k| env.get(k), url.scheme, &url.host, url.port)
+            }
+        }
+    }
+}
+
+/// The proxy variables of an environment, captured once. `Debug` shows which are set, never
+/// their values (they may carry credentials).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ProxyEnv(BTreeMap<&'static str, String>);
+
+impl ProxyEnv {
+    /// The variables [`proxy::proxy_from_env`] reads.
+    const VARS: [&'static str; 6] = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ];
+
+    /// Reads the proxy variables from `env`.
+    pub fn capture(env: &dyn Env) -> Self {
+        Self(
+            Self::VARS
+                .iter()
+                .filter_map(|k| env.var(k).map(|v| (*k, v)))
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+}
+
+impl std::fmt::Debug for ProxyEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,7 +232,7 @@ pub struct WebsocketSettings {
 struct ServiceFile {
     backend: Spanned<String>,
     #[serde(default)]
-    connect_timeout: Option<HumanDuration>,
+    connect_timeout: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     tls: Option<ServiceTlsFile>,
 }
@@ -187,19 +282,25 @@ pub struct Service {
 }
 
 impl Config {
-    /// Loads and validates `path`. Relative file names inside are relative to its directory.
+    /// Loads and validates `path`, reading the process environment (proxy variables).
+    /// Relative file names inside are relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        Self::load_with(path, &ProcessEnv)
+    }
+
+    /// [`load`](Self::load) with the environment read through `env`.
+    pub fn load_with(path: &Path, env: &dyn Env) -> Result<Self, ConfigErrors> {
         let file: File = config::load_yaml(path)?;
-        Self::validate(path, file)
+        Self::validate(path, file, env)
     }
 
     /// Parses and validates YAML text as if it were the file `path`.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
+    pub fn parse(path: &Path, text: &str, env: &dyn Env) -> Result<Self, ConfigErrors> {
         let file: File = config::parse_yaml(path, text)?;
-        Self::validate(path, file)
+        Self::validate(path, file, env)
     }
 
-    fn validate(path: &Path, mut file: File) -> Result<Self, ConfigErrors> {
+    fn validate(path: &Path, mut file: File, env: &dyn Env) -> Result<Self, ConfigErrors> {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         file.tls.rebase(&base);
         let mut check = Check::new(path);
@@ -226,27 +327,36 @@ impl Config {
             }
             check.file_exists(&ca, "websocket.ca");
         }
-        if let Some(p) = &file.websocket.proxy
-            && !matches!(p.value.as_str(), "none" | "")
-            && let Err(e) =
-                postern_common::transport::proxy::Proxy::parse("websocket.proxy", &p.value)
-        {
-            check.at(p, "websocket.proxy", e.to_string());
-        }
-        let websocket = WebsocketSettings {
-            ping_interval: file.websocket.ping_interval.map(|d| d.0),
-            sni: file.websocket.sni.clone(),
-            host: file.websocket.host.clone(),
-            ca: file.websocket.ca.as_ref().map(|c| {
-                if c.value.is_relative() {
-                    base.join(&c.value)
-                } else {
-                    c.value.clone()
-                }
+        let proxy = match &file.websocket.proxy {
+            None => ProxySetting::from_env(env),
+            Some(p) => ProxySetting::parse("websocket.proxy", &p.value).unwrap_or_else(|e| {
+                check.at(p, "websocket.proxy", e.to_string());
+                ProxySetting::Direct
             }),
-            proxy: file.websocket.proxy.as_ref().map(|p| p.value.clone()),
-            cloud_foundry: file.websocket.cloud_foundry,
         };
+        // A proxy URL in the environment that cannot be used is as much a config error.
+        for url in relays.iter().filter_map(|r| r.websocket.as_ref()) {
+            if let Err(e) = proxy.for_url(url) {
+                check.error(None, "websocket.proxy", e.to_string());
+            }
+        }
+        let websocket =
+            WebsocketSettings {
+                ping_interval: file.websocket.ping_interval.as_ref().map(|d| {
+                    check.duration(Some(d), "websocket.ping_interval", d.value.0, PING_RANGE)
+                }),
+                sni: file.websocket.sni.clone(),
+                host: file.websocket.host.clone(),
+                ca: file.websocket.ca.as_ref().map(|c| {
+                    if c.value.is_relative() {
+                        base.join(&c.value)
+                    } else {
+                        c.value.clone()
+                    }
+                }),
+                proxy,
+                cloud_foundry: file.websocket.cloud_foundry,
+            };
         let tls = check.tls(&file.tls, "tls");
         let name = match tls.as_ref().map(Material::identity) {
             Some(Some(Identity::Agent(n))) => Some(n),
@@ -289,7 +399,12 @@ impl Config {
                 Service {
                     name: name.value.clone(),
                     backend: svc.backend.value.clone(),
-                    connect_timeout: svc.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+                    connect_timeout: check.duration(
+                        svc.connect_timeout.as_ref(),
+                        &format!("{key}.connect_timeout"),
+                        DEFAULT_CONNECT_TIMEOUT,
+                        CONNECT_TIMEOUT_RANGE,
+                    ),
                     tls,
                 },
             );
@@ -301,13 +416,19 @@ impl Config {
                 "no services defined: the agent would offer nothing",
             );
         }
+        let quic_reprobe = check.duration(
+            file.quic_reprobe.as_ref(),
+            "quic_reprobe",
+            DEFAULT_QUIC_REPROBE,
+            QUIC_REPROBE_RANGE,
+        );
         let (false, Some(tls), Some(name)) = (relays.is_empty(), tls, name) else {
-            return Err(check.finish(()).expect_err("an error was recorded"));
+            return Err(check.fail());
         };
         check.finish(Self {
             relays,
             transport,
-            quic_reprobe: file.quic_reprobe.map_or(DEFAULT_QUIC_REPROBE, |d| d.0),
+            quic_reprobe,
             websocket,
             server_name: file.server_name,
             tls,
@@ -320,15 +441,23 @@ impl Config {
 fn relays(
     check: &mut Check<'_>,
     one: Option<RelayFile>,
-    many: Option<Vec<RelayFile>>,
+    many: Option<Spanned<Vec<RelayFile>>>,
 ) -> Vec<RelayTarget> {
     let files = match (one, many) {
-        (Some(_), Some(_)) => {
-            check.error(None, "relays", "give either relay or relays, not both");
+        (Some(_), Some(rs)) => {
+            check.at(&rs, "relays", "give either relay or relays, not both");
             return Vec::new();
         }
         (Some(r), None) => vec![r],
-        (None, Some(rs)) => rs,
+        (None, Some(rs)) if rs.value.is_empty() => {
+            check.at(
+                &rs,
+                "relays",
+                "the list is empty: name at least one relay (quic://host:port or wss://host)",
+            );
+            return Vec::new();
+        }
+        (None, Some(rs)) => rs.value,
         (None, None) => {
             check.error(
                 None,
@@ -365,7 +494,7 @@ fn relays(
                     key,
                     format!("{u} is not a {} url", key.trim_start_matches("relay.")),
                 ),
-                Err(e) => check.at(&url, key, e),
+                Err(e) => check.at(&url, key, e.to_string()),
             }
         }
         if target.quic.is_some() || target.websocket.is_some() {

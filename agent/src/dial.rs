@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use postern_common::config::RelayUrl;
 use postern_common::tls::Material;
-use postern_common::transport::proxy::{self, Proxy};
 use postern_common::transport::{Session, TransportError, TransportKind, quic, ws};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
@@ -225,14 +224,11 @@ impl Dialer {
         if let Some(i) = self.websocket.ping_interval {
             opts.ping_interval = i;
         }
-        opts.proxy = match self.websocket.proxy.as_deref() {
-            Some("none") | Some("") => None,
-            Some(p) => Some(Proxy::parse("websocket.proxy", p).map_err(|e| e.to_string())?),
-            None => {
-                proxy::proxy_from_env(|k| std::env::var(k).ok(), url.scheme, &url.host, url.port)
-                    .map_err(|e| e.to_string())?
-            }
-        };
+        opts.proxy = self
+            .websocket
+            .proxy
+            .for_url(url)
+            .map_err(|e| e.to_string())?;
         if let Some(p) = &opts.proxy {
             debug!(proxy = %p, "dialling through a forward proxy");
         }

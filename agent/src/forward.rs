@@ -66,7 +66,7 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
                 // A burst waits for a handshake slot, for up to half the deadline: the relay
                 // waits for this stream's answer for the whole deadline, and the refusal must
                 // reach it first.
-                let timeout = Duration::from_millis(rules.policy.handshake_timeout_ms);
+                let timeout = rules.policy.handshake_timeout();
                 let slots = rules.handshakes.clone();
                 match tokio::time::timeout(timeout / 2, slots.acquire_owned()).await {
                     Ok(Ok(slot)) => Some((rules.policy, acceptor, slot)),
@@ -107,7 +107,7 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
         return;
     }
     if let Some((rules, acceptor, handshake)) = e2e {
-        let timeout = Duration::from_millis(rules.handshake_timeout_ms);
+        let timeout = rules.handshake_timeout();
         let policy = Policy {
             service: &rules.name,
             clients: &rules.clients,

@@ -3,11 +3,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use postern_agent::cli::{Cli, Command, ConnectArgs, ProtocolArg, TransportArg};
-use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
+use postern_agent::config::{ProxySetting, RelayTarget, TransportChoice, WebsocketSettings};
 use postern_agent::connect::{Connect, Options};
 use postern_agent::dial::Dialer;
 use postern_agent::{Agent, Config};
-use postern_common::config::{EXIT_CONFIG, RelayUrl, Scheme};
+use postern_common::config::{EXIT_CONFIG, ProcessEnv, RelayUrl, Scheme};
 use postern_common::tls::Material;
 use tokio_util::sync::CancellationToken;
 
@@ -98,8 +98,18 @@ async fn connect(args: ConnectArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let proxy = match &args.proxy {
+        None => ProxySetting::from_env(&ProcessEnv),
+        Some(p) => match ProxySetting::parse("--proxy", p) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
     let websocket = WebsocketSettings {
-        proxy: args.proxy.clone(),
+        proxy,
         ca: args.ws_ca.clone(),
         ..WebsocketSettings::default()
     };

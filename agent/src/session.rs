@@ -403,7 +403,8 @@ async fn once(
             }
         })
     };
-    let heartbeat = Duration::from_millis(heartbeat_ms.max(100));
+    // The relay chooses the interval; a wrong one must not overflow our timers or make them spin.
+    let heartbeat = control::clamp_interval(Duration::from_millis(heartbeat_ms));
     let stop_heartbeat = shutdown.child_token();
     // The relay sends nothing on the control stream; keep the sender so it stays open.
     let (_outgoing, outgoing_rx) = tokio::sync::mpsc::channel(1);

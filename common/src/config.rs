@@ -152,6 +152,87 @@ impl<'a> Check<'a> {
             Err(ConfigErrors(self.errors))
         }
     }
+
+    /// Ends a check that cannot build its value. Callers reach this only after recording an
+    /// error; should one forget, the file is still refused with a message that says so, rather
+    /// than a panic.
+    pub fn fail(mut self) -> ConfigErrors {
+        if self.errors.is_empty() {
+            self.error(None, "", "invalid configuration (no detail recorded)");
+        }
+        ConfigErrors(self.errors)
+    }
+
+    /// A duration setting: `default` when absent, an error naming its line and key when outside
+    /// `range` (every duration is bounded, so no later arithmetic on it can overflow).
+    pub fn duration(
+        &mut self,
+        value: Option<&Spanned<HumanDuration>>,
+        key: &str,
+        default: Duration,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Duration {
+        let Some(v) = value else { return default };
+        if range.contains(&v.value.0) {
+            v.value.0
+        } else {
+            self.at(
+                v,
+                key,
+                format!(
+                    "{} is out of range: use a value from {} to {}",
+                    v.value,
+                    HumanDuration(*range.start()),
+                    HumanDuration(*range.end())
+                ),
+            );
+            default
+        }
+    }
+}
+
+/// Where configuration reads the process environment: [`ProcessEnv`] in the binaries, a map in
+/// tests (which share one process and must not change its environment). Every variable a config
+/// looks at (`${PORT}` in addresses, Cloud Foundry's `VCAP_APPLICATION`, proxy settings) is read
+/// through this, and only while the config is loaded.
+pub trait Env {
+    /// The value of variable `name`, if it is set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<K: std::borrow::Borrow<str> + Ord, V: AsRef<str>> Env for std::collections::BTreeMap<K, V> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).map(|v| v.as_ref().to_owned())
+    }
+}
+
+/// Replaces `${NAME}` in `text` with the variable's value from `env`; `Err(NAME)` when a named
+/// variable is not set. Text without `${` is returned as it is.
+pub fn expand_env(text: &str, env: &dyn Env) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &rest[start + 2..start + end];
+        out.push_str(&env.var(name).ok_or_else(|| name.to_owned())?);
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// The line a spanned value came from.
@@ -284,31 +365,73 @@ impl TlsFiles {
     }
 }
 
-/// A duration written as `500ms`, `10s`, `5m`, `1h` (or a bare number of seconds).
+/// A duration written as `500ms`, `10s`, `5m`, `1h`, `2d` (or a bare number of seconds), at most
+/// [`HumanDuration::MAX`]; each setting also has its own range ([`Check::duration`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// A duration that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Not a number with a known unit.
+    #[error("invalid duration {0:?}: use e.g. 500ms, 10s, 5m, 1h")]
+    Invalid(String),
+    /// Longer than [`HumanDuration::MAX`].
+    #[error("duration {0:?} is too long (at most 365d)")]
+    TooLong(String),
+}
+
+impl HumanDuration {
+    /// The longest duration any setting accepts.
+    pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        let (secs, ms) = (d.as_secs(), d.subsec_millis());
+        if ms != 0 || secs == 0 {
+            write!(f, "{}ms", d.as_millis())
+        } else if secs % 86_400 == 0 {
+            write!(f, "{}d", secs / 86_400)
+        } else if secs % 3600 == 0 {
+            write!(f, "{}h", secs / 3600)
+        } else if secs % 60 == 0 {
+            write!(f, "{}m", secs / 60)
+        } else {
+            write!(f, "{secs}s")
+        }
+    }
+}
+
 impl FromStr for HumanDuration {
-    type Err = String;
+    type Err = DurationError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
+        let invalid = || DurationError::Invalid(s.to_owned());
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 10s, 5m, 1h"))?;
-        let d = match unit.trim() {
-            "ms" => Duration::from_millis(n),
-            "" | "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            _ => {
-                return Err(format!(
-                    "invalid duration {s:?}: use e.g. 500ms, 10s, 5m, 1h"
-                ));
+        let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| {
+            if matches!(e.kind(), std::num::IntErrorKind::PosOverflow) {
+                DurationError::TooLong(s.to_owned())
+            } else {
+                invalid()
             }
+        })?;
+        let millis_per_unit: u64 = match unit.trim() {
+            "ms" => 1,
+            "" | "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(invalid()),
         };
+        let d = n
+            .checked_mul(millis_per_unit)
+            .map(Duration::from_millis)
+            .filter(|d| *d <= Self::MAX)
+            .ok_or_else(|| DurationError::TooLong(s.to_owned()))?;
         Ok(Self(d))
     }
 }
@@ -321,10 +444,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Num(u64),
             Str(String),
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(Self(Duration::from_secs(n))),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Num(n) => n.to_string(),
+            Raw::Str(s) => s,
+        };
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -505,6 +629,71 @@ mod tests {
         );
         assert!("2 weeks".parse::<HumanDuration>().is_err());
         assert!("".parse::<HumanDuration>().is_err());
+        assert_eq!(
+            "3d".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(3 * 86_400)
+        );
+    }
+
+    #[test]
+    fn huge_durations_are_refused_not_overflowed() {
+        for s in [
+            "100000000000h",
+            "18446744073709551615",
+            "18446744073709551616s",
+            "99999999999999999999ms",
+            "366d",
+        ] {
+            assert!(
+                matches!(s.parse::<HumanDuration>(), Err(DurationError::TooLong(_))),
+                "{s}"
+            );
+        }
+        assert_eq!(
+            "365d".parse::<HumanDuration>().unwrap().0,
+            HumanDuration::MAX
+        );
+        let p = Path::new("x.yaml");
+        let e = parse_yaml::<Sample>(p, "listen: a\ntimeout: 100000000000h\n").unwrap_err();
+        assert_eq!(e.0[0].key.as_deref(), Some("timeout"));
+        assert!(e.0[0].message.contains("too long"), "{e}");
+        let e = parse_yaml::<Sample>(p, "listen: a\ntimeout: 18446744073709551615\n").unwrap_err();
+        assert!(e.0[0].message.contains("too long"), "{e}");
+    }
+
+    #[test]
+    fn settings_have_ranges_and_durations_print_as_written() {
+        let p = Path::new("x.yaml");
+        let mut check = Check::new(p);
+        let v: Spanned<HumanDuration> = serde_saphyr::from_str("2h").unwrap();
+        let range = Duration::from_millis(100)..=Duration::from_secs(3600);
+        let got = check.duration(
+            Some(&v),
+            "heartbeat_interval",
+            Duration::from_secs(10),
+            range,
+        );
+        assert_eq!(got, Duration::from_secs(10), "the default stands in");
+        let e = check.fail();
+        assert_eq!(e.0[0].key.as_deref(), Some("heartbeat_interval"));
+        assert!(
+            e.0[0]
+                .message
+                .contains("2h is out of range: use a value from 100ms to 1h"),
+            "{e}"
+        );
+        assert!(
+            Check::new(p).fail().0.len() == 1,
+            "a failed check always says something"
+        );
+    }
+
+    #[test]
+    fn environment_expansion_reads_the_given_env() {
+        let env = std::collections::BTreeMap::from([("PORT", "8080")]);
+        assert_eq!(expand_env("0.0.0.0:${PORT}", &env).unwrap(), "0.0.0.0:8080");
+        assert_eq!(expand_env("plain", &env).unwrap(), "plain");
+        assert_eq!(expand_env("${NOPE}:1", &env).unwrap_err(), "NOPE");
     }
 
     #[test]

@@ -33,9 +33,24 @@ pub enum ControlEnd {
     Broken(String),
 }
 
-/// How long after the last frame a peer is considered dead.
+/// The shortest heartbeat interval either side uses, whatever the peer asks for.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest heartbeat interval either side uses, whatever the peer asks for (also the
+/// longest `heartbeat_interval` a relay config accepts).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// A heartbeat interval brought within [`MIN_INTERVAL`]..=[`MAX_INTERVAL`]. Intervals come from
+/// config files and from the peer (the relay's welcome): neither may make timer arithmetic
+/// overflow or spin.
+pub fn clamp_interval(interval: Duration) -> Duration {
+    interval.clamp(MIN_INTERVAL, MAX_INTERVAL)
+}
+
+/// How long after the last frame a peer is considered dead: two intervals and a little slack.
 pub fn dead_after(interval: Duration) -> Duration {
-    interval * 2 + Duration::from_millis(250)
+    interval
+        .saturating_mul(2)
+        .saturating_add(Duration::from_millis(250))
 }
 
 /// Sends heartbeats and watches for the peer's until the session should end.
@@ -58,6 +73,7 @@ pub async fn keepalive_with(
     mut outgoing: mpsc::Receiver<Control>,
     mut incoming: impl FnMut(Control) -> Result<(), Control>,
 ) -> ControlEnd {
+    let interval = clamp_interval(interval);
     let mut outgoing_open = true;
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Result<Control, WireError>>(4);
@@ -124,5 +140,17 @@ mod tests {
     fn dead_after_is_about_two_intervals() {
         let d = dead_after(Duration::from_secs(10));
         assert!(d >= Duration::from_secs(20) && d < Duration::from_secs(21));
+    }
+
+    #[test]
+    fn intervals_from_a_peer_cannot_overflow_or_spin() {
+        // Before: `interval * 2` panicked ("overflow when multiplying duration by scalar").
+        assert_eq!(dead_after(Duration::MAX), Duration::MAX);
+        assert_eq!(
+            clamp_interval(Duration::from_millis(u64::MAX)),
+            MAX_INTERVAL
+        );
+        assert_eq!(clamp_interval(Duration::ZERO), MIN_INTERVAL);
+        let _ = Instant::now() + dead_after(clamp_interval(Duration::MAX));
     }
 }

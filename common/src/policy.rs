@@ -105,6 +105,18 @@ pub struct ServicePolicy {
     pub max_handshakes: usize,
 }
 
+/// The longest handshake deadline an agent accepts from a relay's policy.
+pub const MAX_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl ServicePolicy {
+    /// The handshake deadline, bounded: the value comes from the relay, and a wrong relay must
+    /// not be able to make the agent's deadline arithmetic overflow (or switch deadlines off).
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_timeout_ms)
+            .clamp(std::time::Duration::from_millis(1), MAX_HANDSHAKE_TIMEOUT)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +140,12 @@ mod tests {
             serde_json::from_str(r#"{"name":"x","clients":"any","handshake_timeout_ms":1}"#)
                 .unwrap();
         assert_eq!(any.allowed_users, AllowedUsers::Any);
+        let huge: ServicePolicy = serde_json::from_str(
+            r#"{"name":"x","clients":"any","handshake_timeout_ms":18446744073709551615}"#,
+        )
+        .unwrap();
+        assert_eq!(huge.handshake_timeout(), MAX_HANDSHAKE_TIMEOUT);
+        let _ = tokio::time::Instant::now() + huge.handshake_timeout();
         assert!(any.clients.allows(&Identity::Client("z".into())));
     }
 }

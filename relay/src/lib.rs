@@ -73,7 +73,8 @@ impl Shared {
 /// A relay with its sockets bound, ready to [`run`](Self::run).
 pub struct Relay {
     shared: Arc<Shared>,
-    endpoint: quinn::Endpoint,
+    /// The QUIC endpoint, when `listen.quic` is set.
+    endpoint: Option<quinn::Endpoint>,
     listeners: Vec<Listener>,
     http: Option<TcpListener>,
     acceptor: TlsAcceptor,
@@ -112,7 +113,10 @@ impl Relay {
     /// Binds the QUIC endpoint and every service listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let idle = postern_common::control::dead_after(config.heartbeat) + Duration::from_secs(5);
-        let endpoint = quic::server(config.quic_listen, &config.tls, idle)?;
+        let endpoint = match config.quic_listen {
+            Some(addr) => Some(quic::server(addr, &config.tls, idle)?),
+            None => None,
+        };
         let acceptor = TlsAcceptor::from(Arc::new(tls::listener_server(&config.tls)?));
         let mysql_acceptor = TlsAcceptor::from(Arc::new(tls::mysql_listener_server(&config.tls)?));
         let mut listeners = Vec::new();
@@ -189,11 +193,13 @@ impl Relay {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The UDP address agents and `connect` clients dial.
-    pub fn quic_addr(&self) -> SocketAddr {
-        self.endpoint
+    /// The UDP address agents and `connect` clients dial, when the relay listens for QUIC.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        let endpoint = self.endpoint.as_ref()?;
+        endpoint
             .local_addr()
-            .unwrap_or(self.shared.config.quic_listen)
+            .ok()
+            .or(self.shared.config.quic_listen)
     }
 
     /// The bound address of a service's `listen` listener (MySQL-native for MySQL services,
@@ -254,7 +260,8 @@ impl Relay {
                 }
             });
         }
-        info!(quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), instance = %shared.config.instance, "relay listening");
+        let quic = endpoint.as_ref().and_then(|e| e.local_addr().ok());
+        info!(quic = %quic.map(|a| a.to_string()).unwrap_or_else(|| "off".into()), instance = %shared.config.instance, "relay listening");
         for Listener {
             service,
             kind,
@@ -277,7 +284,13 @@ impl Relay {
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                i = endpoint.accept() => i,
+                i = async {
+                    match &endpoint {
+                        Some(e) => e.accept().await,
+                        // Without QUIC the HTTP listener carries everything; wait for shutdown.
+                        None => std::future::pending().await,
+                    }
+                } => i,
             };
             let Some(incoming) = incoming else { break };
             let shared2 = shared.clone();
@@ -311,9 +324,11 @@ impl Relay {
         {
             warn!("shutdown grace period over: closing remaining connections");
         }
-        endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
-        // Let the close frames go out.
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        if let Some(endpoint) = endpoint {
+            endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
+            // Let the close frames go out.
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
     }
 
     /// A handle that can inspect the relay while it runs.

@@ -22,15 +22,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let mut config = match Config::load(&config) {
+            let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprint!("{e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            config.platform =
-                postern_relay::config::CfInstance::from_env(|k| std::env::var(k).ok());
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -86,6 +86,9 @@ impl RelayRun {
         let path = dir.join("relay.yaml");
         std::fs::write(&path, yaml).expect("write relay.yaml");
         let mut config = postern_relay::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        if let Some(p) = &platform {
+            config.instance = p.name();
+        }
         config.platform = platform;
         let names: Vec<String> = config.services.keys().cloned().collect();
         let relay = Relay::bind(config).await.expect("bind relay");
@@ -97,7 +100,7 @@ impl RelayRun {
             .iter()
             .filter_map(|n| relay.tls_service_addr(n).map(|a| (n.clone(), a)))
             .collect();
-        let quic = relay.quic_addr();
+        let quic = relay.quic_addr().expect("the test relay listens for QUIC");
         let http = relay.http_addr();
         let handle = relay.handle();
         let shutdown = CancellationToken::new();

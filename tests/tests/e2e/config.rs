@@ -61,6 +61,45 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
              at the relay, and this service ends TLS at the agent",
         ),
         (
+            "postern-relay",
+            "huge.yaml",
+            good_relay.replace(
+                "heartbeat_interval: 1s",
+                "heartbeat_interval: 100000000000h",
+            ),
+            "huge.yaml:{line:heartbeat_interval}: key `heartbeat_interval`: duration \"100000000000h\" is too long",
+        ),
+        (
+            "postern-relay",
+            "range.yaml",
+            good_relay.replace("heartbeat_interval: 1s", "heartbeat_interval: 2h"),
+            "range.yaml:{line:heartbeat_interval}: key `heartbeat_interval`: 2h is out of range: use a value from 100ms to 1h",
+        ),
+        (
+            "postern-relay",
+            "nolisten.yaml",
+            good_relay.replace(
+                "listen:\n  quic: 127.0.0.1:0\n  http: 127.0.0.1:0\n",
+                "listen: {}\n",
+            ),
+            "nolisten.yaml: key `listen`: no listener",
+        ),
+        (
+            "postern-agent",
+            "agent-norelays.yaml",
+            good_agent.replace(&good_agent.lines().next().unwrap().to_owned(), "relays: []"),
+            "agent-norelays.yaml:1: key `relays`: the list is empty",
+        ),
+        (
+            "postern-agent",
+            "agent-huge.yaml",
+            good_agent.replace(
+                "connect_timeout: 2s",
+                "connect_timeout: 18446744073709551615",
+            ),
+            "agent-huge.yaml:{line:connect_timeout}: key `connect_timeout`: duration \"18446744073709551615\" is too long",
+        ),
+        (
             "postern-agent",
             "agent-unknown.yaml",
             good_agent.replace("    backend:", "    backnd: x\n    backend:"),
@@ -166,10 +205,14 @@ fn every_example_config_parses() {
                 pki.files("agent-db-host-1").1.to_str().unwrap(),
             );
         let target = pki.dir().join(&name);
+        // The examples may use `${PORT}` (Cloud Foundry).
+        let env = std::collections::BTreeMap::from([("PORT", "8080")]);
         if name.starts_with("relay") {
-            postern_relay::Config::parse(&target, &text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            postern_relay::Config::parse(&target, &text, &env)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
         } else if name.starts_with("agent") {
-            postern_agent::Config::parse(&target, &text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            postern_agent::Config::parse(&target, &text, &env)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
         } else {
             continue;
         }

@@ -27,6 +27,7 @@ async fn the_agent_serves_every_relay_instance_and_survives_losing_one() {
         &yaml,
         Some(CfInstance {
             app_guid: GUID.into(),
+            app_name: "relay".into(),
             instance_index: 0,
         }),
     )
@@ -36,6 +37,7 @@ async fn the_agent_serves_every_relay_instance_and_survives_losing_one() {
         &yaml,
         Some(CfInstance {
             app_guid: GUID.into(),
+            app_name: "relay".into(),
             instance_index: 1,
         }),
     )

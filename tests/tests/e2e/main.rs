@@ -8,6 +8,7 @@ mod faults;
 mod fleet;
 mod mysql_e2e;
 mod mysql_tls;
+mod platform;
 mod router;
 mod security;
 mod websocket;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mysql_async::prelude::*;
-use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
+use postern_agent::config::{ProxySetting, RelayTarget, TransportChoice, WebsocketSettings};
 use postern_common::pki::Kind;
 use postern_common::transport::TransportKind;
 use postern_tests::procs::Proc;
@@ -141,7 +141,7 @@ async fn through_a_connect_proxy_with_and_without_authentication() {
             &w,
             &url,
             WebsocketSettings {
-                proxy: Some(proxy_url.clone()),
+                proxy: ProxySetting::parse("proxy", &proxy_url).expect("proxy url"),
                 ..Default::default()
             },
         )
@@ -160,7 +160,7 @@ async fn through_a_connect_proxy_with_and_without_authentication() {
                 ws_target(&url),
                 TransportChoice::Websocket,
                 WebsocketSettings {
-                    proxy: Some(bad),
+                    proxy: ProxySetting::parse("proxy", &bad).expect("proxy url"),
                     ..Default::default()
                 },
                 "alice",
@@ -472,7 +472,7 @@ async fn the_agent_binary_honours_https_proxy_and_no_proxy_from_its_environment(
         &w,
         &url,
         WebsocketSettings {
-            proxy: Some("none".into()),
+            proxy: ProxySetting::Direct,
             ..Default::default()
         },
     )

@@ -3,8 +3,8 @@
 //!
 //! ```yaml
 //! listen:
-//!   quic: 0.0.0.0:7443            # agents and `connect` clients (UDP)
-//!   http: 0.0.0.0:8080            # health, readiness, API (optional)
+//!   quic: 0.0.0.0:7443            # agents and `connect` clients over UDP (optional)
+//!   http: 0.0.0.0:8080            # WebSocket tunnel, health, API (optional; one of the two)
 //! tls: { ca: ca.pem, cert: relay.pem, key: relay-key.pem }
 //! agents:
 //!   db-host-1: { services: [orders] }
@@ -23,21 +23,30 @@
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
 //! and upgrades to TLS in-band, as a MySQL server does ([`crate::mysql`]); for `tcp` services it
 //! is TLS-first. `tls_listen` is always TLS-first.
+//!
+//! Cloud Foundry routes no UDP, so a relay pushed there listens on `http: 0.0.0.0:${PORT}` only
+//! (`${NAME}` is read from the environment); agents and `connect` reach it over WebSocket.
+//!
+//! The file's YAML shape is in [`file`]; [`Config::load`] checks it one concern at a time
+//! (listeners, timing, services, agents), listing every problem with its line and key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use postern_common::config::{
-    self, Check, ConfigErrors, Entries, HumanDuration, Spanned, TlsFiles,
-};
+use postern_common::config::{self, Check, ConfigErrors, Env, ProcessEnv, Spanned};
 use postern_common::front::Policy;
 use postern_common::pki;
 use postern_common::policy::ServicePolicy;
 pub use postern_common::policy::{Acl, AllowedUsers, Users};
 use postern_common::tls::Material;
 use serde::Deserialize;
+
+mod file;
+mod service;
+
+use file::File;
 
 /// Default heartbeat interval on agent control streams.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
@@ -49,98 +58,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// a database connection before the client is authorised).
 pub const DEFAULT_MAX_HANDSHAKES: usize = 100;
 
-/// The YAML shape of `relay.yaml`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    listen: Listen,
-    tls: TlsFiles,
-    #[serde(default)]
-    heartbeat_interval: Option<HumanDuration>,
-    #[serde(default)]
-    handshake_timeout: Option<HumanDuration>,
-    #[serde(default)]
-    instance: Option<String>,
-    #[serde(default)]
-    agents: Entries<AgentFile>,
-    #[serde(default)]
-    services: Entries<ServiceFile>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Listen {
-    quic: Spanned<String>,
-    #[serde(default)]
-    http: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AgentFile {
-    services: Vec<Spanned<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServiceFile {
-    #[serde(default)]
-    listen: Option<Spanned<String>>,
-    #[serde(default)]
-    tls_listen: Option<Spanned<String>>,
-    clients: Vec<Spanned<String>>,
-    #[serde(default)]
-    protocol: Option<Spanned<Protocol>>,
-    #[serde(default)]
-    max_connections: Option<usize>,
-    #[serde(default)]
-    max_handshakes: Option<Spanned<usize>>,
-    #[serde(default)]
-    tls_termination: Option<Spanned<TlsTermination>>,
-    #[serde(default)]
-    allowed_users: Option<Spanned<UsersFile>>,
-    #[serde(default)]
-    client_attribute: Option<Spanned<bool>>,
-}
-
-/// `allowed_users`: a list for every client, or a mapping from client name (or `"*"`) to a list.
-#[derive(Debug)]
-enum UsersFile {
-    List(Vec<Spanned<String>>),
-    Map(Entries<Vec<Spanned<String>>>),
-}
-
-impl<'de> Deserialize<'de> for UsersFile {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = UsersFile;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(
-                    "a list of MySQL user names, or a mapping from client name to such a list",
-                )
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(v) = seq.next_element()? {
-                    out.push(v);
-                }
-                Ok(UsersFile::List(out))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<Self::Value, A::Error> {
-                Entries::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(UsersFile::Map)
-            }
-        }
-        d.deserialize_any(Visit)
-    }
-}
+/// The range of `heartbeat_interval`.
+pub const HEARTBEAT_RANGE: std::ops::RangeInclusive<Duration> =
+    postern_common::control::MIN_INTERVAL..=postern_common::control::MAX_INTERVAL;
+/// The range of `handshake_timeout`.
+pub const HANDSHAKE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=postern_common::policy::MAX_HANDSHAKE_TIMEOUT;
 
 /// What a service speaks, so refusals can be put in words its clients show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
@@ -168,8 +91,9 @@ pub enum TlsTermination {
 /// The validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where agents and `connect` clients reach the relay over QUIC.
-    pub quic_listen: SocketAddr,
+    /// Where agents and `connect` clients reach the relay over QUIC, if anywhere (Cloud Foundry
+    /// routes no UDP: there the relay has only its HTTP listener).
+    pub quic_listen: Option<SocketAddr>,
     /// Where the HTTP surface (health, readiness, API) listens, if anywhere.
     pub http_listen: Option<SocketAddr>,
     /// The relay's certificate, key and the CA it trusts.
@@ -180,7 +104,8 @@ pub struct Config {
     /// everything from the accepted connection to the client's handshake response, and again for
     /// each packet of the login that follows.
     pub handshake_timeout: Duration,
-    /// Names this relay instance in welcomes and logs.
+    /// Names this relay instance in welcomes and logs: `instance` from the file, else
+    /// `APP_NAME/INDEX` on Cloud Foundry, else `HOSTNAME-PID`.
     pub instance: String,
     /// Agent name → the services it may offer.
     pub agents: BTreeMap<String, BTreeSet<String>>,
@@ -195,22 +120,36 @@ pub struct Config {
 pub struct CfInstance {
     /// The app's GUID (`VCAP_APPLICATION.application_id`).
     pub app_guid: String,
+    /// The app's name (`VCAP_APPLICATION.application_name`).
+    pub app_name: String,
     /// The instance index (`CF_INSTANCE_INDEX`).
     pub instance_index: u32,
 }
 
 impl CfInstance {
     /// Reads `VCAP_APPLICATION` and `CF_INSTANCE_INDEX` through `env` (absent outside CF).
-    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Option<Self> {
-        let vcap: serde_json::Value = serde_json::from_str(&env("VCAP_APPLICATION")?).ok()?;
+    pub fn from_env(env: &dyn Env) -> Option<Self> {
+        let vcap: serde_json::Value = serde_json::from_str(&env.var("VCAP_APPLICATION")?).ok()?;
         let app_guid = vcap.get("application_id")?.as_str()?.to_owned();
-        let instance_index = env("CF_INSTANCE_INDEX")
+        let app_name = vcap
+            .get("application_name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("relay")
+            .to_owned();
+        let instance_index = env
+            .var("CF_INSTANCE_INDEX")
             .and_then(|i| i.parse().ok())
-            .or_else(|| vcap.get("instance_index")?.as_u64().map(|i| i as u32))?;
+            .or_else(|| u32::try_from(vcap.get("instance_index")?.as_u64()?).ok())?;
         Some(Self {
             app_guid,
+            app_name,
             instance_index,
         })
+    }
+
+    /// The instance's name in welcomes and logs, as `cf app` shows it: `APP_NAME/INDEX`.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.app_name, self.instance_index)
     }
 }
 
@@ -266,179 +205,63 @@ impl Service {
 }
 
 impl Config {
-    /// Loads and validates `path`. Relative file names inside are relative to its directory.
+    /// Loads and validates `path`, reading the process environment (`${PORT}` in addresses,
+    /// Cloud Foundry's `VCAP_APPLICATION`). Relative file names inside are relative to its
+    /// directory.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        Self::load_with(path, &ProcessEnv)
+    }
+
+    /// [`load`](Self::load) with the environment read through `env`.
+    pub fn load_with(path: &Path, env: &dyn Env) -> Result<Self, ConfigErrors> {
         let file: File = config::load_yaml(path)?;
-        Self::validate(path, file)
+        Self::validate(path, file, env)
     }
 
     /// Parses and validates YAML text as if it were the file `path`.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
+    pub fn parse(path: &Path, text: &str, env: &dyn Env) -> Result<Self, ConfigErrors> {
         let file: File = config::parse_yaml(path, text)?;
-        Self::validate(path, file)
+        Self::validate(path, file, env)
     }
 
-    fn validate(path: &Path, mut file: File) -> Result<Self, ConfigErrors> {
+    fn validate(path: &Path, mut file: File, env: &dyn Env) -> Result<Self, ConfigErrors> {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         file.tls.rebase(&base);
         let mut check = Check::new(path);
 
-        let quic_listen = parse_addr(&mut check, &file.listen.quic, "listen.quic");
-        let http_listen = file
-            .listen
-            .http
-            .as_ref()
-            .and_then(|h| parse_addr(&mut check, h, "listen.http"));
+        let (quic_listen, http_listen) = listeners(&mut check, &file.listen, env);
         let tls = check.tls(&file.tls, "tls");
+        let heartbeat = check.duration(
+            file.heartbeat_interval.as_ref(),
+            "heartbeat_interval",
+            DEFAULT_HEARTBEAT,
+            HEARTBEAT_RANGE,
+        );
+        let handshake_timeout = check.duration(
+            file.handshake_timeout.as_ref(),
+            "handshake_timeout",
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            HANDSHAKE_TIMEOUT_RANGE,
+        );
+        let services: BTreeMap<String, Service> = file
+            .services
+            .iter()
+            .map(|(name, svc)| {
+                let s = service::validate(&mut check, name, svc, env);
+                (s.name.clone(), s)
+            })
+            .collect();
+        let agents = agents(&mut check, &file, &services);
+        let platform = CfInstance::from_env(env);
+        let instance = file
+            .instance
+            .clone()
+            .or_else(|| platform.as_ref().map(CfInstance::name))
+            .unwrap_or_else(default_instance);
 
-        let mut services = BTreeMap::new();
-        for (name, svc) in file.services.iter() {
-            let key = format!("services.{}", name.value);
-            if let Err(e) = pki::check_name(&name.value) {
-                check.at(name, &key, e.to_string());
-            }
-            let listen = svc
-                .listen
-                .as_ref()
-                .and_then(|l| parse_addr(&mut check, l, &format!("{key}.listen")));
-            let tls_listen = svc
-                .tls_listen
-                .as_ref()
-                .and_then(|l| parse_addr(&mut check, l, &format!("{key}.tls_listen")));
-            let mut names = BTreeSet::new();
-            let mut any = false;
-            for c in &svc.clients {
-                if c.value == "*" {
-                    any = true;
-                } else if let Err(e) = pki::check_name(&c.value) {
-                    check.at(c, &format!("{key}.clients"), e.to_string());
-                } else {
-                    names.insert(c.value.clone());
-                }
-            }
-            let max_connections = svc.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-            if max_connections == 0 {
-                check.at(
-                    name,
-                    &format!("{key}.max_connections"),
-                    "must be at least 1",
-                );
-            }
-            let clients = if any { Acl::Any } else { Acl::Only(names) };
-            let protocol = svc.protocol.as_ref().map(|p| p.value).unwrap_or_default();
-            if protocol == Protocol::Tcp {
-                let mysql_only = [
-                    ("tls_listen", svc.tls_listen.as_ref().map(config::line_of)),
-                    (
-                        "tls_termination",
-                        svc.tls_termination.as_ref().map(config::line_of),
-                    ),
-                    (
-                        "allowed_users",
-                        svc.allowed_users.as_ref().map(config::line_of),
-                    ),
-                    (
-                        "client_attribute",
-                        svc.client_attribute.as_ref().map(config::line_of),
-                    ),
-                ];
-                for (field, line) in mysql_only {
-                    let Some(line) = line else { continue };
-                    let why = if field == "tls_listen" {
-                        "a tcp service's `listen` is already TLS-first: use `listen`"
-                    } else {
-                        "applies only to services with protocol: mysql"
-                    };
-                    check.error(line, &format!("{key}.{field}"), why);
-                }
-            }
-            let tls_termination = svc
-                .tls_termination
-                .as_ref()
-                .map(|t| t.value)
-                .unwrap_or_default();
-            if let Some(t) = &svc.tls_termination
-                && t.value == TlsTermination::Agent
-                && svc.listen.is_none()
-            {
-                check.at(
-                    t,
-                    &format!("{key}.tls_termination"),
-                    "`agent` applies to the MySQL-native `listen` listener, and this service has none",
-                );
-            }
-            if let (Some(t), Some(l)) = (&svc.tls_termination, &svc.tls_listen)
-                && t.value == TlsTermination::Agent
-            {
-                check.at(
-                    l,
-                    &format!("{key}.tls_listen"),
-                    "a TLS-first listener ends TLS at the relay, and this service ends TLS at the \
-                     agent (tls_termination: agent): remove tls_listen",
-                );
-            }
-            let max_handshakes = svc
-                .max_handshakes
-                .as_ref()
-                .map_or(DEFAULT_MAX_HANDSHAKES, |m| m.value);
-            if let Some(m) = &svc.max_handshakes
-                && m.value == 0
-            {
-                check.at(m, &format!("{key}.max_handshakes"), "must be at least 1");
-            }
-            let allowed_users = svc.allowed_users.as_ref().map_or(AllowedUsers::Any, |u| {
-                allowed_users(&mut check, &key, &u.value, &clients)
-            });
-            services.insert(
-                name.value.clone(),
-                Service {
-                    name: name.value.clone(),
-                    listen,
-                    tls_listen,
-                    clients,
-                    protocol,
-                    max_connections,
-                    max_handshakes,
-                    tls_termination,
-                    allowed_users,
-                    client_attribute: svc.client_attribute.as_ref().is_some_and(|c| c.value),
-                },
-            );
-        }
-
-        let mut agents = BTreeMap::new();
-        for (name, agent) in file.agents.iter() {
-            let key = format!("agents.{}", name.value);
-            if let Err(e) = pki::check_name(&name.value) {
-                check.at(name, &key, e.to_string());
-            }
-            let mut offered = BTreeSet::new();
-            for s in &agent.services {
-                if services.contains_key(&s.value) {
-                    offered.insert(s.value.clone());
-                } else {
-                    check.at(
-                        s,
-                        &format!("{key}.services"),
-                        format!("service {:?} is not defined under services", s.value),
-                    );
-                }
-            }
-            agents.insert(name.value.clone(), offered);
-        }
-
-        let heartbeat = file.heartbeat_interval.map_or(DEFAULT_HEARTBEAT, |d| d.0);
-        if heartbeat < Duration::from_millis(100) {
-            check.error(None, "heartbeat_interval", "must be at least 100ms");
-        }
-        let handshake_timeout = file
-            .handshake_timeout
-            .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0);
-
-        let (Some(quic_listen), Some(tls)) = (quic_listen, tls) else {
-            return Err(check.finish(()).expect_err("an error was recorded"));
+        let Some(tls) = tls else {
+            return Err(check.fail());
         };
-        let instance = file.instance.unwrap_or_else(default_instance);
         check.finish(Self {
             quic_listen,
             http_listen,
@@ -448,65 +271,74 @@ impl Config {
             instance,
             agents,
             services,
-            platform: None,
+            platform,
         })
     }
 }
 
-/// Validates `services.NAME.allowed_users`.
-fn allowed_users(check: &mut Check<'_>, key: &str, file: &UsersFile, acl: &Acl) -> AllowedUsers {
-    let key = format!("{key}.allowed_users");
-    let list = |check: &mut Check<'_>, users: &[Spanned<String>]| {
-        let mut names = BTreeSet::new();
-        for u in users {
-            if u.value == "*" {
-                return Users::Any;
-            }
-            if u.value.is_empty() {
-                check.at(u, &key, "a MySQL user name cannot be empty");
-            }
-            names.insert(u.value.clone());
-        }
-        Users::Only(names)
-    };
-    match file {
-        UsersFile::List(users) => AllowedUsers::Policy {
-            clients: BTreeMap::new(),
-            others: Some(list(check, users)),
-        },
-        UsersFile::Map(entries) => {
-            let mut clients = BTreeMap::new();
-            let mut others = None;
-            for (client, users) in entries.iter() {
-                let users = list(check, users);
-                if client.value == "*" {
-                    others = Some(users);
-                    continue;
-                }
-                if let Err(e) = pki::check_name(&client.value) {
-                    check.at(client, &key, e.to_string());
-                } else if let Acl::Only(names) = acl
-                    && !names.contains(&client.value)
-                {
-                    check.at(
-                        client,
-                        &key,
-                        format!(
-                            "client {:?} is not in this service's `clients`, so it can never connect",
-                            client.value
-                        ),
-                    );
-                }
-                clients.insert(client.value.clone(), users);
-            }
-            AllowedUsers::Policy { clients, others }
-        }
+/// `listen`: at least one of QUIC (UDP) and HTTP (the WebSocket tunnel).
+fn listeners(
+    check: &mut Check<'_>,
+    listen: &file::Listen,
+    env: &dyn Env,
+) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let quic = listen
+        .quic
+        .as_ref()
+        .and_then(|q| parse_addr(check, q, "listen.quic", env));
+    let http = listen
+        .http
+        .as_ref()
+        .and_then(|h| parse_addr(check, h, "listen.http", env));
+    if listen.quic.is_none() && listen.http.is_none() {
+        check.error(
+            None,
+            "listen",
+            "no listener: give quic (UDP, for agents and connect) or http (the WebSocket tunnel, \
+             which is all Cloud Foundry routes), or both",
+        );
     }
+    (quic, http)
 }
 
-fn parse_addr(check: &mut Check<'_>, value: &Spanned<String>, key: &str) -> Option<SocketAddr> {
-    // `0.0.0.0:${PORT}`: Cloud Foundry tells the app its port in the environment.
-    let text = match expand_env(&value.value) {
+/// `agents`: each agent's services must be defined under `services`.
+fn agents(
+    check: &mut Check<'_>,
+    file: &File,
+    services: &BTreeMap<String, Service>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut agents = BTreeMap::new();
+    for (name, agent) in file.agents.iter() {
+        let key = format!("agents.{}", name.value);
+        if let Err(e) = pki::check_name(&name.value) {
+            check.at(name, &key, e.to_string());
+        }
+        let mut offered = BTreeSet::new();
+        for s in &agent.services {
+            if services.contains_key(&s.value) {
+                offered.insert(s.value.clone());
+            } else {
+                check.at(
+                    s,
+                    &format!("{key}.services"),
+                    format!("service {:?} is not defined under services", s.value),
+                );
+            }
+        }
+        agents.insert(name.value.clone(), offered);
+    }
+    agents
+}
+
+/// An `ip:port` setting; `${NAME}` is read from the environment (`0.0.0.0:${PORT}`: Cloud
+/// Foundry tells the app its port there).
+fn parse_addr(
+    check: &mut Check<'_>,
+    value: &Spanned<String>,
+    key: &str,
+    env: &dyn Env,
+) -> Option<SocketAddr> {
+    let text = match config::expand_env(&value.value, env) {
         Ok(t) => t,
         Err(name) => {
             check.at(
@@ -531,24 +363,6 @@ fn parse_addr(check: &mut Check<'_>, value: &Spanned<String>, key: &str) -> Opti
             None
         }
     }
-}
-
-/// Replaces `${NAME}` with the environment variable's value.
-fn expand_env(text: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let Some(end) = rest[start..].find('}') else {
-            out.push_str(&rest[start..]);
-            return Ok(out);
-        };
-        let name = &rest[start + 2..start + end];
-        out.push_str(&std::env::var(name).map_err(|_| name.to_owned())?);
-        rest = &rest[start + end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 fn default_instance() -> String {
@@ -583,7 +397,8 @@ mod tests {
 
     fn parse(services: &str) -> Result<Config, ConfigErrors> {
         let (dir, head) = files();
-        Config::parse(&dir.path().join("relay.yaml"), &(head + services))
+        let env = BTreeMap::<&str, &str>::new();
+        Config::parse(&dir.path().join("relay.yaml"), &(head + services), &env)
     }
 
     fn errors(services: &str) -> Vec<String> {
