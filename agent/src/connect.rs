@@ -2,8 +2,14 @@
 //!
 //! Like the old `cf tunnel`: it listens on `127.0.0.1:10000` (or `--listen`), and carries every
 //! local connection to the relay as one stream of a single session (QUIC or WebSocket, as for
-//! agents) authenticated with the user's client certificate. The session is dialled before the port opens (so a wrong
-//! certificate or an unreachable relay is reported at once) and re-dialled when it drops.
+//! agents) authenticated with the user's client certificate. The session is dialled before the
+//! port opens (so a wrong certificate or an unreachable relay is reported at once).
+//!
+//! When the session drops (the relay died, restarted or went away), connections on it fail at
+//! once with an error, never a clean end, and a new session is dialled in the background with
+//! backoff, so the next local connection finds one ready. A relay that is draining (shutting
+//! down) refuses new streams with `shutting_down`: the connection is then opened on a fresh
+//! session (to another relay instance behind the same address) instead of failing.
 //! A refusal becomes a MySQL ERR packet on the local connection, so `mariadb` prints why.
 
 use std::net::SocketAddr;
@@ -16,9 +22,11 @@ use postern_common::{mysql, net, splice, wire};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::config::RelayTarget;
 use crate::dial::Dialer;
 
@@ -71,6 +79,11 @@ impl Connect {
 
     /// Serves local connections until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        let redial = tokio::spawn(keep_session(
+            self.opts.clone(),
+            self.session.clone(),
+            shutdown.clone(),
+        ));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -89,8 +102,54 @@ impl Connect {
             let session = self.session.clone();
             tokio::spawn(async move { serve(opts, session, tcp, peer).await });
         }
+        redial.abort();
         if let Some(s) = self.session.lock().await.take() {
             s.close("connect shutting down");
+        }
+    }
+}
+
+/// Re-dials the relay whenever the session drops, with backoff, so that a dead or restarted
+/// relay is noticed (by the transport's liveness checks) and replaced before the next local
+/// connection needs it.
+async fn keep_session(
+    opts: Arc<Options>,
+    session: Arc<Mutex<Option<Session>>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let current = session.lock().await.clone();
+        let started = Instant::now();
+        if let Some(s) = current {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                why = s.closed() => warn!(relay = %opts.relay, reason = %why, "relay session lost; dialling again"),
+            }
+        }
+        loop {
+            let delay = backoff.after(started);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            // A connection that arrived meanwhile may have dialled already.
+            if session
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|s| !s.is_closed())
+            {
+                break;
+            }
+            match Box::pin(dial(&opts)).await {
+                Ok(fresh) => {
+                    *session.lock().await = Some(fresh);
+                    backoff.reset();
+                    break;
+                }
+                Err(e) => debug!(error = %e, "relay still unreachable"),
+            }
         }
     }
 }
@@ -124,18 +183,35 @@ async fn open(
     opts: &Options,
     session: &Mutex<Option<Session>>,
 ) -> Result<postern_common::transport::Stream, (Code, String)> {
-    // Reuse the live session; re-dial (once) when it has dropped.
+    match open_on(opts, session, false).await {
+        // The relay is draining: this connection goes to a fresh session (another instance).
+        Err((Code::ShuttingDown, message)) => {
+            debug!(reason = %message, "relay draining: opening on a new session");
+            open_on(opts, session, true).await
+        }
+        other => other,
+    }
+}
+
+/// Opens a stream for the service on the live session (or a new one when it has dropped, or
+/// when `fresh`), and waits for the relay's answer.
+async fn open_on(
+    opts: &Options,
+    session: &Mutex<Option<Session>>,
+    fresh: bool,
+) -> Result<postern_common::transport::Stream, (Code, String)> {
     let current = {
         let mut guard = session.lock().await;
         match guard.as_ref() {
-            Some(s) if !s.is_closed() => s.clone(),
+            Some(s) if !s.is_closed() && !fresh => s.clone(),
             _ => {
                 // Boxed: dialling carries a whole handshake's state; idle connections must not.
-                let fresh = Box::pin(dial(opts))
+                let new = Box::pin(dial(opts))
                     .await
                     .map_err(|e| (Code::NoAgent, format!("cannot reach the relay: {e:#}")))?;
-                *guard = Some(fresh.clone());
-                fresh
+                // The draining session keeps the connections it carries until they end.
+                *guard = Some(new.clone());
+                new
             }
         }
     };

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use postern_common::config::RelayUrl;
 use postern_common::tls::Material;
+use postern_common::transport::proxy::ProxyError;
 use postern_common::transport::{Session, TransportError, TransportKind, quic, ws};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
@@ -25,6 +26,58 @@ pub const QUIC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle timeout of a QUIC session before the relay's heartbeat interval is known.
 const QUIC_IDLE: Duration = Duration::from_secs(30);
 
+/// Why a relay could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The relay's host name did not resolve.
+    #[error("resolve {host}: {source}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The relay's host name resolved to nothing.
+    #[error("{0} resolved to no address")]
+    NoAddress(String),
+    /// A QUIC endpoint could not be made.
+    #[error(transparent)]
+    Endpoint(#[from] quic::EndpointError),
+    /// The transport failed (TLS refused, connection refused, upgrade refused, ...).
+    #[error("{}", quic::humanize(&.0.to_string()))]
+    Transport(#[from] TransportError),
+    /// Nothing came back over UDP in time (a blocked UDP path never answers).
+    #[error("{url}: no answer over udp within {timeout:?}")]
+    QuicTimeout {
+        /// The relay.
+        url: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// Both transports of a race failed.
+    #[error("quic: {quic}; websocket: {websocket}")]
+    Both {
+        /// Why QUIC failed.
+        quic: Box<DialError>,
+        /// Why the WebSocket failed.
+        websocket: Box<DialError>,
+    },
+    /// The relay has no URL for the transport the config chose.
+    #[error("relay {0} has no url for the chosen transport")]
+    NoUrl(String),
+    /// The forward proxy setting cannot be used for this relay.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// `websocket.ca` could not be read.
+    #[error("websocket.ca {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Everything needed to reach relays.
 #[derive(Debug, Clone)]
 pub struct Dialer {
@@ -37,13 +90,31 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    /// Prepares to dial. Fails if the WebSocket CA bundle cannot be read.
+    /// Prepares to dial, reading the system's CA certificates and `websocket.ca` (files: this
+    /// runs on a blocking thread). Fails if the WebSocket CA bundle cannot be read.
+    pub async fn load(
+        material: Material,
+        server_name: Option<String>,
+        transport: TransportChoice,
+        websocket: WebsocketSettings,
+    ) -> Result<Self, DialError> {
+        tokio::task::spawn_blocking(move || Self::new(material, server_name, transport, websocket))
+            .await
+            .unwrap_or_else(|e| {
+                Err(DialError::Ca {
+                    path: String::new(),
+                    reason: format!("loading certificates failed: {e}"),
+                })
+            })
+    }
+
+    /// [`load`](Self::load) on the calling thread (it reads files: not from async code).
     pub fn new(
         material: Material,
         server_name: Option<String>,
         transport: TransportChoice,
         websocket: WebsocketSettings,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DialError> {
         let mut roots = (*material.roots).clone();
         if transport != TransportChoice::Quic {
             // Routers on public platforms present certificates from public CAs.
@@ -54,12 +125,15 @@ impl Dialer {
         if let Some(path) = &websocket.ca {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("websocket.ca {}: {e}", path.display()))?;
+                .map_err(|e| DialError::Ca {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
             if certs.is_empty() {
-                return Err(format!(
-                    "websocket.ca {}: no certificate in file",
-                    path.display()
-                ));
+                return Err(DialError::Ca {
+                    path: path.display().to_string(),
+                    reason: "no certificate in file".into(),
+                });
             }
             roots.add_parsable_certificates(certs);
         }
@@ -73,7 +147,7 @@ impl Dialer {
     }
 
     /// Reaches `target` with the configured transport choice.
-    pub async fn dial(&self, target: &RelayTarget) -> Result<Session, String> {
+    pub async fn dial(&self, target: &RelayTarget) -> Result<Session, DialError> {
         self.dial_with(target, &[]).await
     }
 
@@ -82,7 +156,7 @@ impl Dialer {
         &self,
         target: &RelayTarget,
         headers: &[(String, String)],
-    ) -> Result<Session, String> {
+    ) -> Result<Session, DialError> {
         let quic = target
             .quic
             .as_ref()
@@ -95,9 +169,7 @@ impl Dialer {
             (Some(q), None) => self.quic(q).await,
             (None, Some(w)) => self.websocket(w, headers).await,
             (Some(q), Some(w)) => self.race(q, w, headers).await,
-            (None, None) => Err(format!(
-                "relay {target} has no url for the chosen transport"
-            )),
+            (None, None) => Err(DialError::NoUrl(target.to_string())),
         }
     }
 
@@ -108,7 +180,11 @@ impl Dialer {
         q: &RelayUrl,
         w: &RelayUrl,
         headers: &[(String, String)],
-    ) -> Result<Session, String> {
+    ) -> Result<Session, DialError> {
+        let both = |qe, we| DialError::Both {
+            quic: Box::new(qe),
+            websocket: Box::new(we),
+        };
         let quic = self.quic(q);
         tokio::pin!(quic);
         let mut quic_error = None;
@@ -126,7 +202,7 @@ impl Dialer {
         if let Some(qe) = quic_error {
             return match ws.await {
                 Ok(s) => Ok(chosen(s, &format!("quic failed: {qe}"))),
-                Err(we) => Err(format!("quic: {qe}; websocket: {we}")),
+                Err(we) => Err(both(qe, we)),
             };
         }
         tokio::select! {
@@ -135,31 +211,30 @@ impl Dialer {
                 Ok(s) => Ok(chosen(s, "quic answered first")),
                 Err(qe) => match ws.await {
                     Ok(s) => Ok(chosen(s, &format!("quic failed: {qe}"))),
-                    Err(we) => Err(format!("quic: {qe}; websocket: {we}")),
+                    Err(we) => Err(both(qe, we)),
                 },
             },
             r = &mut ws => match r {
                 Ok(s) => Ok(chosen(s, "websocket answered first (udp slow or blocked)")),
                 Err(we) => match quic.await {
                     Ok(s) => Ok(chosen(s, "quic answered first")),
-                    Err(qe) => Err(format!("quic: {qe}; websocket: {we}")),
+                    Err(qe) => Err(both(qe, we)),
                 },
             },
         }
     }
 
     /// One QUIC attempt, bounded by [`QUIC_TIMEOUT`].
-    pub async fn quic(&self, url: &RelayUrl) -> Result<Session, String> {
+    pub async fn quic(&self, url: &RelayUrl) -> Result<Session, DialError> {
         let attempt = async {
-            let addrs = url
-                .resolve()
-                .await
-                .map_err(|e| format!("resolve {}: {e}", url.host))?;
-            let mut last = format!("{} resolved to no address", url.host);
+            let addrs = url.resolve().await.map_err(|source| DialError::Resolve {
+                host: url.host.clone(),
+                source,
+            })?;
+            let mut last = DialError::NoAddress(url.host.clone());
             let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
             for addr in addrs {
-                let endpoint =
-                    quic::client(addr, &self.material, QUIC_IDLE).map_err(|e| e.to_string())?;
+                let endpoint = quic::client(addr, &self.material, QUIC_IDLE)?;
                 match quic::connect(&endpoint, addr, &name)
                     .instrument(info_span!("dial", %addr))
                     .await
@@ -167,7 +242,7 @@ impl Dialer {
                     Ok(s) => return Ok(s),
                     Err(e) => {
                         debug!(%addr, error = %e, "quic dial failed");
-                        last = e.to_string();
+                        last = e.into();
                     }
                 }
             }
@@ -175,7 +250,12 @@ impl Dialer {
         };
         tokio::time::timeout(QUIC_TIMEOUT, attempt)
             .await
-            .unwrap_or_else(|_| Err(format!("{url}: no answer over udp within {QUIC_TIMEOUT:?}")))
+            .unwrap_or_else(|_| {
+                Err(DialError::QuicTimeout {
+                    url: url.to_string(),
+                    timeout: QUIC_TIMEOUT,
+                })
+            })
     }
 
     /// One WebSocket attempt (through a forward proxy when configured or set in the environment).
@@ -183,11 +263,9 @@ impl Dialer {
         &self,
         url: &RelayUrl,
         headers: &[(String, String)],
-    ) -> Result<Session, String> {
+    ) -> Result<Session, DialError> {
         let opts = self.ws_options(url, headers)?;
-        ws::connect(&opts, &self.material)
-            .await
-            .map_err(|e| quic::humanize(&e.to_string()))
+        Ok(ws::connect(&opts, &self.material).await?)
     }
 
     /// One WebSocket attempt pinned to instance `index` of the Cloud Foundry app `app_guid`
@@ -206,7 +284,7 @@ impl Dialer {
         match ws::connect(&opts, &self.material).await {
             Ok(s) => Ok(s),
             Err(TransportError::Rejected { status: 400, .. }) => Err(Pinned::Gone),
-            Err(e) => Err(Pinned::Failed(quic::humanize(&e.to_string()))),
+            Err(e) => Err(Pinned::Failed(e.into())),
         }
     }
 
@@ -214,7 +292,7 @@ impl Dialer {
         &self,
         url: &RelayUrl,
         headers: &[(String, String)],
-    ) -> Result<ws::ConnectOptions, String> {
+    ) -> Result<ws::ConnectOptions, DialError> {
         let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
         let mut opts = ws::ConnectOptions::new(url.clone(), name);
         opts.sni = self.websocket.sni.clone();
@@ -224,11 +302,7 @@ impl Dialer {
         if let Some(i) = self.websocket.ping_interval {
             opts.ping_interval = i;
         }
-        opts.proxy = self
-            .websocket
-            .proxy
-            .for_url(url)
-            .map_err(|e| e.to_string())?;
+        opts.proxy = self.websocket.proxy.for_url(url)?;
         if let Some(p) = &opts.proxy {
             debug!(proxy = %p, "dialling through a forward proxy");
         }
@@ -249,7 +323,7 @@ pub enum Pinned {
     /// The router has no such instance (HTTP 400): the app has fewer instances.
     Gone,
     /// Any other failure.
-    Failed(String),
+    Failed(DialError),
 }
 
 fn chosen(session: Session, why: &str) -> Session {

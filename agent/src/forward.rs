@@ -8,22 +8,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_common::events::{Event, Origin};
 use postern_common::front::{self, Meta, Policy};
-use postern_common::protocol::{Answer, Code, Open, StreamMode};
+use postern_common::protocol::{Answer, Code, Open, Refusal, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::{net, splice, wire};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
-use crate::config::Config;
 use crate::policy::SessionPolicy;
+use crate::state::AgentState;
 
 /// How long the relay has to send the open frame of a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one stream the relay opened.
-pub(crate) async fn serve(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: Stream) {
+pub(crate) async fn serve(state: Arc<AgentState>, policy: Arc<SessionPolicy>, mut stream: Stream) {
     let open =
         match tokio::time::timeout(OPEN_TIMEOUT, wire::read_first::<_, Open>(&mut stream)).await {
             Ok(Ok(o)) => o,
@@ -43,20 +44,25 @@ pub(crate) async fn serve(config: Arc<Config>, policy: Arc<SessionPolicy>, mut s
     if !open.client.is_empty() {
         span.record("client", &open.client);
     }
-    forward(config, policy, stream, open).instrument(span).await
+    forward(state, policy, stream, open).instrument(span).await
 }
 
-async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: Stream, open: Open) {
+async fn forward(
+    state: Arc<AgentState>,
+    policy: Arc<SessionPolicy>,
+    mut stream: Stream,
+    open: Open,
+) {
+    let config = &state.config;
     let Some(svc) = config.services.get(&open.service) else {
-        refuse(
-            &mut stream,
+        let r = Refusal::new(
             Code::UnknownService,
             format!(
                 "agent {} does not offer service {:?}",
                 config.name, open.service
             ),
-        )
-        .await;
+        );
+        refuse(&state, &mut stream, &open, r).await;
         return;
     };
     let e2e = match open.mode {
@@ -75,32 +81,35 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
                             "too many connections to service {:?} in their handshake (limit {})",
                             svc.name, rules.policy.max_handshakes
                         );
-                        refuse(&mut stream, Code::TooManyConnections, message).await;
+                        let r = Refusal::new(Code::TooManyConnections, message);
+                        refuse(&state, &mut stream, &open, r).await;
                         return;
                     }
                 }
             }
             Err(message) => {
-                refuse(&mut stream, Code::NotAuthorized, message).await;
+                refuse(
+                    &state,
+                    &mut stream,
+                    &open,
+                    Refusal::new(Code::NotAuthorized, message),
+                )
+                .await;
                 return;
             }
         },
     };
     // The handshake deadline runs from here, as it runs at the relay from the accepted client.
     let started = Instant::now();
-    let mut tcp = match net::connect(&svc.backend, svc.connect_timeout).await {
-        Ok(t) => t,
-        Err(e) => {
-            let message = format!(
-                "service {:?} is unavailable: cannot connect to backend {}: {e}",
-                svc.name, svc.backend
-            );
-            refuse(&mut stream, Code::BackendUnavailable, message).await;
+    let (backend, mut tcp) = match state.backends.connect(&svc.name).await {
+        Ok(b) => b,
+        Err(r) => {
+            refuse(&state, &mut stream, &open, r).await;
             return;
         }
     };
     let ok = Answer::Ok {
-        backend: svc.backend.clone(),
+        backend: backend.addr.clone(),
     };
     if let Err(e) = wire::write_first(&mut stream, &ok).await {
         debug!(error = %e, "relay went away before the stream started");
@@ -117,9 +126,9 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
         };
         let meta = Meta {
             conn_id: open.conn_id,
-            backend: &svc.backend,
+            backend: &backend.addr,
         };
-        debug!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend; tls ends here");
+        debug!(client_addr = %open.client_addr, backend = %backend.addr, "connected to backend; tls ends here");
         // Boxed: the TLS front end's state is large, and plain streams (most of them, and every
         // idle one) must not carry its size.
         Box::pin(front::serve_tls(
@@ -134,19 +143,43 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
         .await;
         return;
     }
-    info!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend");
-    match splice::splice(&mut stream, &mut tcp).await {
-        Ok(t) => debug!(up = t.a_to_b, down = t.b_to_a, "stream closed"),
+    state.events.emit(Event::Opened {
+        origin: Origin::AgentStream,
+        conn_id: open.conn_id,
+        service: svc.name.clone(),
+        identity: (!open.client.is_empty()).then(|| open.client.clone()),
+        via: backend.addr.clone(),
+    });
+    let spliced = tokio::select! {
+        r = splice::splice(&mut stream, &mut tcp) => r,
+        // The backend was taken out of service: its connections end (loudly).
+        _ = backend.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
+    };
+    let (up, down, failure) = match spliced {
+        Ok(t) => (t.a_to_b, t.b_to_a, None),
         Err(e) => {
-            debug!(error = %e, "stream failed");
             stream.abort();
             net::reset_on_close(&tcp);
+            (0, 0, Some(e.to_string()))
         }
-    }
+    };
+    state.events.emit(Event::Closed {
+        origin: Origin::AgentStream,
+        conn_id: open.conn_id,
+        service: svc.name.clone(),
+        up,
+        down,
+        failure,
+    });
 }
 
-async fn refuse(stream: &mut Stream, code: Code, message: String) {
-    warn!(%code, reason = %message, "refused stream");
-    let _ = wire::write_first(stream, &Answer::Refused { code, message }).await;
+/// Answers the relay with a refusal (which it shows the client), and tells the events sink.
+async fn refuse(state: &AgentState, stream: &mut Stream, open: &Open, r: Refusal) {
+    let service = (!open.service.is_empty()).then_some(open.service.as_str());
+    let identity = (!open.client.is_empty()).then_some(open.client.as_str());
+    state
+        .events
+        .refused(Origin::AgentStream, None, service, identity, &r);
+    let _ = wire::write_first(stream, &r.answer()).await;
     let _ = stream.shutdown().await;
 }

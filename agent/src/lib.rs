@@ -1,31 +1,54 @@
 //! The Postern agent: runs next to the database, dials out to the relay, and connects the
 //! relay's streams to local backends. Also home of `connect`, the client side for laptops.
 //!
-//! * [`session`]: the relay session (dial, hello, heartbeats, reconnect with backoff).
-//! * [`forward`]: one stream from the relay to a backend; for services whose TLS ends here,
-//!   the MySQL front end with the policy the relay sent (`policy`).
-//! * [`connect`]: a local port leading to a service through the relay.
+//! * [`supervisor`]: one reconnect loop per relay ([`backoff`]); [`cf`] finds every instance
+//!   of a relay that is a Cloud Foundry app.
+//! * [`session`]: one relay session (hello, welcome, heartbeats, drain); [`takeover`] moves it
+//!   from WebSocket back to QUIC.
+//! * [`forward`]: one stream from the relay to a backend, chosen by [`backends`]; for services
+//!   whose TLS ends here, the MySQL front end with the rules the relay sent (`policy`).
+//! * [`dial`]: reaching a relay over QUIC, WebSocket, or both raced.
+//! * [`connect`]: a local port leading to a service through the relay ([`exec`] runs a client
+//!   against it).
+//! * [`notify`]: systemd readiness, watchdog and status.
 
+pub mod backends;
+pub mod backoff;
+mod cf;
 pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod dial;
+pub mod exec;
 pub mod forward;
+pub mod notify;
 mod policy;
 pub mod session;
+mod state;
+mod supervisor;
+mod takeover;
 
 use std::sync::Arc;
 
+use postern_common::events::Events;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
 
 pub use config::Config;
-pub use session::Status;
+pub use session::SHUTDOWN_GRACE;
+pub use state::Status;
+
+use backends::Backends;
+use dial::Dialer;
+use state::AgentState;
 
 /// A configured agent.
 pub struct Agent {
     config: Arc<Config>,
     status: watch::Sender<Status>,
+    events: Events,
 }
 
 impl Agent {
@@ -35,6 +58,7 @@ impl Agent {
         Self {
             config: Arc::new(config),
             status,
+            events: Events::new(),
         }
     }
 
@@ -43,8 +67,61 @@ impl Agent {
         self.status.subscribe()
     }
 
-    /// Runs until `shutdown` fires.
+    /// The agent's events sink (refusals, tunnels opened and closed).
+    pub fn events(&self) -> Events {
+        self.events.clone()
+    }
+
+    /// Runs until `shutdown` fires, then drains: every relay is told that this agent is going
+    /// (so it routes nothing new here), open connections get up to [`SHUTDOWN_GRACE`] to
+    /// finish, and then the sessions close.
     pub async fn run(self, shutdown: CancellationToken) {
-        session::run(self.config, self.status, shutdown).await;
+        let config = self.config;
+        let dialer = Dialer::load(
+            config.tls.clone(),
+            config.server_name.clone(),
+            config.transport,
+            config.websocket.clone(),
+        )
+        .await;
+        let dialer = match dialer {
+            Ok(d) => d,
+            Err(e) => {
+                error!(error = %e, "cannot dial relays");
+                self.status
+                    .send_replace(Status::Disconnected(e.to_string()));
+                return;
+            }
+        };
+        let state = Arc::new(AgentState {
+            backends: Backends::new(&config),
+            config,
+            dialer,
+            status: self.status,
+            events: self.events,
+            forwards: TaskTracker::new(),
+            abort: CancellationToken::new(),
+        });
+        let grace = {
+            let (shutdown, abort) = (shutdown.clone(), state.abort.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                info!(
+                    grace_s = SHUTDOWN_GRACE.as_secs(),
+                    "agent shutting down: open connections may finish"
+                );
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                abort.cancel();
+            })
+        };
+        supervisor::run(state.clone(), shutdown).await;
+        state.forwards.close();
+        tokio::select! {
+            _ = state.forwards.wait() => {}
+            _ = state.abort.cancelled() => {
+                warn!(open = state.forwards.len(), "shutdown grace period over: closing remaining connections");
+            }
+        }
+        grace.abort();
     }
 }

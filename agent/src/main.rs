@@ -6,8 +6,9 @@ use postern_agent::cli::{Cli, Command, ConnectArgs, ProtocolArg, TransportArg};
 use postern_agent::config::{ProxySetting, RelayTarget, TransportChoice, WebsocketSettings};
 use postern_agent::connect::{Connect, Options};
 use postern_agent::dial::Dialer;
-use postern_agent::{Agent, Config};
+use postern_agent::{Agent, Config, exec, notify};
 use postern_common::config::{EXIT_CONFIG, ProcessEnv, RelayUrl, Scheme};
+use postern_common::shutdown;
 use postern_common::tls::Material;
 use tokio_util::sync::CancellationToken;
 
@@ -48,11 +49,15 @@ fn main() -> ExitCode {
             };
             runtime(async move {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(signals(shutdown.clone()));
+                tokio::spawn(shutdown::on_signal(shutdown.clone()));
                 let agent = Agent::new(config);
-                tokio::spawn(systemd(agent.status()));
+                tokio::spawn(notify::run(agent.status()));
+                let stopping = shutdown.clone();
+                tokio::spawn(async move {
+                    stopping.cancelled().await;
+                    notify::stopping();
+                });
                 agent.run(shutdown).await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 ExitCode::SUCCESS
             })
         }
@@ -118,7 +123,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         TransportArg::Quic => TransportChoice::Quic,
         TransportArg::Websocket => TransportChoice::Websocket,
     };
-    let dialer = match Dialer::new(tls, args.server_name.clone(), transport, websocket) {
+    let dialer = match Dialer::load(tls, args.server_name.clone(), transport, websocket).await {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: {e}");
@@ -163,122 +168,17 @@ async fn connect(args: ConnectArgs) -> ExitCode {
             );
         }
         eprintln!("Press Ctrl-C to close the tunnel.");
-        signals(shutdown.clone()).await;
+        shutdown::on_signal(shutdown.clone()).await;
         let _ = serving.await;
         return ExitCode::SUCCESS;
     }
 
-    let status = run_client(&args.exec, local).await;
+    let Some((program, rest)) = args.exec.split_first() else {
+        // clap requires a program after --exec; nothing to run otherwise.
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let status = exec::run(program, rest, local).await;
     shutdown.cancel();
     let _ = serving.await;
     status
-}
-
-/// Runs `exec` (a MySQL client or any program) against the local port.
-async fn run_client(exec: &[String], local: SocketAddr) -> ExitCode {
-    let (program, rest) = exec
-        .split_first()
-        .expect("clap requires at least one value");
-    let base = std::path::Path::new(program)
-        .file_name()
-        .and_then(|f| f.to_str())
-        .unwrap_or(program);
-    let mut cmd = tokio::process::Command::new(program);
-    const MYSQL_CLIENTS: &[&str] = &[
-        "mariadb",
-        "mysql",
-        "mysqldump",
-        "mariadb-dump",
-        "mysqladmin",
-        "mariadb-admin",
-        "mysqlshow",
-        "mariadb-show",
-        "mysqlcheck",
-        "mariadb-check",
-        "mysqlimport",
-        "mariadb-import",
-    ];
-    let mut rest = rest;
-    if MYSQL_CLIENTS.contains(&base) {
-        // Option-file options must come first on a MySQL client's command line.
-        while let Some((first, tail)) = rest.split_first() {
-            if !first.starts_with("--no-defaults") && !first.starts_with("--defaults") {
-                break;
-            }
-            cmd.arg(first);
-            rest = tail;
-        }
-        cmd.arg(format!("--host={}", local.ip()))
-            .arg(format!("--port={}", local.port()))
-            .arg("--protocol=TCP");
-    }
-    cmd.args(rest)
-        .env("POSTERN_HOST", local.ip().to_string())
-        .env("POSTERN_PORT", local.port().to_string())
-        .env("MYSQL_HOST", local.ip().to_string())
-        .env("MYSQL_TCP_PORT", local.port().to_string());
-    let status = match cmd.status().await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot run {program}: {e}");
-            return ExitCode::from(127);
-        }
-    };
-    match status.code() {
-        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
-        None => {
-            use std::os::unix::process::ExitStatusExt;
-            ExitCode::from(128u8.saturating_add(status.signal().unwrap_or(0) as u8))
-        }
-    }
-}
-
-/// Tells systemd (when run with `Type=notify`) that the agent runs, keeps the watchdog fed and
-/// publishes its status line (`systemctl status` shows it). Ready means "configured and trying":
-/// an agent whose relay is unreachable must keep trying, not be restarted by a start timeout.
-/// A no-op outside systemd.
-async fn systemd(mut status: tokio::sync::watch::Receiver<postern_agent::Status>) {
-    use sd_notify::NotifyState;
-    let _ = sd_notify::notify(&[NotifyState::Ready]);
-    if let Some(every) = sd_notify::watchdog_enabled() {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every / 2);
-            loop {
-                tick.tick().await;
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-            }
-        });
-    }
-    loop {
-        let line = match &*status.borrow_and_update() {
-            postern_agent::Status::Connected {
-                relay_instance,
-                transport,
-                ..
-            } => {
-                format!("connected to relay {relay_instance} over {transport}")
-            }
-            postern_agent::Status::Disconnected(why) => format!("disconnected: {why}"),
-        };
-        let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
-        if status.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Returns on SIGTERM or SIGINT, cancelling `token`.
-async fn signals(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    if let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-            _ = token.cancelled() => {},
-        }
-    }
-    token.cancel();
 }

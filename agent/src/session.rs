@@ -1,537 +1,312 @@
-//! The agent's connection to the relay: dial, hello, serve streams, heartbeat, reconnect.
+//! One session with a relay: the hello and welcome, the streams the relay opens, heartbeats,
+//! and how the session ends.
 //!
-//! The agent reconnects forever. Delays grow exponentially from [`BACKOFF_MIN`] to
-//! [`BACKOFF_MAX`] with full jitter (so a relay restart is not met by every agent at the same
-//! instant), and start over after a session that stayed up for [`HEALTHY_AFTER`].
+//! A session ends in one of four ways ([`Outcome`]):
+//! * it breaks (the relay went away, a heartbeat was missed, the relay closed it): the
+//!   supervisor reconnects with backoff;
+//! * the relay drains ([`Control::Drain`], it is shutting down): the supervisor opens the next
+//!   session at once, while this one keeps serving the streams it carries until they end or the
+//!   relay closes it (make before break);
+//! * QUIC works again while this session is on WebSocket ([`crate::takeover`]): new streams move
+//!   to the QUIC session, and this one finishes the streams it carries;
+//! * the agent shuts down: it tells the relay (a drain of its own, so no new stream is routed
+//!   here), lets the streams finish within the grace period, then closes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_common::config::RelayUrl;
 use postern_common::control::{self, ControlEnd};
-use postern_common::protocol::{self, Control, FEATURE_MYSQL_E2E};
-use postern_common::transport::{Session, Stream, TransportKind};
-use postern_common::wire;
-use rand::Rng;
-use tokio::sync::watch;
-use tokio::time::Instant;
+use postern_common::protocol::{self, Code, Control, FEATURE_DRAIN, FEATURE_MYSQL_E2E, Rejected};
+use postern_common::transport::{Session, Stream, TransportError, TransportKind};
+use postern_common::wire::{self, WireError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
 
-use crate::config::{Config, RelayTarget};
-use crate::dial::{Dialer, Pinned};
 use crate::forward;
 use crate::policy::SessionPolicy;
-use postern_common::config::RelayUrl;
+use crate::state::{AgentState, Status};
+use crate::takeover;
 
-/// First reconnect delay.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
-/// Longest reconnect delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A session that lasted this long resets the backoff.
-pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Deadline for the relay's welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the agent is doing, for tests, health checks and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Status {
-    /// Not connected (yet, or any more); the reason of the last failure.
-    Disconnected(String),
-    /// In session with a relay.
-    Connected {
-        /// The relay instance's name.
-        relay_instance: String,
-        /// The transport in use.
-        transport: TransportKind,
-        /// Services the relay accepted.
-        accepted: Vec<String>,
+/// How long the agent's own shutdown lets streams finish, as the relay does.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// Why a session could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The relay could not be reached.
+    #[error(transparent)]
+    Dial(#[from] crate::dial::DialError),
+    /// The control stream could not be opened.
+    #[error("open control stream: {0}")]
+    Open(#[source] TransportError),
+    /// The hello could not be sent.
+    #[error("send hello: {0}")]
+    Hello(#[source] WireError),
+    /// No answer to the hello.
+    #[error("relay did not answer the hello in time")]
+    WelcomeTimeout,
+    /// The relay refused the session.
+    #[error("relay refused this agent ({code}): {message}")]
+    Refused {
+        /// Why, as a stable code.
+        code: Code,
+        /// Why, in words.
+        message: String,
     },
+    /// The relay answered with something that is not a welcome.
+    #[error("unexpected answer to hello: {0}")]
+    Unexpected(&'static str),
+    /// The relay closed the session instead of answering (a refused certificate shows so).
+    #[error("relay: {0}")]
+    Closed(String),
+    /// The answer could not be read.
+    #[error("relay answer: {0}")]
+    Answer(#[source] WireError),
 }
 
-/// Runs one session loop per relay until `shutdown`.
-pub(crate) async fn run(
-    config: Arc<Config>,
-    status: watch::Sender<Status>,
-    shutdown: CancellationToken,
-) {
-    let dialer = match Dialer::new(
-        config.tls.clone(),
-        config.server_name.clone(),
-        config.transport,
-        config.websocket.clone(),
-    ) {
-        Ok(d) => d,
-        Err(e) => {
-            error!(error = %e, "cannot dial relays");
-            status.send_replace(Status::Disconnected(e));
-            return;
-        }
-    };
-    let status = Arc::new(status);
-    let mut loops = tokio::task::JoinSet::new();
-    for target in config.relays.clone() {
-        let span = info_span!("relay", relay = %target);
-        let (config, dialer, status, shutdown) = (
-            config.clone(),
-            dialer.clone(),
-            status.clone(),
-            shutdown.clone(),
-        );
-        loops.spawn(
-            async move {
-                if dialer.pins_instances(&target) {
-                    cf_supervisor(config, dialer, target, status, shutdown).await;
-                } else {
-                    relay_loop(
-                        config,
-                        dialer,
-                        Route::Target(target),
-                        None,
-                        status,
-                        shutdown,
-                    )
-                    .await;
-                }
-            }
-            .instrument(span),
-        );
-    }
-    while loops.join_next().await.is_some() {}
-    status.send_replace(Status::Disconnected("shut down".into()));
-}
-
-/// How a session loop reaches its relay.
+/// What the relay said in its welcome.
 #[derive(Debug, Clone)]
-enum Route {
-    /// Any instance behind this target (QUIC, WebSocket or raced).
-    Target(RelayTarget),
-    /// One instance of a Cloud Foundry app, pinned with `X-Cf-App-Instance`.
-    Pinned {
-        url: RelayUrl,
-        app_guid: String,
-        index: u32,
-    },
-}
-
-/// Why a session attempt failed.
-enum Failure {
-    /// The pinned instance no longer exists: stop this loop.
-    Gone,
-    /// Anything else: retry with backoff.
-    Other(String),
-}
-
-/// Holds a session with one relay (or relay instance), reconnecting with backoff. Ends at
-/// shutdown, or when a pinned instance is gone.
-async fn relay_loop(
-    config: Arc<Config>,
-    dialer: Dialer,
-    route: Route,
-    mut first: Option<Session>,
-    status: Arc<watch::Sender<Status>>,
-    shutdown: CancellationToken,
-) {
-    let mut attempt: u32 = 0;
-    let mut moved: Option<Ready> = None;
-    loop {
-        let started = Instant::now();
-        let ready = match moved.take() {
-            Some(r) => Ok(r),
-            None => {
-                let session = match first.take() {
-                    Some(s) => Ok(s),
-                    None => dial(&dialer, &route).await,
-                };
-                match session {
-                    Ok(s) => match handshake(&config, &s, false).await {
-                        Ok((control, welcome)) => Ok(Ready {
-                            session: s,
-                            control,
-                            welcome,
-                        }),
-                        Err(e) => {
-                            s.close("handshake failed");
-                            Err(Failure::Other(e))
-                        }
-                    },
-                    Err(f) => Err(f),
-                }
-            }
-        };
-        let quic_probe = match &route {
-            Route::Target(RelayTarget {
-                quic: Some(q),
-                websocket: Some(_),
-            }) if config.transport == crate::config::TransportChoice::Auto => Some(q),
-            _ => None,
-        };
-        let result = match ready {
-            Ok(r) => once(&config, &dialer, r, quic_probe, &status, &shutdown)
-                .await
-                .map_err(Failure::Other),
-            Err(f) => Err(f),
-        };
-        let result = match result {
-            Ok(Outcome::Moved(next)) => {
-                moved = Some(*next);
-                attempt = 0;
-                continue;
-            }
-            Ok(Outcome::Ended(end)) => Ok(end),
-            Err(f) => Err(f),
-        };
-        if shutdown.is_cancelled() {
-            break;
-        }
-        let reason = match result {
-            Ok(end) => format!("session ended: {end}"),
-            Err(Failure::Gone) => {
-                info!("relay instance no longer exists; its session loop ends");
-                break;
-            }
-            Err(Failure::Other(e)) => e,
-        };
-        if started.elapsed() >= HEALTHY_AFTER {
-            attempt = 0;
-        }
-        let delay = backoff(attempt);
-        attempt = attempt.saturating_add(1);
-        warn!(%reason, retry_in_ms = delay.as_millis() as u64, "relay session down; reconnecting");
-        status.send_replace(Status::Disconnected(reason));
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
-}
-
-async fn dial(dialer: &Dialer, route: &Route) -> Result<Session, Failure> {
-    match route {
-        Route::Target(t) => dialer.dial(t).await.map_err(Failure::Other),
-        Route::Pinned {
-            url,
-            app_guid,
-            index,
-        } => dialer
-            .websocket_pinned(url, app_guid, *index)
-            .await
-            .map_err(|p| match p {
-                Pinned::Gone => Failure::Gone,
-                Pinned::Failed(e) => Failure::Other(e),
-            }),
-    }
-}
-
-/// How often a Cloud Foundry relay app is probed for instances added by scaling.
-pub const REPROBE: Duration = Duration::from_secs(30);
-/// The most instances probed.
-const MAX_INSTANCES: u32 = 256;
-
-/// Holds one session with **every** instance of a relay running as a Cloud Foundry app, so that
-/// any instance can serve any client. The first session (routed at random) learns the app GUID
-/// from the welcome; then instance `0, 1, ...` are dialled with `X-Cf-App-Instance: GUID:INDEX`
-/// until the router answers 400 (no such instance), and again every [`REPROBE`].
-async fn cf_supervisor(
-    config: Arc<Config>,
-    dialer: Dialer,
-    target: RelayTarget,
-    status: Arc<watch::Sender<Status>>,
-    shutdown: CancellationToken,
-) {
-    let Some(url) = target.websocket.clone() else {
-        return;
-    };
-    let mut attempt = 0;
-    let app_guid = loop {
-        let found = async {
-            let session = dialer.websocket(&url, &[]).await?;
-            let (_, welcome) = handshake(&config, &session, false).await?;
-            session.close("instance discovery done");
-            match welcome {
-                Control::Welcome { app_guid, .. } => Ok(app_guid),
-                _ => Ok(None),
-            }
-        }
-        .await;
-        match found {
-            Ok(Some(guid)) => break guid,
-            Ok(None) => {
-                info!("relay does not run on Cloud Foundry: holding a single session");
-                relay_loop(
-                    config,
-                    dialer,
-                    Route::Target(target),
-                    None,
-                    status,
-                    shutdown,
-                )
-                .await;
-                return;
-            }
-            Err(e) => {
-                let delay = backoff(attempt);
-                attempt += 1;
-                warn!(reason = %e, retry_in_ms = delay.as_millis() as u64, "relay instance discovery failed");
-                status.send_replace(Status::Disconnected(e));
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
-        }
-    };
-    info!(%app_guid, "relay is a Cloud Foundry app: holding a session with every instance");
-    let mut running: std::collections::BTreeMap<u32, tokio::task::JoinHandle<()>> =
-        std::collections::BTreeMap::new();
-    loop {
-        running.retain(|_, h| !h.is_finished());
-        for index in 0..MAX_INSTANCES {
-            if running.contains_key(&index) {
-                continue;
-            }
-            match dialer.websocket_pinned(&url, &app_guid, index).await {
-                Ok(session) => {
-                    info!(index, "relay instance found");
-                    let route = Route::Pinned {
-                        url: url.clone(),
-                        app_guid: app_guid.clone(),
-                        index,
-                    };
-                    let span = info_span!("instance", index);
-                    running.insert(
-                        index,
-                        tokio::spawn(
-                            relay_loop(
-                                config.clone(),
-                                dialer.clone(),
-                                route,
-                                Some(session),
-                                status.clone(),
-                                shutdown.clone(),
-                            )
-                            .instrument(span),
-                        ),
-                    );
-                }
-                Err(Pinned::Gone) => break,
-                Err(Pinned::Failed(e)) => {
-                    warn!(index, reason = %e, "relay instance did not answer; probing again later");
-                    break;
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(REPROBE) => {}
-        }
-    }
-    for (_, h) in running {
-        let _ = h.await;
-    }
-}
-
-/// The delay before reconnect attempt `attempt` (0-based): exponential, capped, full jitter
-/// over its upper half so it never collapses to zero.
-pub fn backoff(attempt: u32) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(2u32.saturating_pow(attempt.min(16)));
-    let cap = exp.min(BACKOFF_MAX);
-    let jitter: f64 = rand::rng().random_range(0.5..=1.0);
-    cap.mul_f64(jitter)
+pub(crate) struct Welcome {
+    pub(crate) version: u16,
+    pub(crate) relay_instance: String,
+    pub(crate) accepted: Vec<String>,
+    pub(crate) rejected: Vec<Rejected>,
+    /// The relay's heartbeat interval, bounded.
+    pub(crate) heartbeat: Duration,
+    pub(crate) app_guid: Option<String>,
+    /// The relay understands [`Control::Drain`].
+    pub(crate) drains: bool,
 }
 
 /// A session whose hello and welcome are done.
-struct Ready {
-    session: Session,
-    control: Stream,
-    welcome: Control,
+pub(crate) struct Ready {
+    pub(crate) session: Session,
+    pub(crate) control: Stream,
+    pub(crate) welcome: Welcome,
 }
 
 /// How a served session ended.
-enum Outcome {
+pub(crate) enum Outcome {
     /// The session is over.
     Ended(ControlEnd),
-    /// A better session (QUIC, found while on WebSocket) took over; the old one drains.
+    /// A better session (QUIC, found while on WebSocket) took over; the old one finishes its
+    /// streams in the background.
     Moved(Box<Ready>),
+    /// The relay is draining: open the next session now; the old one finishes its streams in
+    /// the background.
+    Drained,
 }
 
-/// Serves one session until it ends or, with `quic_probe`, until QUIC works again and takes over.
-async fn once(
-    config: &Arc<Config>,
-    dialer: &Dialer,
+/// Opens the control stream and exchanges hello and welcome. `take_over`: this session
+/// replaces a live one of this agent at the same relay, which should finish its streams.
+pub(crate) async fn handshake(
+    state: &AgentState,
+    session: &Session,
+    take_over: bool,
+) -> Result<Ready, SessionError> {
+    let mut stream = session.open().await.map_err(SessionError::Open)?;
+    let hello = Control::Hello {
+        versions: protocol::VERSIONS.to_vec(),
+        services: state.config.services.keys().cloned().collect(),
+        software: env!("CARGO_PKG_VERSION").to_owned(),
+        take_over,
+        features: vec![FEATURE_MYSQL_E2E.to_owned(), FEATURE_DRAIN.to_owned()],
+    };
+    wire::write_first(&mut stream, &hello)
+        .await
+        .map_err(SessionError::Hello)?;
+    let answer = tokio::time::timeout(WELCOME_TIMEOUT, wire::read_frame::<_, Control>(&mut stream))
+        .await
+        .map_err(|_| SessionError::WelcomeTimeout)?;
+    let welcome = match answer {
+        Ok(Control::Welcome {
+            version,
+            relay_instance,
+            accepted,
+            rejected,
+            heartbeat_ms,
+            app_guid,
+            features,
+            ..
+        }) => Welcome {
+            version,
+            relay_instance,
+            accepted,
+            rejected,
+            // The relay chooses the interval; a wrong one must not overflow our timers or make
+            // them spin.
+            heartbeat: control::clamp_interval(Duration::from_millis(heartbeat_ms)),
+            app_guid,
+            drains: features.iter().any(|f| f == FEATURE_DRAIN),
+        },
+        Ok(Control::Refused { code, message }) => {
+            return Err(SessionError::Refused { code, message });
+        }
+        Ok(_) => return Err(SessionError::Unexpected("not a welcome")),
+        Err(e) => {
+            // A refused identity shows as a closed connection; say why if the relay said.
+            let why = tokio::time::timeout(Duration::from_secs(1), session.closed())
+                .await
+                .unwrap_or_default();
+            return Err(if why.is_empty() {
+                SessionError::Answer(e)
+            } else {
+                SessionError::Closed(why)
+            });
+        }
+    };
+    Ok(Ready {
+        session: session.clone(),
+        control: stream,
+        welcome,
+    })
+}
+
+/// Serves one session until it ends (see [`Outcome`]). With `quic_probe`, a WebSocket session
+/// also tries QUIC every `quic_reprobe` and moves to it once it works.
+pub(crate) async fn serve(
+    state: &Arc<AgentState>,
     ready: Ready,
     quic_probe: Option<&RelayUrl>,
-    status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
-) -> Result<Outcome, String> {
+) -> Outcome {
     let Ready {
         session,
         control,
         welcome,
     } = ready;
-    let Control::Welcome {
-        relay_instance,
-        accepted,
-        rejected,
-        heartbeat_ms,
-        version,
-        ..
-    } = welcome
-    else {
-        return Err("handshake did not end in a welcome".into());
-    };
-    for r in &rejected {
+    for r in &welcome.rejected {
         error!(service = %r.service, reason = %r.reason, "relay refused a service this agent offers");
     }
-    info!(%relay_instance, transport = %session.kind(), version, services = ?accepted, "connected to relay");
-    status.send_replace(Status::Connected {
-        relay_instance: relay_instance.clone(),
+    info!(relay_instance = %welcome.relay_instance, transport = %session.kind(), version = welcome.version, services = ?welcome.accepted, "connected to relay");
+    state.status.send_replace(Status::Connected {
+        relay_instance: welcome.relay_instance.clone(),
         transport: session.kind(),
-        accepted,
+        accepted: welcome.accepted.clone(),
     });
 
-    // Streams are tracked so that a session being replaced can finish them first.
-    let tracker = tokio_util::task::TaskTracker::new();
-    let policy = Arc::new(SessionPolicy::new(config));
+    // This session's streams are tracked so that it can finish them before it closes; all
+    // streams of all sessions are tracked by the agent, for its own shutdown.
+    let tracker = TaskTracker::new();
+    let policy = Arc::new(SessionPolicy::new(&state.config));
     let streams = {
-        let session = session.clone();
-        let config = config.clone();
-        let tracker = tracker.clone();
+        let (session, tracker, state) = (session.clone(), tracker.clone(), state.clone());
         let policy = policy.clone();
         tokio::spawn(async move {
             while let Ok(stream) = session.accept().await {
-                tracker.spawn(forward::serve(config.clone(), policy.clone(), stream));
+                let serve = forward::serve(state.clone(), policy.clone(), stream);
+                tracker.spawn(state.forwards.track_future(serve));
             }
         })
     };
-    // The relay chooses the interval; a wrong one must not overflow our timers or make them spin.
-    let heartbeat = control::clamp_interval(Duration::from_millis(heartbeat_ms));
-    let stop_heartbeat = shutdown.child_token();
-    // The relay sends nothing on the control stream; keep the sender so it stays open.
-    let (_outgoing, outgoing_rx) = tokio::sync::mpsc::channel(1);
-    let mut keepalive = tokio::spawn(control::keepalive_with(
+    let (outgoing, outgoing_rx) = mpsc::channel(4);
+    let (drained_tx, drained) = oneshot::channel::<String>();
+    let mut drained_tx = Some(drained_tx);
+    let stop = CancellationToken::new();
+    let mut keepalive = tokio::spawn(control::run(
         control,
-        heartbeat,
-        stop_heartbeat.clone(),
+        welcome.heartbeat,
+        stop.clone(),
         outgoing_rx,
         move |msg| match msg {
             Control::Policy { services, crl_pem } => {
                 policy.apply(services, crl_pem);
                 Ok(())
             }
-            other => Err(other),
+            Control::Drain { reason, .. } => {
+                if let Some(tx) = drained_tx.take() {
+                    let _ = tx.send(reason);
+                }
+                Ok(())
+            }
+            other => Err(Box::new(other)),
         },
     ));
     let probe = async {
         match quic_probe {
             Some(url) if session.kind() == TransportKind::Websocket => {
-                probe_quic(config, dialer, url).await
+                takeover::probe_quic(state, url).await
             }
             _ => std::future::pending().await,
         }
     };
-    let end = tokio::select! {
-        end = &mut keepalive => end.unwrap_or(ControlEnd::Shutdown),
-        why = session.closed() => ControlEnd::Broken(why),
+    let linger = Linger {
+        session: session.clone(),
+        tracker,
+        streams,
+        stop,
+    };
+    tokio::select! {
+        end = &mut keepalive => {
+            let end = end.unwrap_or_else(|e| ControlEnd::Broken(format!("heartbeat task failed: {e}")));
+            linger.streams.abort();
+            session.close(&end.to_string());
+            Outcome::Ended(end)
+        }
+        why = session.closed() => {
+            linger.streams.abort();
+            linger.stop.cancel();
+            Outcome::Ended(ControlEnd::Broken(why))
+        }
         next = probe => {
-            info!(transport = %next.session.kind(), "quic works again: new streams move to it; the websocket session drains");
-            // The old session keeps its heartbeats until its streams are done, then closes.
-            tokio::spawn(async move {
-                tracker.close();
-                tokio::select! {
-                    _ = tracker.wait() => {}
-                    _ = session.closed() => {}
-                }
-                streams.abort();
-                stop_heartbeat.cancel();
-                let _ = keepalive.await;
-                session.close("moved to quic");
-            });
-            return Ok(Outcome::Moved(Box::new(next)));
+            info!(transport = %next.session.kind(), "quic works again: new streams move to it; the websocket session finishes its streams");
+            tokio::spawn(linger.finish(keepalive, state.abort.clone(), "moved to quic"));
+            Outcome::Moved(Box::new(next))
         }
-    };
-    streams.abort();
-    stop_heartbeat.cancel();
-    session.close(&end.to_string());
-    Ok(Outcome::Ended(end))
-}
-
-/// Tries QUIC every `quic_reprobe` until a session is up and welcomed (as a take-over).
-async fn probe_quic(config: &Config, dialer: &Dialer, url: &RelayUrl) -> Ready {
-    loop {
-        tokio::time::sleep(config.quic_reprobe).await;
-        let Ok(session) = dialer.quic(url).await else {
-            debug!("quic still unavailable");
-            continue;
-        };
-        match handshake(config, &session, true).await {
-            Ok((control, welcome)) => {
-                return Ready {
-                    session,
-                    control,
-                    welcome,
+        Ok(reason) = drained => {
+            info!(relay_instance = %welcome.relay_instance, %reason, "relay is draining: opening the next session now; this one finishes its streams");
+            tokio::spawn(linger.finish(keepalive, state.abort.clone(), "relay drained"));
+            Outcome::Drained
+        }
+        _ = shutdown.cancelled() => {
+            if welcome.drains {
+                let drain = Control::Drain {
+                    reason: "agent shutting down".into(),
+                    grace_ms: u64::try_from(SHUTDOWN_GRACE.as_millis()).unwrap_or(u64::MAX),
                 };
+                let _ = outgoing.send(drain).await;
             }
-            Err(e) => {
-                debug!(error = %e, "quic session refused");
-                session.close("handshake failed");
-            }
+            // The relay routes nothing new here now; what is open may finish.
+            linger.finish(keepalive, state.abort.clone(), "agent shutting down").await;
+            Outcome::Ended(ControlEnd::Shutdown)
         }
     }
 }
 
-async fn handshake(
-    config: &Config,
-    session: &Session,
-    take_over: bool,
-) -> Result<(Stream, Control), String> {
-    let mut stream = session.open().await.map_err(|e| e.to_string())?;
-    let hello = Control::Hello {
-        versions: protocol::VERSIONS.to_vec(),
-        services: config.services.keys().cloned().collect(),
-        software: env!("CARGO_PKG_VERSION").to_owned(),
-        take_over,
-        features: vec![FEATURE_MYSQL_E2E.to_owned()],
-    };
-    wire::write_first(&mut stream, &hello)
-        .await
-        .map_err(|e| format!("send hello: {e}"))?;
-    let answer = tokio::time::timeout(WELCOME_TIMEOUT, wire::read_frame::<_, Control>(&mut stream))
-        .await
-        .map_err(|_| "relay did not answer the hello in time".to_owned())?;
-    match answer {
-        Ok(w @ Control::Welcome { .. }) => Ok((stream, w)),
-        Ok(Control::Refused { code, message }) => {
-            Err(format!("relay refused this agent ({code}): {message}"))
-        }
-        Ok(other) => Err(format!("unexpected answer to hello: {other:?}")),
-        Err(e) => {
-            // A refused identity shows as a closed connection; say why if the relay said.
-            let why = tokio::time::timeout(Duration::from_secs(1), session.closed())
-                .await
-                .unwrap_or_default();
-            if why.is_empty() {
-                Err(format!("relay answer: {e}"))
-            } else {
-                Err(format!("relay: {why}"))
-            }
-        }
-    }
+/// A session that takes no new streams and closes once the ones it carries are done.
+struct Linger {
+    session: Session,
+    tracker: TaskTracker,
+    streams: JoinHandle<()>,
+    stop: CancellationToken,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        for attempt in 0..40 {
-            let d = backoff(attempt);
-            let exp = BACKOFF_MIN
-                .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-                .min(BACKOFF_MAX);
-            assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d:?}");
+impl Linger {
+    /// Waits for the session's streams to end (or the session to close, or `abort`), keeping
+    /// its heartbeats going meanwhile, then closes it with `reason`.
+    async fn finish(
+        self,
+        keepalive: JoinHandle<ControlEnd>,
+        abort: CancellationToken,
+        reason: &'static str,
+    ) {
+        // Nothing new is routed here any more; a stream opened in the meantime is reset.
+        self.streams.abort();
+        self.tracker.close();
+        tokio::select! {
+            _ = self.tracker.wait() => {}
+            _ = self.session.closed() => {}
+            _ = abort.cancelled() => {}
         }
-        assert!(backoff(0) <= BACKOFF_MIN);
-        assert!(backoff(30) >= BACKOFF_MAX / 2);
+        self.stop.cancel();
+        let _ = keepalive.await;
+        self.session.close(reason);
     }
 }

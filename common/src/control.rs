@@ -53,25 +53,16 @@ pub fn dead_after(interval: Duration) -> Duration {
         .saturating_add(Duration::from_millis(250))
 }
 
-/// Sends heartbeats and watches for the peer's until the session should end.
-pub async fn keepalive(
-    stream: Stream,
-    interval: Duration,
-    cancel: CancellationToken,
-) -> ControlEnd {
-    let (_keep, outgoing) = mpsc::channel(1);
-    keepalive_with(stream, interval, cancel, outgoing, Err).await
-}
-
-/// [`keepalive`] that also sends the messages that arrive on `outgoing` and hands messages
-/// other than heartbeats to `incoming`, which hands back a message it does not take (that ends
+/// Runs a control stream after the hello and welcome: sends heartbeats and watches for the
+/// peer's until the session should end; also sends the messages that arrive on `outgoing`, and
+/// hands messages other than heartbeats to `incoming`, which hands back a message it does not take (that ends
 /// the session as not protocol).
-pub async fn keepalive_with(
+pub async fn run(
     stream: Stream,
     interval: Duration,
     cancel: CancellationToken,
     mut outgoing: mpsc::Receiver<Control>,
-    mut incoming: impl FnMut(Control) -> Result<(), Control>,
+    mut incoming: impl FnMut(Control) -> Result<(), Box<Control>>,
 ) -> ControlEnd {
     let interval = clamp_interval(interval);
     let mut outgoing_open = true;

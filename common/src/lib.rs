@@ -14,6 +14,7 @@ pub mod net;
 pub mod pki;
 pub mod policy;
 pub mod protocol;
+pub mod shutdown;
 pub mod splice;
 pub mod telemetry;
 pub mod tls;

@@ -91,6 +91,10 @@ pub enum Control {
         /// On Cloud Foundry: this instance's index.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         instance_index: Option<u32>,
+        /// Optional features the relay supports ([`FEATURE_DRAIN`]); the agent sends it nothing
+        /// it would not understand.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// The relay refuses the whole session.
     Refused {
@@ -117,7 +121,21 @@ pub enum Control {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         crl_pem: Option<String>,
     },
+    /// The sender is going away (a relay or an agent shutting down): it routes nothing new over
+    /// this session, lets the streams it carries finish, and closes the session when they are
+    /// done or its grace period is over. A relay's drain tells an agent to open its next session
+    /// now (to another relay instance, when there is one), before this one closes: make before
+    /// break. Peers that do not know the message never get it (see [`FEATURE_DRAIN`]).
+    Drain {
+        /// Why, for logs.
+        reason: String,
+        /// How long the sender will wait for open streams, in milliseconds.
+        grace_ms: u64,
+    },
 }
+
+/// The hello feature of agents that understand [`Control::Drain`] (and may send it).
+pub const FEATURE_DRAIN: &str = "drain";
 
 /// The hello feature of agents that serve MySQL with TLS ending at the agent: they understand
 /// [`Control::Policy`] and [`StreamMode::MysqlE2e`].
@@ -418,6 +436,10 @@ mod tests {
             crl_pem: Some("-----BEGIN X509 CRL-----".into()),
         });
         roundtrip(Control::Heartbeat { seq: 7 });
+        roundtrip(Control::Drain {
+            reason: "relay shutting down".into(),
+            grace_ms: 8000,
+        });
         roundtrip(Control::Refused {
             code: Code::NotAuthorized,
             message: "no".into(),

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use postern_common::control::{self, ControlEnd};
 use postern_common::policy::ServicePolicy;
-use postern_common::protocol::{self, Code, Control, FEATURE_MYSQL_E2E, MAX_FRAME, Rejected};
+use postern_common::protocol::{
+    self, Code, Control, FEATURE_DRAIN, FEATURE_MYSQL_E2E, MAX_FRAME, Rejected,
+};
 use postern_common::transport::Session;
 use postern_common::wire;
 use tracing::{debug, info, warn};
@@ -93,6 +95,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         heartbeat_ms: shared.config.heartbeat.as_millis() as u64,
         app_guid: shared.config.platform.as_ref().map(|p| p.app_guid.clone()),
         instance_index: shared.config.platform.as_ref().map(|p| p.instance_index),
+        features: vec![FEATURE_DRAIN.to_owned()],
     };
     if let Err(e) = wire::write_frame(&mut stream, &welcome).await {
         debug!(agent = %name, error = %e, "agent left during welcome");
@@ -147,12 +150,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
             }
         })
     });
-    let keepalive = control::keepalive_with(
+    let keepalive = control::run(
         stream,
         shared.config.heartbeat,
         shared.cancel.clone(),
         policy_rx,
-        Err,
+        |msg| match msg {
+            // The agent is shutting down: route nothing new to it; its streams finish.
+            Control::Drain { reason, .. } => {
+                info!(agent = %name, %reason, "agent draining: no new connections go to it");
+                shared.registry.drain(&name, generation);
+                Ok(())
+            }
+            other => Err(Box::new(other)),
+        },
     );
     let end = tokio::select! {
         end = keepalive => end,

@@ -29,6 +29,8 @@ struct Entry {
     mysql_e2e: bool,
     generation: u64,
     since: SystemTime,
+    /// The agent is shutting down: no new streams go to it.
+    draining: bool,
 }
 
 /// The agent [`Registry::route`] chose.
@@ -84,6 +86,7 @@ impl Registry {
                 mysql_e2e,
                 generation,
                 since: SystemTime::now(),
+                draining: false,
             },
         );
         drop(st);
@@ -114,12 +117,27 @@ impl Registry {
         }
     }
 
+    /// Marks agent `name`'s registration `generation` as draining (the agent is shutting down):
+    /// new streams go to other agents, while its open streams finish.
+    pub fn drain(&self, name: &str, generation: Generation) {
+        let mut st = self.lock();
+        if let Some(e) = st
+            .agents
+            .get_mut(name)
+            .filter(|e| e.generation == generation.0)
+        {
+            e.draining = true;
+        }
+    }
+
     /// The session of an agent serving `service`, the most recently connected first.
     pub fn route(&self, service: &str) -> Option<Route> {
         let st = self.lock();
         st.agents
             .iter()
-            .filter(|(_, e)| !e.session.is_closed() && e.services.iter().any(|s| s == service))
+            .filter(|(_, e)| {
+                !e.draining && !e.session.is_closed() && e.services.iter().any(|s| s == service)
+            })
             .max_by_key(|(_, e)| e.generation)
             .map(|(n, e)| Route {
                 agent: n.clone(),

@@ -386,6 +386,7 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         heartbeat_ms: 60_000,
         app_guid: None,
         instance_index: None,
+        features: vec![],
     };
     postern_common::wire::write_frame(&mut ctl_send, &welcome)
         .await
