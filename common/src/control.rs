@@ -55,8 +55,8 @@ pub fn dead_after(interval: Duration) -> Duration {
 
 /// Runs a control stream after the hello and welcome: sends heartbeats and watches for the
 /// peer's until the session should end; also sends the messages that arrive on `outgoing`, and
-/// hands messages other than heartbeats to `incoming`, which hands back a message it does not take (that ends
-/// the session as not protocol).
+/// hands messages other than heartbeats to `incoming`, which hands back a message it does not
+/// take (that ends the session as not protocol).
 pub async fn run(
     stream: Stream,
     interval: Duration,
