@@ -133,7 +133,23 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     };
 
     // Agents that end TLS get the policy again whenever the revocation lists change.
-    let (policy_tx, policy_rx) = tokio::sync::mpsc::channel(1);
+    let (policy_tx, outgoing) = tokio::sync::mpsc::channel(2);
+    // When the relay drains, agents that understand it are told at once, so they open their
+    // next session (to another instance) while this one finishes its streams.
+    let drains = features.iter().any(|f| f == FEATURE_DRAIN);
+    let drain = drains.then(|| {
+        let (shared, tx) = (shared.clone(), policy_tx.clone());
+        tokio::spawn(async move {
+            shared.stop.cancelled().await;
+            let grace_ms = u64::try_from(crate::SHUTDOWN_GRACE.as_millis()).unwrap_or(u64::MAX);
+            let _ = tx
+                .send(Control::Drain {
+                    reason: format!("relay {} shutting down", shared.config.instance),
+                    grace_ms,
+                })
+                .await;
+        })
+    });
     let policies = mysql_e2e.then(|| {
         let shared = shared.clone();
         let accepted = accepted.clone();
@@ -153,8 +169,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     let keepalive = control::run(
         stream,
         shared.config.heartbeat,
-        shared.cancel.clone(),
-        policy_rx,
+        // Heartbeats go on while the relay drains: the agent's open streams still need the
+        // session. Only the end of the grace period ends it.
+        shared.abort.clone(),
+        outgoing,
         |msg| match msg {
             // The agent is shutting down: route nothing new to it; its streams finish.
             Control::Drain { reason, .. } => {
@@ -170,8 +188,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         why = session.closed() => ControlEnd::Broken(why),
     };
     extra.abort();
-    if let Some(p) = policies {
-        p.abort();
+    for task in [policies, drain].into_iter().flatten() {
+        task.abort();
     }
     shared.registry.remove(&name, generation);
     match &end {

@@ -7,7 +7,8 @@
 //!
 //! `/healthz` answers 200 while the process serves and never depends on agents (a platform that
 //! restarts unhealthy apps must not restart the relay because a database is down). `/readyz`
-//! answers 200 only when at least one agent is connected, with details either way.
+//! answers 200 only when at least one agent is connected and the relay is not draining, with
+//! details either way.
 
 use std::sync::Arc;
 
@@ -48,6 +49,7 @@ async fn healthz() -> &'static str {
 #[derive(Serialize)]
 struct Ready {
     ready: bool,
+    draining: bool,
     instance: String,
     agents: Vec<AgentInfo>,
     services_without_agent: Vec<String>,
@@ -62,7 +64,8 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Ready>) 
         .filter(|s| shared.registry.route(s).is_none())
         .cloned()
         .collect();
-    let ready = !agents.is_empty();
+    // A draining relay is not ready: load balancers should send nothing new.
+    let ready = !agents.is_empty() && !shared.stop.is_cancelled();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -72,6 +75,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Ready>) 
         status,
         Json(Ready {
             ready,
+            draining: shared.stop.is_cancelled(),
             instance: shared.config.instance.clone(),
             agents,
             services_without_agent,
@@ -114,7 +118,7 @@ async fn tunnel(
         ..ws::AcceptOptions::default()
     };
     let shared2 = shared.clone();
-    shared.tracker.spawn(
+    shared.tasks.spawn(
         async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,

@@ -53,7 +53,7 @@ pub(crate) async fn listen(
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = shared.stop.cancelled() => return,
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {
@@ -78,10 +78,10 @@ pub(crate) async fn listen(
         let (shared2, service2, acceptor2) = (shared.clone(), service.clone(), acceptor.clone());
         match kind {
             ListenerKind::Mysql => shared
-                .tracker
+                .connections
                 .spawn(front::serve(shared2, service2, tcp, peer, acceptor2).instrument(span)),
             ListenerKind::Tls => shared
-                .tracker
+                .connections
                 .spawn(serve_tls(shared2, service2, tcp, peer, acceptor2).instrument(span)),
         };
     }
@@ -170,12 +170,15 @@ async fn refuse<W: AsyncWrite + Unpin>(conn: &mut W, protocol: Protocol, r: &Ref
     let _ = conn.shutdown().await;
 }
 
-/// Serves a `connect` client session: every stream it opens is one client connection.
+/// Serves a `connect` client session: every stream it opens is one client connection. While
+/// the relay drains, the streams it has go on and new ones are refused as `shutting_down`
+/// (`connect` then opens them on a new session, to another instance); at the end of the grace
+/// period the session closes.
 pub(crate) async fn serve_session(shared: Arc<Shared>, session: Session, name: String) {
     info!(client = %name, remote = %session.remote(), transport = %session.kind(), "client session connected");
     loop {
         let stream = tokio::select! {
-            _ = shared.cancel.cancelled() => { session.close("relay shutting down"); break; }
+            _ = shared.abort.cancelled() => { session.close("relay shutting down"); break; }
             s = session.accept() => s,
         };
         let stream = match stream {
@@ -186,7 +189,13 @@ pub(crate) async fn serve_session(shared: Arc<Shared>, session: Session, name: S
             }
         };
         let span = info_span!("client", client = %name, peer = %session.remote());
-        shared.tracker.spawn(
+        if shared.stop.is_cancelled() {
+            shared
+                .tasks
+                .spawn(refuse_draining(shared.clone(), stream).instrument(span));
+            continue;
+        }
+        shared.connections.spawn(
             serve_stream(
                 shared.clone(),
                 session.remote(),
@@ -196,6 +205,29 @@ pub(crate) async fn serve_session(shared: Arc<Shared>, session: Session, name: S
             .instrument(span),
         );
     }
+}
+
+/// Answers a stream opened while the relay drains: `shutting_down`.
+async fn refuse_draining(shared: Arc<Shared>, mut stream: Stream) {
+    let open = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        wire::read_first::<_, Open>(&mut stream),
+    )
+    .await;
+    if !matches!(open, Ok(Ok(_))) {
+        stream.abort();
+        return;
+    }
+    let refusal = Refusal::new(
+        postern_common::protocol::Code::ShuttingDown,
+        format!(
+            "relay {} is shutting down: open the connection on another instance",
+            shared.config.instance
+        ),
+    );
+    debug!(reason = %refusal.message, "stream refused while draining");
+    let _ = wire::write_first(&mut stream, &refusal.answer()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn serve_stream(

@@ -43,7 +43,8 @@ use clients::ListenerKind;
 pub use config::Config;
 use registry::Registry;
 
-/// How long shutdown waits for connections to finish.
+/// How long shutdown lets open connections finish (Cloud Foundry kills an app 10 s after
+/// SIGTERM).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// State shared by every task of a relay.
@@ -54,8 +55,16 @@ pub(crate) struct Shared {
     pub(crate) limits: HashMap<String, Arc<Semaphore>>,
     /// Per-service limits of MySQL-native connections still in their handshake.
     pub(crate) handshakes: HashMap<String, Arc<Semaphore>>,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) tracker: TaskTracker,
+    /// Cancelled when the relay starts to drain: listeners stop accepting, agents are told
+    /// (so they open their next session elsewhere first), `connect` clients' new streams are
+    /// refused as `shutting_down`. Open connections go on.
+    pub(crate) stop: CancellationToken,
+    /// Cancelled when the grace period is over, or every connection has ended: sessions close.
+    pub(crate) abort: CancellationToken,
+    /// Client connections (and `connect` streams): draining waits for these.
+    pub(crate) connections: TaskTracker,
+    /// Sessions, listeners and housekeeping: they end at `abort`.
+    pub(crate) tasks: TaskTracker,
     /// Bumped when the revocation lists are reloaded, so agents get them again.
     pub(crate) revocations_changed: tokio::sync::watch::Sender<u64>,
     /// For tests: a copy of every byte the MySQL-native listeners write into agent streams.
@@ -174,8 +183,10 @@ impl Relay {
                 registry: Registry::default(),
                 limits,
                 handshakes,
-                cancel: CancellationToken::new(),
-                tracker: TaskTracker::new(),
+                stop: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                connections: TaskTracker::new(),
+                tasks: TaskTracker::new(),
                 revocations_changed: tokio::sync::watch::Sender::new(0),
                 tap: std::sync::OnceLock::new(),
                 next_conn: AtomicU64::new(0),
@@ -229,7 +240,8 @@ impl Relay {
             .and_then(|l| l.socket.local_addr().ok())
     }
 
-    /// Serves until `shutdown` fires, then drains for up to [`SHUTDOWN_GRACE`].
+    /// Serves until `shutdown` fires, then drains: stops accepting, tells agents to move, lets
+    /// open connections finish for up to [`SHUTDOWN_GRACE`], and closes what is left.
     pub async fn run(self, shutdown: CancellationToken) {
         let Self {
             shared,
@@ -240,13 +252,13 @@ impl Relay {
             mysql_acceptor,
         } = self;
         if shared.config.tls.revocations.path().is_some() {
-            shared.tracker.spawn(watch_revocations(shared.clone()));
+            shared.tasks.spawn(watch_revocations(shared.clone()));
         }
         if let Some(listener) = http {
             info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http listener ready");
             let router = api::router(shared.clone());
-            let cancel = shared.cancel.clone();
-            shared.tracker.spawn(async move {
+            let stop = shared.stop.clone();
+            shared.tasks.spawn(async move {
                 // WebSocket sessions carry small frames back and forth: without TCP_NODELAY,
                 // Nagle's algorithm and delayed ACKs add tens of milliseconds to stream opens.
                 let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| net::tune(tcp));
@@ -254,7 +266,7 @@ impl Relay {
                     listener,
                     router.into_make_service_with_connect_info::<SocketAddr>(),
                 )
-                .with_graceful_shutdown(async move { cancel.cancelled().await });
+                .with_graceful_shutdown(async move { stop.cancelled().await });
                 if let Err(e) = serve.await {
                     warn!(error = %e, "http listener failed");
                 }
@@ -273,7 +285,7 @@ impl Relay {
                 ListenerKind::Mysql => mysql_acceptor.clone(),
                 ListenerKind::Tls => acceptor.clone(),
             };
-            shared.tracker.spawn(clients::listen(
+            shared.tasks.spawn(clients::listen(
                 shared.clone(),
                 service,
                 kind,
@@ -294,7 +306,7 @@ impl Relay {
             };
             let Some(incoming) = incoming else { break };
             let shared2 = shared.clone();
-            shared.tracker.spawn(async move {
+            shared.tasks.spawn(async move {
                 let remote = incoming.remote_address();
                 let session = match tokio::time::timeout(
                     shared2.config.handshake_timeout,
@@ -315,15 +327,37 @@ impl Relay {
                 serve_session(shared2, session).await;
             });
         }
-        info!("relay shutting down");
-        shared.cancel.cancel();
-        shared.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!("shutdown grace period over: closing remaining connections");
+        info!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            open = shared.connections.len(),
+            "relay draining: no new connections; open ones may finish"
+        );
+        shared.stop.cancel();
+        // New QUIC connections are refused at once, not left to time out.
+        if let Some(endpoint) = &endpoint {
+            let (endpoint, abort) = (endpoint.clone(), shared.abort.clone());
+            shared.tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = abort.cancelled() => return,
+                        i = endpoint.accept() => match i {
+                            Some(incoming) => incoming.refuse(),
+                            None => return,
+                        },
+                    }
+                }
+            });
         }
+        shared.connections.close();
+        tokio::select! {
+            _ = shared.connections.wait() => info!("every connection has ended"),
+            _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+                warn!(open = shared.connections.len(), "shutdown grace period over: closing remaining connections");
+            }
+        }
+        shared.abort.cancel();
+        shared.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.wait()).await;
         if let Some(endpoint) = endpoint {
             endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
             // Let the close frames go out.
@@ -348,7 +382,7 @@ async fn watch_revocations(shared: Arc<Shared>) {
     let revocations = shared.config.tls.revocations.clone();
     loop {
         tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = shared.abort.cancelled() => return,
             _ = tokio::time::sleep(REVOCATION_POLL) => {}
         }
         match revocations.reload() {

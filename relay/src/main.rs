@@ -45,7 +45,7 @@ fn main() -> ExitCode {
                     }
                 };
                 let shutdown = CancellationToken::new();
-                tokio::spawn(signals(shutdown.clone()));
+                tokio::spawn(postern_common::shutdown::on_signal(shutdown.clone()));
                 relay.run(shutdown).await;
                 ExitCode::SUCCESS
             })
@@ -90,20 +90,4 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
             certs::issue(&dir, kind, &name, &dns, &ip, days, force).map(|_| ())
         }
     }
-}
-
-/// Cancels `token` on SIGTERM or SIGINT.
-async fn signals(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    token.cancel();
 }

@@ -69,6 +69,32 @@ impl Proc {
     pub fn id(&self) -> u32 {
         self.child.id()
     }
+
+    /// Sends SIGTERM (what systemd and Cloud Foundry send to stop a process).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {}", self.id());
+    }
+
+    /// Waits up to `within` for the process to exit; its status, or `None` if it still runs.
+    pub async fn wait_exit(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -102,6 +128,8 @@ pub struct RelayProc {
     pub proc: Proc,
     /// Where agents and `connect` clients reach it.
     pub quic: std::net::SocketAddr,
+    /// Its HTTP listener, when the config has one.
+    pub http: Option<std::net::SocketAddr>,
     /// `(service, kind, address)` of every service listener (kind `mysql` or `tls`).
     pub listeners: Vec<(String, String, std::net::SocketAddr)>,
 }
@@ -109,20 +137,37 @@ pub struct RelayProc {
 impl RelayProc {
     /// Writes `yaml` as `dir/relay.yaml`, starts the relay and reads its addresses from its log.
     pub async fn start(dir: &Path, yaml: &str) -> Self {
+        Self::start_env(dir, yaml, &[]).await
+    }
+
+    /// [`start`](Self::start) with extra environment variables (e.g. Cloud Foundry's).
+    pub async fn start_env(dir: &Path, yaml: &str, env: &[(&str, &str)]) -> Self {
         let cfg = dir.join("relay.yaml");
         std::fs::write(&cfg, yaml).expect("write relay.yaml");
-        let config = postern_relay::Config::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        let vars: std::collections::BTreeMap<&str, &str> = env.iter().copied().collect();
+        let config =
+            postern_relay::Config::load_with(&cfg, &vars).unwrap_or_else(|e| panic!("{e}"));
         let expected: usize = config
             .services
             .values()
             .map(|s| usize::from(s.listen.is_some()) + usize::from(s.tls_listen.is_some()))
             .sum();
         let cfg = cfg.to_str().expect("utf-8 path").to_owned();
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_env(
             "postern-relay",
             &["run", "--config", &cfg],
+            env,
             dir.join("relay.log"),
         );
+        let http = match config.http_listen {
+            None => None,
+            Some(_) => {
+                let line = proc
+                    .wait_log("http listener ready", std::time::Duration::from_secs(10))
+                    .await;
+                field(&line, "addr").and_then(|a| a.parse().ok())
+            }
+        };
         let quic_line = proc
             .wait_log("relay listening", std::time::Duration::from_secs(10))
             .await;
@@ -151,6 +196,7 @@ impl RelayProc {
         };
         Self {
             quic: quic.parse().expect("quic address"),
+            http,
             listeners,
             proc,
         }
