@@ -5,6 +5,7 @@
 mod basic;
 mod certs;
 mod config;
+mod demo;
 mod drivers;
 mod faults;
 mod fleet;
