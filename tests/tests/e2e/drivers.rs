@@ -329,7 +329,7 @@ fn cached(kind: &str, inputs: &[&str], build: impl FnOnce(&Path)) -> PathBuf {
         .prefix(&format!("{kind}-build"))
         .tempdir_in(&root)
         .expect("build dir");
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     build(work.path());
     eprintln!("built the {kind} test program in {:?}", started.elapsed());
     let work = work.keep();
