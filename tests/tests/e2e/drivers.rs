@@ -170,6 +170,7 @@ async fn relays(dialled: &'static str) -> Relays {
         "--ssl-ca=ca.pem",
         "--ssl-cert=client-alice.pem",
         "--ssl-key=client-alice-key.pem",
+        "--skip-ssl-verify-server-cert",
     ]);
     assert_eq!(run(cli).await.result(), RESULT);
     relays
