@@ -1,10 +1,13 @@
 //! End-to-end tests with real parts: private `mariadbd` servers, the `mariadb` and `mysqldump`
-//! clients, a Rust MySQL driver, and the relay and agent in-process or as real processes.
+//! clients, a Rust MySQL driver, the Java, Go, Node and Python drivers whose settings README.md
+//! documents, and the relay and agent in-process or as real processes.
 
 mod basic;
 mod certs;
 mod config;
+mod demo;
 mod drain;
+mod drivers;
 mod faults;
 mod fleet;
 mod mysql_e2e;

@@ -301,59 +301,6 @@ async fn rust_driver_with_a_client_identity_reads_what_a_direct_connection_reads
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_pymysql_connects_with_an_ssl_context() {
-    let available = Command::new("python3")
-        .args(["-c", "import pymysql"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    // In CI (which installs it) a missing driver is a failure, not a silent pass.
-    assert!(
-        available || std::env::var_os("CI").is_none(),
-        "PyMySQL is not installed, and CI must run this test (python3 -m pip install pymysql)"
-    );
-    if !available {
-        eprintln!(
-            "SKIPPED python_pymysql_connects_with_an_ssl_context: PyMySQL is not installed \
-             (python3 -m pip install pymysql; .ci/run installs it)"
-        );
-        return;
-    }
-    let s = setup(MariaDb::start().await, "", "5s").await;
-    let (cert, key) = s.pki.files("client-alice");
-    let script = r#"
-import ssl, sys, pymysql
-port, ca, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-ctx = ssl.create_default_context(cafile=ca)
-ctx.check_hostname = True
-ctx.load_cert_chain(cert, key)
-conn = pymysql.connect(host="127.0.0.1", port=port, user="root", password="", ssl=ctx)
-with conn.cursor() as c:
-    c.execute("SELECT 6 * 7, CURRENT_USER()")
-    answer, user = c.fetchone()
-    c.execute("SELECT %s", ("parameters pass",))
-    (param,) = c.fetchone()
-print(answer, user, param, conn._sock.version(), sep="|")
-conn.close()
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(s.port().to_string())
-        .arg(s.pki.ca())
-        .arg(cert)
-        .arg(key)
-        .output()
-        .unwrap();
-    let out = ok(&out);
-    let fields: Vec<&str> = out.trim().split('|').collect();
-    assert_eq!(fields[0], "42", "{out}");
-    assert!(fields[1].starts_with("root@"), "{out}");
-    assert_eq!(fields[2], "parameters pass", "{out}");
-    assert!(fields[3].starts_with("TLSv1."), "{out}");
-    s.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_password_and_ed25519_users_log_in_through_the_relay() {
     let s = setup(MariaDb::start().await, "", "5s").await;
     s.db.sql(
