@@ -21,10 +21,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use postern_common::config::{
-    self, Check, ConfigErrors, Entries, HumanDuration, RelayUrl, Scheme, Spanned, TlsFiles,
+    self, Check, ConfigErrors, Entries, HumanDuration, Spanned, TlsFiles,
 };
 use postern_common::pki::{self, Identity};
 use postern_common::tls::Material;
+use postern_common::transport::addr::{RelayUrl, Scheme};
 use serde::Deserialize;
 
 /// Default interval between QUIC re-probes while on WebSocket.
@@ -365,7 +366,7 @@ fn relays(
                     key,
                     format!("{u} is not a {} url", key.trim_start_matches("relay.")),
                 ),
-                Err(e) => check.at(&url, key, e),
+                Err(e) => check.at(&url, key, e.to_string()),
             }
         }
         if target.quic.is_some() || target.websocket.is_some() {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_common::protocol::{Answer, Code, Open};
-use postern_common::transport::{Session, quic};
+use postern_common::transport::Session;
 use postern_common::{mysql, net, splice, wire};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -177,14 +177,11 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
     match tokio::time::timeout(ANSWER_TIMEOUT, probe).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            let why = tokio::time::timeout(Duration::from_secs(1), session.closed())
-                .await
-                .unwrap_or(e);
-            anyhow::bail!(
-                "relay {} refused the session: {}",
-                opts.relay,
-                quic::humanize(&why)
-            );
+            let why = match tokio::time::timeout(Duration::from_secs(1), session.closed()).await {
+                Ok(why) => why.to_string(),
+                Err(_) => e,
+            };
+            anyhow::bail!("relay {} refused the session: {why}", opts.relay);
         }
         Err(_) => anyhow::bail!("relay {} did not answer", opts.relay),
     }

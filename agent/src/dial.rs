@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_common::config::RelayUrl;
 use postern_common::tls::Material;
+use postern_common::transport::addr::RelayUrl;
 use postern_common::transport::proxy::{self, Proxy};
-use postern_common::transport::{Session, TransportError, TransportKind, quic, ws};
+use postern_common::transport::{Liveness, Session, TransportError, TransportKind, quic, ws};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -23,8 +23,6 @@ use crate::config::{RelayTarget, TransportChoice, WebsocketSettings};
 pub const RACE_DELAY: Duration = Duration::from_millis(250);
 /// Bound on one QUIC connection attempt (a blocked UDP path never answers).
 pub const QUIC_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle timeout of a QUIC session before the relay's heartbeat interval is known.
-const QUIC_IDLE: Duration = Duration::from_secs(30);
 
 /// Everything needed to reach relays.
 #[derive(Debug, Clone)]
@@ -35,6 +33,9 @@ pub struct Dialer {
     websocket: Arc<WebsocketSettings>,
     /// CAs for the outer TLS of `wss://`: the system's, the configured bundle, and ours.
     outer_roots: Arc<RootCertStore>,
+    /// How sessions notice a dead relay; `None`: the agent's defaults for each transport
+    /// ([`Liveness::AGENT`] on QUIC, `websocket.ping_interval` on WebSocket).
+    liveness: Option<Liveness>,
 }
 
 impl Dialer {
@@ -70,7 +71,15 @@ impl Dialer {
             transport,
             websocket: Arc::new(websocket),
             outer_roots: Arc::new(roots),
+            liveness: None,
         })
+    }
+
+    /// Sessions dialled from now on notice a dead relay as `liveness` says, on both transports
+    /// (`connect` uses [`Liveness::CONNECT`]: it has no heartbeat of its own).
+    pub fn with_liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = Some(liveness);
+        self
     }
 
     /// Reaches `target` with the configured transport choice.
@@ -159,9 +168,11 @@ impl Dialer {
             let mut last = format!("{} resolved to no address", url.host);
             let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
             for addr in addrs {
+                let liveness = self.liveness.unwrap_or(Liveness::AGENT);
                 let endpoint =
-                    quic::client(addr, &self.material, QUIC_IDLE).map_err(|e| e.to_string())?;
-                match quic::connect(&endpoint, addr, &name)
+                    quic::client(addr, &self.material, liveness).map_err(|e| e.to_string())?;
+                match endpoint
+                    .connect(addr, &name)
                     .instrument(info_span!("dial", %addr))
                     .await
                 {
@@ -188,7 +199,7 @@ impl Dialer {
         let opts = self.ws_options(url, headers)?;
         ws::connect(&opts, &self.material)
             .await
-            .map_err(|e| quic::humanize(&e.to_string()))
+            .map_err(|e| e.to_string())
     }
 
     /// One WebSocket attempt pinned to instance `index` of the Cloud Foundry app `app_guid`
@@ -207,7 +218,7 @@ impl Dialer {
         match ws::connect(&opts, &self.material).await {
             Ok(s) => Ok(s),
             Err(TransportError::Rejected { status: 400, .. }) => Err(Pinned::Gone),
-            Err(e) => Err(Pinned::Failed(quic::humanize(&e.to_string()))),
+            Err(e) => Err(Pinned::Failed(e.to_string())),
         }
     }
 
@@ -223,7 +234,10 @@ impl Dialer {
         opts.headers = headers.to_vec();
         opts.outer_roots = Some(self.outer_roots.clone());
         if let Some(i) = self.websocket.ping_interval {
-            opts.ping_interval = i;
+            opts.liveness = Liveness::pings(i);
+        }
+        if let Some(l) = self.liveness {
+            opts.liveness = l;
         }
         opts.proxy = match self.websocket.proxy.as_deref() {
             Some("none") | Some("") => None,

@@ -7,8 +7,9 @@ use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
 use postern_agent::connect::{Connect, Options};
 use postern_agent::dial::Dialer;
 use postern_agent::{Agent, Config};
-use postern_common::config::{EXIT_CONFIG, RelayUrl, Scheme};
+use postern_common::config::EXIT_CONFIG;
 use postern_common::tls::Material;
+use postern_common::transport::addr::{RelayUrl, Scheme};
 use tokio_util::sync::CancellationToken;
 
 /// Where `connect` listens by default (the port `cf tunnel` users know).

@@ -21,7 +21,7 @@ use crate::config::{Config, RelayTarget};
 use crate::dial::{Dialer, Pinned};
 use crate::forward;
 use crate::policy::SessionPolicy;
-use postern_common::config::RelayUrl;
+use postern_common::transport::addr::RelayUrl;
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -430,7 +430,7 @@ async fn once(
     };
     let end = tokio::select! {
         end = &mut keepalive => end.unwrap_or(ControlEnd::Shutdown),
-        why = session.closed() => ControlEnd::Broken(why),
+        why = session.closed() => ControlEnd::Broken(why.to_string()),
         next = probe => {
             info!(transport = %next.session.kind(), "quic works again: new streams move to it; the websocket session drains");
             // The old session keeps its heartbeats until its streams are done, then closes.
@@ -505,13 +505,9 @@ async fn handshake(
         Ok(other) => Err(format!("unexpected answer to hello: {other:?}")),
         Err(e) => {
             // A refused identity shows as a closed connection; say why if the relay said.
-            let why = tokio::time::timeout(Duration::from_secs(1), session.closed())
-                .await
-                .unwrap_or_default();
-            if why.is_empty() {
-                Err(format!("relay answer: {e}"))
-            } else {
-                Err(format!("relay: {why}"))
+            match tokio::time::timeout(Duration::from_secs(1), session.closed()).await {
+                Ok(why) => Err(format!("relay: {why}")),
+                Err(_) => Err(format!("relay answer: {e}")),
             }
         }
     }

@@ -319,6 +319,35 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
     Err(PkiError::NoIdentity)
 }
 
+/// The name of the CA that issued a DER certificate: its common name, or else the whole
+/// distinguished name. `None` if the certificate does not parse.
+pub fn issuer_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(display_name(x509.issuer()))
+}
+
+/// The name in a DER distinguished name (a SEQUENCE, as TLS carries CA names): its common name,
+/// or else the whole name.
+pub fn name_of(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, name) = x509_parser::x509::X509Name::from_der(der).ok()?;
+    Some(display_name(&name))
+}
+
+fn display_name(name: &x509_parser::x509::X509Name<'_>) -> String {
+    name.iter_common_name()
+        .find_map(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// A name for a new CA: `Postern CA` and eight random hex digits, so that two CAs never share a
+/// name. A verifier finds a certificate's CA by name; when two CAs share one, a certificate
+/// from the other fails on its signature ("decrypt error") instead of as an unknown CA.
+pub fn new_ca_name() -> String {
+    format!("Postern CA {:08x}", rand::random::<u32>())
+}
+
 /// Parses `postern://agent/NAME` or `postern://client/NAME`.
 pub fn parse_identity(uri: &str) -> Option<Identity> {
     let rest = uri.strip_prefix("postern://")?;

@@ -73,7 +73,7 @@ impl Shared {
 /// A relay with its sockets bound, ready to [`run`](Self::run).
 pub struct Relay {
     shared: Arc<Shared>,
-    endpoint: quinn::Endpoint,
+    endpoint: quic::Server,
     listeners: Vec<Listener>,
     http: Option<TcpListener>,
     acceptor: TlsAcceptor,
@@ -192,6 +192,7 @@ impl Relay {
     /// The UDP address agents and `connect` clients dial.
     pub fn quic_addr(&self) -> SocketAddr {
         self.endpoint
+            .endpoint()
             .local_addr()
             .unwrap_or(self.shared.config.quic_listen)
     }
@@ -254,7 +255,7 @@ impl Relay {
                 }
             });
         }
-        info!(quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), instance = %shared.config.instance, "relay listening");
+        info!(quic = %endpoint.endpoint().local_addr().map(|a| a.to_string()).unwrap_or_default(), instance = %shared.config.instance, "relay listening");
         for Listener {
             service,
             kind,
@@ -277,15 +278,16 @@ impl Relay {
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                i = endpoint.accept() => i,
+                i = endpoint.endpoint().accept() => i,
             };
             let Some(incoming) = incoming else { break };
             let shared2 = shared.clone();
+            let server = endpoint.clone();
             shared.tracker.spawn(async move {
                 let remote = incoming.remote_address();
                 let session = match tokio::time::timeout(
                     shared2.config.handshake_timeout,
-                    quic::accept(incoming),
+                    server.accept(incoming),
                 )
                 .await
                 {
@@ -311,6 +313,7 @@ impl Relay {
         {
             warn!("shutdown grace period over: closing remaining connections");
         }
+        let endpoint = endpoint.endpoint();
         endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
         // Let the close frames go out.
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
