@@ -1028,3 +1028,173 @@ fn pem_err(path: impl AsRef<Path>, source: rustls_pki_types::pem::Error) -> TlsE
         source,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, Kind, LeafSpec};
+    use time::{Duration, OffsetDateTime};
+    use tokio::io::AsyncReadExt;
+
+    fn issue(ca: &Ca, roots_from: &Ca, spec: &LeafSpec) -> Material {
+        let issued = ca.issue(spec).unwrap();
+        Material::from_pem(&roots_from.cert_pem, &issued.cert_pem, &issued.key_pem).unwrap()
+    }
+
+    fn relay(ca: &Ca) -> Material {
+        let mut spec = LeafSpec::new(Kind::Server, "relay", 1);
+        spec.dns.push("localhost".into());
+        issue(ca, ca, &spec)
+    }
+
+    /// One handshake between a client-facing listener shared by all connections and a client:
+    /// the listener's error and the client's.
+    async fn handshake(acceptor: &TlsAcceptor, client: &Material) -> (io::Error, io::Error) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(listener_client(client).unwrap()));
+        let server = async {
+            match accept(acceptor, a).await {
+                Ok(_) => panic!("the listener accepted the certificate"),
+                Err(e) => e,
+            }
+        };
+        let client = async {
+            // TLS 1.3 lets the client finish first; the refusal then arrives on its first read.
+            let mut s = connector
+                .connect(server_name("localhost").unwrap(), b)
+                .await?;
+            let mut x = [0u8; 1];
+            s.read_exact(&mut x).await.map(|_| ())
+        };
+        let (server, client) = tokio::join!(server, client);
+        (server, client.expect_err("the client got through"))
+    }
+
+    fn acceptor(m: &Material) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::new(listener_server(m).unwrap()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_certificate_from_another_ca_is_an_unknown_ca_naming_both() {
+        let (ours, _) = Ca::generate("Postern CA 0000aaaa", 1).unwrap();
+        let acceptor = acceptor(&relay(&ours));
+        let foreign: Vec<(String, Material)> = ["Postern CA 1111bbbb", "Postern CA 2222cccc"]
+            .iter()
+            .map(|name| {
+                let (ca, _) = Ca::generate(name, 1).unwrap();
+                let m = issue(&ca, &ours, &LeafSpec::new(Kind::Client, "alice", 1));
+                (name.to_string(), m)
+            })
+            .collect();
+        // Many at once on a shared acceptor: each refusal names its own issuer.
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let (name, m) = foreign[i % 2].clone();
+            let acceptor = acceptor.clone();
+            tasks.push(tokio::spawn(async move {
+                let (server, client) = handshake(&acceptor, &m).await;
+                (name, server, client)
+            }));
+        }
+        for t in tasks {
+            let (name, server, client) = t.await.unwrap();
+            assert_eq!(
+                describe_handshake_error(&server),
+                format!(
+                    "certificate signed by an unknown CA (unknown issuer {name:?}; trusted: \"Postern CA 0000aaaa\")"
+                )
+            );
+            // The client sees the alert `unknown_ca`, not a failed signature.
+            let f = TlsFailure::from_io(&client).unwrap();
+            assert_eq!(
+                (f.by, &f.cause),
+                (
+                    RefusedBy::Peer,
+                    &TlsCause::UnknownCa {
+                        issuer: None,
+                        trusted: Vec::new(),
+                    }
+                )
+            );
+            assert_eq!(
+                f.to_string(),
+                "the peer does not trust the CA that issued our certificate (unknown CA)"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn cas_of_the_same_name_fail_on_the_signature_and_say_so() {
+        // What every `certs init` before distinct names made.
+        let (ours, _) = Ca::generate("Postern CA", 1).unwrap();
+        let (theirs, _) = Ca::generate("Postern CA", 1).unwrap();
+        let alice = issue(&theirs, &ours, &LeafSpec::new(Kind::Client, "alice", 1));
+        let (server, client) = handshake(&acceptor(&relay(&ours)), &alice).await;
+        assert_eq!(
+            describe_handshake_error(&server),
+            "certificate signature does not verify (signed by another CA also named \"Postern CA\"?)"
+        );
+        let f = TlsFailure::from_io(&client).unwrap();
+        assert_eq!(f.cause, TlsCause::BadSignature { issuer: None });
+        assert!(f.to_string().contains("same name"), "{f}");
+    }
+
+    #[tokio::test]
+    async fn expired_and_not_yet_valid_certificates_say_so() {
+        let (ca, _) = Ca::generate("Postern CA 0000aaaa", 1).unwrap();
+        let acceptor = acceptor(&relay(&ca));
+        let now = OffsetDateTime::now_utc();
+        for (from, to, words) in [
+            (
+                now - Duration::days(3),
+                now - Duration::days(1),
+                "certificate has expired",
+            ),
+            (
+                now + Duration::days(1),
+                now + Duration::days(3),
+                "certificate is not valid yet",
+            ),
+        ] {
+            let mut spec = LeafSpec::new(Kind::Client, "alice", 1);
+            spec.not_before = from;
+            spec.not_after = to;
+            let (server, client) = handshake(&acceptor, &issue(&ca, &ca, &spec)).await;
+            assert_eq!(describe_handshake_error(&server), words);
+            assert_eq!(
+                TlsFailure::from_io(&client).unwrap().to_string(),
+                "the peer refused our certificate: expired or not valid yet"
+            );
+        }
+    }
+
+    #[test]
+    fn alerts_and_quic_codes_read_as_their_failures() {
+        use rustls::AlertDescription as A;
+        assert_eq!(alert_name(A::UnknownCA), "unknown_ca");
+        assert_eq!(alert_name(A::BadCertificate), "bad_certificate");
+        assert_eq!(alert_name(A::DecryptError), "decrypt_error");
+        let f = TlsFailure::from_quic_code(0x100 + 48, RefusedBy::Peer).unwrap();
+        assert!(matches!(f.cause, TlsCause::UnknownCa { .. }));
+        assert_eq!(
+            f.clone().with_our_issuer(Some("Postern CA 1")).to_string(),
+            "the peer does not trust the CA that issued our certificate (unknown CA: ours is \"Postern CA 1\")"
+        );
+        assert_eq!(TlsFailure::from_quic_code(0x30, RefusedBy::Peer), None);
+        assert_eq!(TlsFailure::from_quic_code(0x300, RefusedBy::Peer), None);
+        let f = TlsFailure::from_alert(A::BadCertificate, RefusedBy::Peer);
+        assert_eq!(
+            f.to_string(),
+            "the peer refused the tls handshake (bad_certificate)"
+        );
+        // The same failure, reported by rustls, keeps rustls' error as its source.
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked);
+        let f = TlsFailure::from_rustls(&e);
+        assert_eq!(f.to_string(), "certificate has been revoked");
+        assert_eq!(f.rustls_error(), Some(&e));
+        assert!(std::error::Error::source(&f).is_some());
+        assert_eq!(bare_name("DnsName(\"db.example\")"), "db.example");
+        assert_eq!(bare_name("IpAddress(10.0.0.1)"), "10.0.0.1");
+    }
+}
