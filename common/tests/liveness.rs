@@ -146,6 +146,21 @@ fn killable_relay(
     (socket, rx)
 }
 
+/// Starts a relay endpoint on `addr` once the killed socket has let go of it (the old endpoint's
+/// driver may still hold it for a moment).
+async fn restart_on(addr: SocketAddr, material: &postern_common::tls::Material) -> quic::Server {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match quic::server(addr, material, Duration::from_secs(30)) {
+            Ok(s) => return s,
+            Err(quic::EndpointError::Bind(..)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("restart on {addr}: {e}"),
+        }
+    }
+}
+
 /// Waits for `session` to end, returning why and how long it took from `since`.
 async fn ends(session: &Session, since: Instant) -> (CloseReason, Duration) {
     let why = within(session.closed()).await;
@@ -170,7 +185,7 @@ async fn a_relay_restarted_on_the_same_address_resets_old_sessions_at_once() {
     // The relay dies without a word, and a new one starts on the same address and key.
     socket.kill();
     drop(relay_side);
-    let restarted = quic::server(addr, &p.relay, Duration::from_secs(30)).unwrap();
+    let restarted = restart_on(addr, &p.relay).await;
 
     // The old session's next packet reaches the new relay, which resets it.
     let started = Instant::now();
@@ -200,7 +215,7 @@ async fn a_relay_with_another_key_cannot_reset_them() {
 
     socket.kill();
     let stranger = pki();
-    let _restarted = quic::server(addr, &stranger.relay, Duration::from_secs(30)).unwrap();
+    let _restarted = restart_on(addr, &stranger.relay).await;
     s.write_all(b"after").await.unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
     assert!(ended.is_err(), "ended: {:?}", ended.ok());
