@@ -148,7 +148,7 @@ fn killable_relay(
 
 /// Starts a relay endpoint on `addr` once the killed socket has let go of it (the old endpoint's
 /// driver may still hold it for a moment).
-async fn restart_on(addr: SocketAddr, material: &postern_common::tls::Material) -> quic::Server {
+async fn restart_on(addr: SocketAddr, material: &tls::Material) -> quic::Server {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match quic::server(addr, material, Duration::from_secs(30)) {
