@@ -21,11 +21,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use postern_common::config::{
-    self, Check, ConfigErrors, Entries, Env, HumanDuration, ProcessEnv, RelayUrl, Scheme, Spanned,
-    TlsFiles,
+    self, Check, ConfigErrors, Entries, Env, HumanDuration, ProcessEnv, Spanned, TlsFiles,
 };
 use postern_common::pki::{self, Identity};
 use postern_common::tls::Material;
+use postern_common::transport::addr::{RelayUrl, Scheme};
 use postern_common::transport::proxy::{self, Proxy, ProxyError};
 use serde::Deserialize;
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_common::protocol::{Answer, Code, Open};
-use postern_common::transport::{Session, quic};
+use postern_common::transport::{Liveness, Session};
 use postern_common::{mysql, net, splice, wire};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -57,7 +57,10 @@ pub struct Connect {
 
 impl Connect {
     /// Dials the relay, then binds the local port.
-    pub async fn bind(opts: Options) -> anyhow::Result<Self> {
+    pub async fn bind(mut opts: Options) -> anyhow::Result<Self> {
+        // `connect` has no heartbeat of its own: its sessions notice a dead relay within about
+        // three seconds through the transport's keep-alives.
+        opts.dialer = opts.dialer.with_liveness(Liveness::CONNECT);
         let session = dial(&opts).await?;
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             anyhow::anyhow!(
@@ -253,14 +256,11 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
     match tokio::time::timeout(ANSWER_TIMEOUT, probe).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            let why = tokio::time::timeout(Duration::from_secs(1), session.closed())
-                .await
-                .unwrap_or(e);
-            anyhow::bail!(
-                "relay {} refused the session: {}",
-                opts.relay,
-                quic::humanize(&why)
-            );
+            let why = match tokio::time::timeout(Duration::from_secs(1), session.closed()).await {
+                Ok(why) => why.to_string(),
+                Err(_) => e,
+            };
+            anyhow::bail!("relay {} refused the session: {why}", opts.relay);
         }
         Err(_) => anyhow::bail!("relay {} did not answer", opts.relay),
     }

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_common::config::RelayUrl;
 use postern_common::tls::Material;
+use postern_common::transport::addr::RelayUrl;
 use postern_common::transport::proxy::ProxyError;
-use postern_common::transport::{Session, TransportError, TransportKind, quic, ws};
+use postern_common::transport::{Liveness, Session, TransportError, TransportKind, quic, ws};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -23,8 +23,6 @@ use crate::config::{RelayTarget, TransportChoice, WebsocketSettings};
 pub const RACE_DELAY: Duration = Duration::from_millis(250);
 /// Bound on one QUIC connection attempt (a blocked UDP path never answers).
 pub const QUIC_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle timeout of a QUIC session before the relay's heartbeat interval is known.
-const QUIC_IDLE: Duration = Duration::from_secs(30);
 
 /// Why a relay could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +42,7 @@ pub enum DialError {
     #[error(transparent)]
     Endpoint(#[from] quic::EndpointError),
     /// The transport failed (TLS refused, connection refused, upgrade refused, ...).
-    #[error("{}", quic::humanize(&.0.to_string()))]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     /// Nothing came back over UDP in time (a blocked UDP path never answers).
     #[error("{url}: no answer over udp within {timeout:?}")]
@@ -87,6 +85,9 @@ pub struct Dialer {
     websocket: Arc<WebsocketSettings>,
     /// CAs for the outer TLS of `wss://`: the system's, the configured bundle, and ours.
     outer_roots: Arc<RootCertStore>,
+    /// How sessions notice a dead relay; `None`: the agent's defaults for each transport
+    /// ([`Liveness::AGENT`] on QUIC, `websocket.ping_interval` on WebSocket).
+    liveness: Option<Liveness>,
 }
 
 impl Dialer {
@@ -143,7 +144,15 @@ impl Dialer {
             transport,
             websocket: Arc::new(websocket),
             outer_roots: Arc::new(roots),
+            liveness: None,
         })
+    }
+
+    /// Sessions dialled from now on notice a dead relay as `liveness` says, on both transports
+    /// (`connect` uses [`Liveness::CONNECT`]: it has no heartbeat of its own).
+    pub fn with_liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = Some(liveness);
+        self
     }
 
     /// Reaches `target` with the configured transport choice.
@@ -234,8 +243,10 @@ impl Dialer {
             let mut last = DialError::NoAddress(url.host.clone());
             let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
             for addr in addrs {
-                let endpoint = quic::client(addr, &self.material, QUIC_IDLE)?;
-                match quic::connect(&endpoint, addr, &name)
+                let liveness = self.liveness.unwrap_or(Liveness::AGENT);
+                let endpoint = quic::client(addr, &self.material, liveness)?;
+                match endpoint
+                    .connect(addr, &name)
                     .instrument(info_span!("dial", %addr))
                     .await
                 {
@@ -300,7 +311,10 @@ impl Dialer {
         opts.headers = headers.to_vec();
         opts.outer_roots = Some(self.outer_roots.clone());
         if let Some(i) = self.websocket.ping_interval {
-            opts.ping_interval = i;
+            opts.liveness = Liveness::pings(i);
+        }
+        if let Some(l) = self.liveness {
+            opts.liveness = l;
         }
         opts.proxy = self.websocket.proxy.for_url(url)?;
         if let Some(p) = &opts.proxy {

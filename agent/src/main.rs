@@ -7,9 +7,10 @@ use postern_agent::config::{ProxySetting, RelayTarget, TransportChoice, Websocke
 use postern_agent::connect::{Connect, Options};
 use postern_agent::dial::Dialer;
 use postern_agent::{Agent, Config, exec, notify};
-use postern_common::config::{EXIT_CONFIG, ProcessEnv, RelayUrl, Scheme};
+use postern_common::config::{EXIT_CONFIG, ProcessEnv};
 use postern_common::shutdown;
 use postern_common::tls::Material;
+use postern_common::transport::addr::{RelayUrl, Scheme};
 use tokio_util::sync::CancellationToken;
 
 /// Where `connect` listens by default (the port `cf tunnel` users know).

@@ -15,10 +15,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_common::config::RelayUrl;
 use postern_common::control::{self, ControlEnd};
 use postern_common::protocol::{self, Code, Control, FEATURE_DRAIN, FEATURE_MYSQL_E2E, Rejected};
-use postern_common::transport::{Session, Stream, TransportError, TransportKind};
+use postern_common::transport::addr::RelayUrl;
+use postern_common::transport::{CloseReason, Session, Stream, TransportError, TransportKind};
 use postern_common::wire::{self, WireError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -65,7 +65,7 @@ pub enum SessionError {
     Unexpected(&'static str),
     /// The relay closed the session instead of answering (a refused certificate shows so).
     #[error("relay: {0}")]
-    Closed(String),
+    Closed(CloseReason),
     /// The answer could not be read.
     #[error("relay answer: {0}")]
     Answer(#[source] WireError),
@@ -152,14 +152,12 @@ pub(crate) async fn handshake(
         Ok(_) => return Err(SessionError::Unexpected("not a welcome")),
         Err(e) => {
             // A refused identity shows as a closed connection; say why if the relay said.
-            let why = tokio::time::timeout(Duration::from_secs(1), session.closed())
-                .await
-                .unwrap_or_default();
-            return Err(if why.is_empty() {
-                SessionError::Answer(e)
-            } else {
-                SessionError::Closed(why)
-            });
+            return Err(
+                match tokio::time::timeout(Duration::from_secs(1), session.closed()).await {
+                    Ok(why) => SessionError::Closed(why),
+                    Err(_) => SessionError::Answer(e),
+                },
+            );
         }
     };
     Ok(Ready {
@@ -253,7 +251,7 @@ pub(crate) async fn serve(
         why = session.closed() => {
             linger.streams.abort();
             linger.stop.cancel();
-            Outcome::Ended(ControlEnd::Broken(why))
+            Outcome::Ended(ControlEnd::Broken(why.to_string()))
         }
         next = probe => {
             info!(transport = %next.session.kind(), "quic works again: new streams move to it; the websocket session finishes its streams");

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use postern_common::config::RelayUrl;
 use postern_common::transport::Session;
+use postern_common::transport::addr::RelayUrl;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};

@@ -5,7 +5,7 @@
 //! routes new streams to it and lets the WebSocket session finish the streams it carries
 //! ([`crate::session`] then closes it), so no client connection is cut by the move.
 
-use postern_common::config::RelayUrl;
+use postern_common::transport::addr::RelayUrl;
 use tracing::debug;
 
 use crate::session::{self, Ready};

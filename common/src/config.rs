@@ -1,12 +1,11 @@
 //! Config plumbing shared by the agent and the relay: strict YAML loading with errors that name
-//! the file, line and key; human durations; the TLS file triple; relay addresses.
+//! the file, line and key; human durations; the TLS file triple.
 //!
 //! Each binary's config is two types: the YAML shape (`deny_unknown_fields`, `Spanned` where a
 //! later check must point at a line) and the validated runtime type built from it. Validation
 //! collects every problem before failing, so one run of `check-config` lists them all.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -452,129 +451,6 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// How a relay is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayUrl {
-    /// The transport.
-    pub scheme: Scheme,
-    /// Host name or address literal (without brackets).
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// Path (WebSocket only).
-    pub path: String,
-}
-
-/// The scheme of a [`RelayUrl`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    /// `quic://host:port`
-    Quic,
-    /// `wss://host[:port][/path]`
-    Wss,
-    /// `ws://host[:port][/path]` (behind a TLS-terminating router)
-    Ws,
-}
-
-impl FromStr for RelayUrl {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| format!("invalid relay url {s:?}: expected quic://host:port"))?;
-        let scheme = match scheme {
-            "quic" => Scheme::Quic,
-            "wss" => Scheme::Wss,
-            "ws" => Scheme::Ws,
-            other => {
-                return Err(format!(
-                    "invalid relay url {s:?}: unknown scheme {other:?} (use quic, wss or ws)"
-                ));
-            }
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].to_owned()),
-            None => (rest, String::new()),
-        };
-        let (host, port) = split_host_port(authority)
-            .ok_or_else(|| format!("invalid relay url {s:?}: bad host or port"))?;
-        let port = match (port, scheme) {
-            (Some(p), _) => p,
-            (None, Scheme::Wss) => 443,
-            (None, Scheme::Ws) => 80,
-            (None, Scheme::Quic) => {
-                return Err(format!("invalid relay url {s:?}: quic needs a port"));
-            }
-        };
-        let path = if path.is_empty() && scheme != Scheme::Quic {
-            "/v1/tunnel".to_owned()
-        } else {
-            path
-        };
-        Ok(Self {
-            scheme,
-            host,
-            port,
-            path,
-        })
-    }
-}
-
-impl fmt::Display for RelayUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.scheme {
-            Scheme::Quic => "quic",
-            Scheme::Wss => "wss",
-            Scheme::Ws => "ws",
-        };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}{}", self.host, self.port, self.path)
-        } else {
-            write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.path)
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for RelayUrl {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl RelayUrl {
-    /// Resolves the host to socket addresses.
-    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
-        if let Ok(ip) = self.host.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, self.port)]);
-        }
-        Ok(tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await?
-            .collect())
-    }
-}
-
-fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
-    if let Some(rest) = s.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p.parse().ok()?),
-            None if after.is_empty() => None,
-            None => return None,
-        };
-        return Some((host.to_owned(), port));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => Some((h.to_owned(), Some(p.parse().ok()?))),
-        Some(_) => None,
-        None if s.is_empty() => None,
-        None => Some((s.to_owned(), None)),
-    }
-    .filter(|(h, _)| !h.is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,22 +570,5 @@ mod tests {
         assert_eq!(expand_env("0.0.0.0:${PORT}", &env).unwrap(), "0.0.0.0:8080");
         assert_eq!(expand_env("plain", &env).unwrap(), "plain");
         assert_eq!(expand_env("${NOPE}:1", &env).unwrap_err(), "NOPE");
-    }
-
-    #[test]
-    fn relay_urls_parse() {
-        let u: RelayUrl = "quic://relay.example.com:7443".parse().unwrap();
-        assert_eq!(
-            (u.scheme, u.host.as_str(), u.port),
-            (Scheme::Quic, "relay.example.com", 7443)
-        );
-        let u: RelayUrl = "wss://r.example.com".parse().unwrap();
-        assert_eq!((u.port, u.path.as_str()), (443, "/v1/tunnel"));
-        let u: RelayUrl = "quic://[::1]:9".parse().unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("::1", 9));
-        assert_eq!(u.to_string(), "quic://[::1]:9");
-        assert!("quic://host".parse::<RelayUrl>().is_err());
-        assert!("http://host:1".parse::<RelayUrl>().is_err());
-        assert!("quic://:1".parse::<RelayUrl>().is_err());
     }
 }

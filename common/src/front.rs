@@ -205,8 +205,11 @@ pub async fn serve_tls<C: Conn, B: Conn, S: Send>(
         buf: ahead,
         ..
     } = client;
-    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(Rewind::new(ahead, raw)))
-        .await
+    let tls = match tokio::time::timeout_at(
+        deadline,
+        tls::accept(acceptor, Rewind::new(ahead, raw)),
+    )
+    .await
     {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {

@@ -98,9 +98,18 @@ pub enum PkiError {
     /// A file exists and overwriting was not asked for.
     #[error("{0} already exists (use --force to overwrite)")]
     Exists(PathBuf),
-    /// The certificate could not be parsed.
-    #[error("cannot parse certificate: {0}")]
-    Parse(String),
+    /// A certificate or revocation list could not be parsed.
+    #[error("cannot parse {what}: {source}")]
+    Parse {
+        /// What was being parsed.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: x509_parser::error::X509Error,
+    },
+    /// A revocation list is not valid PEM.
+    #[error("cannot read revocation list: {0}")]
+    Pem(#[source] rustls_pki_types::pem::Error),
     /// The certificate carries no Postern identity.
     #[error(
         "certificate has no postern identity (a URI SAN postern://agent/NAME or postern://client/NAME)"
@@ -248,9 +257,9 @@ impl Ca {
         if let Some(pem) = previous {
             let der =
                 rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
-                    .map_err(|e| PkiError::Parse(format!("revocation list: {e}")))?;
-            let (_, crl) = x509_parser::parse_x509_crl(&der)
-                .map_err(|e| PkiError::Parse(format!("revocation list: {e}")))?;
+                    .map_err(PkiError::Pem)?;
+            let (_, crl) =
+                x509_parser::parse_x509_crl(&der).map_err(|e| parse_error("revocation list", e))?;
             number = crl
                 .crl_number()
                 .map(|n| {
@@ -297,17 +306,20 @@ fn revoked_entry(serial: &[u8], when: OffsetDateTime) -> rcgen::RevokedCertParam
 /// The serial number of a DER certificate (to revoke it).
 pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, PkiError> {
     let (_, x509) =
-        x509_parser::parse_x509_certificate(cert).map_err(|e| PkiError::Parse(e.to_string()))?;
+        x509_parser::parse_x509_certificate(cert).map_err(|e| parse_error("certificate", e))?;
     Ok(x509.raw_serial().to_vec())
 }
 
 /// Reads the Postern identity from a DER certificate.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
     let (_, x509) =
-        x509_parser::parse_x509_certificate(cert).map_err(|e| PkiError::Parse(e.to_string()))?;
+        x509_parser::parse_x509_certificate(cert).map_err(|e| parse_error("certificate", e))?;
     let san = x509
         .subject_alternative_name()
-        .map_err(|e| PkiError::Parse(e.to_string()))?
+        .map_err(|e| PkiError::Parse {
+            what: "certificate names",
+            source: e,
+        })?
         .ok_or(PkiError::NoIdentity)?;
     for name in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::URI(uri) = name
@@ -317,6 +329,45 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
         }
     }
     Err(PkiError::NoIdentity)
+}
+
+/// The name of the CA that issued a DER certificate: its common name, or else the whole
+/// distinguished name. `None` if the certificate does not parse.
+pub fn issuer_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(display_name(x509.issuer()))
+}
+
+/// The name in a DER distinguished name (a SEQUENCE, as TLS carries CA names): its common name,
+/// or else the whole name.
+pub fn name_of(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, name) = x509_parser::x509::X509Name::from_der(der).ok()?;
+    Some(display_name(&name))
+}
+
+fn display_name(name: &x509_parser::x509::X509Name<'_>) -> String {
+    name.iter_common_name()
+        .find_map(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// A name for a new CA: `Postern CA` and eight random hex digits, so that two CAs never share a
+/// name. A verifier finds a certificate's CA by name; when two CAs share one, a certificate
+/// from the other fails on its signature ("decrypt error") instead of as an unknown CA.
+pub fn new_ca_name() -> String {
+    format!("Postern CA {:08x}", rand::random::<u32>())
+}
+
+fn parse_error(
+    what: &'static str,
+    e: x509_parser::nom::Err<x509_parser::error::X509Error>,
+) -> PkiError {
+    PkiError::Parse {
+        what,
+        source: e.into(),
+    }
 }
 
 /// Parses `postern://agent/NAME` or `postern://client/NAME`.

@@ -1,4 +1,4 @@
-//! Async reading and writing of [`protocol`](crate::protocol) frames.
+//! Async reading and writing of [`crate::protocol`] frames.
 //!
 //! Reads are exact (a 4-byte prefix, then exactly the body), so no byte that follows a frame is
 //! ever consumed here: after the [`Answer`](crate::protocol::Answer) of a data stream, the raw

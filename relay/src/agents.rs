@@ -185,16 +185,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     );
     let end = tokio::select! {
         end = keepalive => end,
-        why = session.closed() => ControlEnd::Broken(why),
+        why = session.closed() => ControlEnd::Broken(why.to_string()),
     };
     extra.abort();
     for task in [policies, drain].into_iter().flatten() {
         task.abort();
     }
     shared.registry.remove(&name, generation);
+    // A session that is already closed (by the peer, by a failure, or by the registry when a
+    // new session of this agent replaced it) keeps the reason it closed with.
     match &end {
+        _ if session.is_closed() => {}
         ControlEnd::Shutdown => session.close("relay shutting down"),
-        ControlEnd::Broken(why) if why.contains("replaced") => {}
         other => session.close(&other.to_string()),
     }
     info!(agent = %name, reason = %end, "agent disconnected");

@@ -128,10 +128,12 @@ async fn tunnel(
                 }
             };
             let io = hyper_util::rt::TokioIo::new(upgraded);
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws::websocket_config())).await;
+            let socket =
+                WebSocketStream::from_raw_socket(io, Role::Server, Some(ws::websocket_config()))
+                    .await;
             match ws::accept_with(socket, remote, &material, &accept).await {
                 Ok(session) => crate::serve_session(shared2, session).await,
-                Err(e) => warn!(reason = %postern_common::transport::quic::humanize(&e.to_string()), "refused connection"),
+                Err(e) => warn!(reason = %e, "refused connection"),
             }
         }
         .instrument(span),

@@ -1,5 +1,11 @@
 //! `postern-relay certs`: make a CA and issue agent, client and server certificates.
 //!
+//! Every CA gets its own name ("Postern CA" and 8 random hex digits unless `--name` says
+//! otherwise). A verifier looks a certificate's CA up by name: were two CAs to share one, a
+//! certificate from the other would fail on its signature ("decrypt error") instead of as a
+//! certificate from an unknown CA, and refusals could not say which CA signed what. CAs made
+//! before, all called "Postern CA", keep working.
+//!
 //! Files go to one directory (default `./certs`): `ca.pem`/`ca-key.pem`, and for a leaf
 //! `KIND-NAME.pem`/`KIND-NAME-key.pem`. Keys are written with mode 0600 and never printed;
 //! nothing is overwritten unless `--force` is given, and a refused command writes nothing.
@@ -12,16 +18,21 @@ use postern_common::pki::{self, Ca, Kind, LeafSpec};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-/// What `certs init` does.
-pub fn init(dir: &Path, days: u32, force: bool) -> Result<()> {
+/// What `certs init` does; returns the CA's name.
+pub fn init(dir: &Path, days: u32, name: Option<&str>, force: bool) -> Result<String> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let cert = dir.join("ca.pem");
     let key = dir.join("ca-key.pem");
     pki::check_absent(&[&cert, &key], force)?;
-    let (ca, key_pem) = Ca::generate("Postern CA", days)?;
+    let name = match name {
+        Some(n) if n.trim().is_empty() => bail!("--name must not be empty"),
+        Some(n) => n.to_owned(),
+        None => pki::new_ca_name(),
+    };
+    let (ca, key_pem) = Ca::generate(&name, days)?;
     pki::write_private(&key, &key_pem, force)?;
     pki::write_public(&cert, &ca.cert_pem, force)?;
-    println!("created CA (valid {days} days)");
+    println!("created CA {name:?} (valid {days} days)");
     println!(
         "  certificate: {}  (give this to agents, relays and clients)",
         cert.display()
@@ -31,7 +42,7 @@ pub fn init(dir: &Path, days: u32, force: bool) -> Result<()> {
         key.display()
     );
     print_fingerprint(&cert)?;
-    Ok(())
+    Ok(name)
 }
 
 /// What `certs issue` does.
@@ -136,4 +147,35 @@ fn print_fingerprint(cert: &Path) -> Result<()> {
 fn ring_sha256(data: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(data).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The name in the CA certificate (self-signed: its issuer is itself).
+    fn ca_name(dir: &Path) -> Option<String> {
+        let der = CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap();
+        pki::issuer_name(&der)
+    }
+
+    #[test]
+    fn every_ca_gets_its_own_name() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let na = init(a.path(), 1, None, false).unwrap();
+        let nb = init(b.path(), 1, None, false).unwrap();
+        assert_ne!(na, nb);
+        for (dir, name) in [(&a, &na), (&b, &nb)] {
+            assert!(name.starts_with("Postern CA "), "{name}");
+            assert_eq!(ca_name(dir.path()).as_ref(), Some(name));
+        }
+        let nc = init(c.path(), 1, Some("Orders CA"), false).unwrap();
+        assert_eq!(nc, "Orders CA");
+        assert_eq!(ca_name(c.path()).as_deref(), Some("Orders CA"));
+        assert!(init(c.path(), 1, Some(" "), true).is_err());
+    }
 }

@@ -59,6 +59,10 @@ pub enum CertsCommand {
         /// Lifetime in days.
         #[arg(long, default_value_t = postern_common::pki::CA_DAYS)]
         days: u32,
+        /// The CA's name (its common name). Default: "Postern CA" and 8 random hex digits, so
+        /// that no two CAs share a name.
+        #[arg(long)]
+        name: Option<String>,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,

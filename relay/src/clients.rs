@@ -101,7 +101,7 @@ async fn serve_tls(
         .map(|s| s.protocol)
         .unwrap_or_default();
     let handshake =
-        tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await;
+        tokio::time::timeout(shared.config.handshake_timeout, tls::accept(&acceptor, tcp)).await;
     let mut conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {

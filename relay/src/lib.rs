@@ -83,7 +83,7 @@ impl Shared {
 pub struct Relay {
     shared: Arc<Shared>,
     /// The QUIC endpoint, when `listen.quic` is set.
-    endpoint: Option<quinn::Endpoint>,
+    endpoint: Option<quic::Server>,
     listeners: Vec<Listener>,
     http: Option<TcpListener>,
     acceptor: TlsAcceptor,
@@ -206,7 +206,7 @@ impl Relay {
 
     /// The UDP address agents and `connect` clients dial, when the relay listens for QUIC.
     pub fn quic_addr(&self) -> Option<SocketAddr> {
-        let endpoint = self.endpoint.as_ref()?;
+        let endpoint = self.endpoint.as_ref()?.endpoint();
         endpoint
             .local_addr()
             .ok()
@@ -272,7 +272,9 @@ impl Relay {
                 }
             });
         }
-        let quic = endpoint.as_ref().and_then(|e| e.local_addr().ok());
+        let quic = endpoint
+            .as_ref()
+            .and_then(|e| e.endpoint().local_addr().ok());
         info!(quic = %quic.map(|a| a.to_string()).unwrap_or_else(|| "off".into()), instance = %shared.config.instance, "relay listening");
         for Listener {
             service,
@@ -298,19 +300,22 @@ impl Relay {
                 _ = shutdown.cancelled() => break,
                 i = async {
                     match &endpoint {
-                        Some(e) => e.accept().await,
+                        Some(e) => e.endpoint().accept().await,
                         // Without QUIC the HTTP listener carries everything; wait for shutdown.
                         None => std::future::pending().await,
                     }
                 } => i,
             };
             let Some(incoming) = incoming else { break };
+            let Some(server) = endpoint.clone() else {
+                break;
+            };
             let shared2 = shared.clone();
             shared.tasks.spawn(async move {
                 let remote = incoming.remote_address();
                 let session = match tokio::time::timeout(
                     shared2.config.handshake_timeout,
-                    quic::accept(incoming),
+                    server.accept(incoming),
                 )
                 .await
                 {
@@ -335,7 +340,7 @@ impl Relay {
         shared.stop.cancel();
         // New QUIC connections are refused at once, not left to time out.
         if let Some(endpoint) = &endpoint {
-            let (endpoint, abort) = (endpoint.clone(), shared.abort.clone());
+            let (endpoint, abort) = (endpoint.endpoint().clone(), shared.abort.clone());
             shared.tasks.spawn(async move {
                 loop {
                     tokio::select! {
@@ -358,7 +363,8 @@ impl Relay {
         shared.abort.cancel();
         shared.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.wait()).await;
-        if let Some(endpoint) = endpoint {
+        if let Some(server) = endpoint {
+            let endpoint = server.endpoint();
             endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
             // Let the close frames go out.
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;

@@ -62,7 +62,12 @@ fn main() -> ExitCode {
 
 fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
     match command {
-        CertsCommand::Init { dir, days, force } => certs::init(&dir, days, force),
+        CertsCommand::Init {
+            dir,
+            days,
+            name,
+            force,
+        } => certs::init(&dir, days, name.as_deref(), force).map(|_| ()),
         CertsCommand::Revoke { certs: files, dir } => certs::revoke(&dir, &files).map(|_| ()),
         CertsCommand::Issue {
             kind,

@@ -19,7 +19,7 @@ use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
 use postern_agent::connect::{Connect, Options};
 use postern_agent::dial::Dialer;
 use postern_agent::{Agent, Status};
-use postern_common::config::RelayUrl;
+use postern_common::transport::addr::RelayUrl;
 use postern_relay::Relay;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -22,10 +22,29 @@
 //!
 //! # Memory
 //!
-//! Every stream may hold up to yamux's fixed initial window (256 KiB) of unread data; windows
-//! grow past that only while the reader keeps up, and that growth is capped at
-//! [`EXTRA_WINDOW`] for the whole connection. A reader that stops therefore stalls only its own
-//! stream, after at most 256 KiB.
+//! yamux gives every stream a fixed initial window of 256 KiB that the peer may fill without
+//! waiting for us, so with thousands of streams the windows alone would allow gigabytes of unread
+//! data (and a connection window of `streams × 256 KiB`, which yamux insists on). Two bounds keep
+//! a session's memory close to a QUIC session's 32 MiB receive window:
+//!
+//! * **Unread data, session-wide: [`MAX_UNREAD`].** The tap counts the payload of every data
+//!   frame it hands to yamux for a live stream, and each stream counts what its reader takes out;
+//!   a stream that goes away gives back what it left unread. While the session holds
+//!   [`MAX_UNREAD`] or more, the tap stops reading the byte stream underneath, so the peer is
+//!   held back by TCP (and the WebSocket) instead of by our memory; the first read that brings the
+//!   count back under the bound resumes it. This is QUIC's connection-level flow control in
+//!   effect: readers that stop hold the whole session's budget, and once they hold all of it the
+//!   other streams wait too. With 256 KiB per stream that takes 128 stalled streams (QUIC, with
+//!   4 MiB stream windows, stalls after 8). While the tap holds back, the peer's silence does not
+//!   count against it (the WebSocket layer suspends its liveness check).
+//! * **Streams not yet accepted: [`ACCEPT_BACKLOG`].** Inbound streams wait in a bounded queue
+//!   for [`Handle::accept`]; one that arrives while the queue is full is reset at once. The stream
+//!   count is bounded by [`MAX_STREAMS`] anyway; the backlog keeps a peer from parking thousands
+//!   of streams that nobody asked for.
+//!
+//! A reader that stops therefore stalls its own stream after 256 KiB, and the session after
+//! [`MAX_UNREAD`] in all; windows grow past 256 KiB only while readers keep up, and that growth
+//! is capped at [`EXTRA_WINDOW`] for the whole connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
@@ -42,7 +61,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tracing::Instrument;
 
-use super::TransportError;
+use super::{CloseReason, Failure, TransportError};
 
 /// How many streams one session may have open at once (both directions together). Opening
 /// more waits until one ends, as QUIC does.
@@ -55,6 +74,14 @@ const STREAM_HEADROOM: usize = 1_024;
 
 /// How far all stream windows together may grow beyond yamux's initial 256 KiB per stream.
 pub(super) const EXTRA_WINDOW: usize = 32 * 1024 * 1024;
+
+/// How much data the peer may have sent that no reader has taken yet, over all streams of a
+/// session, before the session stops reading from the peer (see the module docs).
+pub(super) const MAX_UNREAD: usize = 32 * 1024 * 1024;
+
+/// How many streams the peer may have opened that [`Handle::accept`] has not taken yet; more are
+/// reset.
+pub(super) const ACCEPT_BACKLOG: usize = 1024;
 
 /// How long a locally closed session may take to say goodbye before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -82,6 +109,8 @@ fn config() -> yamux::Config {
 #[derive(Default)]
 pub(super) struct Link {
     close_requested: AtomicBool,
+    /// The tap holds back reads (too much unread data): the peer's silence is our doing.
+    paused: AtomicBool,
     state: Mutex<LinkState>,
     waker: AtomicWaker,
 }
@@ -93,7 +122,15 @@ struct LinkState {
     /// Why the peer closed (it said so).
     peer: Option<String>,
     /// What broke, when nobody closed.
-    failure: Option<String>,
+    failure: Option<CloseReason>,
+}
+
+/// How the driver ended, besides a clean end of the connection.
+enum DriveError {
+    /// A local close took longer than [`CLOSE_GRACE`].
+    CloseTimeout,
+    /// yamux failed.
+    Mux(yamux::ConnectionError),
 }
 
 impl Link {
@@ -133,8 +170,13 @@ impl Link {
         self.lock().peer.clone()
     }
 
-    pub(super) fn set_failure(&self, failure: String) {
+    pub(super) fn set_failure(&self, failure: CloseReason) {
         self.lock().failure.get_or_insert(failure);
+    }
+
+    /// Whether the tap is holding back reads, so the peer cannot be heard.
+    pub(super) fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
     }
 
     fn register(&self, waker: &Waker) {
@@ -145,18 +187,18 @@ impl Link {
         self.waker.wake();
     }
 
-    /// Why the session ended, in words an operator can act on.
-    fn end_reason(&self, result: &Result<(), String>) -> String {
+    /// Why the session ended.
+    fn end_reason(&self, result: Result<(), DriveError>) -> CloseReason {
         let st = self.lock();
         if let Some(r) = &st.local {
-            return format!("closed locally: {r}");
+            return CloseReason::Local(r.clone());
         }
         match (&st.peer, &st.failure, result) {
-            (Some(r), _, _) if r.is_empty() => "closed by peer".into(),
-            (Some(r), _, _) => format!("closed by peer: {r}"),
+            (Some(r), _, _) => CloseReason::Peer(r.clone()),
             (None, Some(f), _) => f.clone(),
-            (None, None, Ok(())) => "closed by peer".into(),
-            (None, None, Err(e)) => format!("connection failed: {e}"),
+            (None, None, Ok(())) => CloseReason::Peer(String::new()),
+            (None, None, Err(DriveError::CloseTimeout)) => CloseReason::Local(String::new()),
+            (None, None, Err(DriveError::Mux(e))) => CloseReason::Failed(Failure::Mux(Arc::new(e))),
         }
     }
 }
@@ -170,10 +212,10 @@ pub(super) struct Handle(Arc<Shared>);
 struct Shared {
     core: Arc<Core>,
     opens: mpsc::UnboundedSender<OpenReply>,
-    inbound: tokio::sync::Mutex<mpsc::UnboundedReceiver<MuxStream>>,
+    inbound: tokio::sync::Mutex<mpsc::Receiver<MuxStream>>,
 }
 
-type OpenReply = oneshot::Sender<Result<MuxStream, String>>;
+type OpenReply = oneshot::Sender<Result<MuxStream, CloseReason>>;
 
 /// State shared by the driver, the tap and the streams (never by the channels' contents, so
 /// that queued streams do not keep their own session alive).
@@ -184,7 +226,10 @@ struct Core {
     inject_pending: AtomicBool,
     /// Live [`MuxStream`]s, for [`MAX_STREAMS`].
     live: AtomicUsize,
-    closed: watch::Sender<Option<String>>,
+    /// Payload the peer sent to live streams that their readers have not taken (see the module
+    /// docs).
+    unread: AtomicUsize,
+    closed: watch::Sender<Option<CloseReason>>,
 }
 
 #[derive(Default)]
@@ -203,6 +248,10 @@ struct Entry {
     fin_sent: bool,
     /// The stream is gone; reset it once its FIN has been written.
     reset_after_fin: bool,
+    /// Payload that arrived for the stream while it had a reader (counted in `Core::unread`).
+    arrived: usize,
+    /// The stream's reader is gone: what arrives from now on is dropped by yamux, not counted.
+    unread_released: bool,
 }
 
 /// How the peer's side of a stream ended, in the order its frames arrived.
@@ -226,12 +275,13 @@ where
         streams: Mutex::default(),
         inject_pending: AtomicBool::new(false),
         live: AtomicUsize::new(0),
+        unread: AtomicUsize::new(0),
         closed: watch::Sender::new(None),
     });
     let tap = Tap::new(io, core.clone());
     let conn = yamux::Connection::new(tap.compat(), config(), mode);
     let (opens, opens_rx) = mpsc::unbounded_channel();
-    let (inbound_tx, inbound) = mpsc::unbounded_channel();
+    let (inbound_tx, inbound) = mpsc::channel(ACCEPT_BACKLOG);
     tokio::spawn(drive(conn, core.clone(), opens_rx, inbound_tx).instrument(span));
     Handle(Arc::new(Shared {
         core,
@@ -276,12 +326,27 @@ impl Handle {
     }
 
     /// Waits until the session has ended, and says why.
-    pub(super) async fn closed(&self) -> String {
+    pub(super) async fn closed(&self) -> CloseReason {
         let mut rx = self.0.core.closed.subscribe();
-        match rx.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => "session ended".into(),
-        }
+        let reason = match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            // The driver is gone without a word: it only ends after saying why, so this is a
+            // local end.
+            Err(_) => None,
+        };
+        reason.unwrap_or_else(|| self.local_end())
+    }
+
+    /// Why the session ended, or `None` while it runs (a requested close counts as ended).
+    pub(super) fn close_reason(&self) -> Option<CloseReason> {
+        self.0
+            .core
+            .closed_reason()
+            .or_else(|| self.0.core.link.local_reason().map(CloseReason::Local))
+    }
+
+    fn local_end(&self) -> CloseReason {
+        CloseReason::Local(self.0.core.link.local_reason().unwrap_or_default())
     }
 
     pub(super) fn is_closed(&self) -> bool {
@@ -293,29 +358,19 @@ impl Handle {
         Arc::as_ptr(&self.0) as usize
     }
 
-    /// Streams the tap still follows (tests: nothing may outlive its stream).
+    /// Streams the tap still follows, live streams, and unread bytes (tests: nothing may
+    /// outlive its stream).
     #[cfg(test)]
-    pub(super) fn tracked(&self) -> (usize, usize) {
+    pub(super) fn tracked(&self) -> (usize, usize, usize) {
         (
             self.0.core.lock().map.len(),
             self.0.core.live.load(Ordering::Acquire),
+            self.0.core.unread.load(Ordering::Acquire),
         )
     }
 
     fn closed_error(&self) -> TransportError {
-        TransportError::Closed(
-            self.0
-                .core
-                .closed_reason()
-                .or_else(|| {
-                    self.0
-                        .core
-                        .link
-                        .local_reason()
-                        .map(|r| format!("closed locally: {r}"))
-                })
-                .unwrap_or_else(|| "session ended".into()),
-        )
+        TransportError::Closed(self.close_reason().unwrap_or_else(|| self.local_end()))
     }
 }
 
@@ -323,14 +378,14 @@ async fn drive<T>(
     mut conn: yamux::Connection<Compat<Tap<T>>>,
     core: Arc<Core>,
     mut opens: mpsc::UnboundedReceiver<OpenReply>,
-    inbound: mpsc::UnboundedSender<MuxStream>,
+    inbound: mpsc::Sender<MuxStream>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut waiting: VecDeque<OpenReply> = VecDeque::new();
     let mut handles_alive = true;
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let result: Result<(), String> = poll_fn(|cx| {
+    let result: Result<(), DriveError> = poll_fn(|cx| {
         core.link.register(cx.waker());
         while handles_alive {
             match opens.poll_recv(cx) {
@@ -344,11 +399,12 @@ async fn drive<T>(
         }
         if core.link.close_requested() {
             let d = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+            let closing = CloseReason::Local(core.link.local_reason().unwrap_or_default());
             for reply in waiting.drain(..) {
-                let _ = reply.send(Err("session is closing".into()));
+                let _ = reply.send(Err(closing.clone()));
             }
             if d.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err("close did not complete in time".into()));
+                return Poll::Ready(Err(DriveError::CloseTimeout));
             }
         }
         while let Some(reply) = waiting.front() {
@@ -370,8 +426,9 @@ async fn drive<T>(
                     }
                 }
                 Poll::Ready(Err(e)) => {
+                    let failed = CloseReason::Failed(Failure::Mux(Arc::new(e)));
                     for reply in waiting.drain(..) {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(failed.clone()));
                     }
                     break;
                 }
@@ -382,17 +439,24 @@ async fn drive<T>(
             match conn.poll_next_inbound(cx) {
                 Poll::Ready(Some(Ok(stream))) => {
                     let stream = MuxStream::new(stream, &core, false);
-                    // Nobody left to accept: dropping the stream resets it.
-                    let _ = inbound.send(stream);
+                    // Dropping a stream resets it: when nobody is left to accept, or too many
+                    // wait to be accepted already.
+                    if let Err(mpsc::error::TrySendError::Full(stream)) = inbound.try_send(stream) {
+                        tracing::debug!(
+                            stream = stream.id,
+                            backlog = ACCEPT_BACKLOG,
+                            "inbound stream reset: too many streams wait to be accepted"
+                        );
+                    }
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(DriveError::Mux(e))),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }
         }
     })
     .await;
-    let reason = core.link.end_reason(&result);
+    let reason = core.link.end_reason(result);
     tracing::debug!(reason = %reason, "websocket session ended");
     core.closed.send_replace(Some(reason.clone()));
     for reply in waiting {
@@ -408,8 +472,46 @@ impl Core {
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn closed_reason(&self) -> Option<String> {
+    fn closed_reason(&self) -> Option<CloseReason> {
         self.closed.borrow().clone()
+    }
+
+    /// Whether the tap should stop reading from the peer.
+    fn over_budget(&self) -> bool {
+        self.unread.load(Ordering::Acquire) >= MAX_UNREAD && !self.link.close_requested()
+    }
+
+    /// Payload arrived for live streams: `(stream, bytes)` pieces.
+    fn on_payload(&self, pieces: &[(u32, usize)]) {
+        let mut added = 0;
+        let mut st = self.lock();
+        for &(id, n) in pieces {
+            if let Some(e) = st.map.get_mut(&id)
+                && !e.unread_released
+            {
+                e.arrived += n;
+                added += n;
+            }
+        }
+        drop(st);
+        self.unread.fetch_add(added, Ordering::AcqRel);
+    }
+
+    /// `n` unread bytes were read or given up; resumes reading from the peer when that brings the
+    /// session back under [`MAX_UNREAD`].
+    fn consumed(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let before = self
+            .unread
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            })
+            .unwrap_or_default();
+        if before >= MAX_UNREAD && before.saturating_sub(n) < MAX_UNREAD {
+            self.link.wake();
+        }
     }
 
     fn peer_end(&self, id: u32) -> Option<PeerEnd> {
@@ -467,12 +569,18 @@ impl Core {
         std::mem::take(&mut self.lock().inject)
     }
 
-    /// A stream is gone (dropped or aborted): decide whether the peer must see a reset.
-    fn release(&self, id: u32, write_finished: bool) {
+    /// A stream is gone (dropped or aborted) after its reader took `read` bytes: give back what
+    /// it left unread, and decide whether the peer must see a reset.
+    fn release(&self, id: u32, write_finished: bool, read: usize) {
         let mut st = self.lock();
         let Some(e) = st.map.get_mut(&id) else {
             return;
         };
+        if !e.unread_released {
+            e.unread_released = true;
+            let left = e.arrived.saturating_sub(read);
+            self.consumed(left);
+        }
         let reset = match (write_finished, e.peer) {
             // The peer already failed the stream; nothing to tell it.
             (_, PeerEnd::Reset) => false,
@@ -512,6 +620,8 @@ pub(crate) struct MuxStream {
     announce: bool,
     write_finished: bool,
     released: bool,
+    /// Bytes the reader has taken, for the session's unread count.
+    read: usize,
 }
 
 impl MuxStream {
@@ -527,6 +637,7 @@ impl MuxStream {
             announce: outbound,
             write_finished: false,
             released: false,
+            read: 0,
         }
     }
 
@@ -535,7 +646,7 @@ impl MuxStream {
     pub(crate) fn abort(&mut self) {
         if !self.released {
             self.released = true;
-            self.core.release(self.id, self.write_finished);
+            self.core.release(self.id, self.write_finished, self.read);
         }
         self.inner = None;
     }
@@ -546,13 +657,12 @@ impl MuxStream {
         if self.core.was_reset(self.id) {
             io::Error::new(io::ErrorKind::ConnectionReset, "stream reset by peer")
         } else {
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                match self.core.closed_reason() {
-                    Some(r) => format!("session closed: {r}"),
-                    None => "session lost".into(),
-                },
-            )
+            match self.core.closed_reason() {
+                Some(r) => {
+                    io::Error::new(io::ErrorKind::ConnectionAborted, TransportError::Closed(r))
+                }
+                None => io::Error::new(io::ErrorKind::ConnectionAborted, "session lost"),
+            }
         }
     }
 
@@ -567,7 +677,7 @@ impl MuxStream {
 impl Drop for MuxStream {
     fn drop(&mut self) {
         if !self.released {
-            self.core.release(self.id, self.write_finished);
+            self.core.release(self.id, self.write_finished, self.read);
         }
         // The yamux stream drops after this, so its own FIN or RST queues behind our reset.
         if self.core.live.fetch_sub(1, Ordering::AcqRel) >= MAX_STREAMS {
@@ -591,9 +701,12 @@ impl AsyncRead for MuxStream {
         if ready!(this.parts()?.poll_read(cx, buf)).is_err() {
             return Poll::Ready(Err(this.failure()));
         }
-        if buf.filled().len() == before && this.core.peer_end(this.id) != Some(PeerEnd::Fin) {
+        let n = buf.filled().len() - before;
+        if n == 0 && this.core.peer_end(this.id) != Some(PeerEnd::Fin) {
             return Poll::Ready(Err(this.failure()));
         }
+        this.read += n;
+        this.core.consumed(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -681,6 +794,8 @@ struct FrameScan {
     have: usize,
     /// Payload bytes of the current data frame still to skip.
     body: u32,
+    /// The stream the current payload belongs to.
+    body_stream: u32,
 }
 
 impl FrameScan {
@@ -688,12 +803,24 @@ impl FrameScan {
         self.have == 0 && self.body == 0
     }
 
-    fn scan(&mut self, mut bytes: &[u8], mut on_header: impl FnMut(Header)) {
+    fn scan(&mut self, bytes: &[u8], on_header: impl FnMut(Header)) {
+        self.scan_payload(bytes, on_header, |_, _| {});
+    }
+
+    /// [`scan`](Self::scan), also telling `on_payload` how many payload bytes went by for which
+    /// stream.
+    fn scan_payload(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_header: impl FnMut(Header),
+        mut on_payload: impl FnMut(u32, usize),
+    ) {
         while !bytes.is_empty() {
             if self.body > 0 {
                 let k = bytes.len().min(self.body as usize);
                 bytes = &bytes[k..];
                 self.body -= k as u32;
+                on_payload(self.body_stream, k);
                 continue;
             }
             let k = bytes.len().min(HEADER_LEN - self.have);
@@ -706,6 +833,7 @@ impl FrameScan {
                 // Only data frames carry a payload; in the others `length` is a value.
                 if h.kind == TYPE_DATA {
                     self.body = h.length;
+                    self.body_stream = h.stream;
                 }
                 on_header(h);
             }
@@ -721,6 +849,8 @@ struct Tap<T> {
     outbound: FrameScan,
     inject: Vec<u8>,
     injected: usize,
+    /// Payload pieces seen in one read (kept to reuse its allocation).
+    payload: Vec<(u32, usize)>,
 }
 
 impl<T: AsyncWrite + Unpin> Tap<T> {
@@ -732,6 +862,7 @@ impl<T: AsyncWrite + Unpin> Tap<T> {
             outbound: FrameScan::default(),
             inject: Vec::new(),
             injected: 0,
+            payload: Vec::new(),
         }
     }
 
@@ -770,11 +901,32 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let core = &this.core;
+        // Too much unread: leave the peer's bytes where they are (see the module docs). A read
+        // that brings the count down wakes the driver, whose waker this is.
+        if core.over_budget() {
+            core.link.register(cx.waker());
+            core.link.paused.store(true, Ordering::Release);
+            if core.over_budget() {
+                return Poll::Pending;
+            }
+        }
+        core.link.paused.store(false, Ordering::Release);
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        let core = &this.core;
-        this.inbound
-            .scan(&buf.filled()[before..], |h| core.on_inbound(h));
+        let payload = &mut this.payload;
+        this.inbound.scan_payload(
+            &buf.filled()[before..],
+            |h| core.on_inbound(h),
+            |stream, n| match payload.last_mut() {
+                Some((s, k)) if *s == stream => *k += n,
+                _ => payload.push((stream, n)),
+            },
+        );
+        if !payload.is_empty() {
+            core.on_payload(payload);
+            payload.clear();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -879,6 +1031,154 @@ mod tests {
     fn the_config_is_accepted_by_yamux() {
         // yamux asserts on inconsistent limits; this would panic.
         let _ = config();
+    }
+
+    /// A session over one end of an in-memory pipe, and the other end for a raw peer that writes
+    /// yamux frames as it likes (not as a well-behaved yamux would).
+    fn raw_peer() -> (Handle, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let handle = start(
+            ours,
+            yamux::Mode::Server,
+            Link::new(),
+            tracing::Span::none(),
+        );
+        (handle, theirs)
+    }
+
+    /// Reads frames from the raw peer's end, collecting the streams reset.
+    fn collect_resets(
+        mut r: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        resets: Arc<Mutex<Vec<u32>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut scan = FrameScan::default();
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = r.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+                scan.scan(&buf[..n], |h| {
+                    if h.flags & FLAG_RST != 0 {
+                        resets.lock().unwrap().push(h.stream);
+                    }
+                });
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn streams_past_the_accept_backlog_are_reset() {
+        use tokio::io::AsyncWriteExt;
+        let (session, peer) = raw_peer();
+        let (r, mut w) = tokio::io::split(peer);
+        let resets = Arc::new(Mutex::new(Vec::new()));
+        let reader = collect_resets(r, resets.clone());
+        let extra = 10;
+        let ids: Vec<u32> = (0..(ACCEPT_BACKLOG + extra) as u32)
+            .map(|i| 2 * i + 1)
+            .collect();
+        for id in &ids {
+            w.write_all(&frame(TYPE_DATA, FLAG_SYN, *id, b"x"))
+                .await
+                .unwrap();
+        }
+        w.flush().await.unwrap();
+        // The streams nobody had room for are reset...
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let reset = || {
+            // Ours first, then yamux's own for the dropped stream.
+            let mut r = resets.lock().unwrap().clone();
+            r.dedup();
+            r
+        };
+        while reset().len() < extra {
+            assert!(tokio::time::Instant::now() < deadline, "no resets");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(reset(), ids[ACCEPT_BACKLOG..]);
+        // ...and the first ones wait to be accepted, intact.
+        for id in &ids[..ACCEPT_BACKLOG] {
+            let mut s = session.accept().await.unwrap();
+            assert_eq!(s.id, *id);
+            let mut x = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut s, &mut x)
+                .await
+                .unwrap();
+            assert_eq!(&x, b"x");
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), session.accept())
+                .await
+                .is_err()
+        );
+        session.close("done");
+        reader.abort();
+    }
+
+    #[tokio::test]
+    async fn a_peer_is_held_back_once_the_session_holds_max_unread() {
+        use tokio::io::AsyncWriteExt;
+        let (session, peer) = raw_peer();
+        let (r, mut w) = tokio::io::split(peer);
+        let reader = collect_resets(r, Arc::default());
+        // 400 streams, each filling the 256 KiB it may send unasked: 100 MiB that nobody reads.
+        let written = Arc::new(AtomicUsize::new(0));
+        let progress = written.clone();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![5u8; 16 * 1024];
+            for round in 0..16 {
+                for i in 0..400u32 {
+                    let flags = if round == 0 { FLAG_SYN } else { 0 };
+                    let f = frame(TYPE_DATA, flags, 2 * i + 1, &chunk);
+                    w.write_all(&f).await.unwrap();
+                    progress.fetch_add(chunk.len(), Ordering::Relaxed);
+                }
+            }
+            w
+        });
+        // Wait until the writer stops making progress.
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = written.load(Ordering::Relaxed);
+            if now == last || writer.is_finished() {
+                break;
+            }
+            last = now;
+        }
+        let held = session.tracked().2;
+        let sent = written.load(Ordering::Relaxed);
+        assert!(!writer.is_finished(), "the peer sent all of its 100 MiB");
+        assert!(
+            (MAX_UNREAD..MAX_UNREAD + 64 * 1024).contains(&held),
+            "{held} bytes held"
+        );
+        // What the peer got rid of: what we hold, the pipe, and one frame.
+        assert!(
+            sent <= MAX_UNREAD + 128 * 1024,
+            "the peer wrote {sent} bytes"
+        );
+        // Dropping the unread streams gives the budget back, and the peer goes on.
+        let mut accepted = Vec::new();
+        while let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(100), session.accept()).await
+        {
+            accepted.push(s);
+        }
+        drop(accepted);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while written.load(Ordering::Relaxed) == sent {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the peer stayed blocked"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        session.close("done");
+        reader.abort();
+        writer.abort();
     }
 
     proptest! {

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::Scheme;
+use super::addr::{Scheme, authority, split_host_port};
 
 /// The largest proxy answer head we read before giving up.
 const MAX_RESPONSE: usize = 16 * 1024;
@@ -356,34 +356,6 @@ fn parse_status(head: &[u8]) -> Option<(u16, String)> {
     }
     let code: u16 = code.parse().ok()?;
     Some((code, parts.next().unwrap_or("").trim().to_owned()))
-}
-
-/// `host:port`, with brackets around IPv6 addresses.
-fn authority(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
-    if let Some(rest) = s.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p.parse().ok()?),
-            None if after.is_empty() => None,
-            None => return None,
-        };
-        return (!host.is_empty()).then(|| (host.to_owned(), port));
-    }
-    let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, Some(p.parse().ok()?)),
-        Some(_) => (s, None),
-        None => (s, None),
-    };
-    (!host.is_empty() && !host.contains(':') || host.parse::<IpAddr>().is_ok())
-        .then(|| (host.to_owned(), port))
 }
 
 /// Splits `name:port` or `[v6]:port` off a `NO_PROXY` entry; bare IPv6 addresses and CIDRs

@@ -1,109 +1,263 @@
 //! QUIC (quinn) endpoints: TLS 1.3 with client certificates, ALPN `postern/1`.
 //!
 //! quinn sends no keep-alives by default; agents sit behind NAT, so both ends send one every
-//! [`KEEP_ALIVE`] and give up on a silent peer after the idle timeout. The application
+//! [`Liveness::keep_alive`] and give up on a silent peer after the idle timeout. The application
 //! heartbeat on the control stream is what detects a dead agent promptly; the idle timeout is the
-//! backstop for sessions without a control stream (`connect` clients).
+//! backstop for sessions without a control stream (`connect` clients, which therefore dial with
+//! [`Liveness::CONNECT`]).
+//!
+//! # Stateless resets
+//!
+//! A QUIC endpoint that receives a packet for a connection it does not know answers with a
+//! *stateless reset*, which ends that connection at once on the other side, but only if the
+//! reset carries the token the endpoint handed out for it, computed from a secret key. quinn
+//! draws that key at random per process (and the key it checks connection IDs with, so that it
+//! would not even recognise the old IDs as its own), so a relay restarted on the same address
+//! could not reset the sessions of its previous life: their clients waited for the idle timeout.
+//! The relay's keys are therefore derived from its own private key (HKDF-SHA256), which is the
+//! same after a restart: old sessions end as soon as they next send something.
+//!
+//! # Refusals
+//!
+//! Every handshake gets its own TLS config whose verifier notes why it refused a certificate
+//! ([`tls::Note`]): quinn reports a TLS failure only as an alert code, and the note carries the
+//! rest (which CA issued the certificate, which one was expected).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{ConnectionError, Endpoint, IdleTimeout, TransportConfig, VarInt};
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use rustls_pki_types::CertificateDer;
 
-use super::{Inner, Session, TransportError};
-use crate::tls::{self, Material, TlsError};
-
-/// How often an idle QUIC connection sends a keep-alive.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+use super::{CloseReason, ConnectError, Failure, Inner, Liveness, Session, TransportError};
+use crate::tls::{self, ClientTls, Material, Note, RefusedBy, ServerTls, TlsError, TlsFailure};
 
 /// How many streams a peer may have open at once on one session.
 pub const MAX_STREAMS: u32 = 16_384;
 
+/// Per-connection receive window: what all streams of one session may hold unread together.
+pub const RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+
+/// The HKDF `info` for the stateless-reset key; a new value gives every relay a new key.
+const RESET_KEY_INFO: &[u8] = b"postern quic stateless reset key v1";
+/// The HKDF `info` for the key connection IDs are checked with.
+const CID_KEY_INFO: &[u8] = b"postern quic connection id key v1";
+
 /// Transport parameters shared by both ends.
-fn transport(idle_timeout: Duration) -> TransportConfig {
+fn transport(liveness: Liveness) -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.keep_alive_interval(Some(KEEP_ALIVE));
-    t.max_idle_timeout(IdleTimeout::try_from(idle_timeout).ok());
+    t.keep_alive_interval(Some(liveness.keep_alive));
+    t.max_idle_timeout(IdleTimeout::try_from(liveness.idle_timeout).ok());
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Per-stream and per-connection windows: large enough for a fast bulk transfer on a LAN or
     // loopback, bounded so that a stalled reader costs at most this much memory.
     t.stream_receive_window(VarInt::from_u32(4 * 1024 * 1024));
-    t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
-    t.send_window(32 * 1024 * 1024);
+    t.receive_window(VarInt::from_u32(RECEIVE_WINDOW));
+    t.send_window(u64::from(RECEIVE_WINDOW));
     t
 }
 
-/// A server endpoint that accepts agents and clients.
+/// The endpoint settings of a relay: a stateless-reset key, and the key that connection IDs are
+/// checked with, both derived from its private key, so that they stay the same across restarts
+/// (see the module docs). Both matter: an endpoint answers a packet for an unknown connection
+/// only if its connection ID passes the check, and the peer accepts the reset only if it carries
+/// the token for that ID.
+pub fn endpoint_config(material: &Material) -> EndpointConfig {
+    use ring::hkdf;
+
+    /// An HKDF output of `0` bytes.
+    struct Len(usize);
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+
+    let secret = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(material.key.secret_der());
+    let reset: ring::hmac::Key = secret
+        .expand(&[RESET_KEY_INFO], ring::hmac::HMAC_SHA256)
+        // Only fails for an output longer than 255 hashes; these are one hash and 8 bytes.
+        .expect("hkdf output of one hash length")
+        .into();
+    let mut cid_key = [0u8; 8];
+    secret
+        .expand(&[CID_KEY_INFO], Len(cid_key.len()))
+        .and_then(|okm| okm.fill(&mut cid_key))
+        .expect("hkdf output of 8 bytes");
+    let cid_key = u64::from_be_bytes(cid_key);
+    let mut cfg = EndpointConfig::new(Arc::new(reset));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
+}
+
+/// A relay's QUIC endpoint, accepting agents and clients.
+#[derive(Clone, Debug)]
+pub struct Server {
+    endpoint: Endpoint,
+    config: quinn::ServerConfig,
+    tls: ServerTls,
+}
+
+/// A server endpoint on `addr` that accepts agents and clients; a peer silent for
+/// `idle_timeout` is gone.
 pub fn server(
     addr: SocketAddr,
     material: &Material,
     idle_timeout: Duration,
-) -> Result<Endpoint, EndpointError> {
-    let tls = tls::link_server(material)?;
-    let crypto =
-        QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Config(e.to_string()))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport(idle_timeout)));
-    Endpoint::server(cfg, addr).map_err(|e| EndpointError::Bind(addr, e))
-}
-
-/// A client endpoint bound to an ephemeral UDP port of the right address family.
-pub fn client(
-    for_addr: SocketAddr,
-    material: &Material,
-    idle_timeout: Duration,
-) -> Result<Endpoint, EndpointError> {
-    let bind: SocketAddr = if for_addr.is_ipv6() {
-        "[::]:0".parse().expect("literal address")
-    } else {
-        "0.0.0.0:0".parse().expect("literal address")
-    };
-    let tls = tls::link_client(material)?;
-    let crypto =
-        QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Config(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport(idle_timeout)));
-    let mut ep = Endpoint::client(bind).map_err(|e| EndpointError::Bind(bind, e))?;
-    ep.set_default_client_config(cfg);
-    Ok(ep)
-}
-
-/// Dials `addr`, verifying the server as `server_name`.
-pub async fn connect(
-    endpoint: &Endpoint,
-    addr: SocketAddr,
-    server_name: &str,
-) -> Result<Session, TransportError> {
-    let fail = |reason: String| TransportError::Connect {
-        addr: addr.to_string(),
-        reason,
-    };
-    let host = server_name.trim_start_matches('[').trim_end_matches(']');
-    let conn = endpoint
-        .connect(addr, host)
-        .map_err(|e| fail(e.to_string()))?
-        .await
-        .map_err(|e| fail(describe(&e)))?;
-    // The server was verified by name; it carries no postern identity.
-    Ok(Session {
-        remote: conn.remote_address(),
-        inner: Inner::Quic(conn),
-        peer: None,
+) -> Result<Server, EndpointError> {
+    let tls = ServerTls::link(material)?;
+    let config = server_config(&tls, idle_timeout)?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| EndpointError::Bind(addr, e))?;
+    let endpoint = Endpoint::new(
+        endpoint_config(material),
+        Some(config.clone()),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| EndpointError::Bind(addr, e))?;
+    Ok(Server {
+        endpoint,
+        config,
+        tls,
     })
 }
 
-/// Completes an incoming connection and reads the peer's identity.
-pub async fn accept(incoming: quinn::Incoming) -> Result<Session, TransportError> {
-    let addr = incoming.remote_address();
-    let conn = incoming.await.map_err(|e| TransportError::Connect {
-        addr: addr.to_string(),
-        reason: describe(&e),
-    })?;
-    from_connection(conn)
+fn server_config(
+    tls: &ServerTls,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let crypto = QuicServerConfig::try_from(tls.config(None)?)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport(Liveness::new(
+        Liveness::AGENT.keep_alive,
+        idle_timeout,
+    ))));
+    Ok(cfg)
+}
+
+impl Server {
+    /// The endpoint: accept connections from it, close it, ask its address.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Completes an incoming connection and reads the peer's identity.
+    pub async fn accept(&self, incoming: quinn::Incoming) -> Result<Session, TransportError> {
+        let addr = incoming.remote_address();
+        let fail = |source| TransportError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let note = Note::new();
+        let tls = self
+            .tls
+            .config(Some(note.clone()))
+            .map_err(|e| fail(ConnectError::Config(e)))?;
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| fail(ConnectError::QuicConfig(e)))?;
+        let mut cfg = self.config.clone();
+        cfg.crypto = Arc::new(crypto);
+        let conn = match incoming.accept_with(Arc::new(cfg)) {
+            Ok(connecting) => connecting.await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| fail(handshake_error(&e, &note, None)))?;
+        from_connection(conn)
+    }
+}
+
+/// A dialling endpoint: an agent's or a `connect` client's.
+#[derive(Clone, Debug)]
+pub struct Client {
+    endpoint: Endpoint,
+    tls: ClientTls,
+    transport: Arc<TransportConfig>,
+}
+
+/// A client endpoint bound to an ephemeral UDP port of the right address family for `for_addr`,
+/// noticing a dead peer as `liveness` says.
+pub fn client(
+    for_addr: SocketAddr,
+    material: &Material,
+    liveness: Liveness,
+) -> Result<Client, EndpointError> {
+    let bind = if for_addr.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let tls = ClientTls::link(material)?;
+    let transport = Arc::new(transport(liveness));
+    let mut endpoint = Endpoint::client(bind).map_err(|e| EndpointError::Bind(bind, e))?;
+    // For raw quinn use of the endpoint (tests that play a misbehaving peer).
+    let mut default =
+        quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls.config(None))?));
+    default.transport_config(transport.clone());
+    endpoint.set_default_client_config(default);
+    Ok(Client {
+        endpoint,
+        tls,
+        transport,
+    })
+}
+
+impl Client {
+    /// The endpoint (its default config is the link's, without notes).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Dials `addr`, verifying the server as `server_name`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Session, TransportError> {
+        let fail = |source| TransportError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let note = Note::new();
+        let crypto = QuicClientConfig::try_from(self.tls.config(Some(note.clone())))
+            .map_err(|e| fail(ConnectError::QuicConfig(e)))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(self.transport.clone());
+        let host = server_name.trim_start_matches('[').trim_end_matches(']');
+        let conn = self
+            .endpoint
+            .connect_with(cfg, addr, host)
+            .map_err(|e| fail(ConnectError::Quic(e)))?
+            .await
+            .map_err(|e| fail(handshake_error(&e, &note, Some(&self.tls))))?;
+        // The server was verified by name; it carries no postern identity.
+        Ok(Session {
+            remote: conn.remote_address(),
+            inner: Inner::Quic(conn, Arc::new(QuicState::dialled(&self.tls))),
+            peer: None,
+        })
+    }
+}
+
+/// Why a handshake ended without a session: a refusal the verifier noted, a refusal by the peer
+/// (completed with what we know of our own certificate), or how the connection ended.
+fn handshake_error(e: &ConnectionError, note: &Note, ours: Option<&ClientTls>) -> ConnectError {
+    let reason = match (e, note.take()) {
+        (ConnectionError::TransportError(_), Some(noted)) => CloseReason::Tls(noted),
+        _ => close_reason(e, &QuicState::default()),
+    };
+    match reason {
+        CloseReason::Tls(f) => ConnectError::tls(match ours {
+            Some(tls) => tls.explain(f),
+            None => f,
+        }),
+        r @ CloseReason::Peer(_) => ConnectError::Refused(r),
+        other => ConnectError::Closed(other),
+    }
 }
 
 fn from_connection(conn: quinn::Connection) -> Result<Session, TransportError> {
@@ -119,7 +273,7 @@ fn from_connection(conn: quinn::Connection) -> Result<Session, TransportError> {
     };
     Ok(Session {
         remote: conn.remote_address(),
-        inner: Inner::Quic(conn),
+        inner: Inner::Quic(conn, Arc::default()),
         peer: Some(peer),
     })
 }
@@ -132,75 +286,65 @@ pub enum EndpointError {
     Tls(#[from] TlsError),
     /// The QUIC crypto config could not be built.
     #[error("quic config: {0}")]
-    Config(String),
+    Config(#[from] NoInitialCipherSuite),
     /// The UDP socket could not be bound.
     #[error("bind udp {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
+    Bind(SocketAddr, #[source] std::io::Error),
 }
 
-pub(super) fn closed(e: ConnectionError) -> TransportError {
-    TransportError::Closed(describe(&e))
+/// What a QUIC session remembers beside quinn's connection.
+#[derive(Debug, Default)]
+pub(super) struct QuicState {
+    /// The reason we gave when we closed it: quinn reports only "locally closed".
+    local: OnceLock<String>,
+    /// The CA that issued our certificate (dialling side), for a refusal that names it.
+    ours: Option<String>,
 }
 
-/// Says why a QUIC connection ended, in words an operator can act on.
-pub fn describe(e: &ConnectionError) -> String {
-    match e {
+impl QuicState {
+    fn dialled(tls: &ClientTls) -> Self {
+        Self {
+            local: OnceLock::new(),
+            ours: tls.issuer().map(str::to_owned),
+        }
+    }
+
+    /// Remembers why we closed the session (the first reason counts).
+    pub(super) fn closing(&self, reason: &str) {
+        let _ = self.local.set(reason.to_owned());
+    }
+}
+
+/// Why a QUIC connection ended.
+pub(super) fn close_reason(e: &ConnectionError, state: &QuicState) -> CloseReason {
+    let reason = match e {
         ConnectionError::ApplicationClosed(c) => {
-            let reason = String::from_utf8_lossy(&c.reason);
-            if reason.is_empty() {
-                "closed by peer".into()
-            } else {
-                format!("closed by peer: {reason}")
-            }
+            CloseReason::Peer(String::from_utf8_lossy(&c.reason).into_owned())
         }
+        // TLS alerts arrive as crypto errors (0x100 + alert code).
         ConnectionError::ConnectionClosed(c) => {
-            // TLS alerts arrive as crypto errors (0x100 + alert code).
-            let code = u64::from(c.error_code);
-            if (0x100..0x200).contains(&code) {
-                let alert = rustls::AlertDescription::from((code - 0x100) as u8);
-                format!("peer refused the TLS handshake: {alert:?}")
-            } else {
-                format!("closed by peer: {c}")
+            match TlsFailure::from_quic_code(u64::from(c.error_code), RefusedBy::Peer) {
+                Some(f) => CloseReason::Tls(f),
+                None => CloseReason::Peer(c.to_string()),
             }
         }
-        ConnectionError::TransportError(t) => humanize(&format!("tls/quic error: {t}")),
-        ConnectionError::TimedOut => "timed out: no answer from peer".into(),
-        ConnectionError::LocallyClosed => "closed locally".into(),
-        ConnectionError::Reset => "reset by peer".into(),
-        other => other.to_string(),
-    }
-}
-
-/// Rewrites rustls' certificate error names into words an operator understands.
-pub fn humanize(reason: &str) -> String {
-    const WORDS: &[(&str, &str)] = &[
-        (
-            "UnknownIssuer",
-            "certificate is not signed by the postern CA (unknown issuer)",
-        ),
-        (
-            "BadSignature",
-            "certificate signature does not verify (signed by another CA?)",
-        ),
-        ("ExpiredContext", "certificate has expired"),
-        ("Expired", "certificate has expired"),
-        ("NotValidYet", "certificate is not valid yet"),
-        (
-            "NotValidForName",
-            "certificate is not valid for the name dialled",
-        ),
-        ("Revoked", "certificate has been revoked"),
-        (
-            "peer sent no certificates",
-            "client presented no certificate",
-        ),
-    ];
-    for (from, to) in WORDS {
-        if let Some(i) = reason.find(from) {
-            // Keep the prefix (where it failed), replace the detail.
-            let head = reason[..i].trim_end_matches([' ', ':']);
-            return format!("{head}: {to}");
+        ConnectionError::TransportError(t) => {
+            match TlsFailure::from_quic_code(u64::from(t.code), RefusedBy::Us) {
+                Some(f) => CloseReason::Tls(f),
+                None => CloseReason::Failed(Failure::Quic(Arc::new(e.clone()))),
+            }
         }
+        ConnectionError::TimedOut => CloseReason::TimedOut { silent: None },
+        ConnectionError::LocallyClosed => {
+            CloseReason::Local(state.local.get().cloned().unwrap_or_default())
+        }
+        ConnectionError::Reset => CloseReason::Reset,
+        ConnectionError::VersionMismatch | ConnectionError::CidsExhausted => {
+            CloseReason::Failed(Failure::Quic(Arc::new(e.clone())))
+        }
+    };
+    match reason {
+        CloseReason::Tls(f) => CloseReason::Tls(f.with_our_issuer(state.ours.as_deref())),
+        other => other,
     }
-    reason.to_owned()
 }

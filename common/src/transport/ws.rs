@@ -16,9 +16,11 @@
 //! the relay has accepted our certificate (TLS 1.3 lets a client finish its handshake before the
 //! server has checked the client certificate).
 //!
-//! Both ends send a WebSocket Ping every [`DEFAULT_PING_INTERVAL`] and give up on a peer that has
-//! been silent for two intervals. This keeps idle connections alive through proxies and load
-//! balancers and detects dead peers for sessions without an application heartbeat.
+//! Both ends send a WebSocket Ping every [`Liveness::keep_alive`] (by default every
+//! [`DEFAULT_PING_INTERVAL`]) and give up on a peer that has been silent for
+//! [`Liveness::idle_timeout`] (by default two intervals). This keeps idle connections alive
+//! through proxies and load balancers and detects dead peers for sessions without an application
+//! heartbeat.
 //!
 //! A session closed with a reason sends it as the WebSocket Close reason, so the peer's
 //! [`Session::closed`] says why.
@@ -49,14 +51,14 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::either::Either;
 use tracing::Instrument;
 
+use super::addr::{RelayUrl, Scheme, authority};
 use super::mux::{self, Link};
 use super::proxy::{self, Proxy, ProxyError};
-use super::{Inner, Session, TransportError};
-use crate::config::{RelayUrl, Scheme};
-use crate::tls::{self, Material};
+use super::{CloseReason, ConnectError, Failure, Inner, Liveness, Session, TransportError};
+use crate::tls::{self, ClientTls, Material, Note, ServerTls, TlsFailure};
 
 /// The relay's WebSocket path unless the URL names another.
-pub const DEFAULT_PATH: &str = "/v1/tunnel";
+pub use super::addr::DEFAULT_PATH;
 
 /// How often each end pings; a peer silent for two intervals is dead.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -71,6 +73,13 @@ pub const MAX_STREAMS: usize = mux::MAX_STREAMS;
 /// How much memory all stream windows of one session may grow by beyond yamux's fixed initial
 /// 256 KiB per stream. A stream whose reader stops holds at most those 256 KiB.
 pub const EXTRA_WINDOW: usize = mux::EXTRA_WINDOW;
+
+/// How much data one session may hold that no reader has taken yet; past it, the session stops
+/// reading from the peer until readers catch up (as QUIC's connection window does).
+pub const MAX_UNREAD: usize = mux::MAX_UNREAD;
+
+/// How many streams the peer may open that have not been accepted yet; more are reset.
+pub const ACCEPT_BACKLOG: usize = mux::ACCEPT_BACKLOG;
 
 /// How long the relay waits for a client's inner TLS handshake after the upgrade.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,8 +112,8 @@ pub struct ConnectOptions {
     pub outer_roots: Option<Arc<RootCertStore>>,
     /// An HTTP CONNECT proxy to go through.
     pub proxy: Option<Proxy>,
-    /// WebSocket Ping interval; a relay silent for two intervals ends the session.
-    pub ping_interval: Duration,
+    /// How often to Ping, and how long a silent relay may take before the session ends.
+    pub liveness: Liveness,
     /// Bound on the whole connect, up to the relay's ready marker.
     pub connect_timeout: Duration,
 }
@@ -120,7 +129,7 @@ impl ConnectOptions {
             headers: Vec::new(),
             outer_roots: None,
             proxy: None,
-            ping_interval: DEFAULT_PING_INTERVAL,
+            liveness: Liveness::pings(DEFAULT_PING_INTERVAL),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
@@ -129,8 +138,8 @@ impl ConnectOptions {
 /// How the relay runs accepted WebSocket sessions.
 #[derive(Debug, Clone)]
 pub struct AcceptOptions {
-    /// WebSocket Ping interval; a client silent for two intervals ends the session.
-    pub ping_interval: Duration,
+    /// How often to Ping, and how long a silent client may take before the session ends.
+    pub liveness: Liveness,
     /// Bound on the inner TLS handshake after the upgrade.
     pub handshake_timeout: Duration,
 }
@@ -138,7 +147,7 @@ pub struct AcceptOptions {
 impl Default for AcceptOptions {
     fn default() -> Self {
         Self {
-            ping_interval: DEFAULT_PING_INTERVAL,
+            liveness: Liveness::pings(DEFAULT_PING_INTERVAL),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
@@ -165,7 +174,7 @@ pub async fn connect(
     if opts.url.scheme == Scheme::Quic {
         return Err(TransportError::Connect {
             addr,
-            reason: "not a websocket url: use ws:// or wss://".into(),
+            source: ConnectError::NotWebsocket,
         });
     }
     let span = tracing::debug_span!("ws_connect", relay = %addr);
@@ -173,7 +182,7 @@ pub async fn connect(
         Ok(result) => result,
         Err(_) => Err(TransportError::Connect {
             addr,
-            reason: format!("timed out after {}ms", opts.connect_timeout.as_millis()),
+            source: ConnectError::TimedOut(opts.connect_timeout),
         }),
     }
 }
@@ -203,20 +212,32 @@ pub async fn accept_with<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let fail = |reason: String| TransportError::Connect {
+    let fail = |source| TransportError::Connect {
         addr: remote.to_string(),
-        reason,
+        source,
     };
     let link = Link::new();
-    let io = WsIo::new(ws, opts.ping_interval, link.clone());
-    let cfg = tls::link_server(material).map_err(|e| fail(e.to_string()))?;
+    let io = WsIo::new(ws, opts.liveness, link.clone());
+    let note = Note::new();
+    let cfg = ServerTls::link(material)
+        .and_then(|t| t.config(Some(note.clone())))
+        .map_err(|e| fail(ConnectError::Config(e)))?;
     let handshake = TlsAcceptor::from(Arc::new(cfg)).accept(io).into_fallible();
     let mut stream = match tokio::time::timeout(opts.handshake_timeout, handshake).await {
-        Err(_) => return Err(fail("inner tls handshake timed out".into())),
+        Err(_) => return Err(fail(ConnectError::TimedOut(opts.handshake_timeout))),
         Ok(Err((e, mut io))) => {
-            let why = tls::describe_handshake_error(&e);
-            io.refuse(&format!("tls handshake failed: {why}")).await;
-            return Err(fail(format!("inner tls handshake: {why}")));
+            let e = tls::with_note(e, note.take());
+            let source = match TlsFailure::from_io(&e) {
+                Some(f) => {
+                    io.refuse(&format!("tls handshake failed: {f}")).await;
+                    ConnectError::tls(f)
+                }
+                None => {
+                    io.refuse("tls handshake failed").await;
+                    ConnectError::TlsIo(e)
+                }
+            };
+            return Err(fail(source));
         }
         Ok(Ok(s)) => s,
     };
@@ -234,8 +255,11 @@ where
     stream
         .write_all(READY)
         .await
-        .map_err(|e| fail(e.to_string()))?;
-    stream.flush().await.map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(ConnectError::Io(e)))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| fail(ConnectError::Io(e)))?;
     let span = tracing::info_span!("ws_session", remote = %remote, peer = %peer);
     Ok(Session {
         inner: Inner::Mux(mux::start(stream, yamux::Mode::Server, link, span)),
@@ -267,16 +291,16 @@ where
         .await
         .map_err(|e| TransportError::Connect {
             addr: "websocket client".into(),
-            reason: format!("websocket upgrade: {e}"),
+            source: ConnectError::Upgrade(e),
         })
 }
 
 async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, TransportError> {
     let url = &opts.url;
     let addr = url.to_string();
-    let fail = |reason: String| TransportError::Connect {
+    let fail = |source| TransportError::Connect {
         addr: addr.clone(),
-        reason,
+        source,
     };
 
     let (host, port) = match &opts.proxy {
@@ -290,30 +314,31 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
                 proxy: p.to_string(),
                 source: e,
             }),
-            None => fail(e.to_string()),
+            None => fail(ConnectError::Io(e)),
         })?;
     crate::net::tune(&tcp);
-    let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+    let remote = tcp.peer_addr().map_err(|e| fail(ConnectError::Io(e)))?;
     if let Some(p) = &opts.proxy {
         proxy::tunnel(&mut tcp, p, &url.host, url.port).await?;
         tracing::debug!(proxy = %p, "proxy tunnel open");
     }
 
     let outer = if url.scheme == Scheme::Wss {
-        let cfg = outer_client(opts, material).map_err(|e| fail(format!("outer tls: {e}")))?;
+        let cfg = outer_client(opts, material)
+            .map_err(|e| fail(ConnectError::Config(tls::TlsError::Rustls(e))))?;
         let sni = opts.sni.as_deref().unwrap_or(&url.host);
-        let name = tls::server_name(sni).map_err(|e| fail(format!("outer tls: {e}")))?;
+        let name = tls::server_name(sni).map_err(|e| fail(ConnectError::Config(e)))?;
         let stream = TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await
-            // Not `describe_handshake_error`: the outer CA need not be the Postern CA.
-            .map_err(|e| fail(format!("outer tls: {e}")))?;
+            // Not described as a link failure: the outer CA need not be the Postern CA.
+            .map_err(|e| fail(ConnectError::OuterTls(e)))?;
         Either::Right(stream)
     } else {
         Either::Left(tcp)
     };
 
-    let request = upgrade_request(opts).map_err(fail)?;
+    let request = upgrade_request(opts).map_err(|e| fail(ConnectError::Request(e)))?;
     let (ws, _) =
         tokio_tungstenite::client_async_with_config(request, outer, Some(websocket_config()))
             .await
@@ -321,9 +346,11 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
     tracing::debug!("websocket open");
 
     let link = Link::new();
-    let io = WsIo::new(ws, opts.ping_interval, link.clone());
-    let cfg = tls::link_client(material).map_err(|e| fail(e.to_string()))?;
-    let name = tls::server_name(&opts.server_name).map_err(|e| fail(e.to_string()))?;
+    let io = WsIo::new(ws, opts.liveness, link.clone());
+    let client_tls = ClientTls::link(material).map_err(|e| fail(ConnectError::Config(e)))?;
+    let note = Note::new();
+    let cfg = client_tls.config(Some(note.clone()));
+    let name = tls::server_name(&opts.server_name).map_err(|e| fail(ConnectError::Config(e)))?;
     let mut stream = match TlsConnector::from(Arc::new(cfg))
         .connect(name, io)
         .into_fallible()
@@ -331,27 +358,30 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
     {
         Ok(s) => s,
         Err((e, mut io)) => {
-            let why = tls::describe_handshake_error(&e);
             io.refuse("tls handshake failed").await;
-            return Err(fail(format!("inner tls handshake: {why}")));
+            let e = tls::with_note(e, note.take());
+            return Err(fail(match TlsFailure::from_io(&e) {
+                Some(f) => ConnectError::tls(client_tls.explain(f)),
+                None => ConnectError::TlsIo(e),
+            }));
         }
     };
     let mut marker = [0u8; READY.len()];
     if let Err(e) = stream.read_exact(&mut marker).await {
-        let why = match link.peer_reason().filter(|r| !r.is_empty()) {
-            Some(r) => format!("relay refused the session: {r}"),
-            None => format!(
-                "relay refused the session: {}",
-                tls::describe_handshake_error(&e)
-            ),
+        // TLS 1.3 lets us finish our handshake before the relay has checked our certificate: a
+        // refusal arrives here, as an alert (the same one QUIC carries), or as the relay's Close.
+        let why = match TlsFailure::from_io(&e) {
+            Some(f) => CloseReason::Tls(client_tls.explain(f)),
+            None => match link.peer_reason() {
+                Some(r) => CloseReason::Peer(r),
+                None => CloseReason::Failed(Failure::Io(Arc::new(e))),
+            },
         };
-        return Err(fail(why));
+        return Err(fail(ConnectError::Refused(why)));
     }
     if &marker != READY {
         stream.get_mut().0.refuse("unexpected answer").await;
-        return Err(fail(
-            "unexpected answer after the tls handshake (not a postern relay?)".into(),
-        ));
+        return Err(fail(ConnectError::NotPostern));
     }
     let span = tracing::info_span!("ws_session", relay = %addr, remote = %remote);
     Ok(Session {
@@ -390,49 +420,71 @@ const RESERVED_HEADERS: &[&str] = &[
     "sec-websocket-protocol",
 ];
 
-fn upgrade_request(opts: &ConnectOptions) -> Result<Request, String> {
+/// An upgrade request that cannot be made from the [`ConnectOptions`].
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The URL does not make a WebSocket request.
+    #[error("invalid websocket url {uri}: {source}")]
+    Url {
+        /// The URL.
+        uri: String,
+        /// Why not.
+        #[source]
+        source: tungstenite::Error,
+    },
+    /// A header the handshake sets itself.
+    #[error("header {0:?} is set by the websocket handshake (use host_header for Host)")]
+    Reserved(String),
+    /// A header name that HTTP does not allow.
+    #[error("invalid header name {0:?}")]
+    Name(String),
+    /// A header value that HTTP does not allow.
+    #[error("invalid value for header {0}")]
+    Value(String),
+}
+
+fn upgrade_request(opts: &ConnectOptions) -> Result<Request, RequestError> {
     let url = &opts.url;
-    let (scheme, default_port) = match url.scheme {
-        Scheme::Wss => ("wss", 443),
-        _ => ("ws", 80),
+    let scheme = match url.scheme {
+        Scheme::Wss => Scheme::Wss,
+        _ => Scheme::Ws,
     };
-    let host = if url.host.contains(':') {
-        format!("[{}]", url.host)
+    let host_port = if Some(url.port) == scheme.default_port() {
+        if url.host.contains(':') {
+            format!("[{}]", url.host)
+        } else {
+            url.host.clone()
+        }
     } else {
-        url.host.clone()
-    };
-    let authority = if url.port == default_port {
-        host
-    } else {
-        format!("{host}:{}", url.port)
+        authority(&url.host, url.port)
     };
     let path = if url.path.is_empty() {
         DEFAULT_PATH
     } else {
         &url.path
     };
-    let uri = format!("{scheme}://{authority}{path}");
+    let uri = format!("{}://{host_port}{path}", scheme.as_str());
     let mut request = uri
         .as_str()
         .into_client_request()
-        .map_err(|e| format!("invalid websocket url {uri}: {e}"))?;
+        .map_err(|source| RequestError::Url {
+            uri: uri.clone(),
+            source,
+        })?;
     let headers = request.headers_mut();
     if let Some(h) = &opts.host_header {
-        let value =
-            HeaderValue::from_str(h).map_err(|_| format!("invalid host header value {h:?}"))?;
+        let value = HeaderValue::from_str(h).map_err(|_| RequestError::Value("host".into()))?;
         headers.insert(header::HOST, value);
     }
     for (name, value) in &opts.headers {
         let name_lc = name.to_ascii_lowercase();
         if RESERVED_HEADERS.contains(&name_lc.as_str()) {
-            return Err(format!(
-                "header {name:?} is set by the websocket handshake (use host_header for Host)"
-            ));
+            return Err(RequestError::Reserved(name.clone()));
         }
         let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("invalid header name {name:?}"))?;
-        let value =
-            HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+            .map_err(|_| RequestError::Name(name.clone()))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| RequestError::Value(name.as_str().to_owned()))?;
         headers.append(name, value);
     }
     Ok(request)
@@ -466,7 +518,7 @@ fn upgrade_error(addr: &str, e: tungstenite::Error) -> TransportError {
         }
         other => TransportError::Connect {
             addr: addr.to_owned(),
-            reason: format!("websocket upgrade: {other}"),
+            source: ConnectError::Upgrade(other),
         },
     }
 }
@@ -482,13 +534,13 @@ pub(super) struct WsIo<S> {
     /// The peer sent Close or the connection ended.
     eof: bool,
     link: Arc<Link>,
-    live: Liveness,
+    live: Live,
     state: CloseState,
 }
 
-struct Liveness {
+struct Live {
     tick: Interval,
-    interval: Duration,
+    every: Liveness,
     last_seen: Instant,
     last_ping: Instant,
     ping_due: bool,
@@ -515,11 +567,14 @@ enum CloseStep {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
-    fn new(ws: WebSocketStream<S>, ping_interval: Duration, link: Arc<Link>) -> Self {
-        let interval = ping_interval.max(Duration::from_millis(10));
-        // Checked twice per interval: a dead peer is noticed between two and two and a half
-        // intervals after it last spoke.
-        let mut tick = tokio::time::interval(interval / 2);
+    fn new(ws: WebSocketStream<S>, liveness: Liveness, link: Arc<Link>) -> Self {
+        let every = Liveness::new(
+            liveness.keep_alive.max(Duration::from_millis(10)),
+            liveness.idle_timeout.max(Duration::from_millis(20)),
+        );
+        // Checked four times per keep-alive (or idle timeout, if shorter): a dead peer is noticed
+        // within a quarter of that after the idle timeout.
+        let mut tick = tokio::time::interval(every.keep_alive.min(every.idle_timeout) / 4);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let now = Instant::now();
         Self {
@@ -528,9 +583,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
             write: BytesMut::new(),
             eof: false,
             link,
-            live: Liveness {
+            live: Live {
                 tick,
-                interval,
+                every,
                 last_seen: now,
                 last_ping: now,
                 ping_due: false,
@@ -628,21 +683,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
         }
         while self.live.tick.poll_tick(cx).is_ready() {
             let now = Instant::now();
+            if self.link.paused() {
+                // We are not reading (too much unread data): what the peer sent waits unread, so
+                // its silence is ours.
+                self.live.last_seen = now;
+            }
             let silent = now.saturating_duration_since(self.live.last_seen);
-            if silent >= self.live.interval * 2 {
+            if silent >= self.live.every.idle_timeout {
                 self.live.dead = true;
-                let why = format!(
-                    "timed out: no answer from peer for {}ms",
-                    silent.as_millis()
-                );
                 tracing::debug!(
                     silent_ms = silent.as_millis() as u64,
                     "websocket peer is silent"
                 );
-                self.link.set_failure(why.clone());
-                return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+                let why = CloseReason::TimedOut {
+                    silent: Some(silent),
+                };
+                let e = io::Error::new(io::ErrorKind::TimedOut, why.to_string());
+                self.link.set_failure(why);
+                return Err(e);
             }
-            if now.saturating_duration_since(self.live.last_ping) >= self.live.interval {
+            if now.saturating_duration_since(self.live.last_ping) >= self.live.every.keep_alive {
                 self.live.ping_due = true;
             }
         }
@@ -675,12 +735,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
     fn ws_error(&self, e: tungstenite::Error) -> io::Error {
         match e {
             tungstenite::Error::Io(e) => {
-                self.link.set_failure(format!("connection lost: {e}"));
-                e
+                let e = Arc::new(e);
+                self.link
+                    .set_failure(CloseReason::Failed(Failure::Io(e.clone())));
+                io::Error::new(e.kind(), Failure::Io(e))
             }
             other => {
-                self.link.set_failure(format!("websocket error: {other}"));
-                io::Error::other(other)
+                let other = Arc::new(other);
+                self.link
+                    .set_failure(CloseReason::Failed(Failure::WebSocket(other.clone())));
+                io::Error::other(Failure::WebSocket(other))
             }
         }
     }
@@ -742,10 +806,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 }
                 Some(Ok(Message::Text(_))) => {
                     this.link
-                        .set_failure("peer sent a websocket text message".into());
+                        .set_failure(CloseReason::Failed(Failure::TextMessage));
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        "unexpected websocket text message",
+                        Failure::TextMessage,
                     )));
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -758,8 +822,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 }
                 Some(Err(e)) => return Poll::Ready(Err(this.ws_error(e))),
                 None => {
-                    this.link
-                        .set_failure("connection lost: closed without a websocket close".into());
+                    this.link.set_failure(CloseReason::Failed(Failure::Eof));
                     this.eof = true;
                 }
             }
@@ -773,6 +836,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// Gathers every slice that fits. rustls hands over queued records as several slices in one
+    /// write, and its last write before it gives up on a handshake is the only one: taking just
+    /// the first slice would lose the alert that tells the peer why.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if let Some(p) = this.poll_close_request(cx) {
             ready!(p);
@@ -785,9 +859,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         if this.write.capacity() == 0 {
             this.write.reserve(MESSAGE_SIZE);
         }
-        let n = buf.len().min(MESSAGE_SIZE - this.write.len());
-        this.write.extend_from_slice(&buf[..n]);
+        let mut n = 0;
+        for buf in bufs {
+            let k = buf.len().min(MESSAGE_SIZE - this.write.len());
+            this.write.extend_from_slice(&buf[..k]);
+            n += k;
+            if k < buf.len() {
+                break;
+            }
+        }
         Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -176,9 +176,14 @@ async fn agent_reconnects_by_itself_after_the_relay_is_killed_and_restarted() {
 /// A raw QUIC connection to the relay with the given certificate, as a misbehaving peer.
 async fn raw_session(pki: &TestPki, base: &str, relay: std::net::SocketAddr) -> quinn::Connection {
     let material = pki.material(base);
-    let ep =
-        postern_common::transport::quic::client(relay, &material, Duration::from_secs(10)).unwrap();
-    ep.connect(relay, "localhost")
+    let ep = postern_common::transport::quic::client(
+        relay,
+        &material,
+        postern_common::transport::Liveness::AGENT,
+    )
+    .unwrap();
+    ep.endpoint()
+        .connect(relay, "localhost")
         .unwrap()
         .await
         .expect("tls handshake with the relay")
@@ -368,12 +373,12 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let addr = ep.local_addr().unwrap();
+    let addr = ep.endpoint().local_addr().unwrap();
     let mut agent = AgentRun::start(
         pki.dir(),
         &agent_yaml(&pki, "db1", addr, "orders", &db.backend()),
     );
-    let conn = ep.accept().await.unwrap().await.unwrap();
+    let conn = ep.endpoint().accept().await.unwrap().await.unwrap();
     let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await.unwrap();
     let _hello: postern_common::protocol::Control = postern_common::wire::read_first(&mut ctl_recv)
         .await

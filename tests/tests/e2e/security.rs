@@ -96,7 +96,7 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
         .replace("agent-db1.pem", &format!("{base}.pem"))
         .replace("agent-db1-key.pem", &format!("{base}-key.pem"));
     let expired = AgentRun::start(dir.path(), &yaml);
-    let line = wait_log(&relay, "certificate expired").await;
+    let line = wait_log(&relay, "certificate has expired").await;
     assert!(line.contains("refused connection"), "{line}");
     expired.stop().await;
 
@@ -257,4 +257,139 @@ async fn a_revoked_certificate_is_refused_without_restarting_the_relay() {
     ));
     agent.stop().await;
     relay.stop().await;
+}
+
+/// Two CAs made by `certs init`, as an operator makes them: a client certificate from the other
+/// one is refused as coming from an unknown CA (not as a failed signature, which is what CAs of
+/// the same name gave), the relay's log names both CAs, and the client is told its CA is not
+/// trusted, over QUIC and over the MySQL listener's TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_postern_ca_is_refused_as_from_an_unknown_ca() {
+    use postern_common::transport::{CloseReason, Liveness, quic};
+    use std::process::Command;
+    use tokio::io::AsyncWriteExt;
+
+    init_logging();
+    let certs = |dir: &std::path::Path, args: &[&str]| {
+        let out = Command::new(procs::bin("postern-relay"))
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ca_name = |dir: &std::path::Path| {
+        let der = rustls_pki_types::pem::PemObject::from_pem_file(dir.join("ca.pem")).unwrap();
+        postern_common::pki::issuer_name(&der).unwrap()
+    };
+    let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ours, theirs) = (ours.path(), theirs.path());
+    certs(ours, &["init"]);
+    certs(
+        ours,
+        &[
+            "issue",
+            "server",
+            "relay",
+            "--dns",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ],
+    );
+    certs(ours, &["issue", "agent", "db1"]);
+    certs(theirs, &["init"]);
+    certs(theirs, &["issue", "client", "alice"]);
+    let (trusted, foreign) = (ca_name(ours), ca_name(theirs));
+    assert_ne!(trusted, foreign);
+
+    let db = MariaDb::start().await;
+    let tls = |dir: &std::path::Path, base: &str| {
+        format!(
+            "tls:\n  ca: {}\n  cert: {}\n  key: {}\n",
+            dir.join("ca.pem").display(),
+            dir.join(format!("{base}.pem")).display(),
+            dir.join(format!("{base}-key.pem")).display()
+        )
+    };
+    let relay = RelayProc::start(
+        ours,
+        &format!(
+            "listen:\n  quic: 127.0.0.1:0\n  http: 127.0.0.1:0\n{}heartbeat_interval: 1s\nhandshake_timeout: 5s\nagents:\n  db1:\n    services: [orders]\nservices:\n  orders:\n    listen: 127.0.0.1:0\n    clients: [alice]\n",
+            tls(ours, "server-relay")
+        ),
+    )
+    .await;
+    let mut agent = AgentRun::start(
+        ours,
+        &format!(
+            "relay: quic://{}\nserver_name: localhost\n{}services:\n  orders:\n    backend: {}\n",
+            relay.quic,
+            tls(ours, "agent-db1"),
+            db.backend()
+        ),
+    );
+    agent.wait_connected().await;
+    let named_both = |line: &str| {
+        line.contains("unknown CA")
+            && line.contains(&format!("{foreign:?}"))
+            && line.contains(&format!("{trusted:?}"))
+            && !line.contains("decrypt")
+    };
+
+    // Over QUIC: alice of the other CA, trusting our relay.
+    let alice = postern_common::tls::Material::load(
+        &ours.join("ca.pem"),
+        &theirs.join("client-alice.pem"),
+        &theirs.join("client-alice-key.pem"),
+    )
+    .unwrap();
+    let ep = quic::client(relay.quic, &alice, Liveness::CONNECT).unwrap();
+    let seen = match ep.connect(relay.quic, "localhost").await {
+        Err(e) => e.close_reason().cloned().expect("a refusal"),
+        Ok(session) => {
+            // TLS 1.3 lets the client finish first; the refusal ends the session.
+            if let Ok(mut s) = session.open().await {
+                let _ = s.write_all(b"?").await;
+            }
+            tokio::time::timeout(Duration::from_secs(5), session.closed())
+                .await
+                .expect("the relay ends the session")
+        }
+    };
+    let CloseReason::Tls(f) = &seen else {
+        panic!("not a tls refusal: {seen}");
+    };
+    assert_eq!(
+        f.to_string(),
+        format!(
+            "the peer does not trust the CA that issued our certificate (unknown CA: ours is {foreign:?})"
+        )
+    );
+    let line = wait_log(&relay, "refused connection").await;
+    assert!(named_both(&line), "{line}");
+
+    // Over the MySQL listener's TLS, with the MariaDB client.
+    let port = relay.listener("orders", "mysql").port();
+    let args = [
+        format!("--ssl-ca={}", ours.join("ca.pem").display()),
+        "--ssl-verify-server-cert".to_owned(),
+        format!("--ssl-cert={}", theirs.join("client-alice.pem").display()),
+        format!(
+            "--ssl-key={}",
+            theirs.join("client-alice-key.pem").display()
+        ),
+    ];
+    let err = crate::mysql_tls::failed(&crate::mysql_tls::cli(port, "root", &args, "SELECT 1"));
+    assert!(err.to_lowercase().contains("unknown ca"), "{err}");
+    assert!(!err.to_lowercase().contains("decrypt"), "{err}");
+    let line = wait_log(&relay, "refused client: tls handshake failed").await;
+    assert!(named_both(&line), "{line}");
+    agent.stop().await;
 }
