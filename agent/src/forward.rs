@@ -1,39 +1,61 @@
 //! One data stream from the relay: read its open frame, connect to the backend, pipe bytes.
 //!
 //! A stream in [`StreamMode::MysqlE2e`] carries a MySQL client's raw connection (the relay only
-//! splices it): the agent runs the MySQL front end itself ([`front::serve_tls`]) with the
+//! splices it): the agent runs the MySQL front end itself ([`server::serve_tls`]) with the
 //! service's certificate and the policy the relay sent, so TLS ends here and the relay never
-//! sees queries, results or passwords.
+//! sees queries, results or passwords. The agent greets the client with a copy of the
+//! database's greeting (fetched on first need and refreshed after every login) and connects to
+//! the database only once the client is authorised, so a client that has not shown a valid
+//! certificate costs the database nothing; its deadlines count from the stream's arrival, and
+//! at most `max_handshakes` such clients per service wait at once (a newcomer evicts the
+//! oldest).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_common::front::{self, Meta, Policy};
-use postern_common::protocol::{Answer, Code, Open, StreamMode};
+use bytes::BytesMut;
+use postern_common::events::{Event, Origin};
+use postern_common::mysql::server::{self, Deadlines, Dialled, Front, Greeter, Rules};
+use postern_common::mysql::{Greeting, MysqlError, PacketReader};
+use postern_common::pki::Identity;
+use postern_common::protocol::{Answer, Code, Open, Refusal, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::{net, splice, wire};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
-use crate::config::Config;
-use crate::policy::SessionPolicy;
+use crate::config::{Config, Service};
+use crate::e2e::{EndToEnd, FrontEnd};
 
 /// How long the relay has to send the open frame of a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one stream the relay opened.
-pub(crate) async fn serve(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: Stream) {
+pub(crate) async fn serve(
+    config: Arc<Config>,
+    front: Arc<FrontEnd>,
+    e2e: Arc<EndToEnd>,
+    mut stream: Stream,
+) {
+    let arrived = Instant::now();
     let open =
         match tokio::time::timeout(OPEN_TIMEOUT, wire::read_first::<_, Open>(&mut stream)).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
-                warn!(error = %e, "refused stream: bad open frame");
+                let r = Refusal::new(Code::BadRequest, format!("bad open frame: {e}"));
+                front
+                    .events
+                    .refused(Origin::AgentStream, None, None, None, &r);
                 stream.abort();
                 return;
             }
             Err(_) => {
-                warn!("refused stream: no open frame in time");
+                let r = Refusal::new(Code::BadRequest, "no open frame in time");
+                front
+                    .events
+                    .refused(Origin::AgentStream, None, None, None, &r);
                 stream.abort();
                 return;
             }
@@ -43,61 +65,47 @@ pub(crate) async fn serve(config: Arc<Config>, policy: Arc<SessionPolicy>, mut s
     if !open.client.is_empty() {
         span.record("client", &open.client);
     }
-    forward(config, policy, stream, open).instrument(span).await
+    forward(config, front, e2e, stream, open, arrived)
+        .instrument(span)
+        .await
 }
 
-async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: Stream, open: Open) {
+async fn forward(
+    config: Arc<Config>,
+    front: Arc<FrontEnd>,
+    e2e: Arc<EndToEnd>,
+    mut stream: Stream,
+    open: Open,
+    arrived: Instant,
+) {
     let Some(svc) = config.services.get(&open.service) else {
-        refuse(
-            &mut stream,
+        let r = Refusal::new(
             Code::UnknownService,
             format!(
                 "agent {} does not offer service {:?}",
                 config.name, open.service
             ),
-        )
-        .await;
-        return;
+        );
+        return refuse(&front, &mut stream, &open, r).await;
     };
-    let e2e = match open.mode {
-        StreamMode::Plain => None,
-        StreamMode::MysqlE2e => match policy.for_service(&config.name, &svc.name).await {
-            Ok((rules, acceptor)) => {
-                // A burst waits for a handshake slot, for up to half the deadline: the relay
-                // waits for this stream's answer for the whole deadline, and the refusal must
-                // reach it first.
-                let timeout = Duration::from_millis(rules.policy.handshake_timeout_ms);
-                let slots = rules.handshakes.clone();
-                match tokio::time::timeout(timeout / 2, slots.acquire_owned()).await {
-                    Ok(Ok(slot)) => Some((rules.policy, acceptor, slot)),
-                    _ => {
-                        let message = format!(
-                            "too many connections to service {:?} in their handshake (limit {})",
-                            svc.name, rules.policy.max_handshakes
-                        );
-                        refuse(&mut stream, Code::TooManyConnections, message).await;
-                        return;
-                    }
-                }
-            }
-            Err(message) => {
-                refuse(&mut stream, Code::NotAuthorized, message).await;
-                return;
-            }
-        },
-    };
-    // The handshake deadline runs from here, as it runs at the relay from the accepted client.
-    let started = Instant::now();
+    match open.mode {
+        StreamMode::Plain => plain(&front, svc, stream, &open).await,
+        StreamMode::MysqlE2e => {
+            // Boxed: the TLS front end's state is large, and plain streams (most of them, and
+            // every idle one) must not carry its size.
+            Box::pin(end_to_end(
+                &config, &front, &e2e, svc, stream, &open, arrived,
+            ))
+            .await
+        }
+    }
+}
+
+/// The client's bytes as the backend takes them: connect, answer, splice.
+async fn plain(front: &FrontEnd, svc: &Service, mut stream: Stream, open: &Open) {
     let mut tcp = match net::connect(&svc.backend, svc.connect_timeout).await {
         Ok(t) => t,
-        Err(e) => {
-            let message = format!(
-                "service {:?} is unavailable: cannot connect to backend {}: {e}",
-                svc.name, svc.backend
-            );
-            refuse(&mut stream, Code::BackendUnavailable, message).await;
-            return;
-        }
+        Err(e) => return refuse(front, &mut stream, open, cannot_connect(svc, &e)).await,
     };
     let ok = Answer::Ok {
         backend: svc.backend.clone(),
@@ -106,47 +114,195 @@ async fn forward(config: Arc<Config>, policy: Arc<SessionPolicy>, mut stream: St
         debug!(error = %e, "relay went away before the stream started");
         return;
     }
-    if let Some((rules, acceptor, handshake)) = e2e {
-        let timeout = Duration::from_millis(rules.handshake_timeout_ms);
-        let policy = Policy {
-            service: &rules.name,
-            clients: &rules.clients,
-            allowed_users: &rules.allowed_users,
-            client_attribute: rules.client_attribute,
-            handshake_timeout: timeout,
-        };
-        let meta = Meta {
+    // A stream without a client is the relay reading the greeting for its template.
+    if !open.pre_auth {
+        front.events.emit(Event::Opened {
+            origin: Origin::AgentStream,
             conn_id: open.conn_id,
-            backend: &svc.backend,
-        };
-        debug!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend; tls ends here");
-        // Boxed: the TLS front end's state is large, and plain streams (most of them, and every
-        // idle one) must not carry its size.
-        Box::pin(front::serve_tls(
-            &policy,
-            meta,
-            stream,
-            tcp,
-            &acceptor,
-            started + timeout,
-            handshake,
-        ))
-        .await;
-        return;
+            service: svc.name.clone(),
+            identity: (!open.client.is_empty())
+                .then(|| Identity::Client(open.client.clone()).uri()),
+            via: svc.backend.clone(),
+        });
     }
-    info!(client_addr = %open.client_addr, backend = %svc.backend, "connected to backend");
-    match splice::splice(&mut stream, &mut tcp).await {
-        Ok(t) => debug!(up = t.a_to_b, down = t.b_to_a, "stream closed"),
+    let (up, down, failure) = match splice::splice(&mut stream, &mut tcp).await {
+        Ok(t) => (t.a_to_b, t.b_to_a, None),
         Err(e) => {
-            debug!(error = %e, "stream failed");
             stream.abort();
             net::reset_on_close(&tcp);
+            (0, 0, Some(e.to_string()))
         }
+    };
+    if !open.pre_auth {
+        front.events.emit(Event::Closed {
+            origin: Origin::AgentStream,
+            conn_id: open.conn_id,
+            service: svc.name.clone(),
+            up,
+            down,
+            failure,
+        });
     }
 }
 
-async fn refuse(stream: &mut Stream, code: Code, message: String) {
-    warn!(%code, reason = %message, "refused stream");
-    let _ = wire::write_first(stream, &Answer::Refused { code, message }).await;
+/// TLS ends here: the MySQL front end, with the database reached once the client is
+/// authorised.
+async fn end_to_end(
+    config: &Config,
+    front: &FrontEnd,
+    e2e: &EndToEnd,
+    svc: &Service,
+    mut stream: Stream,
+    open: &Open,
+    arrived: Instant,
+) {
+    let (policy, acceptor) = match e2e.for_service(&config.name, &svc.name).await {
+        Ok(p) => p,
+        Err(message) => {
+            return refuse(
+                front,
+                &mut stream,
+                open,
+                Refusal::new(Code::NotAuthorized, message),
+            )
+            .await;
+        }
+    };
+    let handshake = Duration::from_millis(policy.handshake_timeout_ms);
+    let first_packet = match policy.first_packet_timeout_ms {
+        0 => handshake,
+        ms => Duration::from_millis(ms),
+    };
+    let deadlines = Deadlines::from_accept(arrived, first_packet, handshake);
+    let template = front
+        .greetings
+        .get_or_fetch(&svc.name, || fetch_greeting(svc));
+    let template = match tokio::time::timeout_at(deadlines.handshake, template).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(r)) => return refuse(front, &mut stream, open, r).await,
+        Err(_) => {
+            let r = cannot_connect(svc, &"no greeting in time");
+            return refuse(front, &mut stream, open, r).await;
+        }
+    };
+    let Some(gate) = front.gates.get(&svc.name) else {
+        return;
+    };
+    let (admission, _) = gate.admit(policy.max_handshakes);
+    let ok = Answer::Ok {
+        backend: svc.backend.clone(),
+    };
+    if let Err(e) = wire::write_first(&mut stream, &ok).await {
+        debug!(error = %e, "relay went away before the stream started");
+        return;
+    }
+    let peer: Option<SocketAddr> = open.client_addr.parse().ok();
+    let front_end = Front {
+        rules: Rules {
+            service: &policy.name,
+            clients: &policy.clients,
+            allowed_users: &policy.allowed_users,
+            client_attribute: policy.client_attribute,
+            handshake_timeout: handshake,
+        },
+        events: &front.events,
+        origin: Origin::AgentStream,
+        peer,
+    };
+    let greeter = Greeter {
+        acceptor: &acceptor,
+        greetings: &front.greetings,
+        ids: &front.ids,
+        template,
+        deadlines,
+    };
+    let conn_id = open.conn_id;
+    let dial = |_: Identity| async move {
+        let tcp = net::connect(&svc.backend, svc.connect_timeout)
+            .await
+            .map_err(|e| cannot_connect(svc, &e))?;
+        debug!(client_addr = %open.client_addr, backend = %svc.backend, "client authorised; connected to backend");
+        Ok(Dialled {
+            io: tcp,
+            conn_id,
+            via: svc.backend.clone(),
+            node: svc.backend.clone(),
+            slot: None,
+        })
+    };
+    server::serve_tls(&front_end, greeter, admission, stream, dial).await;
+}
+
+/// Reads the database's greeting for the service's template, on a connection that is closed
+/// right after it.
+async fn fetch_greeting(svc: &Service) -> Result<Greeting, Refusal> {
+    let mut tcp = net::connect(&svc.backend, svc.connect_timeout)
+        .await
+        .map_err(|e| cannot_connect(svc, &e))?;
+    let read = async {
+        let mut reader = PacketReader::default();
+        let mut buf = BytesMut::new();
+        loop {
+            if let Some(p) = reader.decode(&mut buf).map_err(|e| e.to_string())? {
+                return Ok(p);
+            }
+            buf.reserve(512);
+            match tcp.read_buf(&mut buf).await {
+                Ok(0) => return Err("the database closed the connection".to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let packet = tokio::time::timeout(svc.connect_timeout, read).await;
+    let _ = tcp.shutdown().await;
+    let unavailable = |why: String| {
+        Refusal::new(
+            Code::BackendUnavailable,
+            format!("service {:?} is unavailable: {why}", svc.name),
+        )
+    };
+    let packet = match packet {
+        Ok(Ok(p)) => p,
+        Ok(Err(why)) => {
+            return Err(unavailable(format!(
+                "no greeting from the database ({why})"
+            )));
+        }
+        Err(_) => return Err(unavailable("no greeting from the database in time".into())),
+    };
+    Greeting::parse(packet.payload).map_err(|e| match e {
+        MysqlError::Refused(err) => {
+            unavailable(format!("the database refused the connection: {err}"))
+        }
+        e => unavailable(format!("the database sent an unusable greeting ({e})")),
+    })
+}
+
+fn cannot_connect(svc: &Service, e: &dyn std::fmt::Display) -> Refusal {
+    Refusal::new(
+        Code::BackendUnavailable,
+        format!(
+            "service {:?} is unavailable: cannot connect to backend {}: {e}",
+            svc.name, svc.backend
+        ),
+    )
+}
+
+/// Answers the relay with a refusal (which it turns into the client's ERR), and records it.
+async fn refuse(front: &FrontEnd, stream: &mut Stream, open: &Open, r: Refusal) {
+    let identity = (!open.client.is_empty()).then(|| Identity::Client(open.client.clone()).uri());
+    front.events.refused(
+        Origin::AgentStream,
+        open.client_addr.parse().ok(),
+        Some(&open.service),
+        identity.as_deref(),
+        &r,
+    );
+    let answer = Answer::Refused {
+        code: r.code,
+        message: r.message,
+    };
+    let _ = wire::write_first(stream, &answer).await;
     let _ = stream.shutdown().await;
 }

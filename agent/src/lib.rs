@@ -3,15 +3,15 @@
 //!
 //! * [`session`]: the relay session (dial, hello, heartbeats, reconnect with backoff).
 //! * [`forward`]: one stream from the relay to a backend; for services whose TLS ends here,
-//!   the MySQL front end with the policy the relay sent (`policy`).
+//!   the MySQL front end with the policy the relay sent (`e2e`).
 //! * [`connect`]: a local port leading to a service through the relay.
 
 pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod dial;
+mod e2e;
 pub mod forward;
-mod policy;
 pub mod session;
 
 use std::sync::Arc;

@@ -19,8 +19,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, RelayTarget};
 use crate::dial::{Dialer, Pinned};
+use crate::e2e::{EndToEnd, FrontEnd};
 use crate::forward;
-use crate::policy::SessionPolicy;
 use postern_common::config::RelayUrl;
 
 /// First reconnect delay.
@@ -68,11 +68,17 @@ pub(crate) async fn run(
         }
     };
     let status = Arc::new(status);
+    // One MySQL front end (and events sink) for every relay session of this agent.
+    let front = Arc::new(FrontEnd::new(
+        &config,
+        postern_common::events::Events::new(),
+    ));
     let mut loops = tokio::task::JoinSet::new();
     for target in config.relays.clone() {
         let span = info_span!("relay", relay = %target);
-        let (config, dialer, status, shutdown) = (
+        let (config, front, dialer, status, shutdown) = (
             config.clone(),
+            front.clone(),
             dialer.clone(),
             status.clone(),
             shutdown.clone(),
@@ -80,10 +86,11 @@ pub(crate) async fn run(
         loops.spawn(
             async move {
                 if dialer.pins_instances(&target) {
-                    cf_supervisor(config, dialer, target, status, shutdown).await;
+                    cf_supervisor(config, front, dialer, target, status, shutdown).await;
                 } else {
                     relay_loop(
                         config,
+                        front,
                         dialer,
                         Route::Target(target),
                         None,
@@ -125,6 +132,7 @@ enum Failure {
 /// shutdown, or when a pinned instance is gone.
 async fn relay_loop(
     config: Arc<Config>,
+    front: Arc<FrontEnd>,
     dialer: Dialer,
     route: Route,
     mut first: Option<Session>,
@@ -166,7 +174,7 @@ async fn relay_loop(
             _ => None,
         };
         let result = match ready {
-            Ok(r) => once(&config, &dialer, r, quic_probe, &status, &shutdown)
+            Ok(r) => once(&config, &front, &dialer, r, quic_probe, &status, &shutdown)
                 .await
                 .map_err(Failure::Other),
             Err(f) => Err(f),
@@ -233,6 +241,7 @@ const MAX_INSTANCES: u32 = 256;
 /// until the router answers 400 (no such instance), and again every [`REPROBE`].
 async fn cf_supervisor(
     config: Arc<Config>,
+    front: Arc<FrontEnd>,
     dialer: Dialer,
     target: RelayTarget,
     status: Arc<watch::Sender<Status>>,
@@ -259,6 +268,7 @@ async fn cf_supervisor(
                 info!("relay does not run on Cloud Foundry: holding a single session");
                 relay_loop(
                     config,
+                    front,
                     dialer,
                     Route::Target(target),
                     None,
@@ -303,6 +313,7 @@ async fn cf_supervisor(
                         tokio::spawn(
                             relay_loop(
                                 config.clone(),
+                                front.clone(),
                                 dialer.clone(),
                                 route,
                                 Some(session),
@@ -357,6 +368,7 @@ enum Outcome {
 /// Serves one session until it ends or, with `quic_probe`, until QUIC works again and takes over.
 async fn once(
     config: &Arc<Config>,
+    front: &Arc<FrontEnd>,
     dialer: &Dialer,
     ready: Ready,
     quic_probe: Option<&RelayUrl>,
@@ -391,15 +403,21 @@ async fn once(
 
     // Streams are tracked so that a session being replaced can finish them first.
     let tracker = tokio_util::task::TaskTracker::new();
-    let policy = Arc::new(SessionPolicy::new(config));
+    let e2e = Arc::new(EndToEnd::new(config));
     let streams = {
         let session = session.clone();
         let config = config.clone();
+        let front = front.clone();
         let tracker = tracker.clone();
-        let policy = policy.clone();
+        let e2e = e2e.clone();
         tokio::spawn(async move {
             while let Ok(stream) = session.accept().await {
-                tracker.spawn(forward::serve(config.clone(), policy.clone(), stream));
+                tracker.spawn(forward::serve(
+                    config.clone(),
+                    front.clone(),
+                    e2e.clone(),
+                    stream,
+                ));
             }
         })
     };
@@ -414,7 +432,7 @@ async fn once(
         outgoing_rx,
         move |msg| match msg {
             Control::Policy { services, crl_pem } => {
-                policy.apply(services, crl_pem);
+                e2e.apply(services, crl_pem);
                 Ok(())
             }
             other => Err(other),

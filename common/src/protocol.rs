@@ -413,6 +413,7 @@ mod tests {
                 allowed_users: Default::default(),
                 client_attribute: false,
                 handshake_timeout_ms: 10_000,
+                first_packet_timeout_ms: 3_000,
                 max_handshakes: 100,
             }],
             crl_pem: Some("-----BEGIN X509 CRL-----".into()),

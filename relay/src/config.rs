@@ -32,7 +32,7 @@ use std::time::Duration;
 use postern_common::config::{
     self, Check, ConfigErrors, Entries, HumanDuration, Spanned, TlsFiles,
 };
-use postern_common::front::Policy;
+use postern_common::mysql::server::Rules;
 use postern_common::pki;
 use postern_common::policy::ServicePolicy;
 pub use postern_common::policy::{Acl, AllowedUsers, Users};
@@ -43,11 +43,15 @@ use serde::Deserialize;
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Default deadline for a client's TLS handshake and first frame.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default deadline for a client's first packet (the MySQL SSLRequest, the TLS ClientHello),
+/// counted from accept.
+pub const DEFAULT_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default limit of concurrent client connections per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Default limit of connections per MySQL service that are still in their handshake (each holds
-/// a database connection before the client is authorised).
-pub const DEFAULT_MAX_HANDSHAKES: usize = 100;
+/// Default limit of connections per MySQL service that are still in their handshake (not yet
+/// authorised; when it is reached, the oldest gives way). They hold no database connection, only
+/// a socket and TLS state, so the limit is generous: a burst of real clients fits.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
 
 /// The YAML shape of `relay.yaml`.
 #[derive(Debug, Deserialize)]
@@ -59,6 +63,8 @@ struct File {
     heartbeat_interval: Option<HumanDuration>,
     #[serde(default)]
     handshake_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    first_packet_timeout: Option<HumanDuration>,
     #[serde(default)]
     instance: Option<String>,
     #[serde(default)]
@@ -180,6 +186,9 @@ pub struct Config {
     /// everything from the accepted connection to the client's handshake response, and again for
     /// each packet of the login that follows.
     pub handshake_timeout: Duration,
+    /// Deadline for a client's first packet after accept (the MySQL SSLRequest, the TLS
+    /// ClientHello): a silent socket is dropped after this, long before `handshake_timeout`.
+    pub first_packet_timeout: Duration,
     /// Names this relay instance in welcomes and logs.
     pub instance: String,
     /// Agent name → the services it may offer.
@@ -242,8 +251,8 @@ pub struct Service {
 
 impl Service {
     /// The rules the MySQL front end applies, with `handshake_timeout` per login packet.
-    pub fn policy(&self, handshake_timeout: Duration) -> Policy<'_> {
-        Policy {
+    pub fn rules(&self, handshake_timeout: Duration) -> Rules<'_> {
+        Rules {
             service: &self.name,
             clients: &self.clients,
             allowed_users: &self.allowed_users,
@@ -253,13 +262,19 @@ impl Service {
     }
 
     /// The rules as the relay sends them to an agent that ends TLS for this service.
-    pub fn wire_policy(&self, handshake_timeout: Duration) -> ServicePolicy {
+    pub fn wire_policy(
+        &self,
+        handshake_timeout: Duration,
+        first_packet_timeout: Duration,
+    ) -> ServicePolicy {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         ServicePolicy {
             name: self.name.clone(),
             clients: self.clients.clone(),
             allowed_users: self.allowed_users.clone(),
             client_attribute: self.client_attribute,
-            handshake_timeout_ms: u64::try_from(handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+            handshake_timeout_ms: ms(handshake_timeout),
+            first_packet_timeout_ms: ms(first_packet_timeout),
             max_handshakes: self.max_handshakes,
         }
     }
@@ -434,6 +449,18 @@ impl Config {
         let handshake_timeout = file
             .handshake_timeout
             .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0);
+        let first_packet_timeout = file
+            .first_packet_timeout
+            .map_or(DEFAULT_FIRST_PACKET_TIMEOUT.min(handshake_timeout), |d| d.0);
+        if first_packet_timeout.is_zero() {
+            check.error(None, "first_packet_timeout", "must be more than 0");
+        } else if first_packet_timeout > handshake_timeout {
+            check.error(
+                None,
+                "first_packet_timeout",
+                "must not exceed handshake_timeout (it is part of the handshake)",
+            );
+        }
 
         let (Some(quic_listen), Some(tls)) = (quic_listen, tls) else {
             return Err(check.finish(()).expect_err("an error was recorded"));
@@ -445,6 +472,7 @@ impl Config {
             tls,
             heartbeat,
             handshake_timeout,
+            first_packet_timeout,
             instance,
             agents,
             services,
@@ -619,6 +647,27 @@ mod tests {
         assert!(!orders.client_attribute);
         assert_eq!(orders.allowed_users.for_client("alice"), Users::Any);
         assert_eq!(c.services["files"].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn the_first_packet_deadline_defaults_short_and_fits_in_the_handshake() {
+        let (dir, head) = files();
+        let head = head + "  orders:\n    clients: [alice]\n";
+        let path = dir.path().join("relay.yaml");
+        let c = Config::parse(&path, &head).unwrap();
+        assert_eq!(c.first_packet_timeout, DEFAULT_FIRST_PACKET_TIMEOUT);
+        let c = Config::parse(&path, &format!("handshake_timeout: 2s\n{head}")).unwrap();
+        assert_eq!(c.first_packet_timeout, Duration::from_secs(2));
+        let c = Config::parse(&path, &format!("first_packet_timeout: 500ms\n{head}")).unwrap();
+        assert_eq!(c.first_packet_timeout, Duration::from_millis(500));
+        for bad in ["first_packet_timeout: 0s", "first_packet_timeout: 11s"] {
+            let e = Config::parse(&path, &format!("{bad}\n{head}")).expect_err(bad);
+            assert!(
+                e.0.iter()
+                    .any(|e| e.key.as_deref() == Some("first_packet_timeout")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

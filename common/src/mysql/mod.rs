@@ -53,15 +53,20 @@ mod codec;
 mod command;
 mod err;
 mod handshake;
+mod kill;
 mod packet;
+pub mod server;
 #[cfg(test)]
 mod vectors;
 mod watch;
 
-pub use auth::{AuthOutcome, AuthRelay, CACHING_SHA2_PASSWORD, Legs, Turn};
+pub use auth::{AuthOutcome, AuthRelay, CACHING_SHA2_PASSWORD, Handover, Legs, Turn, auth_switch};
 pub use command::{COM_CHANGE_USER, COM_QUIT, COM_RESET_CONNECTION, ChangeUser, Command};
 pub use err::{ErrPacket, err_packet, error_for, refusal, refusal_at};
-pub use handshake::{ClientFirst, Greeting, HandshakeResponse, SSL_REQUEST_LEN, SslRequest};
+pub use handshake::{
+    ClientFirst, Greeting, HandshakeResponse, Missing, Negotiated, SSL_REQUEST_LEN, SslRequest,
+};
+pub use kill::{COM_PROCESS_KILL, COM_QUERY, KILL_LIMIT, Kill, unknown_thread};
 pub use packet::{HANDSHAKE_LIMIT, MAX_PAYLOAD, Packet, PacketReader, encode};
 pub use watch::{CommandWatch, Scan};
 
@@ -84,8 +89,18 @@ pub const CLIENT_PLUGIN_AUTH: u32 = 0x8_0000;
 pub const CLIENT_CONNECT_ATTRS: u32 = 0x10_0000;
 /// The auth response has a length-encoded length (it may exceed 255 bytes).
 pub const CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 0x20_0000;
+/// The client can handle an expired password (the server lets it log in to change it).
+pub const CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS: u32 = 0x40_0000;
+/// OK packets carry session state changes.
+pub const CLIENT_SESSION_TRACK: u32 = 0x80_0000;
+/// OK packets replace EOF packets in result sets.
+pub const CLIENT_DEPRECATE_EOF: u32 = 0x100_0000;
 /// zstd-compressed packets after the handshake.
 pub const CLIENT_ZSTD: u32 = 0x400_0000;
+/// The client verifies the server's certificate (meaningful to the client alone).
+pub const CLIENT_SSL_VERIFY_SERVER_CERT: u32 = 0x4000_0000;
+/// The client keeps its options after a failed connect (meaningful to the client alone).
+pub const CLIENT_REMEMBER_OPTIONS: u32 = 0x8000_0000;
 
 /// What can go wrong reading or relaying the MySQL connection phase.
 #[derive(Debug, thiserror::Error)]

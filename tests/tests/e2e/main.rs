@@ -6,6 +6,7 @@ mod certs;
 mod config;
 mod faults;
 mod fleet;
+mod lockout;
 mod mysql_e2e;
 mod mysql_tls;
 mod router;
