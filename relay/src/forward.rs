@@ -116,7 +116,11 @@ pub(crate) async fn open(
             ),
         ));
     }
-    let conn_id = shared.next_conn_id();
+    // A stream with no client at all (the greeting fetch) is not a client connection.
+    let conn_id = match (client, mode) {
+        (None, StreamMode::Plain) => 0,
+        _ => shared.next_conn_id(),
+    };
     let no_agent = |e: &dyn std::fmt::Display| {
         Refusal::new(
             Code::NoAgent,
