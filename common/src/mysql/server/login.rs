@@ -296,14 +296,14 @@ mod tests {
         p
     }
 
-    fn judge(command: &Command, _packet: &[u8]) -> Judgement {
+    fn judge(command: &Command, packet: &[u8]) -> Judgement {
         match command {
             Command::ChangeUser { username } if &username[..] != b"app" => {
                 Err(Refusal::new(Code::NotAuthorized, "not app"))
             }
             Command::Kill(k) => {
                 let mut out = BytesMut::new();
-                mysql::encode(0, &k.with_id(&[], 7), &mut out);
+                mysql::encode(0, &k.with_id(&packet[4..], 7), &mut out);
                 Ok(Some(out))
             }
             _ => Ok(None),
@@ -379,6 +379,32 @@ mod tests {
             let (out, refused) = watch(wire.to_vec(), chunk, read).await;
             assert_eq!(out, wire[..before].to_vec(), "only what came before it");
             assert_eq!(refused.map(|r| r.message).as_deref(), Some("not app"));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn whatever_the_chunking_only_kills_change(
+            chunk in 1usize..40,
+            read in 1usize..40,
+            order in proptest::collection::vec(0usize..4, 0..8),
+        ) {
+            let mut wire = BytesMut::new();
+            let mut want = BytesMut::new();
+            for i in order {
+                let (sent, got): (&[u8], &[u8]) = match i {
+                    0 => (b"\x03SELECT 1", b"\x03SELECT 1"),
+                    1 => (b"\x03 KILL QUERY 3000000001;", b"\x03 KILL QUERY 7;"),
+                    2 => (&[mysql::COM_PROCESS_KILL, 1, 0, 0, 0x80], &[mysql::COM_PROCESS_KILL, 7, 0, 0, 0]),
+                    _ => (b"\x03KILLER", b"\x03KILLER"),
+                };
+                mysql::encode(0, sent, &mut wire);
+                mysql::encode(0, got, &mut want);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (out, refused) = rt.block_on(watch(wire.to_vec(), chunk, read));
+            proptest::prop_assert_eq!(out, want.to_vec());
+            proptest::prop_assert!(refused.is_none());
         }
     }
 
