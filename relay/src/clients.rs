@@ -1,9 +1,9 @@
 //! Client front ends: per-service listeners, and `connect` clients over QUIC.
 //!
 //! A service listener is either MySQL-native (served by [`crate::listen::mysql`]) or TLS-first.
-//! The TLS-first listeners and `connect` streams end in [`forward::reach`] and then splice bytes,
+//! The TLS-first listeners and `connect` streams end in `forward::reach` and then splice bytes,
 //! or, when a MySQL service has a user policy, go through the relay's MySQL login
-//! ([`mysql_listener::serve_inspected`]). A refusal is put in the client's own terms: a MySQL ERR
+//! (`listen::mysql::serve_inspected`). A refusal is put in the client's own terms: a MySQL ERR
 //! packet for MySQL services (so `mariadb` prints why), a refusal frame for `connect` clients
 //! (which turn it into an ERR packet locally).
 //!

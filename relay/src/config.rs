@@ -21,7 +21,7 @@
 //! ```
 //!
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
-//! and upgrades to TLS in-band, as a MySQL server does ([`crate::mysql`]); for `tcp` services it
+//! and upgrades to TLS in-band, as a MySQL server does ([`crate::listen::mysql`]); for `tcp` services it
 //! is TLS-first. `tls_listen` is always TLS-first.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,8 +1,8 @@
 //! Reaching a service for one client connection: authorise, find the agent, open a stream to it.
 //!
-//! Every client front end goes through [`authorise`] and [`open`], so the checks and their
+//! Every client front end goes through `authorise` and `open`, so the checks and their
 //! refusal messages are the same whichever way a client comes. The TLS-first listeners and
-//! `connect` clients know the client before anything else and use [`reach`] (both steps at
+//! `connect` clients know the client before anything else and use `reach` (both steps at
 //! once). The MySQL-native listener greets the client itself and authorises it before it opens
 //! a stream (see [`crate::listen::mysql`]); it opens streams before a client is known only to
 //! fetch the backend's greeting for its template (marked pre-authorisation, no client byte

@@ -42,7 +42,7 @@
 //!
 //! `connect` streams and the TLS-first listener carry the client's MySQL in plaintext inside the
 //! tunnel, and open their stream after the client is authorised. When the service has a user
-//! policy or `client_attribute` ([`needs_inspection`]), [`serve_inspected`] applies the same
+//! policy or `client_attribute` (`needs_inspection`), `serve_inspected` applies the same
 //! policy to them without TLS inside.
 
 use std::net::SocketAddr;
