@@ -1,40 +1,59 @@
 //! One data stream from the relay: read its open frame, connect to the backend, pipe bytes.
 //!
 //! A stream in [`StreamMode::MysqlE2e`] carries a MySQL client's raw connection (the relay only
-//! splices it): the agent runs the MySQL front end itself ([`front::serve_tls`]) with the
+//! splices it): the agent runs the MySQL front end itself ([`server::serve_tls`]) with the
 //! service's certificate and the policy the relay sent, so TLS ends here and the relay never
-//! sees queries, results or passwords.
+//! sees queries, results or passwords. The agent greets the client with a copy of the
+//! database's greeting (fetched on first need and refreshed after every login) and connects to
+//! the database only once the client is authorised, so a client that has not shown a valid
+//! certificate costs the database nothing; its deadlines count from the stream's arrival, and
+//! at most `max_handshakes` such clients per service wait at once (a newcomer evicts the
+//! oldest).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use postern_common::events::{Event, Origin};
-use postern_common::front::{self, Meta, Policy};
+use postern_common::mysql::server::{self, Deadlines, Dialled, Front, Greeter, Rules};
+use postern_common::mysql::{Greeting, MysqlError, PacketReader};
+use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, Refusal, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::{net, splice, wire};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
-use crate::policy::SessionPolicy;
+use crate::backends::Backend;
+use crate::config::Service;
+use crate::e2e::EndToEnd;
 use crate::state::AgentState;
 
 /// How long the relay has to send the open frame of a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one stream the relay opened.
-pub(crate) async fn serve(state: Arc<AgentState>, policy: Arc<SessionPolicy>, mut stream: Stream) {
+pub(crate) async fn serve(state: Arc<AgentState>, e2e: Arc<EndToEnd>, mut stream: Stream) {
+    let arrived = Instant::now();
+    let front = &state.front;
     let open =
         match tokio::time::timeout(OPEN_TIMEOUT, wire::read_first::<_, Open>(&mut stream)).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
-                warn!(error = %e, "refused stream: bad open frame");
+                let r = Refusal::new(Code::BadRequest, format!("bad open frame: {e}"));
+                front
+                    .events
+                    .refused(Origin::AgentStream, None, None, None, &r);
                 stream.abort();
                 return;
             }
             Err(_) => {
-                warn!("refused stream: no open frame in time");
+                let r = Refusal::new(Code::BadRequest, "no open frame in time");
+                front
+                    .events
+                    .refused(Origin::AgentStream, None, None, None, &r);
                 stream.abort();
                 return;
             }
@@ -44,14 +63,17 @@ pub(crate) async fn serve(state: Arc<AgentState>, policy: Arc<SessionPolicy>, mu
     if !open.client.is_empty() {
         span.record("client", &open.client);
     }
-    forward(state, policy, stream, open).instrument(span).await
+    forward(&state, &e2e, stream, open, arrived)
+        .instrument(span)
+        .await
 }
 
 async fn forward(
-    state: Arc<AgentState>,
-    policy: Arc<SessionPolicy>,
+    state: &AgentState,
+    e2e: &EndToEnd,
     mut stream: Stream,
     open: Open,
+    arrived: Instant,
 ) {
     let config = &state.config;
     let Some(svc) = config.services.get(&open.service) else {
@@ -62,51 +84,24 @@ async fn forward(
                 config.name, open.service
             ),
         );
-        refuse(&state, &mut stream, &open, r).await;
-        return;
+        return refuse(state, &mut stream, &open, r).await;
     };
-    let e2e = match open.mode {
-        StreamMode::Plain => None,
-        StreamMode::MysqlE2e => match policy.for_service(&config.name, &svc.name).await {
-            Ok((rules, acceptor)) => {
-                // A burst waits for a handshake slot, for up to half the deadline: the relay
-                // waits for this stream's answer for the whole deadline, and the refusal must
-                // reach it first.
-                let timeout = rules.policy.handshake_timeout();
-                let slots = rules.handshakes.clone();
-                match tokio::time::timeout(timeout / 2, slots.acquire_owned()).await {
-                    Ok(Ok(slot)) => Some((rules.policy, acceptor, slot)),
-                    _ => {
-                        let message = format!(
-                            "too many connections to service {:?} in their handshake (limit {})",
-                            svc.name, rules.policy.max_handshakes
-                        );
-                        let r = Refusal::new(Code::TooManyConnections, message);
-                        refuse(&state, &mut stream, &open, r).await;
-                        return;
-                    }
-                }
-            }
-            Err(message) => {
-                refuse(
-                    &state,
-                    &mut stream,
-                    &open,
-                    Refusal::new(Code::NotAuthorized, message),
-                )
-                .await;
-                return;
-            }
-        },
-    };
-    // The handshake deadline runs from here, as it runs at the relay from the accepted client.
-    let started = Instant::now();
+    match open.mode {
+        StreamMode::Plain => plain(state, svc, stream, &open).await,
+        StreamMode::MysqlE2e => {
+            // Boxed: the TLS front end's state is large, and plain streams (most of them, and
+            // every idle one) must not carry its size.
+            Box::pin(end_to_end(state, e2e, svc, stream, &open, arrived)).await
+        }
+    }
+}
+
+/// The client's bytes as the backend takes them: connect, answer, splice.
+async fn plain(state: &AgentState, svc: &Service, mut stream: Stream, open: &Open) {
+    let front = &state.front;
     let (backend, mut tcp) = match state.backends.connect(&svc.name).await {
         Ok(b) => b,
-        Err(r) => {
-            refuse(&state, &mut stream, &open, r).await;
-            return;
-        }
+        Err(r) => return refuse(state, &mut stream, open, r).await,
     };
     let ok = Answer::Ok {
         backend: backend.addr.clone(),
@@ -115,47 +110,18 @@ async fn forward(
         debug!(error = %e, "relay went away before the stream started");
         return;
     }
-    if let Some((rules, acceptor, handshake)) = e2e {
-        let timeout = rules.handshake_timeout();
-        let policy = Policy {
-            service: &rules.name,
-            clients: &rules.clients,
-            allowed_users: &rules.allowed_users,
-            client_attribute: rules.client_attribute,
-            handshake_timeout: timeout,
-        };
-        let meta = Meta {
+    // A stream without a client is the relay reading the greeting for its template.
+    if !open.pre_auth {
+        front.events.emit(Event::Opened {
+            origin: Origin::AgentStream,
             conn_id: open.conn_id,
-            backend: &backend.addr,
-        };
-        debug!(client_addr = %open.client_addr, backend = %backend.addr, "connected to backend; tls ends here");
-        // Boxed: the TLS front end's state is large, and plain streams (most of them, and every
-        // idle one) must not carry its size.
-        Box::pin(front::serve_tls(
-            &policy,
-            meta,
-            stream,
-            tcp,
-            &acceptor,
-            started + timeout,
-            handshake,
-        ))
-        .await;
-        return;
+            service: svc.name.clone(),
+            identity: (!open.client.is_empty())
+                .then(|| Identity::Client(open.client.clone()).uri()),
+            via: backend.addr.clone(),
+        });
     }
-    state.events.emit(Event::Opened {
-        origin: Origin::AgentStream,
-        conn_id: open.conn_id,
-        service: svc.name.clone(),
-        identity: (!open.client.is_empty()).then(|| open.client.clone()),
-        via: backend.addr.clone(),
-    });
-    let spliced = tokio::select! {
-        r = splice::splice(&mut stream, &mut tcp) => r,
-        // The backend was taken out of service: its connections end (loudly).
-        _ = backend.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
-    };
-    let (up, down, failure) = match spliced {
+    let (up, down, failure) = match spliced(&backend, &mut stream, &mut tcp).await {
         Ok(t) => (t.a_to_b, t.b_to_a, None),
         Err(e) => {
             stream.abort();
@@ -163,23 +129,186 @@ async fn forward(
             (0, 0, Some(e.to_string()))
         }
     };
-    state.events.emit(Event::Closed {
-        origin: Origin::AgentStream,
-        conn_id: open.conn_id,
-        service: svc.name.clone(),
-        up,
-        down,
-        failure,
-    });
+    if !open.pre_auth {
+        front.events.emit(Event::Closed {
+            origin: Origin::AgentStream,
+            conn_id: open.conn_id,
+            service: svc.name.clone(),
+            up,
+            down,
+            failure,
+        });
+    }
 }
 
-/// Answers the relay with a refusal (which it shows the client), and tells the events sink.
+/// TLS ends here: the MySQL front end, with the database reached once the client is
+/// authorised.
+async fn end_to_end(
+    state: &AgentState,
+    e2e: &EndToEnd,
+    svc: &Service,
+    mut stream: Stream,
+    open: &Open,
+    arrived: Instant,
+) {
+    let front = &state.front;
+    let (policy, acceptor) = match e2e.for_service(&state.config.name, &svc.name).await {
+        Ok(p) => p,
+        Err(message) => {
+            return refuse(
+                state,
+                &mut stream,
+                open,
+                Refusal::new(Code::NotAuthorized, message),
+            )
+            .await;
+        }
+    };
+    // Both come from the relay: bounded, so no deadline arithmetic can overflow.
+    let handshake = policy.handshake_timeout();
+    let first_packet = match policy.first_packet_timeout_ms {
+        0 => handshake,
+        ms => Duration::from_millis(ms).min(handshake),
+    };
+    let deadlines = Deadlines::from_accept(arrived, first_packet, handshake);
+    let template = front
+        .greetings
+        .get_or_fetch(&svc.name, || fetch_greeting(state, svc));
+    let template = match tokio::time::timeout_at(deadlines.handshake, template).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(r)) => return refuse(state, &mut stream, open, r).await,
+        Err(_) => {
+            let r = cannot_connect(svc, &"no greeting in time");
+            return refuse(state, &mut stream, open, r).await;
+        }
+    };
+    let Some(gate) = front.gates.get(&svc.name) else {
+        return;
+    };
+    let (admission, _) = gate.admit(policy.max_handshakes);
+    let ok = Answer::Ok {
+        backend: svc.backend.clone(),
+    };
+    if let Err(e) = wire::write_first(&mut stream, &ok).await {
+        debug!(error = %e, "relay went away before the stream started");
+        return;
+    }
+    let peer: Option<SocketAddr> = open.client_addr.parse().ok();
+    let front_end = Front {
+        rules: Rules {
+            service: &policy.name,
+            clients: &policy.clients,
+            allowed_users: &policy.allowed_users,
+            client_attribute: policy.client_attribute,
+            handshake_timeout: handshake,
+        },
+        events: &front.events,
+        origin: Origin::AgentStream,
+        peer,
+    };
+    let greeter = Greeter {
+        acceptor: &acceptor,
+        greetings: &front.greetings,
+        ids: &front.ids,
+        template,
+        deadlines,
+    };
+    let conn_id = open.conn_id;
+    let dial = |_: Identity| async move {
+        let (backend, tcp) = state.backends.connect(&svc.name).await?;
+        debug!(client_addr = %open.client_addr, backend = %backend.addr, "client authorised; connected to backend");
+        Ok(Dialled {
+            io: tcp,
+            conn_id,
+            via: backend.addr.clone(),
+            node: backend.addr,
+            slot: None,
+        })
+    };
+    server::serve_tls(&front_end, greeter, admission, stream, dial).await;
+}
+
+/// Reads the database's greeting for the service's template, on a connection that is closed
+/// right after it.
+async fn fetch_greeting(state: &AgentState, svc: &Service) -> Result<Greeting, Refusal> {
+    let (_, mut tcp) = state.backends.connect(&svc.name).await?;
+    let read = async {
+        let mut reader = PacketReader::default();
+        let mut buf = BytesMut::new();
+        loop {
+            if let Some(p) = reader.decode(&mut buf).map_err(|e| e.to_string())? {
+                return Ok(p);
+            }
+            buf.reserve(512);
+            match tcp.read_buf(&mut buf).await {
+                Ok(0) => return Err("the database closed the connection".to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let packet = tokio::time::timeout(svc.connect_timeout, read).await;
+    let _ = tcp.shutdown().await;
+    let unavailable = |why: String| {
+        Refusal::new(
+            Code::BackendUnavailable,
+            format!("service {:?} is unavailable: {why}", svc.name),
+        )
+    };
+    let packet = match packet {
+        Ok(Ok(p)) => p,
+        Ok(Err(why)) => {
+            return Err(unavailable(format!(
+                "no greeting from the database ({why})"
+            )));
+        }
+        Err(_) => return Err(unavailable("no greeting from the database in time".into())),
+    };
+    Greeting::parse(packet.payload).map_err(|e| match e {
+        MysqlError::Refused(err) => {
+            unavailable(format!("the database refused the connection: {err}"))
+        }
+        e => unavailable(format!("the database sent an unusable greeting ({e})")),
+    })
+}
+
+fn cannot_connect(svc: &Service, e: &dyn std::fmt::Display) -> Refusal {
+    Refusal::new(
+        Code::BackendUnavailable,
+        format!(
+            "service {:?} is unavailable: cannot connect to backend {}: {e}",
+            svc.name, svc.backend
+        ),
+    )
+}
+
+/// Copies bytes both ways until both directions end, or fails when the backend is taken out
+/// of service.
+async fn spliced(
+    backend: &Backend,
+    stream: &mut Stream,
+    tcp: &mut tokio::net::TcpStream,
+) -> std::io::Result<splice::Transferred> {
+    tokio::select! {
+        r = splice::splice(stream, tcp) => r,
+        _ = backend.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
+    }
+}
+
+/// Answers the relay with a refusal (which it turns into the client's ERR), and records it.
 async fn refuse(state: &AgentState, stream: &mut Stream, open: &Open, r: Refusal) {
-    let service = (!open.service.is_empty()).then_some(open.service.as_str());
-    let identity = (!open.client.is_empty()).then_some(open.client.as_str());
-    state
-        .events
-        .refused(Origin::AgentStream, None, service, identity, &r);
-    let _ = wire::write_first(stream, &r.answer()).await;
+    let identity = (!open.client.is_empty()).then(|| Identity::Client(open.client.clone()).uri());
+    state.front.events.refused(
+        Origin::AgentStream,
+        open.client_addr.parse().ok(),
+        Some(&open.service),
+        identity.as_deref(),
+        &r,
+    );
+    let answer = Answer::Refused {
+        code: r.code,
+        message: r.message,
+    };
+    let _ = wire::write_first(stream, &answer).await;
     let _ = stream.shutdown().await;
 }

@@ -6,7 +6,7 @@
 //! * [`session`]: one relay session (hello, welcome, heartbeats, drain); [`takeover`] moves it
 //!   from WebSocket back to QUIC.
 //! * [`forward`]: one stream from the relay to a backend, chosen by [`backends`]; for services
-//!   whose TLS ends here, the MySQL front end with the rules the relay sent (`policy`).
+//!   whose TLS ends here, the MySQL front end with the rules the relay sent (`e2e`).
 //! * [`dial`]: reaching a relay over QUIC, WebSocket, or both raced.
 //! * [`connect`]: a local port leading to a service through the relay ([`exec`] runs a client
 //!   against it).
@@ -19,10 +19,10 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod dial;
+mod e2e;
 pub mod exec;
 pub mod forward;
 pub mod notify;
-mod policy;
 pub mod session;
 mod state;
 mod supervisor;
@@ -95,10 +95,10 @@ impl Agent {
         };
         let state = Arc::new(AgentState {
             backends: Backends::new(&config),
+            front: e2e::FrontEnd::new(&config, self.events),
             config,
             dialer,
             status: self.status,
-            events: self.events,
             forwards: TaskTracker::new(),
             abort: CancellationToken::new(),
         });

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use crate::e2e::EndToEnd;
 use crate::forward;
-use crate::policy::SessionPolicy;
 use crate::state::{AgentState, Status};
 use crate::takeover;
 
@@ -193,7 +193,7 @@ pub(crate) async fn serve(
     // This session's streams are tracked so that it can finish them before it closes; all
     // streams of all sessions are tracked by the agent, for its own shutdown.
     let tracker = TaskTracker::new();
-    let policy = Arc::new(SessionPolicy::new(&state.config));
+    let policy = Arc::new(EndToEnd::new(&state.config));
     let streams = {
         let (session, tracker, state) = (session.clone(), tracker.clone(), state.clone());
         let policy = policy.clone();

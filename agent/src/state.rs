@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use postern_common::events::Events;
 use postern_common::transport::TransportKind;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -11,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::backends::Backends;
 use crate::config::Config;
 use crate::dial::Dialer;
+use crate::e2e::FrontEnd;
 
 /// What the agent is doing, for tests, health checks and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,9 @@ pub(crate) struct AgentState {
     pub(crate) config: Arc<Config>,
     pub(crate) dialer: Dialer,
     pub(crate) status: watch::Sender<Status>,
-    pub(crate) events: Events,
+    /// The MySQL front end for services whose TLS ends here (templates, ids, handshake
+    /// gates), with the agent's events sink: one for every relay session.
+    pub(crate) front: FrontEnd,
     pub(crate) backends: Backends,
     /// Every stream being forwarded, whatever its session: shutdown waits for them.
     pub(crate) forwards: TaskTracker,

@@ -8,7 +8,6 @@
 pub mod config;
 pub mod control;
 pub mod events;
-pub mod front;
 pub mod mysql;
 pub mod net;
 pub mod pki;

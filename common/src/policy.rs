@@ -99,8 +99,12 @@ pub struct ServicePolicy {
     pub client_attribute: bool,
     /// Deadline for the connection phase, in milliseconds (as the relay's `handshake_timeout`).
     pub handshake_timeout_ms: u64,
-    /// Limit of connections still in their handshake (not yet authorised) at the agent, per
-    /// relay session; 0 means no limit.
+    /// Deadline for the client's first packet after the greeting, in milliseconds (as the
+    /// relay's `first_packet_timeout`); 0 (an older relay) means `handshake_timeout_ms`.
+    #[serde(default)]
+    pub first_packet_timeout_ms: u64,
+    /// Limit of connections still in their handshake (not yet authorised) at the agent; when
+    /// it is reached, the oldest gives way. 0 means no limit.
     #[serde(default)]
     pub max_handshakes: usize,
 }
@@ -132,6 +136,7 @@ mod tests {
             },
             client_attribute: true,
             handshake_timeout_ms: 5000,
+            first_packet_timeout_ms: 2000,
             max_handshakes: 100,
         };
         let json = serde_json::to_string(&p).unwrap();

@@ -186,10 +186,10 @@ pub struct Open {
     /// A relay-assigned id that appears in both sides' logs.
     #[serde(default)]
     pub conn_id: u64,
-    /// The relay opened the stream before it knew the client (`client` is empty): a MySQL
-    /// front end needs the server's greeting before the client's TLS handshake shows who it
-    /// is. No client byte goes into the stream until the relay has authorised the client
-    /// (in [`StreamMode::MysqlE2e`], until the agent has: the relay cannot read them).
+    /// The relay opened the stream without an authorised client (`client` is empty): to read
+    /// the server's greeting for its greeting template, when no client byte ever goes into the
+    /// stream; or in [`StreamMode::MysqlE2e`], where the agent authorises the client (the
+    /// relay cannot read its bytes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pre_auth: bool,
     /// What the stream carries; see [`StreamMode`].
@@ -431,6 +431,7 @@ mod tests {
                 allowed_users: Default::default(),
                 client_attribute: false,
                 handshake_timeout_ms: 10_000,
+                first_packet_timeout_ms: 3_000,
                 max_handshakes: 100,
             }],
             crl_pem: Some("-----BEGIN X509 CRL-----".into()),

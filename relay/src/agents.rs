@@ -119,6 +119,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         mysql_e2e,
     );
     info!(agent = %name, remote = %session.remote(), transport = %session.kind(), services = ?accepted, %software, "agent connected");
+    crate::listen::mysql::prefetch_greetings(&shared, &accepted);
 
     // Agents do not open further streams; refuse any that appear so they cannot pile up.
     let extra = {
@@ -213,7 +214,12 @@ fn policy_for(shared: &Shared, name: &str, accepted: &[String]) -> Control {
         .iter()
         .filter_map(|s| shared.config.services.get(s))
         .filter(|s| s.tls_termination == crate::config::TlsTermination::Agent)
-        .map(|s| s.wire_policy(shared.config.handshake_timeout))
+        .map(|s| {
+            s.wire_policy(
+                shared.config.handshake_timeout,
+                shared.config.first_packet_timeout,
+            )
+        })
         .collect();
     let crl_pem = match shared.config.tls.revocations.path() {
         None => None,

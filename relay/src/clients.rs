@@ -1,28 +1,35 @@
 //! Client front ends: per-service listeners, and `connect` clients over QUIC.
 //!
-//! A service listener is either MySQL-native (served by [`crate::mysql`]) or TLS-first. The
-//! TLS-first listeners and `connect` streams end in [`forward::reach`] and then splice bytes, or,
-//! when a MySQL service has a user policy, go through the relay's MySQL login
-//! ([`mysql::serve_inspected`]). A refusal is put in the client's own terms: a MySQL ERR packet
-//! for MySQL services (so `mariadb` prints why), a refusal frame for `connect` clients (which turn
-//! it into an ERR packet locally).
+//! A service listener is either MySQL-native (served by [`crate::listen::mysql`]) or TLS-first.
+//! The TLS-first listeners and `connect` streams end in `forward::reach` and then splice bytes,
+//! or, when a MySQL service has a user policy, go through the relay's MySQL login
+//! (`listen::mysql::serve_inspected`). A refusal is put in the client's own terms: a MySQL ERR
+//! packet for MySQL services (so `mariadb` prints why), a refusal frame for `connect` clients
+//! (which turn it into an ERR packet locally).
+//!
+//! A TLS-first connection's deadlines count from accept, as the MySQL-native listener's do: the
+//! first bytes of its ClientHello must arrive within `first_packet_timeout`, and the TLS
+//! handshake must be done within `handshake_timeout`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use postern_common::events::Origin;
+use postern_common::mysql::server::Deadlines;
 use postern_common::pki::Identity;
-use postern_common::protocol::{Answer, Open};
+use postern_common::protocol::{Answer, Code, Open};
 use postern_common::transport::{Session, Stream};
 use postern_common::{mysql, net, splice, tls, wire};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Shared;
 use crate::config::Protocol;
 use crate::forward::{self, Refusal};
-use crate::mysql as front;
+use crate::listen::mysql as mysql_listener;
 
 /// What a service listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +84,9 @@ pub(crate) async fn listen(
         );
         let (shared2, service2, acceptor2) = (shared.clone(), service.clone(), acceptor.clone());
         match kind {
-            ListenerKind::Mysql => shared
-                .connections
-                .spawn(front::serve(shared2, service2, tcp, peer, acceptor2).instrument(span)),
+            ListenerKind::Mysql => shared.connections.spawn(
+                mysql_listener::serve(shared2, service2, tcp, peer, acceptor2).instrument(span),
+            ),
             ListenerKind::Tls => shared
                 .connections
                 .spawn(serve_tls(shared2, service2, tcp, peer, acceptor2).instrument(span)),
@@ -94,22 +101,60 @@ async fn serve_tls(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
 ) {
+    let deadlines = Deadlines::from_accept(
+        Instant::now(),
+        shared.config.first_packet_timeout,
+        shared.config.handshake_timeout,
+    );
     let protocol = shared
         .config
         .services
         .get(&service)
         .map(|s| s.protocol)
         .unwrap_or_default();
-    let handshake =
-        tokio::time::timeout(shared.config.handshake_timeout, tls::accept(&acceptor, tcp)).await;
-    let mut conn = match handshake {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            warn!(reason = %tls::describe_handshake_error(&e), "refused client: tls handshake failed");
+    let refused = |identity: Option<&Identity>, r: &Refusal| {
+        let identity = identity.map(Identity::uri);
+        shared.events.refused(
+            Origin::TlsListener,
+            Some(peer),
+            Some(&service),
+            identity.as_deref(),
+            r,
+        );
+    };
+    let timed_out =
+        |step: &str| Refusal::new(Code::BadRequest, format!("timed out waiting for {step}"));
+    // A silent socket is dropped soon: the ClientHello's first bytes come at once from a real
+    // client.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadlines.first_packet, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => {
+            debug!("client went away before its TLS handshake");
             return;
         }
         Err(_) => {
-            warn!("refused client: tls handshake timed out");
+            refused(None, &timed_out("the TLS ClientHello"));
+            net::reset_on_close(&tcp);
+            return;
+        }
+    }
+    let handshake = tokio::time::timeout_at(deadlines.handshake, tls::accept(&acceptor, tcp)).await;
+    let mut conn = match handshake {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let r = Refusal::new(
+                Code::NotAuthorized,
+                format!(
+                    "tls handshake failed: {}",
+                    tls::describe_handshake_error(&e)
+                ),
+            );
+            refused(None, &r);
+            return;
+        }
+        Err(_) => {
+            refused(None, &timed_out("the TLS handshake"));
             return;
         }
     };
@@ -117,14 +162,16 @@ async fn serve_tls(
         Ok(Identity::Client(n)) => Identity::Client(n),
         Ok(other) => {
             let r = Refusal::new(
-                postern_common::protocol::Code::NotAuthorized,
+                Code::NotAuthorized,
                 format!("{other} is not a client identity"),
             );
+            refused(None, &r);
             refuse(&mut conn, protocol, &r).await;
             return;
         }
         Err(e) => {
-            let r = Refusal::new(postern_common::protocol::Code::NotAuthorized, e.to_string());
+            let r = Refusal::new(Code::NotAuthorized, e.to_string());
+            refused(None, &r);
             refuse(&mut conn, protocol, &r).await;
             return;
         }
@@ -132,17 +179,24 @@ async fn serve_tls(
     let mut reached = match forward::reach(&shared, &service, &identity, peer).await {
         Ok(r) => r,
         Err(r) => {
+            refused(Some(&identity), &r);
             refuse(&mut conn, protocol, &r).await;
             return;
         }
     };
     info!(client = %identity, conn_id = reached.conn_id, agent = %reached.agent, backend = %reached.backend, "client connected");
     if let Some(svc) = shared.config.services.get(&service)
-        && front::needs_inspection(svc, &identity)
+        && mysql_listener::needs_inspection(svc, &identity)
     {
         // Boxed: the login state is large, and most connections never need it.
-        return Box::pin(front::serve_inspected(
-            &shared, svc, &identity, conn, reached,
+        return Box::pin(mysql_listener::serve_inspected(
+            &shared,
+            svc,
+            Origin::TlsListener,
+            Some(peer),
+            &identity,
+            conn,
+            reached,
         ))
         .await;
     }
@@ -161,9 +215,9 @@ async fn serve_tls(
     }
 }
 
-/// Tells a refused client why, in its protocol's terms, and closes.
+/// Tells a refused client why, in its protocol's terms, and closes. The caller records the
+/// refusal.
 async fn refuse<W: AsyncWrite + Unpin>(conn: &mut W, protocol: Protocol, r: &Refusal) {
-    warn!(code = %r.code, reason = %r.message, "refused client");
     if protocol == Protocol::Mysql {
         let _ = conn.write_all(&mysql::refusal(r.code, &r.message)).await;
     }
@@ -219,7 +273,7 @@ async fn refuse_draining(shared: Arc<Shared>, mut stream: Stream) {
         return;
     }
     let refusal = Refusal::new(
-        postern_common::protocol::Code::ShuttingDown,
+        Code::ShuttingDown,
         format!(
             "relay {} is shutting down: open the connection on another instance",
             shared.config.instance
@@ -286,10 +340,19 @@ async fn serve_stream(
         }
         info!(conn_id = reached.conn_id, agent = %reached.agent, backend = %reached.backend, "client connected");
         if let Some(svc) = shared.config.services.get(&open.service)
-            && front::needs_inspection(svc, &identity)
+            && mysql_listener::needs_inspection(svc, &identity)
         {
             // Boxed: the login state is large, and most connections never need it.
-            return Box::pin(front::serve_inspected(&shared, svc, &identity, stream, reached)).await;
+            return Box::pin(mysql_listener::serve_inspected(
+                &shared,
+                svc,
+                Origin::ClientStream,
+                Some(peer),
+                &identity,
+                stream,
+                reached,
+            ))
+            .await;
         }
         match splice::splice(&mut stream, &mut reached.stream).await {
             Ok(t) => debug!(conn_id = reached.conn_id, up = t.a_to_b, down = t.b_to_a, "client disconnected"),

@@ -1,16 +1,16 @@
 //! Reaching a service for one client connection: authorise, find the agent, open a stream to it.
 //!
-//! Every client front end goes through [`authorise`] and [`open`], so the checks and their
+//! Every client front end goes through `authorise` and `open`, so the checks and their
 //! refusal messages are the same whichever way a client comes. The TLS-first listeners and
-//! `connect` clients know the client before anything else and use [`reach`] (both steps at
-//! once). The MySQL-native listener needs the backend's greeting before the client's TLS
-//! handshake, so it opens the stream first (marked pre-authorisation) and authorises once the
-//! handshake has shown who the client is; see [`crate::mysql`] for why that is safe.
+//! `connect` clients know the client before anything else and use `reach` (both steps at
+//! once). The MySQL-native listener greets the client itself and authorises it before it opens
+//! a stream (see [`crate::listen::mysql`]); it opens streams before a client is known only to
+//! fetch the backend's greeting for its template (marked pre-authorisation, no client byte
+//! follows) and, in end-to-end mode, for the agent to authorise the client itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use postern_common::front;
 use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, StreamMode};
 use postern_common::transport::Stream;
@@ -21,7 +21,7 @@ use tracing::debug;
 use crate::Shared;
 use crate::config::{Service, TlsTermination};
 
-pub use postern_common::front::Refusal;
+pub use postern_common::protocol::Refusal;
 
 /// A stream to the agent, connected to the backend and ready for bytes.
 pub(crate) struct Reached {
@@ -30,7 +30,7 @@ pub(crate) struct Reached {
     pub(crate) backend: String,
     pub(crate) conn_id: u64,
     /// Held for the life of the connection: counts against the service's limit.
-    pub(crate) _permit: OwnedSemaphorePermit,
+    pub(crate) permit: OwnedSemaphorePermit,
 }
 
 /// Authorises `client` for `service` and connects through an agent.
@@ -57,25 +57,33 @@ pub(crate) async fn reach(
             ),
         ));
     }
-    open(shared, svc, Some(client), client_addr, StreamMode::Plain).await
+    open(
+        shared,
+        svc,
+        Some(client),
+        Some(client_addr),
+        StreamMode::Plain,
+    )
+    .await
 }
 
 /// Whether `client` may use `svc`.
 pub(crate) fn authorise(svc: &Service, client: &Identity) -> Result<(), Refusal> {
-    front::authorise(&svc.policy(std::time::Duration::ZERO), client)
+    svc.rules(std::time::Duration::ZERO).authorise(client)
 }
 
 /// Takes a connection slot of `svc` and opens a stream to an agent that serves it, which
 /// connects to the backend.
 ///
-/// `client` is `None` before the client is authorised: the stream is then marked
-/// pre-authorisation, and the caller must authorise the client before any of its bytes go
-/// into the stream. In [`StreamMode::MysqlE2e`] the agent authorises the client itself.
+/// `client` is `None` when no client is authorised: the stream is then marked
+/// pre-authorisation, and no client byte may go into it (the relay only reads the backend's
+/// greeting). In [`StreamMode::MysqlE2e`] the agent authorises the client itself.
+/// `client_addr` is `None` for streams the relay opens for itself.
 pub(crate) async fn open(
     shared: &Arc<Shared>,
     svc: &Service,
     client: Option<&Identity>,
-    client_addr: SocketAddr,
+    client_addr: Option<SocketAddr>,
     mode: StreamMode,
 ) -> Result<Reached, Refusal> {
     let service = svc.name.as_str();
@@ -108,7 +116,11 @@ pub(crate) async fn open(
             ),
         ));
     }
-    let conn_id = shared.next_conn_id();
+    // A stream with no client at all (the greeting fetch) is not a client connection.
+    let conn_id = match (client, mode) {
+        (None, StreamMode::Plain) => 0,
+        _ => shared.next_conn_id(),
+    };
     let no_agent = |e: &dyn std::fmt::Display| {
         Refusal::new(
             Code::NoAgent,
@@ -119,7 +131,7 @@ pub(crate) async fn open(
     let open = Open {
         service: service.to_owned(),
         client: client.map(|c| c.name().to_owned()).unwrap_or_default(),
-        client_addr: client_addr.to_string(),
+        client_addr: client_addr.map(|a| a.to_string()).unwrap_or_default(),
         conn_id,
         pre_auth: client.is_none(),
         mode,
@@ -142,7 +154,7 @@ pub(crate) async fn open(
                 agent,
                 backend,
                 conn_id,
-                _permit: permit,
+                permit,
             })
         }
         Answer::Refused { code, message } => Err(Refusal::new(code, message)),

@@ -7,7 +7,7 @@
 //!
 //! * [`agents`]: agent sessions (hello, welcome, heartbeats) and the [`registry`] of them.
 //! * [`clients`]: the per-service listeners and `connect` client sessions.
-//! * [`mysql`]: the MySQL-native listener (TLS negotiated in-band, client certificate, user
+//! * [`listen`]: the MySQL-native listener (TLS negotiated in-band, client certificate, user
 //!   policy) for stock MySQL and MariaDB clients.
 //! * [`forward`]: authorising one client connection and opening its stream to an agent.
 //! * [`certs`]: the `certs` subcommand.
@@ -19,7 +19,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod forward;
-pub mod mysql;
+pub mod listen;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -28,6 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use postern_common::events::Events;
+use postern_common::mysql::server::{ConnIds, Gate, Greetings};
 use postern_common::net;
 use postern_common::pki::Identity;
 use postern_common::tls;
@@ -53,8 +55,14 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// Per-service connection limits.
     pub(crate) limits: HashMap<String, Arc<Semaphore>>,
-    /// Per-service limits of MySQL-native connections still in their handshake.
-    pub(crate) handshakes: HashMap<String, Arc<Semaphore>>,
+    /// Per-service gates of MySQL-native connections still in their handshake.
+    pub(crate) gates: HashMap<String, Gate>,
+    /// The greeting templates of MySQL services whose TLS ends here.
+    pub(crate) greetings: Greetings,
+    /// The connection ids this relay hands out in its own greetings.
+    pub(crate) ids: ConnIds,
+    /// Where refusals and opened and closed tunnels go.
+    pub(crate) events: Events,
     /// Cancelled when the relay starts to drain: listeners stop accepting, agents are told
     /// (so they open their next session elsewhere first), `connect` clients' new streams are
     /// refused as `shutting_down`. Open connections go on.
@@ -67,8 +75,6 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Bumped when the revocation lists are reloaded, so agents get them again.
     pub(crate) revocations_changed: tokio::sync::watch::Sender<u64>,
-    /// For tests: a copy of every byte the MySQL-native listeners write into agent streams.
-    pub(crate) tap: std::sync::OnceLock<mysql::Tap>,
     next_conn: AtomicU64,
 }
 
@@ -172,23 +178,25 @@ impl Relay {
             .values()
             .map(|s| (s.name.clone(), Arc::new(Semaphore::new(s.max_connections))))
             .collect();
-        let handshakes = config
+        let gates = config
             .services
-            .values()
-            .map(|s| (s.name.clone(), Arc::new(Semaphore::new(s.max_handshakes))))
+            .keys()
+            .map(|name| (name.clone(), Gate::new()))
             .collect();
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 registry: Registry::default(),
                 limits,
-                handshakes,
+                gates,
+                greetings: Greetings::new(),
+                ids: ConnIds::new(),
+                events: Events::new(),
                 stop: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 connections: TaskTracker::new(),
                 tasks: TaskTracker::new(),
                 revocations_changed: tokio::sync::watch::Sender::new(0),
-                tap: std::sync::OnceLock::new(),
                 next_conn: AtomicU64::new(0),
             }),
             endpoint,
@@ -430,12 +438,9 @@ impl Handle {
         self.shared.registry.agents()
     }
 
-    /// For tests that check what the relay can see: from now on, every byte the MySQL-native
-    /// listeners write into agent streams is also appended to the returned buffer (which grows
-    /// without bound: never in production).
-    #[doc(hidden)]
-    pub fn tap_agent_streams(&self) -> mysql::Tap {
-        self.shared.tap.get_or_init(Default::default).clone()
+    /// The relay's events sink: refusals, tunnels opened and closed.
+    pub fn events(&self) -> Events {
+        self.shared.events.clone()
     }
 
     /// How many client connections this relay has sent to an agent so far.

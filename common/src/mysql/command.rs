@@ -2,7 +2,8 @@
 //!
 //! Every command is a packet with sequence id 0 whose first byte names it. `COM_CHANGE_USER`
 //! logs in as another user on the same connection, so a policy that limits users must see it;
-//! `COM_RESET_CONNECTION` keeps the user but resets the session.
+//! `COM_RESET_CONNECTION` keeps the user but resets the session; a `KILL` names another
+//! connection by id ([`Kill`](super::Kill)).
 //!
 //! ```text
 //! COM_CHANGE_USER
@@ -15,6 +16,7 @@
 use bytes::Bytes;
 
 use super::codec::{Reader, owned, put_attributes, put_nul_terminated, read_attributes};
+use super::kill::{COM_PROCESS_KILL, COM_QUERY, Kill};
 use super::packet::Packet;
 use super::{CLIENT_CONNECT_ATTRS, CLIENT_PLUGIN_AUTH, CLIENT_SECURE_CONNECTION, MysqlError};
 
@@ -33,6 +35,8 @@ pub enum Command {
         /// The user the client wants to become.
         username: Bytes,
     },
+    /// A command that names a connection by id: `KILL ...` or `COM_PROCESS_KILL`.
+    Kill(Kill),
     /// `COM_RESET_CONNECTION`.
     ResetConnection,
     /// `COM_QUIT`.
@@ -60,6 +64,10 @@ impl Command {
             },
             COM_RESET_CONNECTION => Self::ResetConnection,
             COM_QUIT => Self::Quit,
+            COM_QUERY | COM_PROCESS_KILL => match Kill::parse(&packet.payload) {
+                Some(kill) => Self::Kill(kill),
+                None => Self::Other(first),
+            },
             other => Self::Other(other),
         }))
     }

@@ -34,9 +34,10 @@ use super::codec::{
 };
 use super::err::ErrPacket;
 use super::{
-    CLIENT_COMPRESS, CLIENT_CONNECT_ATTRS, CLIENT_CONNECT_WITH_DB, CLIENT_MYSQL,
-    CLIENT_PLUGIN_AUTH, CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, CLIENT_PROTOCOL_41,
-    CLIENT_SECURE_CONNECTION, CLIENT_SSL, CLIENT_ZSTD, MysqlError,
+    CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS, CLIENT_COMPRESS, CLIENT_CONNECT_ATTRS,
+    CLIENT_CONNECT_WITH_DB, CLIENT_MYSQL, CLIENT_PLUGIN_AUTH,
+    CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, CLIENT_PROTOCOL_41, CLIENT_REMEMBER_OPTIONS,
+    CLIENT_SECURE_CONNECTION, CLIENT_SSL, CLIENT_SSL_VERIFY_SERVER_CERT, CLIENT_ZSTD, MysqlError,
 };
 
 /// The length of an SSLRequest payload, and of the fixed start of a handshake response.
@@ -51,6 +52,9 @@ pub struct Greeting {
     raw: Bytes,
     caps_low_at: usize,
     caps_high_at: usize,
+    connection_id_at: usize,
+    /// Where the scramble's two parts are in `raw` (the second without its NUL).
+    scramble_at: [(usize, usize); 2],
     server_version: Bytes,
     connection_id: u32,
     capabilities: u32,
@@ -77,7 +81,9 @@ impl Greeting {
             v => return Err(MysqlError::ProtocolVersion(v)),
         }
         let server_version = owned(r.nul_terminated()?);
+        let connection_id_at = r.pos();
         let connection_id = r.u32()?;
+        let auth1_at = r.pos();
         let auth1 = r.take(8)?;
         r.u8()?;
         let caps_low_at = r.pos();
@@ -99,11 +105,14 @@ impl Greeting {
             u32::from_le_bytes([a, b, c, d])
         });
         let mut scramble = auth1.to_vec();
+        let mut part2_at = (r.pos(), 0);
         if capabilities & CLIENT_SECURE_CONNECTION != 0 {
             let len = usize::from(auth_len.saturating_sub(8)).max(13);
             // Some servers send fewer bytes than announced; the scramble is what is there.
             let part2 = r.take(len.min(r.remaining()))?;
-            scramble.extend_from_slice(part2.strip_suffix(&[0]).unwrap_or(part2));
+            let part2 = part2.strip_suffix(&[0]).unwrap_or(part2);
+            part2_at.1 = part2.len();
+            scramble.extend_from_slice(part2);
         }
         let auth_plugin = (capabilities & CLIENT_PLUGIN_AUTH != 0 && !r.is_empty())
             .then(|| owned(r.nul_terminated_or_rest()));
@@ -111,6 +120,8 @@ impl Greeting {
             raw: payload.clone(),
             caps_low_at,
             caps_high_at,
+            connection_id_at,
+            scramble_at: [(auth1_at, 8), part2_at],
             server_version,
             connection_id,
             capabilities,
@@ -142,6 +153,29 @@ impl Greeting {
             s.copy_from_slice(&[c, d]);
         }
         out.freeze()
+    }
+
+    /// The same greeting with another connection id and scramble, for a side that greets
+    /// clients itself (with a copy of its backend's greeting) before it has a backend
+    /// connection; `None` when `scramble` is not as long as this greeting's.
+    ///
+    /// Everything else (server version, capabilities, MariaDB's capabilities, character set,
+    /// status, plugin name) stays byte for byte, so drivers see what they would see directly.
+    pub fn reissue(&self, connection_id: u32, scramble: &[u8]) -> Option<Self> {
+        if scramble.len() != self.scramble.len() || scramble.contains(&0) {
+            return None;
+        }
+        let mut out = BytesMut::from(&self.raw[..]);
+        let at = self.connection_id_at;
+        out.get_mut(at..at + 4)?
+            .copy_from_slice(&connection_id.to_le_bytes());
+        let mut rest = scramble;
+        for (at, len) in self.scramble_at {
+            let (part, tail) = rest.split_at_checked(len)?;
+            out.get_mut(at..at + len)?.copy_from_slice(part);
+            rest = tail;
+        }
+        Self::parse(out.freeze()).ok()
     }
 
     /// The payload as the server sent it.
@@ -416,6 +450,28 @@ impl HandshakeResponse {
         true
     }
 
+    /// The response for a backend whose greeting is `backend`, from a client that was shown
+    /// `offered` (a copy of some earlier greeting of that backend): the capabilities (and
+    /// MariaDB's, in the filler) become what the client negotiated with `offered` and the
+    /// backend also has, so the backend uses no capability the client does not expect. Check
+    /// [`Negotiated::missing_in`] first: what the client negotiated and the backend lacks is
+    /// dropped here.
+    pub fn for_backend(&self, offered: &Greeting, backend: &Greeting) -> Self {
+        let mut out = self.clone();
+        out.capabilities = self.capabilities & offered.capabilities() & backend.capabilities();
+        if out.capabilities & CLIENT_MYSQL == 0
+            && let (Some(client), Some(offered), Some(server)) = (
+                self.mariadb_capabilities(),
+                offered.mariadb_capabilities(),
+                backend.mariadb_capabilities(),
+            )
+        {
+            let [.., a, b, c, d] = &mut out.filler;
+            [*a, *b, *c, *d] = (client & offered & server).to_le_bytes();
+        }
+        out
+    }
+
     /// The SSLRequest a client with these capabilities sends before this response (CLIENT_SSL
     /// set), for a side that opens TLS towards the server on the client's behalf.
     pub fn ssl_request(&self) -> SslRequest {
@@ -435,6 +491,76 @@ impl HandshakeResponse {
     /// The user name as text, if it is UTF-8.
     pub fn username_str(&self) -> Option<&str> {
         std::str::from_utf8(&self.username).ok()
+    }
+}
+
+/// Capability bits that only shape the connection phase (or mean something to the client
+/// alone): a backend that lacks one can still serve a client that negotiated it, because the
+/// handshake response sent to the backend is encoded for the backend's capabilities.
+const HANDSHAKE_ONLY: u32 = CLIENT_SSL
+    | CLIENT_CONNECT_ATTRS
+    | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+    | CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS
+    | CLIENT_SSL_VERIFY_SERVER_CERT
+    | CLIENT_REMEMBER_OPTIONS;
+
+/// What a client and the greeting it was shown agreed on: the capabilities that decide how the
+/// command phase looks (result set framing, session tracking, MariaDB's bulk operations and
+/// metadata caching, ...).
+///
+/// A client that was greeted with a copy of its backend's greeting must find the same on the
+/// backend: bytes of the command phase pass unchanged, so a capability the client uses and the
+/// backend lacks would corrupt result sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The capability flags both sides set.
+    pub capabilities: u32,
+    /// MariaDB's extended capabilities both sides set (0 unless both are MariaDB: CLIENT_MYSQL
+    /// clear on both).
+    pub mariadb: u32,
+}
+
+/// Capabilities a client negotiated and a backend lacks; see [`Negotiated::missing_in`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Missing {
+    /// Capability flags.
+    pub capabilities: u32,
+    /// MariaDB's extended capabilities.
+    pub mariadb: u32,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "capabilities {:#x}", self.capabilities)?;
+        if self.mariadb != 0 {
+            write!(f, ", MariaDB capabilities {:#x}", self.mariadb)?;
+        }
+        Ok(())
+    }
+}
+
+impl Negotiated {
+    /// What a client with `capabilities` (and MariaDB's `mariadb` capabilities, if it sent
+    /// them) takes from `greeting`: a server serves a client with the capabilities both have.
+    pub fn between(greeting: &Greeting, capabilities: u32, mariadb: Option<u32>) -> Self {
+        let mariadb = match (greeting.mariadb_capabilities(), mariadb) {
+            (Some(server), Some(client)) => server & client,
+            _ => 0,
+        };
+        Self {
+            capabilities: greeting.capabilities() & capabilities,
+            mariadb,
+        }
+    }
+
+    /// What of this the server that sent `backend` lacks, apart from bits that only shape the
+    /// handshake; `None` when it can serve the client as negotiated.
+    pub fn missing_in(&self, backend: &Greeting) -> Option<Missing> {
+        let missing = Missing {
+            capabilities: self.capabilities & !backend.capabilities() & !HANDSHAKE_ONLY,
+            mariadb: self.mariadb & !backend.mariadb_capabilities().unwrap_or(0),
+        };
+        (missing.capabilities != 0 || missing.mariadb != 0).then_some(missing)
     }
 }
 
@@ -466,6 +592,7 @@ fn mariadb_capabilities(capabilities: u32, filler: &[u8; 23]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mysql::CLIENT_SESSION_TRACK;
     use crate::mysql::vectors::{self, payload};
     use proptest::prelude::*;
 
@@ -529,6 +656,102 @@ mod tests {
             plain.capabilities() & (CLIENT_SSL | CLIENT_COMPRESS | CLIENT_ZSTD),
             0
         );
+    }
+
+    #[test]
+    fn a_reissued_greeting_changes_only_the_id_and_the_scramble() {
+        let g = greeting();
+        let original = payload(vectors::GREETING);
+        let copy = g.reissue(0x8000_0001, b"ABCDEFGHIJKLMNOPQRST").unwrap();
+        assert_eq!(copy.connection_id(), 0x8000_0001);
+        assert_eq!(copy.scramble(), b"ABCDEFGHIJKLMNOPQRST");
+        let out = copy.payload();
+        let diff: Vec<usize> = (0..original.len())
+            .filter(|&i| original[i] != out[i])
+            .collect();
+        // The id (4 bytes after the version), 8 + 12 scramble bytes, nothing else.
+        let id_at = 1 + g.server_version().len() + 1;
+        let mut want: Vec<usize> = (id_at..id_at + 4).collect();
+        want.extend(id_at + 4..id_at + 12);
+        let part2 = original.len() - b"mysql_native_password\0".len() - 13;
+        want.extend(part2..part2 + 12);
+        want.retain(|&i| original[i] != out[i]);
+        assert_eq!(diff, want);
+        assert_eq!(copy.capabilities(), g.capabilities());
+        assert_eq!(copy.mariadb_capabilities(), g.mariadb_capabilities());
+        // Wrong lengths and NULs are refused: the scramble is a C string to some clients.
+        assert!(g.reissue(1, b"short").is_none());
+        assert!(g.reissue(1, &[0; 20]).is_none());
+        let mysql8 = Greeting::parse(vectors::mysql8_greeting().into()).unwrap();
+        let copy = mysql8.reissue(7, b"01234567890123456789").unwrap();
+        assert_eq!(copy.scramble(), b"01234567890123456789");
+        assert_eq!(copy.auth_plugin(), Some(&b"caching_sha2_password"[..]));
+    }
+
+    #[test]
+    fn what_a_client_negotiated_must_be_on_the_backend() {
+        let g = greeting();
+        let offered = Greeting::parse(g.for_client(true)).unwrap();
+        let client = HandshakeResponse::parse(&payload(vectors::RESPONSE_WITH_PASSWORD)).unwrap();
+        let n = Negotiated::between(&offered, client.capabilities, client.mariadb_capabilities());
+        assert_eq!(n.mariadb, 0x1d);
+        assert_eq!(n.missing_in(&g), None, "the same server");
+        // A backend without session tracking, or without MariaDB's metadata cache.
+        let older =
+            Greeting::parse(g.with_capabilities(g.capabilities() & !CLIENT_SESSION_TRACK)).unwrap();
+        assert_eq!(
+            n.missing_in(&older),
+            Some(Missing {
+                capabilities: CLIENT_SESSION_TRACK,
+                mariadb: 0
+            })
+        );
+        let mut raw = payload(vectors::GREETING);
+        let ext_at = raw.len() - b"mysql_native_password\0".len() - 13 - 4;
+        raw[ext_at] = 0x0d;
+        let no_cache = Greeting::parse(raw.into()).unwrap();
+        assert_eq!(no_cache.mariadb_capabilities(), Some(0x0d));
+        assert_eq!(n.missing_in(&no_cache).map(|m| m.mariadb), Some(0x10));
+        // What only shapes the handshake may differ; so may what the client did not choose.
+        let plain = Greeting::parse(g.with_capabilities(
+            g.capabilities() & !(CLIENT_CONNECT_ATTRS | crate::mysql::CLIENT_DEPRECATE_EOF),
+        ))
+        .unwrap();
+        assert_eq!(n.missing_in(&plain), None);
+        // A MySQL server behind a MariaDB template: the client's MariaDB capabilities are gone.
+        let mysql8 = Greeting::parse(vectors::mysql8_greeting().into()).unwrap();
+        assert_eq!(n.missing_in(&mysql8).map(|m| m.mariadb), Some(0x1d));
+    }
+
+    #[test]
+    fn the_response_for_the_backend_keeps_to_what_all_three_have() {
+        let g = greeting();
+        let offered = Greeting::parse(g.for_client(true)).unwrap();
+        let mut client =
+            HandshakeResponse::parse(&payload(vectors::RESPONSE_WITH_PASSWORD)).unwrap();
+        // The client asks for compression (which the offered greeting does not have), as some
+        // drivers do whatever the server says.
+        client.capabilities |= CLIENT_COMPRESS | CLIENT_SSL;
+        let older =
+            Greeting::parse(g.with_capabilities(g.capabilities() & !CLIENT_CONNECT_ATTRS)).unwrap();
+        let out = client.for_backend(&offered, &older);
+        // TLS is for the legs to decide (the relay sets or clears it per leg).
+        assert_eq!(
+            out.capabilities & (CLIENT_COMPRESS | CLIENT_CONNECT_ATTRS | CLIENT_SSL),
+            0
+        );
+        assert_eq!(out.mariadb_capabilities(), Some(0x1d));
+        assert_eq!(out.username, client.username);
+        // Without CONNECT_ATTRS the attributes are not encoded.
+        let again = HandshakeResponse::parse(&out.encode()).unwrap();
+        assert_eq!(again.attributes, None);
+        // Unchanged against the same server, apart from what the offer lacked.
+        let same = client.for_backend(&offered, &g);
+        assert_eq!(
+            same.capabilities,
+            client.capabilities & !(CLIENT_COMPRESS | CLIENT_SSL)
+        );
+        assert_eq!(same.filler, client.filler);
     }
 
     #[test]

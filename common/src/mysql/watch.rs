@@ -2,9 +2,12 @@
 //!
 //! [`CommandWatch`] walks the client-to-server byte stream of the command phase packet by packet.
 //! Bytes may pass as soon as the packet they belong to is known not to be a command a policy must
-//! judge. Only a `COM_CHANGE_USER` is held back until it is complete, so its user name can be
-//! checked before the server sees it; everything else (16 MiB packet parts, `LOAD DATA LOCAL`
-//! file contents, prepared-statement data) streams through without being buffered.
+//! judge. A `COM_CHANGE_USER` is held back until it is complete, so its user name can be checked
+//! before the server sees it; so are, when asked for, the commands that name a connection by id
+//! (`COM_PROCESS_KILL`, and a short `COM_QUERY` whose text starts with `KILL`), so the id can be
+//! rewritten. Everything else (16 MiB packet parts, `LOAD DATA LOCAL` file contents,
+//! prepared-statement data, any other query) streams through without being buffered: for a
+//! query, the watch looks at the first bytes of its text and no further.
 //!
 //! # Which packets start a command
 //!
@@ -21,6 +24,7 @@ use bytes::Bytes;
 
 use super::MysqlError;
 use super::command::{COM_CHANGE_USER, Command};
+use super::kill::{self, COM_PROCESS_KILL, COM_QUERY, KILL_LIMIT, Prefix};
 use super::packet::{HANDSHAKE_LIMIT, MAX_PAYLOAD, Packet};
 
 /// What may happen to the bytes at the front of the client's buffer.
@@ -31,7 +35,8 @@ pub enum Scan {
     /// Nothing more can pass until more bytes arrive.
     NeedMore,
     /// The first `len` bytes are one whole command packet that a policy must judge first:
-    /// pass them, or refuse the command. Only `COM_CHANGE_USER` is held like this.
+    /// pass them, replace them, or refuse the command. Only `COM_CHANGE_USER` and (with
+    /// [`CommandWatch::watching_kills`]) possible `KILL`s are held like this.
     Judge {
         /// The command.
         command: Command,
@@ -55,6 +60,8 @@ pub struct CommandWatch {
     wrapped: bool,
     /// The largest command this watch holds back to judge.
     limit: usize,
+    /// Whether commands that name a connection by id are held back too.
+    kills: bool,
 }
 
 impl Default for CommandWatch {
@@ -74,7 +81,15 @@ impl CommandWatch {
             continuation: false,
             wrapped: false,
             limit,
+            kills: false,
         }
+    }
+
+    /// Also holds back `COM_PROCESS_KILL` and `COM_QUERY` packets of up to [`KILL_LIMIT`] bytes
+    /// whose text starts with `KILL`, for a front end that hands out connection ids of its own.
+    pub fn watching_kills(mut self) -> Self {
+        self.kills = true;
+        self
     }
 
     /// Looks at `buf`, the bytes that have not passed yet, and says what may happen to them.
@@ -97,10 +112,25 @@ impl CommandWatch {
             let Some(&first) = buf.get(4) else {
                 return Ok(Scan::NeedMore);
             };
-            if first == COM_CHANGE_USER {
-                if len >= MAX_PAYLOAD || wire > self.limit {
-                    return Err(MysqlError::TooLarge { limit: self.limit });
+            let hold = match first {
+                COM_CHANGE_USER => {
+                    if len >= MAX_PAYLOAD || wire > self.limit {
+                        return Err(MysqlError::TooLarge { limit: self.limit });
+                    }
+                    true
                 }
+                COM_PROCESS_KILL => self.kills && len == 5,
+                COM_QUERY if self.kills && len <= KILL_LIMIT => {
+                    let text = buf.get(5..wire.min(buf.len())).unwrap_or_default();
+                    match kill::prefix(text, buf.len() >= wire) {
+                        Prefix::Kill => true,
+                        Prefix::Other => false,
+                        Prefix::Unknown => return Ok(Scan::NeedMore),
+                    }
+                }
+                _ => false,
+            };
+            if hold {
                 let Some(whole) = buf.get(..wire) else {
                     return Ok(Scan::NeedMore);
                 };
@@ -109,7 +139,7 @@ impl CommandWatch {
                     payload: Bytes::copy_from_slice(&whole[4..]),
                 };
                 let command = Command::parse(&packet)?.ok_or(MysqlError::Malformed {
-                    what: "change user",
+                    what: "command",
                     why: "not a command",
                 })?;
                 self.after(seq, len);
@@ -135,13 +165,16 @@ impl CommandWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mysql::encode;
+    use crate::mysql::{COM_PROCESS_KILL, KILL_LIMIT, encode};
     use bytes::{Buf, BytesMut};
     use proptest::prelude::*;
 
     /// Feeds `wire` in chunks of `sizes` (cycled) and returns what passed and what was judged.
     fn run(wire: &[u8], sizes: &[usize]) -> (Vec<u8>, Vec<Command>) {
-        let mut watch = CommandWatch::default();
+        run_with(CommandWatch::default(), wire, sizes)
+    }
+
+    fn run_with(mut watch: CommandWatch, wire: &[u8], sizes: &[usize]) -> (Vec<u8>, Vec<Command>) {
         let mut pending = BytesMut::new();
         let mut passed = Vec::new();
         let mut judged = Vec::new();
@@ -208,6 +241,35 @@ mod tests {
                     username: Bytes::from_static(b"bob")
                 }]
             );
+        }
+    }
+
+    #[test]
+    fn kills_are_held_only_when_asked_for_whatever_the_chunking() {
+        let mut wire = BytesMut::new();
+        encode(0, b"\x03SELECT 1", &mut wire);
+        encode(0, b"\x03  /* cancel */ KILL QUERY 3000000001", &mut wire);
+        encode(0, b"\x03KILLER", &mut wire);
+        encode(0, &[COM_PROCESS_KILL, 1, 0, 0, 0], &mut wire);
+        // A statement that starts like a kill but is too long to be one is not held.
+        let mut long = b"\x03KILL ".to_vec();
+        long.resize(KILL_LIMIT + 10, b' ');
+        encode(0, &long, &mut wire);
+        // A kill statement without a plain id is judged as an ordinary query.
+        encode(0, b"\x03KILL USER app", &mut wire);
+        for sizes in [&[1][..], &[3, 7, 1], &[4096]] {
+            let (passed, judged) = run_with(CommandWatch::default().watching_kills(), &wire, sizes);
+            assert!(passed == wire[..], "every byte passes unchanged, in order");
+            let ids: Vec<Option<u64>> = judged
+                .iter()
+                .map(|c| match c {
+                    Command::Kill(k) => Some(k.id),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(ids, vec![Some(3_000_000_001), Some(1), None], "{sizes:?}");
+            let (_, judged) = run(&wire, sizes);
+            assert!(judged.is_empty());
         }
     }
 

@@ -21,7 +21,7 @@
 //! ```
 //!
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
-//! and upgrades to TLS in-band, as a MySQL server does ([`crate::mysql`]); for `tcp` services it
+//! and upgrades to TLS in-band, as a MySQL server does ([`crate::listen::mysql`]); for `tcp` services it
 //! is TLS-first. `tls_listen` is always TLS-first.
 //!
 //! Cloud Foundry routes no UDP, so a relay pushed there listens on `http: 0.0.0.0:${PORT}` only
@@ -35,8 +35,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use postern_common::config::{self, Check, ConfigErrors, Env, ProcessEnv, Spanned};
-use postern_common::front::Policy;
+use postern_common::config::{self, Check, ConfigErrors, Env, HumanDuration, ProcessEnv, Spanned};
+use postern_common::mysql::server::Rules;
 use postern_common::pki;
 use postern_common::policy::ServicePolicy;
 pub use postern_common::policy::{Acl, AllowedUsers, Users};
@@ -52,11 +52,15 @@ use file::File;
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Default deadline for a client's TLS handshake and first frame.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default deadline for a client's first packet (the MySQL SSLRequest, the TLS ClientHello),
+/// counted from accept.
+pub const DEFAULT_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default limit of concurrent client connections per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Default limit of connections per MySQL service that are still in their handshake (each holds
-/// a database connection before the client is authorised).
-pub const DEFAULT_MAX_HANDSHAKES: usize = 100;
+/// Default limit of connections per MySQL service that are still in their handshake (not yet
+/// authorised; when it is reached, the oldest gives way). They hold no database connection, only
+/// a socket and TLS state, so the limit is generous: a burst of real clients fits.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
 
 /// The range of `heartbeat_interval`.
 pub const HEARTBEAT_RANGE: std::ops::RangeInclusive<Duration> =
@@ -104,6 +108,9 @@ pub struct Config {
     /// everything from the accepted connection to the client's handshake response, and again for
     /// each packet of the login that follows.
     pub handshake_timeout: Duration,
+    /// Deadline for a client's first packet after accept (the MySQL SSLRequest, the TLS
+    /// ClientHello): a silent socket is dropped after this, long before `handshake_timeout`.
+    pub first_packet_timeout: Duration,
     /// Names this relay instance in welcomes and logs: `instance` from the file, else
     /// `APP_NAME/INDEX` on Cloud Foundry, else `HOSTNAME-PID`.
     pub instance: String,
@@ -181,8 +188,8 @@ pub struct Service {
 
 impl Service {
     /// The rules the MySQL front end applies, with `handshake_timeout` per login packet.
-    pub fn policy(&self, handshake_timeout: Duration) -> Policy<'_> {
-        Policy {
+    pub fn rules(&self, handshake_timeout: Duration) -> Rules<'_> {
+        Rules {
             service: &self.name,
             clients: &self.clients,
             allowed_users: &self.allowed_users,
@@ -192,13 +199,19 @@ impl Service {
     }
 
     /// The rules as the relay sends them to an agent that ends TLS for this service.
-    pub fn wire_policy(&self, handshake_timeout: Duration) -> ServicePolicy {
+    pub fn wire_policy(
+        &self,
+        handshake_timeout: Duration,
+        first_packet_timeout: Duration,
+    ) -> ServicePolicy {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         ServicePolicy {
             name: self.name.clone(),
             clients: self.clients.clone(),
             allowed_users: self.allowed_users.clone(),
             client_attribute: self.client_attribute,
-            handshake_timeout_ms: u64::try_from(handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+            handshake_timeout_ms: ms(handshake_timeout),
+            first_packet_timeout_ms: ms(first_packet_timeout),
             max_handshakes: self.max_handshakes,
         }
     }
@@ -243,6 +256,11 @@ impl Config {
             DEFAULT_HANDSHAKE_TIMEOUT,
             HANDSHAKE_TIMEOUT_RANGE,
         );
+        let first_packet_timeout = first_packet_timeout(
+            &mut check,
+            file.first_packet_timeout.as_ref(),
+            handshake_timeout,
+        );
         let services: BTreeMap<String, Service> = file
             .services
             .iter()
@@ -268,12 +286,37 @@ impl Config {
             tls,
             heartbeat,
             handshake_timeout,
+            first_packet_timeout,
             instance,
             agents,
             services,
             platform,
         })
     }
+}
+
+/// `first_packet_timeout`: more than zero, and part of the handshake, so no longer than it.
+fn first_packet_timeout(
+    check: &mut Check<'_>,
+    value: Option<&Spanned<HumanDuration>>,
+    handshake_timeout: Duration,
+) -> Duration {
+    let default = DEFAULT_FIRST_PACKET_TIMEOUT.min(handshake_timeout);
+    let range = Duration::from_millis(1)..=handshake_timeout;
+    let Some(v) = value else { return default };
+    if range.contains(&v.value.0) {
+        return v.value.0;
+    }
+    let why = if v.value.0.is_zero() {
+        "must be more than 0".to_owned()
+    } else {
+        format!(
+            "must not exceed handshake_timeout ({}): it is part of the handshake",
+            HumanDuration(handshake_timeout)
+        )
+    };
+    check.at(v, "first_packet_timeout", why);
+    default
 }
 
 /// `listen`: at least one of QUIC (UDP) and HTTP (the WebSocket tunnel).
@@ -434,6 +477,29 @@ mod tests {
         assert!(!orders.client_attribute);
         assert_eq!(orders.allowed_users.for_client("alice"), Users::Any);
         assert_eq!(c.services["files"].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn the_first_packet_deadline_defaults_short_and_fits_in_the_handshake() {
+        let (dir, head) = files();
+        let head = head + "  orders:\n    clients: [alice]\n";
+        let path = dir.path().join("relay.yaml");
+        let env = BTreeMap::<&str, &str>::new();
+        let c = Config::parse(&path, &head, &env).unwrap();
+        assert_eq!(c.first_packet_timeout, DEFAULT_FIRST_PACKET_TIMEOUT);
+        let c = Config::parse(&path, &format!("handshake_timeout: 2s\n{head}"), &env).unwrap();
+        assert_eq!(c.first_packet_timeout, Duration::from_secs(2));
+        let c =
+            Config::parse(&path, &format!("first_packet_timeout: 500ms\n{head}"), &env).unwrap();
+        assert_eq!(c.first_packet_timeout, Duration::from_millis(500));
+        for bad in ["first_packet_timeout: 0s", "first_packet_timeout: 11s"] {
+            let e = Config::parse(&path, &format!("{bad}\n{head}"), &env).expect_err(bad);
+            assert!(
+                e.0.iter()
+                    .any(|e| e.key.as_deref() == Some("first_packet_timeout")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

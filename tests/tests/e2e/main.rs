@@ -10,6 +10,7 @@ mod drain;
 mod drivers;
 mod faults;
 mod fleet;
+mod lockout;
 mod mysql_e2e;
 mod mysql_tls;
 mod platform;

@@ -112,12 +112,12 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
         "{text}"
     );
     let line = wait_log(&relay, "mallory is not allowed").await;
-    assert!(line.contains("refused client"), "{line}");
+    assert!(line.contains("refused"), "{line}");
 
     // A client with no certificate at all.
     assert!(tls_client(&pki, tls_port, None).await.is_err());
     let line = wait_log(&relay, "client presented no certificate").await;
-    assert!(line.contains("refused client"), "{line}");
+    assert!(line.contains("tls handshake failed"), "{line}");
 
     // An expired client certificate.
     let base = pki.issue_expired(Kind::Client, "alice");
@@ -126,7 +126,7 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
             .await
             .is_err()
     );
-    wait_log(&relay, "refused client: tls handshake failed").await;
+    wait_log(&relay, "tls handshake failed").await;
 
     // Through all of this the good agent stayed connected and good clients are served.
     assert!(matches!(

@@ -1,5 +1,6 @@
-//! The relay's rules for services whose TLS ends at this agent (`tls_termination: agent`), one
-//! set per relay session.
+//! Services whose TLS ends at this agent (`tls_termination: agent`): the relay's rules for
+//! them, one set per relay session ([`EndToEnd`]), and the MySQL front end's state, one per
+//! process ([`FrontEnd`]: greeting templates, connection ids, handshake gates, events).
 //!
 //! The relay sends [`Control::Policy`] after its welcome and again when its revocation lists
 //! change; each message replaces the previous one whole. Until one arrives (an older relay
@@ -12,9 +13,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use postern_common::events::Events;
+use postern_common::mysql::server::{ConnIds, Gate, Greetings};
 use postern_common::policy::ServicePolicy;
 use postern_common::tls::{self, Revocations};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info};
 
@@ -23,24 +26,45 @@ use crate::config::Config;
 /// How long an end-to-end stream waits for the relay's first policy.
 const FIRST_POLICY_WAIT: Duration = Duration::from_secs(1);
 
-/// The rules of one service, and its handshake slots (connections not yet authorised hold a
-/// database connection: `max_handshakes` limits them here as the relay limits its own).
-#[derive(Clone)]
-pub(crate) struct Rules {
-    pub(crate) policy: Arc<ServicePolicy>,
-    pub(crate) handshakes: Arc<Semaphore>,
+/// What the agent's MySQL front end keeps across relay sessions, one per process: a `KILL`
+/// or a flood of silent sockets may come through any relay instance.
+pub(crate) struct FrontEnd {
+    /// Where refusals and opened and closed tunnels go.
+    pub(crate) events: Events,
+    /// The greeting templates, by service.
+    pub(crate) greetings: Greetings,
+    /// The connection ids handed out in this agent's own greetings.
+    pub(crate) ids: ConnIds,
+    /// Connections in their handshake, by service.
+    pub(crate) gates: HashMap<String, Gate>,
+}
+
+impl FrontEnd {
+    /// A front end for the services of `config`.
+    pub(crate) fn new(config: &Config, events: Events) -> Self {
+        Self {
+            events,
+            greetings: Greetings::new(),
+            ids: ConnIds::new(),
+            gates: config
+                .services
+                .keys()
+                .map(|name| (name.clone(), Gate::new()))
+                .collect(),
+        }
+    }
 }
 
 /// The policy of one relay session, and the TLS acceptors that follow its revocation lists.
-pub(crate) struct SessionPolicy {
-    services: RwLock<Option<HashMap<String, Rules>>>,
+pub(crate) struct EndToEnd {
+    services: RwLock<Option<HashMap<String, Arc<ServicePolicy>>>>,
     /// Set once the first policy is in.
     arrived: watch::Sender<bool>,
     revocations: Arc<Revocations>,
     acceptors: HashMap<String, TlsAcceptor>,
 }
 
-impl SessionPolicy {
+impl EndToEnd {
     /// No policy yet; an acceptor for every service with a certificate (`services.NAME.tls`).
     pub(crate) fn new(config: &Config) -> Self {
         let revocations = Arc::new(Revocations::default());
@@ -68,29 +92,9 @@ impl SessionPolicy {
     /// usable (refusing is safer than admitting a revoked certificate).
     pub(crate) fn apply(&self, services: Vec<ServicePolicy>, crl_pem: Option<String>) {
         let mut current = self.services.write().unwrap_or_else(|p| p.into_inner());
-        let mut services: HashMap<String, Rules> = services
+        let mut services: HashMap<String, Arc<ServicePolicy>> = services
             .into_iter()
-            .map(|s| {
-                // Slots carry over while the limit stays, so connections in their handshake
-                // keep counting.
-                let handshakes = current
-                    .as_ref()
-                    .and_then(|c| c.get(&s.name))
-                    .filter(|r| r.policy.max_handshakes == s.max_handshakes)
-                    .map(|r| r.handshakes.clone())
-                    .unwrap_or_else(|| {
-                        let n = match s.max_handshakes {
-                            0 => Semaphore::MAX_PERMITS,
-                            n => n.min(Semaphore::MAX_PERMITS),
-                        };
-                        Arc::new(Semaphore::new(n))
-                    });
-                let rules = Rules {
-                    policy: Arc::new(s),
-                    handshakes,
-                };
-                (rules.policy.name.clone(), rules)
-            })
+            .map(|s| (s.name.clone(), Arc::new(s)))
             .collect();
         if let Err(e) = self
             .revocations
@@ -113,7 +117,7 @@ impl SessionPolicy {
         &self,
         agent: &str,
         service: &str,
-    ) -> Result<(Rules, TlsAcceptor), String> {
+    ) -> Result<(Arc<ServicePolicy>, TlsAcceptor), String> {
         let Some(acceptor) = self.acceptors.get(service) else {
             return Err(format!(
                 "service {service:?} ends TLS at the agent, and agent {agent} has no certificate \
@@ -146,7 +150,7 @@ mod tests {
     use postern_common::policy::Acl;
 
     /// A session policy with an acceptor for `orders` and none for `plain`.
-    fn session() -> SessionPolicy {
+    fn session() -> EndToEnd {
         let (ca, _key) = Ca::generate("test", 1).unwrap();
         let mut spec = LeafSpec::new(Kind::Server, "orders", 1);
         spec.dns = vec!["localhost".into()];
@@ -154,7 +158,7 @@ mod tests {
         let material =
             tls::Material::from_pem(&ca.cert_pem, &issued.cert_pem, &issued.key_pem).unwrap();
         let config = tls::mysql_listener_server(&material).unwrap();
-        SessionPolicy {
+        EndToEnd {
             services: RwLock::new(None),
             arrived: watch::Sender::new(false),
             revocations: Arc::new(Revocations::default()),
@@ -169,11 +173,12 @@ mod tests {
             allowed_users: Default::default(),
             client_attribute: false,
             handshake_timeout_ms: 1000,
+            first_packet_timeout_ms: 500,
             max_handshakes: 1,
         }
     }
 
-    fn refusal(r: Result<(Rules, TlsAcceptor), String>) -> String {
+    fn refusal(r: Result<(Arc<ServicePolicy>, TlsAcceptor), String>) -> String {
         match r {
             Ok(_) => panic!("refused"),
             Err(e) => e,
