@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use postern_common::control::{self, ControlEnd};
-use postern_common::policy::ServicePolicy;
+use postern_common::events::Origin;
 use postern_common::protocol::{
-    self, Code, Control, FEATURE_DRAIN, FEATURE_MYSQL_E2E, MAX_FRAME, Rejected,
+    self, Code, Control, FEATURE_DRAIN, FEATURE_MYSQL_E2E, MAX_FRAME, Refusal, Rejected,
 };
 use postern_common::transport::Session;
 use postern_common::wire;
@@ -17,8 +17,23 @@ use crate::Shared;
 
 /// Serves one agent session until it ends.
 pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
+    // Refusals a peer with a valid certificate can cause go to the events sink (counted, and
+    // logged within a budget), as every refusal does.
+    let refused = |code: Code, message: &str| {
+        let identity = postern_common::pki::Identity::Agent(name.clone()).uri();
+        shared.events.refused(
+            Origin::AgentSession,
+            Some(session.remote()),
+            None,
+            Some(&identity),
+            &Refusal::new(code, message),
+        );
+    };
     let Some(allowed) = shared.config.agents.get(&name) else {
-        warn!(agent = %name, remote = %session.remote(), "refused agent: not listed under agents in the relay config");
+        refused(
+            Code::NotAuthorized,
+            "agent identity is not listed under agents in the relay config",
+        );
         session.close("agent identity is not known to this relay");
         return;
     };
@@ -37,7 +52,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     let (mut stream, hello) = match hello {
         Ok(h) => h,
         Err(e) => {
-            warn!(agent = %name, remote = %session.remote(), error = %e, "refused agent: bad control stream");
+            refused(Code::BadRequest, &format!("bad control stream: {e}"));
             session.close(&format!("bad control stream: {e}"));
             return;
         }
@@ -50,7 +65,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         features,
     } = hello
     else {
-        warn!(agent = %name, "refused agent: first control message is not a hello");
+        refused(Code::BadRequest, "first control message is not a hello");
         session.close("first control message must be a hello");
         return;
     };
@@ -59,12 +74,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
             "no common protocol version: agent speaks {versions:?}, relay speaks {:?}",
             protocol::VERSIONS
         );
-        warn!(agent = %name, %message, "refused agent");
-        let refused = Control::Refused {
+        refused(Code::UnsupportedVersion, &message);
+        let answer = Control::Refused {
             code: Code::UnsupportedVersion,
             message: message.clone(),
         };
-        let _ = wire::write_frame(&mut stream, &refused).await;
+        let _ = wire::write_frame(&mut stream, &answer).await;
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
         // Give the refusal time to arrive: the agent closes the session once it has read it.
         let _ = tokio::time::timeout(deadline, session.closed()).await;
@@ -104,7 +119,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
 
     let mysql_e2e = features.iter().any(|f| f == FEATURE_MYSQL_E2E);
     // The first policy goes out before any client stream can be routed to this agent.
-    let mut changes = shared.revocations_changed.subscribe();
+    let mut changes = shared.access.changes();
     if mysql_e2e
         && let Err(e) = wire::write_frame(&mut stream, &policy_for(&shared, &name, &accepted)).await
     {
@@ -203,45 +218,42 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     info!(agent = %name, reason = %end, "agent disconnected");
 }
 
-/// The policy for agent `name`: its end-to-end services, and this relay's revocation lists.
+/// The policy for agent `name`: its end-to-end services' rules, and this relay's revocation
+/// lists, both from [`crate::access`].
 ///
 /// The lists travel in the same frame, within [`MAX_FRAME`] (a Postern list with a thousand
-/// entries is about 40 KiB). Lists that do not fit are not cut: the agent gets no services,
-/// refuses end-to-end clients, and the operator is told, since admitting a revoked certificate
-/// would be worse than refusing everyone.
+/// entries is about 40 KiB). Lists that do not fit, or cannot be read, are not cut: the agent
+/// gets no services, refuses end-to-end clients, and the operator is told, since admitting a
+/// revoked certificate would be worse than refusing everyone.
 fn policy_for(shared: &Shared, name: &str, accepted: &[String]) -> Control {
-    let services: Vec<ServicePolicy> = accepted
+    let services: Vec<&crate::config::Service> = accepted
         .iter()
         .filter_map(|s| shared.config.services.get(s))
         .filter(|s| s.tls_termination == crate::config::TlsTermination::Agent)
-        .map(|s| {
-            s.wire_policy(
-                shared.config.handshake_timeout,
-                shared.config.first_packet_timeout,
-            )
-        })
         .collect();
-    let crl_pem = match shared.config.tls.revocations.path() {
-        None => None,
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(pem) => Some(pem),
-            Err(e) => {
-                warn!(agent = %name, path = %path.display(), error = %e, "revocation list unreadable: end-to-end services refused at the agent");
-                return Control::Policy {
-                    services: Vec::new(),
-                    crl_pem: None,
-                };
-            }
-        },
+    let none = Control::Policy {
+        services: Vec::new(),
+        crl_pem: None,
     };
-    let policy = Control::Policy { services, crl_pem };
+    let (services, crl_pem) = match shared.access.agent_policy(
+        &services,
+        shared.config.handshake_timeout,
+        shared.config.first_packet_timeout,
+    ) {
+        Ok(p) => p,
+        Err(why) => {
+            warn!(agent = %name, reason = %why, "revocation list unusable: end-to-end services refused at the agent");
+            return none;
+        }
+    };
+    let policy = Control::Policy {
+        services,
+        crl_pem: crl_pem.map(|p| p.to_string()),
+    };
     let size = serde_json::to_vec(&policy).map_or(usize::MAX, |v| v.len());
     if size > MAX_FRAME {
         warn!(agent = %name, size, limit = MAX_FRAME, "revocation list too large to send to agents: end-to-end services refused at the agent until it is smaller");
-        return Control::Policy {
-            services: Vec::new(),
-            crl_pem: None,
-        };
+        return none;
     }
     debug!(agent = %name, "policy sent");
     policy

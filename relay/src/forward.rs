@@ -1,9 +1,9 @@
 //! Reaching a service for one client connection: authorise, find the agent, open a stream to it.
 //!
-//! Every client front end goes through `authorise` and `open`, so the checks and their
+//! Every client front end goes through [`crate::access`] and `open`, so the checks and their
 //! refusal messages are the same whichever way a client comes. The TLS-first listeners and
 //! `connect` clients know the client before anything else and use `reach` (both steps at
-//! once). The MySQL-native listener greets the client itself and authorises it before it opens
+//! once), then [`carry`] the bytes. The MySQL-native listener greets the client itself and authorises it before it opens
 //! a stream (see [`crate::listen::mysql`]); it opens streams before a client is known only to
 //! fetch the backend's greeting for its template (marked pre-authorisation, no client byte
 //! follows) and, in end-to-end mode, for the agent to authorise the client itself.
@@ -11,10 +11,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use postern_common::events::{Event, Origin};
+use postern_common::mysql::server::Conn;
 use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, StreamMode};
 use postern_common::transport::Stream;
-use postern_common::wire;
+use postern_common::{splice, wire};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
@@ -46,7 +48,7 @@ pub(crate) async fn reach(
             format!("unknown service {service:?}"),
         ));
     };
-    authorise(svc, client)?;
+    shared.access.authorise(service, client)?;
     if svc.tls_termination == TlsTermination::Agent {
         // These clients' TLS ends here, so the relay would see their queries and passwords.
         return Err(Refusal::new(
@@ -65,11 +67,6 @@ pub(crate) async fn reach(
         StreamMode::Plain,
     )
     .await
-}
-
-/// Whether `client` may use `svc`.
-pub(crate) fn authorise(svc: &Service, client: &Identity) -> Result<(), Refusal> {
-    svc.rules(std::time::Duration::ZERO).authorise(client)
 }
 
 /// Takes a connection slot of `svc` and opens a stream to an agent that serves it, which
@@ -159,4 +156,48 @@ pub(crate) async fn open(
         }
         Answer::Refused { code, message } => Err(Refusal::new(code, message)),
     }
+}
+
+/// Carries an authorised client's bytes to the agent and back until both directions end, and
+/// tells the events sink that the tunnel opened and how it closed. A failure on either side
+/// fails both loudly (a reset, never a clean end).
+pub(crate) async fn carry<C: Conn>(
+    shared: &Shared,
+    origin: Origin,
+    service: &str,
+    identity: &Identity,
+    mut client: C,
+    reached: Reached,
+) {
+    let Reached {
+        mut stream,
+        agent,
+        conn_id,
+        permit,
+        ..
+    } = reached;
+    shared.events.emit(Event::Opened {
+        origin,
+        conn_id,
+        service: service.to_owned(),
+        identity: Some(identity.uri()),
+        via: agent,
+    });
+    let (up, down, failure) = match splice::splice(&mut client, &mut stream).await {
+        Ok(t) => (t.a_to_b, t.b_to_a, None),
+        Err(e) => {
+            stream.fail();
+            client.fail();
+            (0, 0, Some(e.to_string()))
+        }
+    };
+    drop(permit);
+    shared.events.emit(Event::Closed {
+        origin,
+        conn_id,
+        service: service.to_owned(),
+        up,
+        down,
+        failure,
+    });
 }

@@ -19,6 +19,8 @@ pub(super) struct File {
     #[serde(default)]
     pub(super) first_packet_timeout: Option<Spanned<HumanDuration>>,
     #[serde(default)]
+    pub(super) max_connections: Option<Spanned<usize>>,
+    #[serde(default)]
     pub(super) instance: Option<String>,
     #[serde(default)]
     pub(super) agents: Entries<AgentFile>,

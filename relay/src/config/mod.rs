@@ -36,9 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use postern_common::config::{self, Check, ConfigErrors, Env, HumanDuration, ProcessEnv, Spanned};
-use postern_common::mysql::server::Rules;
 use postern_common::pki;
-use postern_common::policy::ServicePolicy;
 pub use postern_common::policy::{Acl, AllowedUsers, Users};
 use postern_common::tls::Material;
 use serde::Deserialize;
@@ -55,6 +53,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default deadline for a client's first packet (the MySQL SSLRequest, the TLS ClientHello),
 /// counted from accept.
 pub const DEFAULT_FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default limit of connections and sessions for the whole relay (`max_connections`).
+pub const DEFAULT_RELAY_MAX_CONNECTIONS: usize = 16_384;
 /// Default limit of concurrent client connections per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default limit of connections per MySQL service that are still in their handshake (not yet
@@ -108,6 +108,9 @@ pub struct Config {
     /// everything from the accepted connection to the client's handshake response, and again for
     /// each packet of the login that follows.
     pub handshake_timeout: Duration,
+    /// Limit of accepted connections and sessions for the whole relay: service connections,
+    /// QUIC sessions and WebSocket tunnels each hold one.
+    pub max_connections: usize,
     /// Deadline for a client's first packet after accept (the MySQL SSLRequest, the TLS
     /// ClientHello): a silent socket is dropped after this, long before `handshake_timeout`.
     pub first_packet_timeout: Duration,
@@ -186,37 +189,6 @@ pub struct Service {
     pub client_attribute: bool,
 }
 
-impl Service {
-    /// The rules the MySQL front end applies, with `handshake_timeout` per login packet.
-    pub fn rules(&self, handshake_timeout: Duration) -> Rules<'_> {
-        Rules {
-            service: &self.name,
-            clients: &self.clients,
-            allowed_users: &self.allowed_users,
-            client_attribute: self.client_attribute,
-            handshake_timeout,
-        }
-    }
-
-    /// The rules as the relay sends them to an agent that ends TLS for this service.
-    pub fn wire_policy(
-        &self,
-        handshake_timeout: Duration,
-        first_packet_timeout: Duration,
-    ) -> ServicePolicy {
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        ServicePolicy {
-            name: self.name.clone(),
-            clients: self.clients.clone(),
-            allowed_users: self.allowed_users.clone(),
-            client_attribute: self.client_attribute,
-            handshake_timeout_ms: ms(handshake_timeout),
-            first_packet_timeout_ms: ms(first_packet_timeout),
-            max_handshakes: self.max_handshakes,
-        }
-    }
-}
-
 impl Config {
     /// Loads and validates `path`, reading the process environment (`${PORT}` in addresses,
     /// Cloud Foundry's `VCAP_APPLICATION`). Relative file names inside are relative to its
@@ -261,6 +233,14 @@ impl Config {
             file.first_packet_timeout.as_ref(),
             handshake_timeout,
         );
+        let max_connections = match &file.max_connections {
+            None => DEFAULT_RELAY_MAX_CONNECTIONS,
+            Some(m) if m.value == 0 => {
+                check.at(m, "max_connections", "must be at least 1");
+                DEFAULT_RELAY_MAX_CONNECTIONS
+            }
+            Some(m) => m.value,
+        };
         let services: BTreeMap<String, Service> = file
             .services
             .iter()
@@ -287,6 +267,7 @@ impl Config {
             heartbeat,
             handshake_timeout,
             first_packet_timeout,
+            max_connections,
             instance,
             agents,
             services,

@@ -62,6 +62,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span};
 
 use crate::Shared;
+use crate::access::Access;
 use crate::config::{Protocol, Service, TlsTermination};
 use crate::forward::{self, Reached, Refusal};
 
@@ -74,11 +75,14 @@ pub(crate) async fn serve(
     acceptor: TlsAcceptor,
 ) {
     let accepted = Instant::now();
-    let Some(svc) = shared.config.services.get(&service) else {
+    let (Some(svc), Some(access)) = (
+        shared.config.services.get(&service),
+        shared.access.service(&service),
+    ) else {
         return;
     };
     let front = Front {
-        rules: svc.rules(shared.config.handshake_timeout),
+        rules: Access::rules(svc, &access, shared.config.handshake_timeout),
         events: &shared.events,
         origin: Origin::MysqlListener,
         peer: Some(peer),
@@ -325,8 +329,11 @@ async fn end_to_end(
 /// Whether MySQL connections of `identity` to `svc` that arrive already authenticated (`connect`
 /// streams, the TLS-first listener) must log in through the relay, so the user policy and the
 /// client attribute apply to them as well.
-pub(crate) fn needs_inspection(svc: &Service, identity: &Identity) -> bool {
-    svc.protocol == Protocol::Mysql && svc.rules(Default::default()).needs_inspection(identity)
+pub(crate) fn needs_inspection(shared: &Shared, svc: &Service, identity: &Identity) -> bool {
+    svc.protocol == Protocol::Mysql
+        && shared.access.service(&svc.name).is_some_and(|access| {
+            Access::rules(svc, &access, Default::default()).needs_inspection(identity)
+        })
 }
 
 /// Serves an authorised client whose MySQL runs in plaintext inside an encrypted tunnel
@@ -347,8 +354,11 @@ pub(crate) async fn serve_inspected<C: Conn>(
         permit: _permit,
         ..
     } = reached;
+    let Some(access) = shared.access.service(&svc.name) else {
+        return;
+    };
     let front = Front {
-        rules: svc.rules(shared.config.handshake_timeout),
+        rules: Access::rules(svc, &access, shared.config.handshake_timeout),
         events: &shared.events,
         origin,
         peer,

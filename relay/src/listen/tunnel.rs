@@ -1,94 +1,30 @@
-//! The relay's HTTP surface: the WebSocket endpoint for agents and `connect` clients
-//! (`/v1/tunnel`), liveness, readiness and the list of connected agents.
+//! `/v1/tunnel` on the HTTP listener: agents and `connect` clients that cannot use UDP reach the
+//! relay with a WebSocket (through Cloud Foundry's router, corporate proxies, nginx).
 //!
-//! `/v1/tunnel` upgrades to a WebSocket and runs mutual TLS *inside* it, so the identity of the
-//! peer never depends on the router in front of the relay (which terminates the outer TLS and
-//! may pass on forged client-certificate headers: they are ignored).
-//!
-//! `/healthz` answers 200 while the process serves and never depends on agents (a platform that
-//! restarts unhealthy apps must not restart the relay because a database is down). `/readyz`
-//! answers 200 only when at least one agent is connected and the relay is not draining, with
-//! details either way.
-
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde::Serialize;
+//! Mutual TLS runs *inside* the WebSocket, so the identity of the peer never depends on the
+//! router in front of the relay (which terminates the outer TLS and may pass on forged
+//! client-certificate headers: they are ignored). Each tunnel is one session
+//! ([`crate::sessions`]) and holds one of the relay's connection slots; with none free the
+//! upgrade is answered 503.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request};
-use axum::http::{HeaderMap, Response, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, Response, StatusCode, header};
+use postern_common::events::Origin;
 use postern_common::transport::ws;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
+use super::{inbound_refusal, take_slots};
 use crate::Shared;
-use crate::registry::AgentInfo;
-
-/// The routes of the HTTP listener.
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v0/agents", get(agents))
-        .route(ws::DEFAULT_PATH, get(tunnel))
-        .with_state(shared)
-}
-
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-#[derive(Serialize)]
-struct Ready {
-    ready: bool,
-    draining: bool,
-    instance: String,
-    agents: Vec<AgentInfo>,
-    services_without_agent: Vec<String>,
-}
-
-async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Ready>) {
-    let agents = shared.registry.agents();
-    let services_without_agent = shared
-        .config
-        .services
-        .keys()
-        .filter(|s| shared.registry.route(s).is_none())
-        .cloned()
-        .collect();
-    // A draining relay is not ready: load balancers should send nothing new.
-    let ready = !agents.is_empty() && !shared.stop.is_cancelled();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(Ready {
-            ready,
-            draining: shared.stop.is_cancelled(),
-            instance: shared.config.instance.clone(),
-            agents,
-            services_without_agent,
-        }),
-    )
-}
-
-async fn agents(State(shared): State<Arc<Shared>>) -> Json<Vec<AgentInfo>> {
-    Json(shared.registry.agents())
-}
 
 /// Upgrades to a WebSocket and runs an agent or client session on it.
-async fn tunnel(
+pub(crate) async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut req: Request,
@@ -111,6 +47,15 @@ async fn tunnel(
     };
     // Behind a router the TCP peer is the router; say who the router says the client is.
     let remote = forwarded_for(req.headers()).unwrap_or(peer);
+    let slots = match take_slots(&shared, None) {
+        Ok(s) => s,
+        Err(r) => {
+            shared
+                .events
+                .refused(Origin::Tunnel, Some(remote), None, None, &r);
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+        }
+    };
     let span = info_span!("websocket", %remote);
     let material = shared.config.tls.clone();
     let accept = ws::AcceptOptions {
@@ -123,7 +68,7 @@ async fn tunnel(
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => {
-                    warn!(error = %e, "websocket upgrade failed");
+                    debug!(error = %e, "websocket upgrade failed");
                     return;
                 }
             };
@@ -132,9 +77,15 @@ async fn tunnel(
                 WebSocketStream::from_raw_socket(io, Role::Server, Some(ws::websocket_config()))
                     .await;
             match ws::accept_with(socket, remote, &material, &accept).await {
-                Ok(session) => crate::serve_session(shared2, session).await,
-                Err(e) => warn!(reason = %e, "refused connection"),
+                Ok(session) => crate::sessions::serve(shared2, session, Origin::Tunnel).await,
+                Err(e) => {
+                    let r = inbound_refusal(&e);
+                    shared2
+                        .events
+                        .refused(Origin::Tunnel, Some(remote), None, None, &r);
+                }
             }
+            drop(slots);
         }
         .instrument(span),
     );

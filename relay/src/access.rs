@@ -1,0 +1,303 @@
+//! Who may use which service: the one owner of client access rules and revocations.
+//!
+//! Every front end asks here (the TLS-first listener, `connect` streams, the MySQL-native
+//! listener through the rules it gets from [`Access::rules`]), and agents that end TLS
+//! themselves get the same rules and revocation lists from [`Access::agent_policy`]. The rules
+//! start as `relay.yaml` says and can change while the relay runs: the revocation list file is
+//! re-read when it changes (on a blocking thread, every [`REVOCATION_POLL`]), and a service's
+//! clients can be granted or withdrawn ([`Access::update`], the service broker's way in). Every
+//! change bumps a generation that agents' control streams watch ([`Access::changes`]), so the
+//! rules the agents apply follow without a restart.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use postern_common::mysql::server::Rules;
+use postern_common::pki::Identity;
+use postern_common::policy::{Acl, AllowedUsers, ServicePolicy};
+use postern_common::protocol::{Code, Refusal};
+use postern_common::tls::Revocations;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, Service};
+
+/// How often the revocation list file is checked for changes.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
+
+/// The access rules of one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccess {
+    /// Who may connect.
+    pub clients: Acl,
+    /// Which MySQL users each client may log in as.
+    pub allowed_users: AllowedUsers,
+}
+
+/// The relay's access rules and revocation lists. One per relay.
+pub struct Access {
+    services: RwLock<BTreeMap<String, Arc<ServiceAccess>>>,
+    revocations: Arc<Revocations>,
+    /// The revocation lists as read (PEM), for agents; `None` without `tls.crl`.
+    crl: RwLock<Crl>,
+    changes: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Crl {
+    path: Option<PathBuf>,
+    pem: Option<Arc<str>>,
+    modified: Option<SystemTime>,
+    /// Why the file cannot be used, when it cannot: agents then refuse end-to-end clients.
+    broken: Option<String>,
+}
+
+impl Access {
+    /// The rules of `config`, with its revocation lists as loaded.
+    pub fn new(config: &Config) -> Self {
+        let services = config
+            .services
+            .values()
+            .map(|s| {
+                let access = ServiceAccess {
+                    clients: s.clients.clone(),
+                    allowed_users: s.allowed_users.clone(),
+                };
+                (s.name.clone(), Arc::new(access))
+            })
+            .collect();
+        let path = config.tls.revocations.path().map(PathBuf::from);
+        // The file was read moments ago by the config loader; read it again for its text.
+        let (pem, modified, broken) = match &path {
+            None => (None, None, None),
+            Some(p) => match read_crl(p) {
+                Ok((pem, modified)) => (Some(pem), modified, None),
+                Err(e) => (None, None, Some(e)),
+            },
+        };
+        Self {
+            services: RwLock::new(services),
+            revocations: config.tls.revocations.clone(),
+            crl: RwLock::new(Crl {
+                path,
+                pem,
+                modified,
+                broken,
+            }),
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    /// The current rules of `service`.
+    pub fn service(&self, service: &str) -> Option<Arc<ServiceAccess>> {
+        self.read().get(service).cloned()
+    }
+
+    /// Whether `client` may use `service`.
+    pub fn authorise(&self, service: &str, client: &Identity) -> Result<(), Refusal> {
+        match self.service(service) {
+            Some(a) if a.clients.allows(client) => Ok(()),
+            Some(_) => Err(Refusal::new(
+                Code::NotAuthorized,
+                format!("{client} is not allowed to use service {service:?}"),
+            )),
+            None => Err(Refusal::new(
+                Code::UnknownService,
+                format!("unknown service {service:?}"),
+            )),
+        }
+    }
+
+    /// The MySQL front end's view of `svc`'s rules, borrowing `access` (a snapshot from
+    /// [`service`](Self::service), held for the connection).
+    pub fn rules<'a>(
+        svc: &'a Service,
+        access: &'a ServiceAccess,
+        handshake_timeout: Duration,
+    ) -> Rules<'a> {
+        Rules {
+            service: &svc.name,
+            clients: &access.clients,
+            allowed_users: &access.allowed_users,
+            client_attribute: svc.client_attribute,
+            handshake_timeout,
+        }
+    }
+
+    /// Changes the rules of `service` (the broker grants and withdraws client identities this
+    /// way); agents get the new rules at once. `false` if there is no such service.
+    pub fn update(&self, service: &str, change: impl FnOnce(&mut ServiceAccess)) -> bool {
+        let changed = {
+            let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
+            let Some(current) = services.get_mut(service) else {
+                return false;
+            };
+            let mut next = ServiceAccess::clone(current);
+            change(&mut next);
+            let changed = next != **current;
+            *current = Arc::new(next);
+            changed
+        };
+        if changed {
+            self.changes.send_modify(|g| *g += 1);
+        }
+        true
+    }
+
+    /// A generation that grows whenever the rules or the revocation lists change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// What an agent that ends TLS for `services` must apply: their rules and this relay's
+    /// revocation lists. `Err` says why the lists cannot be sent (the agent then gets no
+    /// services, and refuses end-to-end clients rather than admit a revoked certificate).
+    pub fn agent_policy(
+        &self,
+        services: &[&Service],
+        handshake_timeout: Duration,
+        first_packet_timeout: Duration,
+    ) -> Result<(Vec<ServicePolicy>, Option<Arc<str>>), String> {
+        let crl = self.crl.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &crl.broken {
+            return Err(why.clone());
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let policies = services
+            .iter()
+            .filter_map(|svc| {
+                let access = self.service(&svc.name)?;
+                Some(ServicePolicy {
+                    name: svc.name.clone(),
+                    clients: access.clients.clone(),
+                    allowed_users: access.allowed_users.clone(),
+                    client_attribute: svc.client_attribute,
+                    handshake_timeout_ms: ms(handshake_timeout),
+                    first_packet_timeout_ms: ms(first_packet_timeout),
+                    max_handshakes: svc.max_handshakes,
+                })
+            })
+            .collect();
+        Ok((policies, crl.pem.clone()))
+    }
+
+    /// Re-reads the revocation list file every [`REVOCATION_POLL`] until `stop`, on a blocking
+    /// thread; a changed list applies to the next handshake and goes to the agents.
+    pub async fn watch_revocations(self: Arc<Self>, stop: CancellationToken) {
+        let Some(path) = self
+            .crl
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .path
+            .clone()
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(REVOCATION_POLL) => {}
+            }
+            let known = self.crl.read().unwrap_or_else(|p| p.into_inner()).modified;
+            let p = path.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let modified = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+                if modified.is_some() && modified == known {
+                    return Ok(None);
+                }
+                read_crl(&p).map(Some)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("reading it failed: {e}")));
+            match read {
+                Ok(None) => {}
+                Ok(Some((pem, modified))) => self.apply_crl(pem, modified),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "revocation list not reloaded; keeping the previous one");
+                }
+            }
+        }
+    }
+
+    fn apply_crl(&self, pem: Arc<str>, modified: Option<SystemTime>) {
+        if let Err(e) = self.revocations.replace_pem(pem.as_bytes()) {
+            warn!(error = %e, "revocation list not reloaded; keeping the previous one");
+            return;
+        }
+        {
+            let mut crl = self.crl.write().unwrap_or_else(|p| p.into_inner());
+            crl.pem = Some(pem);
+            crl.modified = modified;
+            crl.broken = None;
+        }
+        info!("revocation list reloaded");
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<ServiceAccess>>> {
+        self.services.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reads a revocation list file: its text and when it was written.
+fn read_crl(path: &std::path::Path) -> Result<(Arc<str>, Option<SystemTime>), String> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let pem = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    if !pem.contains("-----BEGIN X509 CRL-----") {
+        return Err("no revocation list (X509 CRL) in the file".into());
+    }
+    Ok((pem.into(), modified))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(clients: Acl) -> Access {
+        let services = [(
+            "orders".to_owned(),
+            Arc::new(ServiceAccess {
+                clients,
+                allowed_users: AllowedUsers::Any,
+            }),
+        )];
+        Access {
+            services: RwLock::new(services.into_iter().collect()),
+            revocations: Arc::default(),
+            crl: RwLock::default(),
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    #[test]
+    fn a_granted_identity_is_let_in_and_agents_are_told() {
+        let a = access(Acl::Only(["alice".to_owned()].into()));
+        let mut changes = a.changes();
+        let bob = Identity::Client("bob".into());
+        let r = a.authorise("orders", &bob).unwrap_err();
+        assert_eq!(r.code, Code::NotAuthorized);
+        assert!(
+            r.message.contains("not allowed to use service \"orders\""),
+            "{r}"
+        );
+        assert!(
+            a.update("orders", |s| if let Acl::Only(names) = &mut s.clients {
+                names.insert("bob".into());
+            })
+        );
+        assert!(changes.has_changed().unwrap(), "agents see the change");
+        changes.mark_unchanged();
+        a.authorise("orders", &bob).unwrap();
+        // The same rules again change nothing.
+        a.update("orders", |_| {});
+        assert!(!changes.has_changed().unwrap());
+        assert!(!a.update("billing", |_| {}));
+        assert_eq!(
+            a.authorise("billing", &bob).unwrap_err().code,
+            Code::UnknownService
+        );
+    }
+}
