@@ -57,7 +57,7 @@ pub struct ConnectArgs {
     /// auto (race QUIC and WebSocket, prefer QUIC), quic or websocket.
     #[arg(long, value_enum, default_value_t = TransportArg::Auto, env = "POSTERN_TRANSPORT")]
     pub transport: TransportArg,
-    /// HTTP CONNECT proxy for WebSocket (http://[user:pass@]host:port; "none" to ignore
+    /// HTTP CONNECT proxy for WebSocket (`http://[user:pass@]host:port`; "none" to ignore
     /// HTTPS_PROXY). Default: HTTPS_PROXY / NO_PROXY from the environment.
     #[arg(long)]
     pub proxy: Option<String>,

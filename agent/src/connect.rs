@@ -235,6 +235,15 @@ async fn open_on(
     }
 }
 
+/// Why the relay did not confirm our certificate.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("{0}")]
+    Open(#[source] postern_common::transport::TransportError),
+    #[error("{0}")]
+    Frame(#[source] wire::WireError),
+}
+
 async fn dial(opts: &Options) -> anyhow::Result<Session> {
     let session = opts
         .dialer
@@ -244,21 +253,21 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
     // In TLS 1.3 our handshake completes before the relay has checked our certificate: ask it
     // once (an open for no service) so a refused certificate is reported now, not per connection.
     let probe = async {
-        let mut stream = session.open().await.map_err(|e| e.to_string())?;
+        let mut stream = session.open().await.map_err(ProbeError::Open)?;
         let open = Open::for_service("");
         wire::write_first(&mut stream, &open)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ProbeError::Frame)?;
         wire::read_first::<_, Answer>(&mut stream)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(ProbeError::Frame)
     };
     match tokio::time::timeout(ANSWER_TIMEOUT, probe).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             let why = match tokio::time::timeout(Duration::from_secs(1), session.closed()).await {
                 Ok(why) => why.to_string(),
-                Err(_) => e,
+                Err(_) => e.to_string(),
             };
             anyhow::bail!("relay {} refused the session: {why}", opts.relay);
         }

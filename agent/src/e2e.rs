@@ -16,6 +16,7 @@ use std::time::Duration;
 use postern_common::events::Events;
 use postern_common::mysql::server::{ConnIds, Gate, Greetings};
 use postern_common::policy::ServicePolicy;
+use postern_common::protocol::{Code, Refusal};
 use postern_common::tls::{self, Revocations};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -117,28 +118,29 @@ impl EndToEnd {
         &self,
         agent: &str,
         service: &str,
-    ) -> Result<(Arc<ServicePolicy>, TlsAcceptor), String> {
+    ) -> Result<(Arc<ServicePolicy>, TlsAcceptor), Refusal> {
+        let refused = |message: String| Refusal::new(Code::NotAuthorized, message);
         let Some(acceptor) = self.acceptors.get(service) else {
-            return Err(format!(
+            return Err(refused(format!(
                 "service {service:?} ends TLS at the agent, and agent {agent} has no certificate \
                  for it (services.{service}.tls in agent.yaml)"
-            ));
+            )));
         };
         let mut arrived = self.arrived.subscribe();
         let _ = tokio::time::timeout(FIRST_POLICY_WAIT, arrived.wait_for(|a| *a)).await;
         let guard = self.services.read().unwrap_or_else(|p| p.into_inner());
         let Some(services) = guard.as_ref() else {
-            return Err(format!(
+            return Err(refused(format!(
                 "service {service:?} is unavailable end to end: agent {agent} has no policy \
                  received from the relay"
-            ));
+            )));
         };
         match services.get(service) {
             Some(p) => Ok((p.clone(), acceptor.clone())),
-            None => Err(format!(
+            None => Err(refused(format!(
                 "service {service:?} is unavailable end to end: the relay's policy for agent \
                  {agent} does not include it (see the relay's log)"
-            )),
+            ))),
         }
     }
 }
@@ -178,10 +180,10 @@ mod tests {
         }
     }
 
-    fn refusal(r: Result<(Arc<ServicePolicy>, TlsAcceptor), String>) -> String {
+    fn refusal(r: Result<(Arc<ServicePolicy>, TlsAcceptor), Refusal>) -> String {
         match r {
             Ok(_) => panic!("refused"),
-            Err(e) => e,
+            Err(e) => e.message,
         }
     }
 

@@ -14,15 +14,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use postern_common::events::{Event, Origin};
+use postern_common::mysql::Greeting;
 use postern_common::mysql::server::{self, Deadlines, Dialled, Front, Greeter, Rules};
-use postern_common::mysql::{Greeting, MysqlError, PacketReader};
 use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, Refusal, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::{net, splice, wire};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span};
 
@@ -154,15 +153,7 @@ async fn end_to_end(
     let front = &state.front;
     let (policy, acceptor) = match e2e.for_service(&state.config.name, &svc.name).await {
         Ok(p) => p,
-        Err(message) => {
-            return refuse(
-                state,
-                &mut stream,
-                open,
-                Refusal::new(Code::NotAuthorized, message),
-            )
-            .await;
-        }
+        Err(r) => return refuse(state, &mut stream, open, r).await,
     };
     // Both come from the relay: bounded, so no deadline arithmetic can overflow.
     let handshake = policy.handshake_timeout();
@@ -232,44 +223,9 @@ async fn end_to_end(
 /// right after it.
 async fn fetch_greeting(state: &AgentState, svc: &Service) -> Result<Greeting, Refusal> {
     let (_, mut tcp) = state.backends.connect(&svc.name).await?;
-    let read = async {
-        let mut reader = PacketReader::default();
-        let mut buf = BytesMut::new();
-        loop {
-            if let Some(p) = reader.decode(&mut buf).map_err(|e| e.to_string())? {
-                return Ok(p);
-            }
-            buf.reserve(512);
-            match tcp.read_buf(&mut buf).await {
-                Ok(0) => return Err("the database closed the connection".to_owned()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    let packet = tokio::time::timeout(svc.connect_timeout, read).await;
+    let greeting = server::read_greeting(&mut tcp, svc.connect_timeout).await;
     let _ = tcp.shutdown().await;
-    let unavailable = |why: String| {
-        Refusal::new(
-            Code::BackendUnavailable,
-            format!("service {:?} is unavailable: {why}", svc.name),
-        )
-    };
-    let packet = match packet {
-        Ok(Ok(p)) => p,
-        Ok(Err(why)) => {
-            return Err(unavailable(format!(
-                "no greeting from the database ({why})"
-            )));
-        }
-        Err(_) => return Err(unavailable("no greeting from the database in time".into())),
-    };
-    Greeting::parse(packet.payload).map_err(|e| match e {
-        MysqlError::Refused(err) => {
-            unavailable(format!("the database refused the connection: {err}"))
-        }
-        e => unavailable(format!("the database sent an unusable greeting ({e})")),
-    })
+    greeting.map_err(|e| e.refusal(&svc.name))
 }
 
 fn cannot_connect(svc: &Service, e: &dyn std::fmt::Display) -> Refusal {

@@ -1,9 +1,9 @@
 //! The Postern agent: runs next to the database, dials out to the relay, and connects the
 //! relay's streams to local backends. Also home of `connect`, the client side for laptops.
 //!
-//! * [`supervisor`]: one reconnect loop per relay ([`backoff`]); [`cf`] finds every instance
+//! * `supervisor`: one reconnect loop per relay ([`backoff`]); `cf` finds every instance
 //!   of a relay that is a Cloud Foundry app.
-//! * [`session`]: one relay session (hello, welcome, heartbeats, drain); [`takeover`] moves it
+//! * `session`: one relay session (hello, welcome, heartbeats, drain); `takeover` moves it
 //!   from WebSocket back to QUIC.
 //! * [`forward`]: one stream from the relay to a backend, chosen by [`backends`]; for services
 //!   whose TLS ends here, the MySQL front end with the rules the relay sent (`e2e`).
@@ -23,7 +23,7 @@ mod e2e;
 pub mod exec;
 pub mod forward;
 pub mod notify;
-pub mod session;
+mod session;
 mod state;
 mod supervisor;
 mod takeover;

@@ -1,13 +1,13 @@
 //! One session with a relay: the hello and welcome, the streams the relay opens, heartbeats,
 //! and how the session ends.
 //!
-//! A session ends in one of four ways ([`Outcome`]):
+//! A session ends in one of four ways (`Outcome`):
 //! * it breaks (the relay went away, a heartbeat was missed, the relay closed it): the
 //!   supervisor reconnects with backoff;
 //! * the relay drains ([`Control::Drain`], it is shutting down): the supervisor opens the next
 //!   session at once, while this one keeps serving the streams it carries until they end or the
 //!   relay closes it (make before break);
-//! * QUIC works again while this session is on WebSocket ([`crate::takeover`]): new streams move
+//! * QUIC works again while this session is on WebSocket (`crate::takeover`): new streams move
 //!   to the QUIC session, and this one finishes the streams it carries;
 //! * the agent shuts down: it tells the relay (a drain of its own, so no new stream is routed
 //!   here), lets the streams finish within the grace period, then closes.
@@ -39,7 +39,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// The relay could not be reached.
     #[error(transparent)]
     Dial(#[from] crate::dial::DialError),

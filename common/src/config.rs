@@ -215,9 +215,14 @@ impl<K: std::borrow::Borrow<str> + Ord, V: AsRef<str>> Env for std::collections:
     }
 }
 
-/// Replaces `${NAME}` in `text` with the variable's value from `env`; `Err(NAME)` when a named
-/// variable is not set. Text without `${` is returned as it is.
-pub fn expand_env(text: &str, env: &dyn Env) -> Result<String, String> {
+/// A `${NAME}` whose variable is not set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("environment variable {0} is not set")]
+pub struct UnsetVar(pub String);
+
+/// Replaces `${NAME}` in `text` with the variable's value from `env`. Text without `${` is
+/// returned as it is.
+pub fn expand_env(text: &str, env: &dyn Env) -> Result<String, UnsetVar> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -227,7 +232,7 @@ pub fn expand_env(text: &str, env: &dyn Env) -> Result<String, String> {
             return Ok(out);
         };
         let name = &rest[start + 2..start + end];
-        out.push_str(&env.var(name).ok_or_else(|| name.to_owned())?);
+        out.push_str(&env.var(name).ok_or_else(|| UnsetVar(name.to_owned()))?);
         rest = &rest[start + end + 1..];
     }
     out.push_str(rest);
@@ -569,6 +574,9 @@ mod tests {
         let env = std::collections::BTreeMap::from([("PORT", "8080")]);
         assert_eq!(expand_env("0.0.0.0:${PORT}", &env).unwrap(), "0.0.0.0:8080");
         assert_eq!(expand_env("plain", &env).unwrap(), "plain");
-        assert_eq!(expand_env("${NOPE}:1", &env).unwrap_err(), "NOPE");
+        assert_eq!(
+            expand_env("${NOPE}:1", &env).unwrap_err(),
+            UnsetVar("NOPE".into())
+        );
     }
 }

@@ -188,7 +188,7 @@ struct Budget {
 }
 
 /// How many events a slow reader may fall behind before it misses some.
-const READER_BACKLOG: usize = 1024;
+pub const READER_BACKLOG: usize = 1024;
 
 impl Default for Events {
     fn default() -> Self {

@@ -46,13 +46,27 @@ pub struct Access {
     changes: watch::Sender<u64>,
 }
 
+/// Why the revocation list file cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CrlError {
+    /// It cannot be read.
+    #[error("cannot read it: {0}")]
+    Read(#[source] Arc<std::io::Error>),
+    /// Reading it on a blocking thread failed.
+    #[error("reading it failed: {0}")]
+    Blocking(#[source] Arc<tokio::task::JoinError>),
+    /// It holds no revocation list.
+    #[error("no revocation list (X509 CRL) in the file")]
+    Empty,
+}
+
 #[derive(Debug, Default)]
 struct Crl {
     path: Option<PathBuf>,
     pem: Option<Arc<str>>,
     modified: Option<SystemTime>,
     /// Why the file cannot be used, when it cannot: agents then refuse end-to-end clients.
-    broken: Option<String>,
+    broken: Option<CrlError>,
 }
 
 impl Access {
@@ -160,7 +174,7 @@ impl Access {
         services: &[&Service],
         handshake_timeout: Duration,
         first_packet_timeout: Duration,
-    ) -> Result<(Vec<ServicePolicy>, Option<Arc<str>>), String> {
+    ) -> Result<(Vec<ServicePolicy>, Option<Arc<str>>), CrlError> {
         let crl = self.crl.read().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &crl.broken {
             return Err(why.clone());
@@ -211,7 +225,7 @@ impl Access {
                 read_crl(&p).map(Some)
             })
             .await
-            .unwrap_or_else(|e| Err(format!("reading it failed: {e}")));
+            .unwrap_or_else(|e| Err(CrlError::Blocking(Arc::new(e))));
             match read {
                 Ok(None) => {}
                 Ok(Some((pem, modified))) => self.apply_crl(pem, modified),
@@ -243,11 +257,11 @@ impl Access {
 }
 
 /// Reads a revocation list file: its text and when it was written.
-fn read_crl(path: &std::path::Path) -> Result<(Arc<str>, Option<SystemTime>), String> {
+fn read_crl(path: &std::path::Path) -> Result<(Arc<str>, Option<SystemTime>), CrlError> {
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let pem = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let pem = std::fs::read_to_string(path).map_err(|e| CrlError::Read(Arc::new(e)))?;
     if !pem.contains("-----BEGIN X509 CRL-----") {
-        return Err("no revocation list (X509 CRL) in the file".into());
+        return Err(CrlError::Empty);
     }
     Ok((pem.into(), modified))
 }

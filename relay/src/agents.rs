@@ -15,6 +15,20 @@ use tracing::{debug, info, warn};
 
 use crate::Shared;
 
+/// Why an agent's control stream did not start with a hello.
+#[derive(Debug, thiserror::Error)]
+enum HelloError {
+    /// No control stream.
+    #[error("{0}")]
+    Stream(#[source] postern_common::transport::TransportError),
+    /// Not a frame.
+    #[error("{0}")]
+    Frame(#[source] wire::WireError),
+    /// Nothing in time.
+    #[error("no hello within the handshake timeout")]
+    Timeout,
+}
+
 /// Serves one agent session until it ends.
 pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     // Refusals a peer with a valid certificate can cause go to the events sink (counted, and
@@ -41,14 +55,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     // The first stream the agent opens is its control stream, and it starts with a hello.
     let deadline = shared.config.handshake_timeout;
     let hello = tokio::time::timeout(deadline, async {
-        let mut stream = session.accept().await.map_err(|e| e.to_string())?;
+        let mut stream = session.accept().await.map_err(HelloError::Stream)?;
         let hello = wire::read_first::<_, Control>(&mut stream)
             .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>((stream, hello))
+            .map_err(HelloError::Frame)?;
+        Ok((stream, hello))
     })
     .await
-    .unwrap_or_else(|_| Err("no hello within the handshake timeout".into()));
+    .unwrap_or(Err(HelloError::Timeout));
     let (mut stream, hello) = match hello {
         Ok(h) => h,
         Err(e) => {

@@ -3,10 +3,11 @@
 //! Every client front end goes through [`crate::access`] and `open`, so the checks and their
 //! refusal messages are the same whichever way a client comes. The TLS-first listeners and
 //! `connect` clients know the client before anything else and use `reach` (both steps at
-//! once), then [`carry`] the bytes. The MySQL-native listener greets the client itself and authorises it before it opens
-//! a stream (see [`crate::listen::mysql`]); it opens streams before a client is known only to
-//! fetch the backend's greeting for its template (marked pre-authorisation, no client byte
-//! follows) and, in end-to-end mode, for the agent to authorise the client itself.
+//! once), then [`carry`] the bytes. The MySQL-native listener greets the client itself and
+//! authorises it before it opens a stream (see [`crate::listen::mysql`]); it opens streams
+//! before a client is known only to fetch the backend's greeting for its template (marked
+//! pre-authorisation, no client byte follows) and, in end-to-end mode, for the agent to
+//! authorise the client itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tracing::debug;
 use crate::Shared;
 use crate::config::{Service, TlsTermination};
 
-pub use postern_common::protocol::Refusal;
+pub(crate) use postern_common::protocol::Refusal;
 
 /// A stream to the agent, connected to the backend and ready for bytes.
 pub(crate) struct Reached {

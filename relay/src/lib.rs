@@ -5,22 +5,22 @@
 //! runs, and tests learn the ephemeral ports), then [`Relay::run`] serves until the shutdown
 //! token fires, drains, and returns.
 //!
-//! * [`listen`]: one module per listener kind (MySQL-native, TLS-first, QUIC, the WebSocket
-//!   tunnel) and the connection limits they share; [`http`]: the HTTP listener.
-//! * [`sessions`]: authenticated sessions; [`agents`] serves an agent's (hello, welcome,
+//! * `listen`: one module per listener kind (MySQL-native, TLS-first, QUIC, the WebSocket
+//!   tunnel) and the connection limits they share; `http`: the HTTP listener.
+//! * `sessions`: authenticated sessions; `agents` serves an agent's (hello, welcome,
 //!   heartbeats, drain) and registers it in the [`registry`]; `connect` clients' streams.
 //! * [`access`]: who may use which service, and revocations: the one owner of those rules.
-//! * [`forward`]: reaching a service for one client connection, and carrying its bytes.
+//! * `forward`: reaching a service for one client connection, and carrying its bytes.
 //! * [`config`]: `relay.yaml`; [`certs`]: the `certs` subcommand.
 
 pub mod access;
-pub mod agents;
+mod agents;
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod forward;
+mod forward;
 mod http;
-pub mod listen;
+mod listen;
 pub mod registry;
 mod sessions;
 mod state;
@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::Config;
+pub use listen::BindError;
 use listen::{ListenerKind, ServiceListener};
 use state::Shared;
 
@@ -67,7 +68,7 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     /// A listener could not be bound.
     #[error(transparent)]
-    Bind(#[from] listen::BindError),
+    Bind(#[from] BindError),
 }
 
 impl Relay {

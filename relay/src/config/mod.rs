@@ -21,7 +21,7 @@
 //! ```
 //!
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
-//! and upgrades to TLS in-band, as a MySQL server does ([`crate::listen::mysql`]); for `tcp` services it
+//! and upgrades to TLS in-band, as a MySQL server does (`listen::mysql`); for `tcp` services it
 //! is TLS-first. `tls_listen` is always TLS-first.
 //!
 //! Cloud Foundry routes no UDP, so a relay pushed there listens on `http: 0.0.0.0:${PORT}` only
@@ -364,12 +364,8 @@ fn parse_addr(
 ) -> Option<SocketAddr> {
     let text = match config::expand_env(&value.value, env) {
         Ok(t) => t,
-        Err(name) => {
-            check.at(
-                value,
-                key,
-                format!("environment variable {name} is not set"),
-            );
+        Err(unset) => {
+            check.at(value, key, unset.to_string());
             return None;
         }
     };

@@ -21,9 +21,9 @@
 //! any: a MySQL ERR packet (1040, "too many connections") on a MySQL-native listener; a closed
 //! socket on a TLS-first one; a refused QUIC connection; HTTP 503 for a WebSocket upgrade.
 
-pub mod mysql;
-pub mod quic;
-pub mod tcp;
+pub(crate) mod mysql;
+pub(crate) mod quic;
+pub(crate) mod tcp;
 pub(crate) mod tunnel;
 
 use std::net::SocketAddr;
@@ -45,7 +45,7 @@ use crate::config::{Config, Protocol};
 
 /// What a service listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
+pub(crate) enum ListenerKind {
     /// MySQL with TLS negotiated in-band (the `listen` address of a MySQL service).
     Mysql,
     /// TLS first, then the service's protocol (`tls_listen`, or `listen` of a TCP service).
@@ -54,7 +54,7 @@ pub enum ListenerKind {
 
 impl ListenerKind {
     /// The name in logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Mysql => "mysql",
             Self::Tls => "tls",
@@ -62,7 +62,7 @@ impl ListenerKind {
     }
 
     /// The kind of a service's `listen` address.
-    pub fn of_listen(protocol: Protocol) -> Self {
+    pub(crate) fn of_listen(protocol: Protocol) -> Self {
         match protocol {
             Protocol::Mysql => Self::Mysql,
             Protocol::Tcp => Self::Tls,

@@ -48,14 +48,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use postern_common::events::{Event, Origin};
+use postern_common::mysql::Greeting;
 use postern_common::mysql::server::{self, Conn, Deadlines, Dialled, Front, Greeter};
-use postern_common::mysql::{Greeting, MysqlError, PacketReader};
 use postern_common::pki::Identity;
 use postern_common::protocol::{Code, StreamMode};
 use postern_common::splice;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -181,48 +179,11 @@ async fn terminate(
 /// marked pre-authorisation, which carries no client byte and is dropped after the greeting.
 async fn fetch_greeting(shared: &Arc<Shared>, svc: &Service) -> Result<Greeting, Refusal> {
     let mut reached = forward::open(shared, svc, None, None, StreamMode::Plain).await?;
-    let unavailable = |why: String| {
-        Refusal::new(
-            Code::BackendUnavailable,
-            format!("service {:?} is unavailable: {why}", svc.name),
-        )
-    };
-    let read = async {
-        let mut reader = PacketReader::default();
-        let mut buf = BytesMut::new();
-        loop {
-            if let Some(p) = reader.decode(&mut buf).map_err(|e| e.to_string())? {
-                return Ok(p);
-            }
-            buf.reserve(512);
-            match reached.stream.read_buf(&mut buf).await {
-                Ok(0) => return Err("the database closed the connection".to_owned()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    let packet = tokio::time::timeout(shared.config.handshake_timeout, read).await;
+    let greeting =
+        server::read_greeting(&mut reached.stream, shared.config.handshake_timeout).await;
     // The stream has served its purpose: the agent closes the database connection.
     reached.stream.abort();
-    let packet = match packet {
-        Ok(Ok(p)) => p,
-        Ok(Err(why)) => {
-            return Err(unavailable(format!(
-                "no greeting from the database ({why})"
-            )));
-        }
-        Err(_) => return Err(unavailable("no greeting from the database in time".into())),
-    };
-    match Greeting::parse(packet.payload) {
-        Ok(g) => Ok(g),
-        Err(MysqlError::Refused(err)) => Err(unavailable(format!(
-            "the database refused the connection: {err}"
-        ))),
-        Err(e) => Err(unavailable(format!(
-            "the database sent an unusable greeting ({e})"
-        ))),
-    }
+    greeting.map_err(|e| e.refusal(&svc.name))
 }
 
 /// Fetches the greeting templates of `services` (those of them that are MySQL services whose

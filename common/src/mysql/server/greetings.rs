@@ -12,10 +12,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use crate::mysql::Greeting;
-use crate::protocol::Refusal;
+use crate::mysql::{ErrPacket, Greeting, MysqlError, PacketReader};
+use crate::protocol::{Code, Refusal};
 
 /// How long a failed fetch answers for the service before the next client may try again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -124,6 +126,68 @@ impl Greetings {
             }
         }
     }
+}
+
+/// Why a backend's greeting could not be read for a template.
+#[derive(Debug, thiserror::Error)]
+pub enum GreetingError {
+    /// The backend closed the connection first.
+    #[error("no greeting from the database (it closed the connection)")]
+    Closed,
+    /// Reading failed.
+    #[error("no greeting from the database ({0})")]
+    Io(#[source] std::io::Error),
+    /// Nothing came in time.
+    #[error("no greeting from the database in time")]
+    Timeout,
+    /// The bytes are not a MySQL packet.
+    #[error("no greeting from the database ({0})")]
+    Protocol(#[source] MysqlError),
+    /// The database refused the connection (too many connections, host blocked).
+    #[error("the database refused the connection: {0}")]
+    Refused(ErrPacket),
+    /// A packet that is not a usable greeting.
+    #[error("the database sent an unusable greeting ({0})")]
+    Unusable(#[source] MysqlError),
+}
+
+impl GreetingError {
+    /// The refusal a client of `service` gets for it.
+    pub fn refusal(&self, service: &str) -> Refusal {
+        Refusal::new(
+            Code::BackendUnavailable,
+            format!("service {service:?} is unavailable: {self}"),
+        )
+    }
+}
+
+/// Reads a backend's greeting from `io` (a fresh connection to it), within `timeout`.
+pub async fn read_greeting<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+) -> Result<Greeting, GreetingError> {
+    let read = async {
+        let mut reader = PacketReader::default();
+        let mut buf = BytesMut::new();
+        loop {
+            if let Some(p) = reader.decode(&mut buf).map_err(GreetingError::Protocol)? {
+                return Ok(p);
+            }
+            buf.reserve(512);
+            match io.read_buf(&mut buf).await {
+                Ok(0) => return Err(GreetingError::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(GreetingError::Io(e)),
+            }
+        }
+    };
+    let packet = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| GreetingError::Timeout)??;
+    Greeting::parse(packet.payload).map_err(|e| match e {
+        MysqlError::Refused(err) => GreetingError::Refused(err),
+        e => GreetingError::Unusable(e),
+    })
 }
 
 #[cfg(test)]

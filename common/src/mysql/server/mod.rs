@@ -89,7 +89,7 @@ use crate::protocol::{Code, Refusal};
 use crate::mysql::{AuthRelay, CommandWatch, Handover};
 
 pub use gate::{Admission, Gate};
-pub use greetings::{Greetings, RETRY_AFTER};
+pub use greetings::{GreetingError, Greetings, RETRY_AFTER, read_greeting};
 pub use ids::{ConnIds, FAKE_ID_MIN, Issued};
 pub use io::{Conn, Rewind};
 pub use serve::{Dialled, Greeter, refuse, serve_inspected, serve_tls};
