@@ -133,6 +133,92 @@ mod tests {
         assert!(d >= Duration::from_secs(20) && d < Duration::from_secs(21));
     }
 
+    /// A control stream pair over an in-memory session: (ours, the peer's).
+    async fn pair() -> (Stream, Stream, crate::transport::Session, crate::transport::Session) {
+        let (a, b) = crate::transport::Session::memory_pair();
+        let mut ours = a.open().await.unwrap();
+        // The peer learns of the stream with its first byte.
+        tokio::io::AsyncWriteExt::write_all(&mut ours, b"PSTN").await.unwrap();
+        let mut theirs = b.accept().await.unwrap();
+        let mut magic = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut magic).await.unwrap();
+        (ours, theirs, a, b)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_dead_after_two_intervals_and_a_little() {
+        let (ours, _theirs, _a, _b) = pair().await;
+        let interval = Duration::from_secs(1);
+        let (_keep, outgoing) = mpsc::channel(1);
+        let started = Instant::now();
+        let end = run(ours, interval, CancellationToken::new(), outgoing, |m| {
+            Err(Box::new(m))
+        })
+        .await;
+        assert!(matches!(end, ControlEnd::Silent(d) if d == dead_after(interval)), "{end}");
+        let took = started.elapsed();
+        assert!(
+            took >= dead_after(interval) && took < dead_after(interval) + interval,
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_keep_both_ends_alive_and_a_closed_stream_ends_the_session() {
+        let (ours, theirs, _a, _b) = pair().await;
+        let interval = Duration::from_secs(1);
+        let stop = CancellationToken::new();
+        let peer = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (_keep, outgoing) = mpsc::channel(1);
+                run(theirs, interval, stop, outgoing, |m| Err(Box::new(m))).await
+            })
+        };
+        let (_keep, outgoing) = mpsc::channel(1);
+        let mine = tokio::spawn(run(
+            ours,
+            interval,
+            CancellationToken::new(),
+            outgoing,
+            |m| Err(Box::new(m)),
+        ));
+        // Thirty intervals: both still up.
+        tokio::time::sleep(interval * 30).await;
+        assert!(!mine.is_finished() && !peer.is_finished());
+        // The peer stops (it shuts its side of the stream): we see a closed control stream.
+        stop.cancel();
+        assert!(matches!(peer.await.unwrap(), ControlEnd::Shutdown));
+        assert!(matches!(mine.await.unwrap(), ControlEnd::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_nobody_takes_ends_the_session_as_not_protocol() {
+        let (ours, mut theirs, _a, _b) = pair().await;
+        let (_keep, outgoing) = mpsc::channel(1);
+        let mine = tokio::spawn(run(
+            ours,
+            Duration::from_secs(1),
+            CancellationToken::new(),
+            outgoing,
+            |m| Err(Box::new(m)),
+        ));
+        wire::write_frame(
+            &mut theirs,
+            &Control::Drain {
+                reason: "x".into(),
+                grace_ms: 1,
+            },
+        )
+        .await
+        .unwrap();
+        let end = mine.await.unwrap();
+        assert!(
+            matches!(&end, ControlEnd::Broken(why) if why.contains("unexpected message")),
+            "{end}"
+        );
+    }
+
     #[test]
     fn intervals_from_a_peer_cannot_overflow_or_spin() {
         // Before: `interval * 2` panicked ("overflow when multiplying duration by scalar").

@@ -174,3 +174,53 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> (Session, Session) {
+        Session::memory_pair()
+    }
+
+    #[tokio::test]
+    async fn a_reconnecting_agent_replaces_its_old_session_at_once() {
+        let r = Registry::default();
+        let (old, _old_peer) = session();
+        let first = r.insert("db1", old.clone(), vec!["orders".into()], false, false);
+        assert_eq!(r.route("orders").map(|x| x.session.id()), Some(old.id()));
+        let (new, _new_peer) = session();
+        let second = r.insert("db1", new.clone(), vec!["orders".into()], false, false);
+        assert!(old.is_closed(), "the old session is closed at once");
+        assert_eq!(r.route("orders").map(|x| x.session.id()), Some(new.id()));
+        // The old session's task ending later must not remove the new registration.
+        r.remove("db1", first);
+        assert_eq!(r.agents().len(), 1);
+        r.remove("db1", second);
+        assert!(r.route("orders").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_take_over_keeps_the_old_session_for_its_streams() {
+        let r = Registry::default();
+        let (ws, _p1) = session();
+        r.insert("db1", ws.clone(), vec!["orders".into()], false, false);
+        let (quic, _p2) = session();
+        r.insert("db1", quic.clone(), vec!["orders".into()], true, false);
+        assert!(!ws.is_closed(), "the old session finishes its streams");
+        assert_eq!(r.route("orders").map(|x| x.session.id()), Some(quic.id()));
+    }
+
+    #[tokio::test]
+    async fn a_draining_agent_gets_no_new_streams_while_another_does() {
+        let r = Registry::default();
+        let (a, _pa) = session();
+        let (b, _pb) = session();
+        r.insert("db2", b.clone(), vec!["orders".into()], false, false);
+        let g = r.insert("db1", a.clone(), vec!["orders".into()], false, false);
+        assert_eq!(r.route("orders").map(|x| x.agent), Some("db1".into()));
+        r.drain("db1", g);
+        assert_eq!(r.route("orders").map(|x| x.agent), Some("db2".into()));
+        assert!(r.route("billing").is_none());
+    }
+}

@@ -280,6 +280,28 @@ enum Inner {
 }
 
 impl Session {
+    /// The two ends of a session over an in-memory pipe (the WebSocket transport's multiplexer,
+    /// without TLS or identities). For tests of the code above the transport, which can then
+    /// run on a paused clock; it reports itself as a WebSocket session.
+    pub fn memory_pair() -> (Self, Self) {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let remote = SocketAddr::from(([127, 0, 0, 1], 0));
+        let end = |io, mode, name: &'static str| Self {
+            inner: Inner::Mux(mux::start(
+                io,
+                mode,
+                mux::Link::new(),
+                tracing::debug_span!("memory", end = name),
+            )),
+            peer: None,
+            remote,
+        };
+        (
+            end(a, yamux::Mode::Client, "client"),
+            end(b, yamux::Mode::Server, "server"),
+        )
+    }
+
     /// Opens a new stream to the peer.
     pub async fn open(&self) -> Result<Stream, TransportError> {
         match &self.inner {
