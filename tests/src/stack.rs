@@ -113,7 +113,8 @@ impl StackBuilder {
         self
     }
 
-    /// The client identities allowed on every service (certificates issued for each).
+    /// The client identities allowed on every service (certificates issued for each; other
+    /// identities get certificates on first use, and are refused).
     pub fn clients<const N: usize>(mut self, names: [&str; N]) -> Self {
         self.clients = names.iter().map(|n| (*n).to_owned()).collect();
         self
@@ -481,22 +482,18 @@ impl Stack {
     }
 
     /// The `mariadb` client at the relay's MySQL listener of the first service, with TLS
-    /// verifying the relay and presenting `client-NAME` if `client` is given.
+    /// verifying the relay and presenting `client-NAME` (issued if needed: allowed or not) if
+    /// `client` is given.
     pub fn cli(&self, client: Option<&str>) -> Cli {
-        let cert = client.map(|c| format!("client-{c}"));
+        let cert = client.map(|c| self.pki.issue(Kind::Client, c));
         Cli::at(self.port()).tls(&self.pki, cert.as_deref())
     }
 
     /// mysql_async options for root at the relay's MySQL listener of the first service, with
     /// TLS and `client`'s certificate.
     pub fn mysql_opts(&self, client: &str) -> OptsBuilder {
-        driver_opts(
-            &self.pki,
-            self.port(),
-            &format!("client-{client}"),
-            "root",
-            "",
-        )
+        let cert = self.pki.issue(Kind::Client, client);
+        driver_opts(&self.pki, self.port(), &cert, "root", "")
     }
 
     /// The config the builder gives the agent: this stack's transport to the first relay, the

@@ -141,7 +141,6 @@ async fn end_to_end_refusals_say_why() {
     // The agent as a real process, so its log can be read.
     let mut s = Stack::builder()
         .mariadb()
-        .clients(["alice", "mallory"])
         .service("orders")
         .service("nocert")
         .offline_service("offline")
@@ -158,6 +157,7 @@ async fn end_to_end_refusals_say_why() {
         .start()
         .await;
     let pki = &s.pki;
+    pki.issue(Kind::Client, "mallory");
     let port = s.relay().mysql("orders").port();
     let cli = |cert: Option<&str>| Cli::at(port).tls(pki, cert);
     let alice = cli(Some("client-alice"));
@@ -258,6 +258,7 @@ async fn end_to_end_refusals_say_why() {
     })
     .await;
     let detected = killed.elapsed();
+    eprintln!("agent killed: the relay refuses clients after {detected:?}");
     assert!(err.contains("1053"), "{err}");
     assert!(
         detected <= DETECTED_WITHIN,

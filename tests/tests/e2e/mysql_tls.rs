@@ -265,8 +265,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
 async fn every_refusal_says_why_and_the_relay_keeps_serving() {
     // The relay as a real process, so its log can be read.
     let mut s = stack(|b| {
-        b.clients(["alice", "mallory"])
-            .offline_service("offline")
+        b.offline_service("offline")
             .handshake_timeout(HANDSHAKE_TIMEOUT)
             .relay(|r| r.service_mut("orders").max_handshakes = Some(1))
             .relay_process()
