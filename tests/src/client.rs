@@ -146,7 +146,9 @@ pub fn failed(out: &Output) -> String {
 }
 
 /// mysql_async options for `user` at `127.0.0.1:port`, verifying the relay's certificate
-/// against the CA of `pki` and presenting certificate `cert` (a base name).
+/// against the CA of `pki` and presenting certificate `cert` (a base name). With
+/// `prefer_socket` off: mysql_async would otherwise ask the (local) database for its Unix socket
+/// and move the connection there, out of the tunnel.
 pub fn driver_opts(pki: &TestPki, port: u16, cert: &str, user: &str, pass: &str) -> OptsBuilder {
     let (cert, key) = pki.files(cert);
     let ssl = SslOpts::default()
@@ -159,6 +161,7 @@ pub fn driver_opts(pki: &TestPki, port: u16, cert: &str, user: &str, pass: &str)
         .user(Some(user))
         .pass(Some(pass))
         .db_name(Some("mysql"))
+        .prefer_socket(false)
         .ssl_opts(ssl)
 }
 

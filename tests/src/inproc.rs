@@ -236,9 +236,14 @@ impl ConnectRun {
         crate::client::Cli::at(self.addr.port())
     }
 
-    /// A mysql_async URL for root at this port.
+    /// A mysql_async URL for root at this port. `prefer_socket=false`: by default mysql_async
+    /// asks a local server for its Unix socket and moves the connection there, which would take
+    /// it out of the tunnel.
     pub fn url(&self) -> String {
-        format!("mysql://root@127.0.0.1:{}/mysql", self.addr.port())
+        format!(
+            "mysql://root@127.0.0.1:{}/mysql?prefer_socket=false",
+            self.addr.port()
+        )
     }
 
     /// Stops `connect`; fails the test if a task of it panicked.

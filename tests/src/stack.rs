@@ -309,7 +309,9 @@ impl StackBuilder {
         for (name, backend) in &self.services {
             let svc = r.service(name, &clients);
             if matches!(backend, Backend::Tcp(_)) {
+                // Its `listen` is TLS-first already.
                 svc.protocol = Some(Protocol::Tcp);
+                svc.tls_listen = None;
             }
             if self.agent_terminated.contains(name) {
                 svc.tls_termination = Some(TlsTermination::Agent);

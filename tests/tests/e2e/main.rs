@@ -4,6 +4,7 @@
 mod basic;
 mod certs;
 mod config;
+mod cuts;
 mod faults;
 mod fleet;
 mod mysql_e2e;
