@@ -127,12 +127,17 @@ pub fn ssl_args(pki: &TestPki, cert: Option<&str>) -> Vec<String> {
 
 /// The standard output of a run that must have succeeded.
 pub fn ok(out: &Output) -> String {
+    String::from_utf8_lossy(&ok_bytes(out)).into_owned()
+}
+
+/// The standard output of a run that must have succeeded, as bytes.
+pub fn ok_bytes(out: &Output) -> Vec<u8> {
     assert!(
         out.status.success(),
         "client failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out.stdout.clone()
 }
 
 /// The standard error of a run that must have failed.
@@ -164,6 +169,53 @@ pub fn driver_opts(pki: &TestPki, port: u16, cert: &str, user: &str, pass: &str)
         .prefer_socket(false)
         .ssl_opts(ssl)
 }
+
+/// `COM_CHANGE_USER` to `user` with `password`.
+pub async fn change_user(
+    conn: &mut mysql_async::Conn,
+    user: &str,
+    password: &str,
+) -> Result<(), mysql_async::Error> {
+    conn.change_user(
+        mysql_async::ChangeUserOpts::default()
+            .with_user(Some(user.into()))
+            .with_pass(Some(password.into())),
+    )
+    .await
+}
+
+/// `COM_CHANGE_USER` to `user`, which the policy of `service` must refuse with a 1045 that
+/// names the service and the user.
+pub async fn change_user_refused(
+    conn: &mut mysql_async::Conn,
+    service: &str,
+    user: &str,
+    password: &str,
+) {
+    let err = change_user(conn, user, password)
+        .await
+        .expect_err("change to a user outside the policy");
+    let text = err.to_string();
+    assert!(
+        text.contains("1045")
+            && text.contains(&format!(
+                "may not log in to service \"{service}\" as MySQL user \"{user}\""
+            )),
+        "{text}"
+    );
+}
+
+/// What the database shows as connection attribute `postern_client` of this session.
+pub async fn postern_client_attribute(conn: &mut mysql_async::Conn) -> Option<String> {
+    use mysql_async::prelude::Queryable;
+    conn.query_first(POSTERN_CLIENT_ATTRIBUTE)
+        .await
+        .expect("read session_connect_attrs")
+}
+
+/// SQL that reads connection attribute `postern_client` of the current session.
+pub const POSTERN_CLIENT_ATTRIBUTE: &str = "SELECT ATTR_VALUE FROM performance_schema.session_connect_attrs \
+     WHERE PROCESSLIST_ID = CONNECTION_ID() AND ATTR_NAME = 'postern_client'";
 
 /// Connects to `addr` and returns the server's first MySQL packet, or the error a client sees.
 pub async fn first_packet(addr: SocketAddr) -> Result<Vec<u8>, String> {
@@ -233,6 +285,26 @@ pub async fn raw_session(pki: &TestPki, base: &str, relay: SocketAddr) -> quinn:
         .unwrap()
         .await
         .expect("tls handshake with the relay")
+}
+
+/// Opens a stream on a raw QUIC session with `open` and returns the peer's answer, with the
+/// stream (after an `Ok`, what follows is the service's).
+pub async fn open_raw(
+    conn: &quinn::Connection,
+    open: &postern_common::protocol::Open,
+) -> (
+    postern_common::protocol::Answer,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
+    postern_common::wire::write_first(&mut send, open)
+        .await
+        .expect("send the open");
+    let answer = postern_common::wire::read_first(&mut recv)
+        .await
+        .expect("an answer");
+    (answer, send, recv)
 }
 
 /// Reads one MySQL packet (header and payload).

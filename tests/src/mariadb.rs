@@ -204,10 +204,12 @@ impl MariaDb {
         );
     }
 
-    /// Restores `dump` (a `mysqldump` of `src`, see [`create_dump_source`](Self::create_dump_source))
-    /// into `dst` directly, and asserts both hold the same 5,000 rows.
-    pub fn assert_restores_identically(&self, dump: &[u8]) {
+    /// Restores `dump` (the run of a `mysqldump` of `src`, which must have succeeded: see
+    /// [`create_dump_source`](Self::create_dump_source)) into `dst` directly, and asserts both
+    /// hold the same 5,000 rows.
+    pub fn assert_restores_identically(&self, dump: &std::process::Output) {
         use std::io::Write;
+        let dump = crate::client::ok_bytes(dump);
         assert!(
             dump.len() > 100_000,
             "dump has the rows ({} bytes)",
@@ -224,7 +226,7 @@ impl MariaDb {
             .stdin
             .take()
             .expect("stdin")
-            .write_all(dump)
+            .write_all(&dump)
             .expect("write the dump");
         assert!(restore.wait().expect("mariadb exits").success());
         let sum = |db: &str| {

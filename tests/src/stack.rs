@@ -74,6 +74,7 @@ pub struct StackBuilder {
     heartbeat: Duration,
     handshake_timeout: Duration,
     agent_terminated: Vec<String>,
+    revoked: Vec<String>,
     relay_edits: Vec<RelayEdit>,
     agent_edits: Vec<AgentEdit>,
 }
@@ -91,6 +92,13 @@ impl StackBuilder {
     /// Uses `pki` (e.g. one the test prepared a revocation list in) instead of a fresh one.
     pub fn pki(mut self, pki: TestPki) -> Self {
         self.pki = Some(pki);
+        self
+    }
+
+    /// Gives the relay a revocation list (`tls.crl`, [`TestPki::revoke`]) that revokes the
+    /// certificates of `clients` from the start; revoke more later with `stack.pki.revoke`.
+    pub fn revoked<const N: usize>(mut self, clients: [&str; N]) -> Self {
+        self.revoked = clients.iter().map(|c| (*c).to_owned()).collect();
         self
     }
 
@@ -216,6 +224,19 @@ impl StackBuilder {
         pki.issue(Kind::Agent, &self.agent_name);
         for c in &self.clients {
             pki.issue(Kind::Client, c);
+        }
+        if !self.revoked.is_empty() {
+            let bases: Vec<String> = self
+                .revoked
+                .iter()
+                .map(|c| pki.issue(Kind::Client, c))
+                .collect();
+            let bases: Vec<&str> = bases.iter().map(String::as_str).collect();
+            let crl = pki.revoke(&bases);
+            self.relay_edits.insert(
+                0,
+                Box::new(move |r: &mut RelayConfig| r.tls.crl = Some(crl)),
+            );
         }
         for s in &self.agent_terminated {
             // Clients dial the relay, so the service certificate carries the relay's names.
@@ -378,6 +399,7 @@ impl Stack {
             heartbeat: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
             agent_terminated: Vec::new(),
+            revoked: Vec::new(),
             relay_edits: Vec::new(),
             agent_edits: Vec::new(),
         }

@@ -8,6 +8,7 @@
 //! - Half-close travels: a client that shuts its write side is seen by the backend as end of
 //!   stream, and the backend's answer still comes back.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -355,7 +356,7 @@ impl Select {
 }
 
 /// `run`'s outcome and when it came.
-async fn ended<T>(run: impl std::future::Future<Output = T>) -> (T, tokio::time::Instant) {
+async fn ended<T>(run: impl Future<Output = T>) -> (T, tokio::time::Instant) {
     let out = run.await;
     (out, tokio::time::Instant::now())
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::BufMut;
 use postern_common::pki::Kind;
 use postern_common::protocol::{Answer, Open};
-use postern_tests::client::{err_text, first_packet, is_greeting, raw_session, tls_first_packet};
+use postern_tests::client::{
+    err_text, first_packet, is_greeting, open_raw, raw_session, tls_first_packet,
+};
 use postern_tests::*;
 
 /// A dead peer is dropped after two 1 s heartbeat intervals and 250 ms: this leaves 750 ms for
@@ -17,6 +19,17 @@ use postern_tests::*;
 const DETECTED_WITHIN: Duration = Duration::from_secs(3);
 /// Service is back this soon after the dead part runs again.
 const RECOVERED_WITHIN: Duration = Duration::from_secs(5);
+
+/// Reports how long detection and recovery took after `part` was killed and restarted, and
+/// asserts the recovery bound.
+fn recovered(part: &str, detected: Duration, restarted: tokio::time::Instant) {
+    let back = restarted.elapsed();
+    eprintln!("{part} killed: detected after {detected:?}; restarted: service back after {back:?}");
+    assert!(
+        back <= RECOVERED_WITHIN,
+        "{part} restarted: service back after {back:?}"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_gives_clear_errors_and_a_restart_restores_service() {
@@ -49,11 +62,7 @@ async fn killed_agent_gives_clear_errors_and_a_restart_restores_service() {
         || async { is_greeting(&first_packet(c.addr).await).then_some(()) },
     )
     .await;
-    let recovered = restarted.elapsed();
-    eprintln!(
-        "agent killed: detected after {detected:?}; restarted: service back after {recovered:?}"
-    );
-    assert!(recovered <= RECOVERED_WITHIN, "{recovered:?}");
+    recovered("agent", detected, restarted);
     s.stop().await;
 }
 
@@ -101,11 +110,7 @@ async fn agent_reconnects_by_itself_after_the_relay_is_killed_and_restarted() {
         served,
     )
     .await;
-    let recovered = restarted.elapsed();
-    eprintln!(
-        "relay killed: detected after {detected:?}; restarted: service back after {recovered:?}"
-    );
-    assert!(recovered <= RECOVERED_WITHIN, "{recovered:?}");
+    recovered("relay", detected, restarted);
     s.stop().await;
 }
 
@@ -161,11 +166,7 @@ async fn garbage_and_oversized_frames_close_only_the_offending_stream_or_session
         recv.read(&mut buf).await.is_err(),
         "garbage preamble: stream reset"
     );
-    let (mut send, mut recv) = client.open_bi().await.unwrap();
-    postern_common::wire::write_first(&mut send, &Open::for_service("orders"))
-        .await
-        .unwrap();
-    let answer: Answer = postern_common::wire::read_first(&mut recv).await.unwrap();
+    let (answer, _send, mut recv) = open_raw(&client, &Open::for_service("orders")).await;
     assert!(matches!(answer, Answer::Ok { .. }), "{answer:?}");
     let mut head = [0u8; 5];
     recv.read_exact(&mut head).await.unwrap();
@@ -268,11 +269,7 @@ async fn an_agent_is_routable_the_moment_it_reports_connected() {
     for round in 0..30 {
         let mut agent = s.start_agent(&config);
         agent.wait_connected().await;
-        let (mut send, mut recv) = client.open_bi().await.unwrap();
-        postern_common::wire::write_first(&mut send, &Open::for_service("orders"))
-            .await
-            .unwrap();
-        let answer: Answer = postern_common::wire::read_first(&mut recv).await.unwrap();
+        let (answer, _, _) = open_raw(&client, &Open::for_service("orders")).await;
         assert!(
             matches!(answer, Answer::Ok { .. }),
             "round {round}: a client routed right after the agent reported connected: {answer:?}"
@@ -337,7 +334,6 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         );
     }
     // The same session still serves a good stream.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let open = Open {
         service: "orders".into(),
         client: "alice".into(),
@@ -346,10 +342,7 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         pre_auth: false,
         mode: Default::default(),
     };
-    postern_common::wire::write_first(&mut send, &open)
-        .await
-        .unwrap();
-    let answer: Answer = postern_common::wire::read_first(&mut recv).await.unwrap();
+    let (answer, _send, mut recv) = open_raw(&conn, &open).await;
     assert!(matches!(answer, Answer::Ok { .. }), "{answer:?}");
     let mut head = [0u8; 5];
     recv.read_exact(&mut head).await.unwrap();

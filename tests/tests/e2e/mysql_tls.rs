@@ -75,12 +75,7 @@ async fn mariadb_cli_and_mysqldump_reach_the_relay_over_tls_with_a_client_certif
         .args(["--single-transaction", "src"])
         .output()
         .unwrap();
-    assert!(
-        dump.status.success(),
-        "mysqldump failed: {}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    s.db().assert_restores_identically(&dump.stdout);
+    s.db().assert_restores_identically(&dump);
     s.stop().await;
 }
 
@@ -506,13 +501,7 @@ async fn user_policy_attribute_change_user_and_large_packets() {
     );
     // alice as root: allowed, and the database sees who she is.
     let mut conn = Conn::new(s.mysql_opts("alice")).await.unwrap();
-    let attr: Option<String> = conn
-        .query_first(
-            "SELECT ATTR_VALUE FROM performance_schema.session_connect_attrs \
-             WHERE PROCESSLIST_ID = CONNECTION_ID() AND ATTR_NAME = 'postern_client'",
-        )
-        .await
-        .unwrap();
+    let attr = client::postern_client_attribute(&mut conn).await;
     assert_eq!(attr.as_deref(), Some("postern://client/alice"));
 
     // Packets of 16 MiB and more, both ways and through the command watch: a 20 MiB value in a
@@ -542,41 +531,18 @@ async fn user_policy_attribute_change_user_and_large_packets() {
     }
 
     // COM_CHANGE_USER: to a user alice may use, then to one she may not.
-    conn.change_user(
-        mysql_async::ChangeUserOpts::default()
-            .with_user(Some("app".into()))
-            .with_pass(Some("app-pass".into())),
-    )
-    .await
-    .expect("change to an allowed user");
+    client::change_user(&mut conn, "app", "app-pass")
+        .await
+        .expect("change to an allowed user");
     let who: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.unwrap();
     assert_eq!(who.as_deref(), Some("app@%"));
-    let attr: Option<String> = conn
-        .query_first(
-            "SELECT ATTR_VALUE FROM performance_schema.session_connect_attrs \
-             WHERE PROCESSLIST_ID = CONNECTION_ID() AND ATTR_NAME = 'postern_client'",
-        )
-        .await
-        .unwrap();
+    let attr = client::postern_client_attribute(&mut conn).await;
     assert_eq!(
         attr.as_deref(),
         Some("postern://client/alice"),
         "the new session keeps the identity"
     );
-    let err = conn
-        .change_user(
-            mysql_async::ChangeUserOpts::default()
-                .with_user(Some("other".into()))
-                .with_pass(Some("other-pass".into())),
-        )
-        .await
-        .expect_err("change to a user outside the policy");
-    let text = err.to_string();
-    assert!(
-        text.contains("1045")
-            && text.contains("may not log in to service \"orders\" as MySQL user \"other\""),
-        "{text}"
-    );
+    client::change_user_refused(&mut conn, "orders", "other", "other-pass").await;
     assert!(
         conn.query_drop("SELECT 1").await.is_err(),
         "the connection was closed"

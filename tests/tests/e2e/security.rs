@@ -28,25 +28,23 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
             .await
     };
 
-    // An agent certificate from another CA.
-    // It trusts the relay's CA, so the relay is the side that refuses.
-    let mark = relay.mark();
+    // An agent certificate from another CA (it trusts the relay's CA, so the relay is the side
+    // that refuses), and an expired one.
     let other = TestPki::new();
-    let (cert, key) = other.files(&other.issue(Kind::Agent, "db1"));
-    let mut config = s.agent_config();
-    (config.tls.cert, config.tls.key) = (cert, key);
-    let foreign = s.start_agent(&config);
-    refused(mark, "refused connection", "unknown issuer").await;
-    foreign.stop().await;
-
-    // An expired agent certificate.
-    let mark = relay.mark();
-    let (cert, key) = pki.files(&pki.issue_expired(Kind::Agent, "db1"));
-    let mut config = s.agent_config();
-    (config.tls.cert, config.tls.key) = (cert, key);
-    let expired = s.start_agent(&config);
-    refused(mark, "refused connection", "expired").await;
-    expired.stop().await;
+    for ((cert, key), why) in [
+        (
+            other.files(&other.issue(Kind::Agent, "db1")),
+            "unknown issuer",
+        ),
+        (pki.files(&pki.issue_expired(Kind::Agent, "db1")), "expired"),
+    ] {
+        let mark = relay.mark();
+        let mut config = s.agent_config();
+        (config.tls.cert, config.tls.key) = (cert, key);
+        let agent = s.start_agent(&config);
+        refused(mark, "refused connection", why).await;
+        agent.stop().await;
+    }
 
     // A client certificate not allowed for the service: the client sees a MySQL error.
     let mark = relay.mark();
@@ -100,14 +98,10 @@ async fn connect_client_not_allowed_sees_a_mysql_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_is_refused_without_restarting_the_relay() {
     // Start with a list that revokes someone else.
-    let pki = TestPki::new();
-    pki.issue(Kind::Client, "bob");
-    let crl = pki.revoke(&["client-bob"]);
     let s = Stack::builder()
-        .pki(pki)
         .clients(["alice", "bob"])
+        .revoked(["bob"])
         .mariadb()
-        .relay(move |r| r.tls.crl = Some(crl))
         .start()
         .await;
     let (pki, tls) = (&s.pki, s.relay().tls("orders"));
