@@ -1,7 +1,7 @@
 //! The relay, the agent and `connect` running in the test's own process and runtime, on
 //! ephemeral ports they hand back.
 //!
-//! A panic in any of their tasks fails the test: [`panics`](crate::panics) records it, and
+//! A panic in any of their tasks fails the test: [`crate::panics`] records it, and
 //! `stop()` and drop check.
 
 use std::future::Future;
