@@ -295,14 +295,16 @@ impl Linger {
         abort: CancellationToken,
         reason: &'static str,
     ) {
-        // Nothing new is routed here any more; a stream opened in the meantime is reset.
-        self.streams.abort();
+        // Nothing new is routed here once the relay has read our drain (or routed new streams
+        // to the session that took over); a stream that raced it is still served, and waited
+        // for like the others.
         self.tracker.close();
         tokio::select! {
             _ = self.tracker.wait() => {}
             _ = self.session.closed() => {}
             _ = abort.cancelled() => {}
         }
+        self.streams.abort();
         self.stop.cancel();
         let _ = keepalive.await;
         self.session.close(reason);

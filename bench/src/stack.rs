@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use postern_common::pki::Kind;
+use postern_tests::config::{AgentConfig, AgentTransport, RelayConfig, RelayListen, RelaySpec};
 use postern_tests::{MariaDb, TestPki};
 
 /// The names of the binaries the bench runs.
@@ -183,13 +184,14 @@ async fn start_tunnel(
         Transport::WebSocket => "websocket",
     };
 
-    let agent_yaml = format!(
-        "relay: {url}\ntransport: {transport_name}\nserver_name: localhost\n{tls}services:\n  {SERVICE}:\n    backend: {backend}\n",
-        tls = pki.tls_yaml(&format!("agent-{NAME}")),
-        backend = db.backend(),
-    );
+    let mut agent_yaml = AgentConfig::new(pki, NAME, RelaySpec::Url(url.clone()));
+    agent_yaml.transport = Some(match transport {
+        Transport::Quic => AgentTransport::Quic,
+        Transport::WebSocket => AgentTransport::Websocket,
+    });
+    agent_yaml.service(SERVICE, &db.backend()).connect_timeout = None;
     let agent_config = dir.join(format!("{tag}-agent.yaml"));
-    fs::write(&agent_config, agent_yaml).context("write agent.yaml")?;
+    fs::write(&agent_config, agent_yaml.to_yaml()).context("write agent.yaml")?;
     let mut agent = Proc::spawn(
         "agent",
         &bin_dir.join("postern-agent"),
@@ -303,18 +305,20 @@ async fn start_relay(
             ),
             Transport::WebSocket => None,
         };
-        let listen = match mysql {
-            Some(a) => {
-                format!("    protocol: mysql\n    listen: {a}\n    tls_termination: relay\n")
-            }
-            None => String::new(),
+        let mut yaml = RelayConfig::new(pki);
+        yaml.listen = RelayListen {
+            quic: Some(quic.to_string()),
+            http: Some(http.to_string()),
         };
-        let yaml = format!(
-            "listen:\n  quic: {quic}\n  http: {http}\n{tls}agents:\n  {NAME}:\n    services: [{SERVICE}]\nservices:\n  {SERVICE}:\n    clients: [{NAME}]\n{listen}",
-            tls = pki.tls_yaml("server-relay"),
-        );
+        (yaml.heartbeat_interval, yaml.handshake_timeout) = (None, None);
+        yaml.agent(NAME, &[SERVICE]);
+        let service = yaml.service(SERVICE, &[NAME]);
+        service.tls_listen = None;
+        // For the QUIC tunnel, a MySQL-native listener (protocol mysql, TLS ending at the relay:
+        // the defaults).
+        service.listen = mysql.map(|a| a.to_string());
         let config = dir.join(format!("{tag}-relay.yaml"));
-        fs::write(&config, yaml).context("write relay.yaml")?;
+        fs::write(&config, yaml.to_yaml()).context("write relay.yaml")?;
         let mut relay = Proc::spawn(
             "relay",
             &bin_dir.join("postern-relay"),

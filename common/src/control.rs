@@ -134,14 +134,21 @@ mod tests {
     }
 
     /// A control stream pair over an in-memory session: (ours, the peer's).
-    async fn pair() -> (Stream, Stream, crate::transport::Session, crate::transport::Session) {
+    async fn pair() -> (
+        Stream,
+        Stream,
+        crate::transport::Session,
+        crate::transport::Session,
+    ) {
         let (a, b) = crate::transport::Session::memory_pair();
         let mut ours = a.open().await.unwrap();
         // The peer learns of the stream with its first byte.
-        tokio::io::AsyncWriteExt::write_all(&mut ours, b"PSTN").await.unwrap();
+        AsyncWriteExt::write_all(&mut ours, b"PSTN").await.unwrap();
         let mut theirs = b.accept().await.unwrap();
         let mut magic = [0u8; 4];
-        tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut magic).await.unwrap();
+        tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut magic)
+            .await
+            .unwrap();
         (ours, theirs, a, b)
     }
 
@@ -155,7 +162,10 @@ mod tests {
             Err(Box::new(m))
         })
         .await;
-        assert!(matches!(end, ControlEnd::Silent(d) if d == dead_after(interval)), "{end}");
+        assert!(
+            matches!(end, ControlEnd::Silent(d) if d == dead_after(interval)),
+            "{end}"
+        );
         let took = started.elapsed();
         assert!(
             took >= dead_after(interval) && took < dead_after(interval) + interval,

@@ -126,20 +126,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         instance_index: shared.config.platform.as_ref().map(|p| p.instance_index),
         features: vec![FEATURE_DRAIN.to_owned()],
     };
-    if let Err(e) = wire::write_frame(&mut stream, &welcome).await {
-        debug!(agent = %name, error = %e, "agent left during welcome");
-        return;
-    }
-
+    // Register before the welcome: the agent reports itself connected as soon as it reads the
+    // welcome, and a client routed to it from then on must find it. An agent that ends TLS
+    // waits for its first policy (sent next) before serving such a stream.
     let mysql_e2e = features.iter().any(|f| f == FEATURE_MYSQL_E2E);
-    // The first policy goes out before any client stream can be routed to this agent.
-    let mut changes = shared.access.changes();
-    if mysql_e2e
-        && let Err(e) = wire::write_frame(&mut stream, &policy_for(&shared, &name, &accepted)).await
-    {
-        debug!(agent = %name, error = %e, "agent left during welcome");
-        return;
-    }
     let generation = shared.registry.insert(
         &name,
         session.clone(),
@@ -147,6 +137,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         take_over,
         mysql_e2e,
     );
+    let mut changes = shared.access.changes();
+    let greeted = async {
+        wire::write_frame(&mut stream, &welcome).await?;
+        if mysql_e2e {
+            wire::write_frame(&mut stream, &policy_for(&shared, &name, &accepted)).await?;
+        }
+        Ok::<_, wire::WireError>(())
+    };
+    if let Err(e) = greeted.await {
+        debug!(agent = %name, error = %e, "agent left during welcome");
+        shared.registry.remove(&name, generation);
+        session.close("agent left during welcome");
+        return;
+    }
     info!(agent = %name, remote = %session.remote(), transport = %session.kind(), services = ?accepted, %software, "agent connected");
     crate::listen::mysql::prefetch_greetings(&shared, &accepted);
 

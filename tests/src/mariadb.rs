@@ -184,27 +184,58 @@ impl MariaDb {
 
     /// Runs SQL directly with the `mariadb` CLI and returns stdout (batch mode).
     pub fn sql(&self, sql: &str) -> String {
-        let out = Command::new(find("mariadb"))
-            .args([
-                "--no-defaults",
-                "-h",
-                "127.0.0.1",
-                "--protocol=TCP",
-                "-uroot",
-                "--batch",
-                "--skip-column-names",
-            ])
-            .arg(format!("-P{}", self.addr.port()))
-            .arg("-e")
-            .arg(sql)
-            .output()
-            .expect("run mariadb");
-        assert!(
-            out.status.success(),
-            "sql {sql:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        crate::Cli::at(self.addr.port())
+            .query(sql)
+            .unwrap_or_else(|e| panic!("sql {sql:?} failed: {e}"))
+    }
+
+    /// The `mariadb` client aimed straight at this server, as root.
+    pub fn cli(&self) -> crate::Cli {
+        crate::Cli::at(self.addr.port())
+    }
+
+    /// Creates database `src` with table `t` of 5,000 rows (text and binary columns) to dump,
+    /// and an empty database `dst` to restore into.
+    pub fn create_dump_source(&self) {
+        self.sql(
+            "CREATE DATABASE src; USE src; CREATE TABLE src.t (id INT PRIMARY KEY, v VARCHAR(64), b BLOB); \
+             INSERT INTO src.t SELECT seq, CONCAT('row ', seq), UNHEX(SHA2(seq, 256)) FROM seq_1_to_5000; \
+             CREATE DATABASE dst;",
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Restores `dump` (the run of a `mysqldump` of `src`, which must have succeeded: see
+    /// [`create_dump_source`](Self::create_dump_source)) into `dst` directly, and asserts both
+    /// hold the same 5,000 rows.
+    pub fn assert_restores_identically(&self, dump: &std::process::Output) {
+        use std::io::Write;
+        let dump = crate::client::ok_bytes(dump);
+        assert!(
+            dump.len() > 100_000,
+            "dump has the rows ({} bytes)",
+            dump.len()
+        );
+        let mut restore = self
+            .cli()
+            .command()
+            .arg("dst")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run mariadb");
+        restore
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&dump)
+            .expect("write the dump");
+        assert!(restore.wait().expect("mariadb exits").success());
+        let sum = |db: &str| {
+            self.sql(&format!(
+                "SELECT COUNT(*), SUM(CRC32(CONCAT(id, v, HEX(b)))) FROM {db}.t"
+            ))
+        };
+        assert_eq!(sum("src"), sum("dst"));
+        assert!(sum("dst").starts_with("5000\t"));
     }
 
     /// Stops the server abruptly (the process is killed).

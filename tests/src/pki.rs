@@ -1,9 +1,12 @@
 //! Certificates for tests, made at test time with Postern's own PKI code.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use postern_common::pki::{Ca, Kind, LeafSpec};
 use postern_common::tls::Material;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tempfile::TempDir;
 use time::{Duration, OffsetDateTime};
 
@@ -11,24 +14,53 @@ use time::{Duration, OffsetDateTime};
 pub struct TestPki {
     dir: TempDir,
     ca: Ca,
+    /// The revocation list written last by [`TestPki::revoke`].
+    crl: Mutex<Option<String>>,
 }
 
 impl TestPki {
     /// Makes a CA and the relay's server certificate `server-relay`.
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("postern-pki")
-            .tempdir()
-            .expect("tempdir");
+        let dir = temp_dir();
         let (ca, key) = Ca::generate(&format!("Test CA {}", rand::random::<u32>()), 1).expect("ca");
         std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).expect("write ca");
         std::fs::write(dir.path().join("ca-key.pem"), key).expect("write ca key");
-        let pki = Self { dir, ca };
-        let mut spec = LeafSpec::new(Kind::Server, "relay", 1);
-        spec.dns = vec!["localhost".into()];
-        spec.ips = vec!["127.0.0.1".parse().expect("ip")];
-        pki.write("server-relay", &spec);
+        Self::around(dir, ca)
+    }
+
+    /// A CA made as an operator makes one, with `postern-relay certs init` (so named as that
+    /// names CAs), and the relay's server certificate `server-relay`.
+    pub fn from_certs_init() -> Self {
+        let dir = temp_dir();
+        let out = std::process::Command::new(crate::procs::bin("postern-relay"))
+            .args(["certs", "init", "--dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run postern-relay certs init");
+        assert!(
+            out.status.success(),
+            "certs init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ca = Ca::load(dir.path()).expect("load the CA certs init made");
+        Self::around(dir, ca)
+    }
+
+    /// The CA `ca` whose files are in `dir`, with the relay's server certificate.
+    fn around(dir: TempDir, ca: Ca) -> Self {
+        let pki = Self {
+            dir,
+            ca,
+            crl: Mutex::new(None),
+        };
+        pki.issue_server("relay");
         pki
+    }
+
+    /// The name of the CA (its certificate's subject common name).
+    pub fn ca_name(&self) -> String {
+        let der = CertificateDer::from_pem_file(self.ca()).expect("read ca.pem");
+        postern_common::pki::issuer_name(&der).expect("CA name")
     }
 
     /// The directory holding every file (configs go here too).
@@ -92,15 +124,46 @@ impl TestPki {
         )
     }
 
-    /// A `tls:` YAML block using `base`.
-    pub fn tls_yaml(&self, base: &str) -> String {
-        let (cert, key) = self.files(base);
-        format!(
-            "tls:\n  ca: {}\n  cert: {}\n  key: {}\n",
-            self.ca().display(),
-            cert.display(),
-            key.display()
-        )
+    /// Adds the certificates `bases` (e.g. `client-bob`) to the CA's revocation list and writes
+    /// it to `crl.pem` (atomically, as an operator's `certs revoke` does); returns the path.
+    pub fn revoke(&self, bases: &[&str]) -> PathBuf {
+        let serials: Vec<_> = bases
+            .iter()
+            .map(|base| {
+                let der = CertificateDer::from_pem_file(self.files(base).0).expect("read cert");
+                postern_common::pki::serial_of(&der).expect("serial")
+            })
+            .collect();
+        self.write_crl(&serials)
+    }
+
+    fn write_crl(&self, serials: &[Vec<u8>]) -> PathBuf {
+        let mut last = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+        let pem = self.ca.revoke(last.as_deref(), serials).expect("revoke");
+        let path = self.crl_path();
+        let tmp = self.dir().join("crl.pem.tmp");
+        std::fs::write(&tmp, &pem).expect("write crl");
+        std::fs::rename(&tmp, &path).expect("rename crl");
+        *last = Some(pem);
+        path
+    }
+
+    /// Adds `count` made-up serial numbers to the revocation list (as a CA in use for years
+    /// has revoked many certificates) and writes it; returns the path.
+    pub fn revoke_unknown(&self, count: u32) -> PathBuf {
+        let serials: Vec<Vec<u8>> = (0..count)
+            .map(|i| {
+                let mut serial = vec![0x7f, 0x50, 0x53];
+                serial.extend_from_slice(&i.to_be_bytes());
+                serial
+            })
+            .collect();
+        self.write_crl(&serials)
+    }
+
+    /// Where [`revoke`](Self::revoke) writes the revocation list.
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir().join("crl.pem")
     }
 
     /// TLS material of client `name` (issued on first use).
@@ -114,6 +177,14 @@ impl TestPki {
         let (cert, key) = self.files(base);
         Material::load(&self.ca(), &cert, &key).expect("load material")
     }
+}
+
+/// A fresh directory for a CA and everything issued from it.
+fn temp_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("postern-pki")
+        .tempdir()
+        .expect("tempdir")
 }
 
 impl Default for TestPki {

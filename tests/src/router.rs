@@ -69,7 +69,8 @@ impl Nginx {
         self.spawn().await;
     }
 
-    fn kill(&mut self) {
+    /// Kills nginx at once, cutting every connection through it.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

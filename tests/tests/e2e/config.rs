@@ -1,6 +1,7 @@
 //! Bad configs exit with status 64 and name the file, line and key; every example config parses.
 
 use std::process::Command;
+use std::time::Duration;
 
 use postern_common::pki::Kind;
 use postern_tests::procs::bin;
@@ -21,79 +22,92 @@ fn check(binary: &str, sub: &str, path: &std::path::Path) -> (i32, String) {
 #[test]
 fn bad_configs_exit_64_naming_file_line_and_key() {
     let pki = TestPki::new();
-    pki.issue(Kind::Agent, "db1");
-    let good_relay = relay_yaml(&pki, "db1", "orders", &["alice"]);
-    let good_agent = agent_yaml(
+    let mut relay = RelayConfig::new(&pki);
+    relay
+        .agent("db1", &["orders"])
+        .service("orders", &["alice"]);
+    let mut agent = AgentConfig::new(
         &pki,
         "db1",
-        "127.0.0.1:7443".parse().unwrap(),
-        "orders",
-        "127.0.0.1:3306",
+        RelaySpec::quic("127.0.0.1:7443".parse().unwrap()),
     );
+    agent.service("orders", "127.0.0.1:3306");
+    let edited_relay = |edit: &dyn Fn(&mut RelayConfig)| {
+        let mut r = relay.clone();
+        edit(&mut r);
+        r.to_yaml()
+    };
+    let edited_agent = |edit: &dyn Fn(&mut AgentConfig)| {
+        let mut a = agent.clone();
+        edit(&mut a);
+        a.to_yaml()
+    };
     let cases: Vec<(&str, &str, String, &str)> = vec![
         // (binary, name, yaml, expected fragment)
         (
             "postern-relay",
             "malformed.yaml",
-            good_relay.replace("agents:\n", "agents: [\n"),
+            relay.to_yaml() + "agents: [\n",
             "malformed.yaml:",
         ),
         (
             "postern-relay",
             "unknown.yaml",
-            good_relay.replace(
-                "heartbeat_interval: 1s\n",
-                "heartbeat_interval: 1s\nheartbeet: 2s\n",
-            ),
+            edited_relay(&|r| {
+                r.extra.insert("heartbeet".into(), "2s".into());
+            }),
             "unknown.yaml:{line:heartbeet}: key `heartbeet`: unknown field",
         ),
         (
             "postern-relay",
             "nocert.yaml",
-            good_relay.replace("server-relay.pem", "missing.pem"),
+            edited_relay(&|r| r.tls.cert = pki.dir().join("missing.pem")),
             "nocert.yaml:{line:missing.pem}: key `tls.cert`: cannot read",
         ),
         (
             "postern-relay",
             "termination.yaml",
-            good_relay.clone() + "    tls_termination: agent\n",
+            edited_relay(&|r| {
+                r.service_mut("orders").tls_termination =
+                    Some(postern_relay::config::TlsTermination::Agent)
+            }),
             "termination.yaml:{line:tls_listen}: key `services.orders.tls_listen`: a TLS-first listener ends TLS \
              at the relay, and this service ends TLS at the agent",
         ),
         (
             "postern-relay",
             "huge.yaml",
-            good_relay.replace(
-                "heartbeat_interval: 1s",
-                "heartbeat_interval: 100000000000h",
-            ),
+            // As the user wrote it, which the error quotes.
+            edited_relay(&|r| {
+                r.heartbeat_interval = None;
+                r.extra
+                    .insert("heartbeat_interval".into(), "100000000000h".into());
+            }),
             "huge.yaml:{line:heartbeat_interval}: key `heartbeat_interval`: duration \"100000000000h\" is too long",
         ),
         (
             "postern-relay",
             "range.yaml",
-            good_relay.replace("heartbeat_interval: 1s", "heartbeat_interval: 2h"),
+            edited_relay(&|r| r.heartbeat_interval = Some(Duration::from_secs(2 * 3600))),
             "range.yaml:{line:heartbeat_interval}: key `heartbeat_interval`: 2h is out of range: use a value from 100ms to 1h",
         ),
         (
             "postern-relay",
             "nolisten.yaml",
-            good_relay.replace(
-                "listen:\n  quic: 127.0.0.1:0\n  http: 127.0.0.1:0\n",
-                "listen: {}\n",
-            ),
+            edited_relay(&|r| (r.listen.quic, r.listen.http) = (None, None)),
             "nolisten.yaml: key `listen`: no listener",
         ),
         (
             "postern-agent",
             "agent-norelays.yaml",
-            good_agent.replace(&good_agent.lines().next().unwrap().to_owned(), "relays: []"),
+            edited_agent(&|a| (a.relay, a.relays) = (None, Some(Vec::new()))),
             "agent-norelays.yaml:1: key `relays`: the list is empty",
         ),
         (
             "postern-agent",
             "agent-huge.yaml",
-            good_agent.replace(
+            // Written as a bare number, as a user might: only text can say that.
+            agent.to_yaml().replace(
                 "connect_timeout: 2s",
                 "connect_timeout: 18446744073709551615",
             ),
@@ -102,19 +116,24 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
         (
             "postern-agent",
             "agent-unknown.yaml",
-            good_agent.replace("    backend:", "    backnd: x\n    backend:"),
+            edited_agent(&|a| {
+                a.extra.insert("backnd".into(), "x".into());
+            }),
             "agent-unknown.yaml:{line:backnd}: key `backnd`: unknown field",
         ),
         (
             "postern-agent",
             "agent-nokey.yaml",
-            good_agent.replace("agent-db1-key.pem", "nope-key.pem"),
+            edited_agent(&|a| a.tls.key = pki.dir().join("nope-key.pem")),
             "agent-nokey.yaml:{line:nope-key}: key `tls.key`: cannot read",
         ),
         (
             "postern-agent",
             "agent-type.yaml",
-            good_agent.replace("connect_timeout: 2s", "connect_timeout: [2]"),
+            // A list where a duration belongs: only text can say that.
+            agent
+                .to_yaml()
+                .replace("connect_timeout: 2s", "connect_timeout: [2]"),
             "agent-type.yaml:{line:connect_timeout}",
         ),
     ];
@@ -147,10 +166,11 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
     let path = pki.dir().join("many.yaml");
     std::fs::write(
         &path,
-        good_relay
-            .replace("server-relay.pem", "a.pem")
-            .replace("server-relay-key.pem", "b.pem")
-            .replace("quic: 127.0.0.1:0", "quic: nowhere"),
+        edited_relay(&|r| {
+            r.tls.cert = pki.dir().join("a.pem");
+            r.tls.key = pki.dir().join("b.pem");
+            r.listen.quic = Some("nowhere".into());
+        }),
     )
     .unwrap();
     let (code, err) = check("postern-relay", "check-config", &path);
@@ -178,32 +198,23 @@ fn every_example_config_parses() {
         // Examples name certificate files that do not exist here; point them at real ones.
         let pki = TestPki::new();
         pki.issue(Kind::Agent, "db-host-1");
-        let text = text
-            .replace("/etc/postern/ca.pem", pki.ca().to_str().unwrap())
-            .replace(
-                "/etc/postern/server-relay.pem",
-                pki.files("server-relay").0.to_str().unwrap(),
-            )
-            .replace(
-                "/etc/postern/server-relay-key.pem",
-                pki.files("server-relay").1.to_str().unwrap(),
-            )
-            .replace(
-                "/etc/postern/server-reports.pem",
-                pki.files("server-relay").0.to_str().unwrap(),
-            )
-            .replace(
-                "/etc/postern/server-reports-key.pem",
-                pki.files("server-relay").1.to_str().unwrap(),
-            )
-            .replace(
-                "/etc/postern/agent-db-host-1.pem",
-                pki.files("agent-db-host-1").0.to_str().unwrap(),
-            )
-            .replace(
-                "/etc/postern/agent-db-host-1-key.pem",
-                pki.files("agent-db-host-1").1.to_str().unwrap(),
-            );
+        let mut text = text.replace("/etc/postern/ca.pem", pki.ca().to_str().unwrap());
+        for (example, real) in [
+            ("server-relay", "server-relay"),
+            ("server-reports", "server-relay"),
+            ("agent-db-host-1", "agent-db-host-1"),
+        ] {
+            let (cert, key) = pki.files(real);
+            text = text
+                .replace(
+                    &format!("/etc/postern/{example}.pem"),
+                    cert.to_str().unwrap(),
+                )
+                .replace(
+                    &format!("/etc/postern/{example}-key.pem"),
+                    key.to_str().unwrap(),
+                );
+        }
         let target = pki.dir().join(&name);
         // The examples may use `${PORT}` (Cloud Foundry).
         let env = std::collections::BTreeMap::from([("PORT", "8080")]);

@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use postern_common::pki::{Kind, LeafSpec};
+use postern_tests::config::Tls;
 use postern_tests::mariadb::find;
 use postern_tests::*;
 use sha2::{Digest, Sha256};
@@ -108,20 +109,16 @@ fn documented(settings: &[&str], source: Option<&str>) {
 struct Relays {
     /// What clients dial: [`DIALLED`] or [`LOCALHOST`].
     dialled: &'static str,
-    pki: TestPki,
-    _db: MariaDb,
-    good: RelayRun,
+    /// The good relay, its agent and the database.
+    good: Stack,
     wrong: RelayRun,
-    agents: Vec<AgentRun>,
+    wrong_agent: AgentRun,
 }
 
 /// The relays for clients that dial `dialled` (the good relay's certificate carries both
 /// `localhost` and `127.0.0.1`).
 async fn relays(dialled: &'static str) -> Relays {
-    init_logging();
     let pki = TestPki::new();
-    pki.issue(Kind::Agent, "db1");
-    pki.issue(Kind::Client, "alice");
     // The wrong certificate carries the other form of the same address, so that a driver that
     // checked something else than what it dialled (an IP address for a name, or a default name
     // such as `localhost`) would be caught accepting it.
@@ -133,35 +130,35 @@ async fn relays(dialled: &'static str) -> Relays {
         spec.dns.push(LOCALHOST.into());
     }
     pki.write("server-elsewhere", &spec);
-    let db = MariaDb::start().await;
-    db.sql(&format!(
+    // Heartbeats far apart: a JVM starting on a loaded machine must not starve an agent into
+    // being taken for a dead one.
+    let good = Stack::builder()
+        .pki(pki)
+        .mariadb()
+        .heartbeat(Duration::from_secs(5))
+        .start()
+        .await;
+    good.db().sql(&format!(
         "CREATE DATABASE shop; CREATE TABLE shop.items (id INT PRIMARY KEY, name TEXT); \
          INSERT INTO shop.items VALUES (1, 'anvil'); \
          CREATE USER 'app'@'%' IDENTIFIED BY '{PASSWORD}'; GRANT ALL ON shop.* TO 'app'@'%';"
     ));
-    // Heartbeats far apart: a JVM starting on a loaded machine must not starve an agent into
-    // being taken for a dead one.
-    let yaml = relay_yaml(&pki, "db1", "orders", &["alice"])
-        .replace("heartbeat_interval: 1s", "heartbeat_interval: 5s");
-    let good = RelayRun::start(pki.dir(), &yaml).await;
-    let wrong = RelayRun::start(pki.dir(), &yaml.replace("server-relay", "server-elsewhere")).await;
-    let mut agents = Vec::new();
-    // Each agent checks its relay by a name that relay's certificate carries.
-    for (relay, name) in [(&good, LOCALHOST), (&wrong, "relay.invalid")] {
-        let yaml = agent_yaml(&pki, "db1", relay.quic, "orders", &db.backend())
-            .replace("server_name: localhost", &format!("server_name: {name}"));
-        let mut agent = AgentRun::start(pki.dir(), &yaml);
-        agent.wait_connected().await;
-        relay.wait_agent("db1").await;
-        agents.push(agent);
-    }
+    // The same relay with the wrong certificate, and an agent that checks it by a name that
+    // certificate carries.
+    let mut config = good.relay_config.clone();
+    config.tls = Tls::of(&good.pki, "server-elsewhere");
+    let wrong = RelayRun::start(&good.file("relay", "yaml"), &config, &[]).await;
+    let mut agent = good.agent_config();
+    agent.relay = Some(RelaySpec::quic(wrong.quic.expect("QUIC")));
+    agent.server_name = Some("relay.invalid".into());
+    let mut wrong_agent = good.start_agent(&agent);
+    wrong_agent.wait_connected().await;
+    wrong.wait_agent("db1").await;
     let relays = Relays {
         dialled,
-        pki,
-        _db: db,
         good,
         wrong,
-        agents,
+        wrong_agent,
     };
     // The wrong relay works for a client that checks the CA but not the name: so each refusal
     // below is the name check, and nothing else.
@@ -178,7 +175,7 @@ async fn relays(dialled: &'static str) -> Relays {
 
 impl Relays {
     fn good_port(&self) -> u16 {
-        self.good.service("orders").port()
+        self.good.port()
     }
 
     fn wrong_port(&self) -> u16 {
@@ -186,7 +183,7 @@ impl Relays {
     }
 
     fn dir(&self) -> &Path {
-        self.pki.dir()
+        self.good.pki.dir()
     }
 
     /// A command run in the directory that holds `ca.pem` and `client-alice*.pem`, as the
@@ -218,11 +215,9 @@ impl Relays {
     }
 
     async fn stop(self) {
-        for agent in self.agents {
-            agent.stop().await;
-        }
-        self.good.stop().await;
+        self.wrong_agent.stop().await;
         self.wrong.stop().await;
+        self.good.stop().await;
     }
 }
 

@@ -13,13 +13,12 @@ use std::time::Duration;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts};
 use postern_common::mysql::CLIENT_SESSION_TRACK;
-use postern_common::pki::{Kind, LeafSpec};
+use postern_relay::config::TlsTermination;
+use postern_tests::stack::StackBuilder;
 use postern_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-
-use crate::mysql_tls::{cli, driver_opts, failed, ok, ssl_args};
 
 /// Where clients' TLS ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,68 +27,19 @@ enum Mode {
     EndToEnd,
 }
 
-struct Stack {
-    pki: TestPki,
-    relay: RelayRun,
-    agent: AgentRun,
-}
-
-impl Stack {
-    /// The MySQL-native port of service `orders`.
-    fn port(&self) -> u16 {
-        self.relay.service("orders").port()
+/// A relay and an agent serving service `orders` (clients alice and bob) from `backend` (a
+/// database the test runs, or something in front of one), with TLS ending per `mode`.
+fn stack(mode: Mode, backend: String) -> StackBuilder {
+    // Heartbeats far apart: these tests load both cores, and a starved agent must not be taken
+    // for a dead one.
+    let b = Stack::builder()
+        .clients(["alice", "bob"])
+        .heartbeat(Duration::from_secs(5))
+        .agent(move |a| a.service_mut("orders").backend = backend);
+    match mode {
+        Mode::Relay => b,
+        Mode::EndToEnd => b.tls_termination("orders", TlsTermination::Agent),
     }
-
-    async fn stop(self) {
-        self.agent.stop().await;
-        self.relay.stop().await;
-    }
-}
-
-/// A relay and an agent serving service `orders` (clients alice and bob) from `backend`, with
-/// TLS ending per `mode`; `settings`: more top-level keys of relay.yaml; `service`: more keys of
-/// the service (each line indented by four spaces).
-async fn stack(mode: Mode, backend: &str, settings: &str, service: &str) -> Stack {
-    init_logging();
-    let pki = TestPki::new();
-    pki.issue(Kind::Agent, "db1");
-    pki.issue(Kind::Client, "alice");
-    pki.issue(Kind::Client, "bob");
-    let (termination, agent_tls) = match mode {
-        Mode::Relay => ("relay", String::new()),
-        Mode::EndToEnd => {
-            let mut spec = LeafSpec::new(Kind::Server, "orders", 1);
-            spec.ips = vec!["127.0.0.1".parse().expect("ip")];
-            spec.dns = vec!["localhost".into()];
-            pki.write("server-orders", &spec);
-            let (cert, key) = pki.files("server-orders");
-            (
-                "agent",
-                format!(
-                    "    tls: {{ cert: {}, key: {} }}\n",
-                    cert.display(),
-                    key.display()
-                ),
-            )
-        }
-    };
-    let relay_yaml = format!(
-        "listen:\n  quic: 127.0.0.1:0\n{tls}heartbeat_interval: 5s\n{settings}agents:\n  db1:\n    \
-         services: [orders]\nservices:\n  orders:\n    listen: 127.0.0.1:0\n    clients: [alice, bob]\n    \
-         tls_termination: {termination}\n{service}",
-        tls = pki.tls_yaml("server-relay"),
-    );
-    let relay = RelayRun::start(pki.dir(), &relay_yaml).await;
-    let agent_yaml = format!(
-        "relay: quic://{quic}\nserver_name: localhost\n{tls}services:\n  orders:\n    backend: {backend}\n    \
-         connect_timeout: 2s\n{agent_tls}",
-        quic = relay.quic,
-        tls = pki.tls_yaml("agent-db1"),
-    );
-    let mut agent = AgentRun::start(pki.dir(), &agent_yaml);
-    agent.wait_connected().await;
-    relay.wait_agent("db1").await;
-    Stack { pki, relay, agent }
 }
 
 /// The soft limit of open files, which the silent-socket test needs well above 1,000.
@@ -141,21 +91,22 @@ async fn thousand_silent_sockets_then_a_good_client(mode: Mode) {
     let db = MariaDb::start().await;
     // Long deadlines, so the silent sockets stay for the whole test; a small handshake cap,
     // so most of them are evicted by newer ones.
-    let s = stack(
-        mode,
-        &db.backend(),
-        "handshake_timeout: 30s\nfirst_packet_timeout: 30s\n",
-        "    max_handshakes: 100\n",
-    )
-    .await;
-    let opts: Opts = driver_opts(&s.pki, s.port(), "client-alice", "root", "").into();
+    let s = stack(mode, db.backend())
+        .handshake_timeout(Duration::from_secs(30))
+        .relay(|r| {
+            r.first_packet_timeout = Some(Duration::from_secs(30));
+            r.service_mut("orders").max_handshakes = Some(100);
+        })
+        .start()
+        .await;
+    let opts: Opts = s.mysql_opts("alice").into();
     // Once through, so the greeting template is in place wherever it is kept.
     let warm = Conn::new(opts.clone()).await.expect("first client");
     warm.disconnect().await.unwrap();
     let mut admin = Conn::new(Opts::from_url(&db.url()).unwrap()).await.unwrap();
     let before = connections(&mut admin).await;
 
-    let addr = s.relay.service("orders");
+    let addr = s.relay().mysql("orders");
     let mut sockets = Vec::with_capacity(1000);
     for _ in 0..1000 {
         sockets.push(silent(addr).await);
@@ -190,8 +141,8 @@ async fn thousand_silent_sockets_then_a_good_client(mode: Mode) {
     assert!(evicted >= 900, "{mode:?}: {evicted} evicted");
     if mode == Mode::Relay {
         let dropped = s
-            .relay
-            .handle
+            .relay()
+            .handle()
             .events()
             .counters()
             .into_iter()
@@ -234,30 +185,28 @@ async fn closed_after(addr: SocketAddr, greeting: bool) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_closed_at_the_first_packet_deadline() {
     let db = MariaDb::start().await;
-    let settings = "handshake_timeout: 8s\nfirst_packet_timeout: 1s\n";
     for mode in [Mode::Relay, Mode::EndToEnd] {
-        let tls_listen = match mode {
-            Mode::Relay => "    tls_listen: 127.0.0.1:0\n",
-            Mode::EndToEnd => "",
-        };
-        let s = stack(mode, &db.backend(), settings, tls_listen).await;
+        let s = stack(mode, db.backend())
+            .handshake_timeout(Duration::from_secs(8))
+            .relay(|r| r.first_packet_timeout = Some(Duration::from_secs(1)))
+            .start()
+            .await;
         // The MySQL listener: the SSLRequest is due right after the greeting.
-        let took = closed_after(s.relay.service("orders"), true).await;
+        let took = closed_after(s.relay().mysql("orders"), true).await;
         assert!(
             took >= Duration::from_secs(1) && took < Duration::from_millis(1500),
             "{mode:?}: closed after {took:?}"
         );
         // The TLS-first listener: the ClientHello is due right after accept.
         if mode == Mode::Relay {
-            let took = closed_after(s.relay.tls_service("orders"), false).await;
+            let took = closed_after(s.relay().tls("orders"), false).await;
             assert!(
                 took >= Duration::from_secs(1) && took < Duration::from_millis(1500),
                 "tls listener: closed after {took:?}"
             );
         }
         // Still serving.
-        let alice = ssl_args(&s.pki, Some("client-alice"));
-        assert_eq!(ok(&cli(s.port(), "root", &alice, "SELECT 1")), "1\n");
+        assert_eq!(s.cli(Some("alice")).ok("SELECT 1"), "1\n");
         s.stop().await;
     }
 }
@@ -279,10 +228,8 @@ fn sleeper(mut conn: Conn) -> tokio::task::JoinHandle<(Conn, bool)> {
 
 async fn kill_query(mode: Mode) {
     let db = MariaDb::start().await;
-    let s = stack(mode, &db.backend(), "", "").await;
-    let opts = |who: &str| -> Opts {
-        driver_opts(&s.pki, s.port(), &format!("client-{who}"), "root", "").into()
-    };
+    let s = stack(mode, db.backend()).start().await;
+    let opts = |who: &str| -> Opts { s.mysql_opts(who).into() };
 
     // The id in the front end's greeting is its own; KILL QUERY with it cancels the query.
     let victim = Conn::new(opts("alice")).await.unwrap();
@@ -352,29 +299,13 @@ async fn kill_query_with_the_greetings_id_cancels_a_running_query_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_of_another_relays_connection_id_reaches_nothing() {
     let db = MariaDb::start().await;
-    let one = stack(Mode::Relay, &db.backend(), "", "").await;
-    let two = stack(Mode::Relay, &db.backend(), "", "").await;
-    let victim = Conn::new(driver_opts(
-        &one.pki,
-        one.port(),
-        "client-alice",
-        "root",
-        "",
-    ))
-    .await
-    .unwrap();
+    let one = stack(Mode::Relay, db.backend()).start().await;
+    let two = stack(Mode::Relay, db.backend()).start().await;
+    let victim = Conn::new(one.mysql_opts("alice")).await.unwrap();
     let id = victim.id();
     let sleeping = sleeper(victim);
     // The same client, through another relay (another process's ids): nothing to kill there.
-    let mut other = Conn::new(driver_opts(
-        &two.pki,
-        two.port(),
-        "client-alice",
-        "root",
-        "",
-    ))
-    .await
-    .unwrap();
+    let mut other = Conn::new(two.mysql_opts("alice")).await.unwrap();
     assert_ne!(other.id(), id);
     let err = other
         .query_drop(format!("KILL QUERY {id}"))
@@ -384,15 +315,7 @@ async fn a_kill_of_another_relays_connection_id_reaches_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!sleeping.is_finished(), "the query still runs");
     // Its own relay can.
-    let mut canceller = Conn::new(driver_opts(
-        &one.pki,
-        one.port(),
-        "client-alice",
-        "root",
-        "",
-    ))
-    .await
-    .unwrap();
+    let mut canceller = Conn::new(one.mysql_opts("alice")).await.unwrap();
     canceller
         .query_drop(format!("KILL QUERY {id}"))
         .await
@@ -458,24 +381,22 @@ async fn a_backend_whose_greeting_changed_is_refused_once_then_works() {
     let db = MariaDb::start().await;
     let downgrade = Arc::new(AtomicBool::new(false));
     let proxy = downgrading_proxy(db.addr, downgrade.clone()).await;
-    let s = stack(Mode::Relay, &proxy.to_string(), "", "").await;
-    let alice = ssl_args(&s.pki, Some("client-alice"));
-    assert_eq!(ok(&cli(s.port(), "root", &alice, "SELECT 1")), "1\n");
+    let s = stack(Mode::Relay, proxy.to_string()).start().await;
+    let alice = s.cli(Some("alice"));
+    assert_eq!(alice.ok("SELECT 1"), "1\n");
 
     // The backend now lacks session tracking, which the mariadb CLI takes when offered: the
     // first client after the change is told so, and the template follows the backend.
     downgrade.store(true, Ordering::SeqCst);
-    let err = failed(&cli(s.port(), "root", &alice, "SELECT 1"));
+    let err = alice.fails("SELECT 1");
     assert!(
         err.contains("1053")
             && err.contains("the database has changed since this client was greeted"),
         "{err}"
     );
-    assert_eq!(ok(&cli(s.port(), "root", &alice, "SELECT 2")), "2\n");
+    assert_eq!(alice.ok("SELECT 2"), "2\n");
     // The driver too, with the template that matches.
-    let mut conn = Conn::new(driver_opts(&s.pki, s.port(), "client-alice", "root", ""))
-        .await
-        .unwrap();
+    let mut conn = Conn::new(s.mysql_opts("alice")).await.unwrap();
     let three: Option<u32> = conn.query_first("SELECT 3").await.unwrap();
     assert_eq!(three, Some(3));
     conn.disconnect().await.unwrap();

@@ -5,6 +5,7 @@
 mod basic;
 mod certs;
 mod config;
+mod cuts;
 mod demo;
 mod drain;
 mod drivers;

@@ -1,79 +1,50 @@
 //! The relay as Cloud Foundry runs it: no UDP (only `listen.http` on `${PORT}`), its instance
 //! named after the app and index it reads from the environment.
 
-use std::collections::BTreeMap;
-
 use postern_agent::Status;
-use postern_agent::config::{RelayTarget, TransportChoice, WebsocketSettings};
-use postern_common::pki::Kind;
-use postern_relay::Relay;
+use postern_agent::config::TransportChoice;
 use postern_tests::*;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_with_only_an_http_listener_serves_agents_and_clients_over_websocket() {
-    init_logging();
-    let pki = TestPki::new();
-    pki.issue(Kind::Agent, "db1");
-    pki.issue(Kind::Client, "alice");
-    let db = MariaDb::start().await;
-    let yaml = format!(
-        "listen:\n  http: 127.0.0.1:${{PORT}}\n{tls}heartbeat_interval: 1s\nagents:\n  db1:\n    services: [orders]\nservices:\n  orders:\n    clients: [alice]\n",
-        tls = pki.tls_yaml("server-relay"),
-    );
-    let path = pki.dir().join("relay.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    // What Cloud Foundry puts in the environment of instance 3 of app "postern-relay".
-    let env = BTreeMap::from([
-        ("PORT", "0"),
-        ("CF_INSTANCE_INDEX", "3"),
-        (
-            "VCAP_APPLICATION",
-            r#"{"application_id":"6f1c6c8e-guid","application_name":"postern-relay","instance_index":3}"#,
-        ),
-    ]);
-    let config = postern_relay::Config::load_with(&path, &env).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config.quic_listen, None);
-    assert_eq!(config.instance, "postern-relay/3");
-    let relay = Relay::bind(config).await.expect("bind");
-    assert_eq!(relay.quic_addr(), None, "no UDP socket at all");
-    let http = relay.http_addr().expect("http listener");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(relay.run(shutdown.clone()));
-
-    let url = format!("ws://localhost:{}", http.port());
-    let mut agent = AgentRun::start(
-        pki.dir(),
-        &format!(
-            "relay: {url}\n{tls}services:\n  orders:\n    backend: {}\n",
-            db.backend(),
-            tls = pki.tls_yaml("agent-db1"),
-        ),
-    );
-    agent.wait_connected().await;
-    match &*agent.status.borrow() {
+    let s = Stack::builder()
+        .mariadb()
+        .transport(Transport::DirectWebsocket)
+        // What Cloud Foundry puts in the environment of instance 3 of app "postern-relay".
+        .relay_env([
+            ("PORT", "0"),
+            ("CF_INSTANCE_INDEX", "3"),
+            (
+                "VCAP_APPLICATION",
+                r#"{"application_id":"6f1c6c8e-guid","application_name":"postern-relay","instance_index":3}"#,
+            ),
+        ])
+        .relay(|r| {
+            r.listen.quic = None;
+            r.listen.http = Some("127.0.0.1:${PORT}".into());
+        })
+        .start()
+        .await;
+    let stack::RelayNode::InProcess(relay) = s.relay() else {
+        unreachable!("the stack's relay runs in-process")
+    };
+    assert_eq!(relay.quic, None, "no UDP socket at all");
+    assert!(relay.http.is_some(), "an HTTP listener on ${{PORT}}");
+    // The instance is named after the app and index from the environment.
+    match &*s.agent().status.borrow() {
         Status::Connected { relay_instance, .. } => assert_eq!(relay_instance, "postern-relay/3"),
         other => panic!("{other:?}"),
     }
-    let target = RelayTarget {
-        quic: None,
-        websocket: Some(url.parse().unwrap()),
-    };
-    let c = ConnectRun::start_with(
-        &pki,
-        target,
-        TransportChoice::Auto,
-        WebsocketSettings::default(),
-        "alice",
-        "orders",
-    )
-    .await
-    .expect("connect over websocket");
+    // `connect` with the transport left to choose: only WebSocket is there.
+    let mut to = s.connect_to();
+    to.transport = TransportChoice::Auto;
+    let c = ConnectRun::start_with(&s.pki, to, "alice", "orders", true)
+        .await
+        .expect("connect over websocket");
     assert_eq!(
-        client::query(c.addr.port(), "SELECT 'no udp needed'").unwrap(),
+        c.cli().query("SELECT 'no udp needed'").unwrap(),
         "no udp needed\n"
     );
-    agent.stop().await;
-    shutdown.cancel();
-    running.await.unwrap();
+    c.stop().await;
+    s.stop().await;
 }

@@ -1,26 +1,18 @@
 //! The middleboxes themselves start and pass traffic (a sanity check for the harness).
 
-use postern_common::pki::Kind;
-use postern_tests::router::{Nginx, Tinyproxy, Upstreams};
+use postern_tests::router::Tinyproxy;
 use postern_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_and_tinyproxy_pass_http_to_the_relay() {
-    init_logging();
-    let pki = TestPki::new();
-    pki.issue(Kind::Agent, "db1");
-    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
-    let http = relay.http.unwrap();
-    let (cert, key) = pki.files("server-relay");
-    let nginx = Nginx::start(
-        &cert,
-        &key,
-        Upstreams {
-            relays: vec![http],
-            app_guid: Some("abc".into()),
-        },
-    )
-    .await;
+    // One relay instance of app "abc": nginx answers 400 to a pin on another instance.
+    let s = Stack::builder()
+        .no_agent()
+        .cloud_foundry("abc", 1)
+        .start()
+        .await;
+    let nginx = s.nginx.as_ref().unwrap();
+    let pki = &s.pki;
     let out = std::process::Command::new("curl")
         .args(["-s", "--cacert"])
         .arg(pki.ca())
@@ -65,5 +57,5 @@ async fn nginx_and_tinyproxy_pass_http_to_the_relay() {
         "{}",
         proxy.log()
     );
-    relay.stop().await;
+    s.stop().await;
 }

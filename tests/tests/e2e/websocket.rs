@@ -7,99 +7,56 @@ use mysql_async::prelude::*;
 use postern_agent::config::{ProxySetting, RelayTarget, TransportChoice, WebsocketSettings};
 use postern_common::pki::Kind;
 use postern_common::transport::TransportKind;
-use postern_tests::procs::Proc;
-use postern_tests::router::{Nginx, Tinyproxy, Upstreams};
+use postern_tests::config::AgentTransport;
+use postern_tests::router::Tinyproxy;
 use postern_tests::*;
-use sha2::{Digest, Sha256};
 
-struct World {
-    pki: TestPki,
-    db: MariaDb,
-    relay: RelayRun,
-    nginx: Nginx,
+/// A relay behind nginx, a MariaDB, and no agent yet (each test starts its own).
+async fn world() -> Stack {
+    Stack::builder()
+        .mariadb()
+        .transport(Transport::Websocket)
+        .no_agent()
+        .start()
+        .await
 }
 
-async fn world() -> World {
-    init_logging();
-    let pki = TestPki::new();
-    pki.issue(Kind::Agent, "db1");
-    pki.issue(Kind::Client, "alice");
-    let db = MariaDb::start().await;
-    let relay = RelayRun::start(pki.dir(), &relay_yaml(&pki, "db1", "orders", &["alice"])).await;
-    let (cert, key) = pki.files("server-relay");
-    let nginx = Nginx::start(
-        &cert,
-        &key,
-        Upstreams {
-            relays: vec![relay.http.unwrap()],
-            app_guid: None,
-        },
-    )
-    .await;
-    World {
-        pki,
-        db,
-        relay,
-        nginx,
-    }
+/// `connect` over WebSocket through the router with `settings`.
+async fn connect_ws(w: &Stack, settings: WebsocketSettings) -> ConnectRun {
+    let mut to = w.connect_to();
+    to.websocket = settings;
+    ConnectRun::start_with(&w.pki, to, "alice", "orders", true)
+        .await
+        .expect("connect over websocket")
 }
 
-fn wss(nginx: &Nginx) -> String {
-    format!("wss://localhost:{}/v1/tunnel", nginx.addr.port())
-}
-
-/// Agent YAML with a WebSocket relay and extra `websocket:` settings.
-fn agent_ws_yaml(w: &World, relay: &str, transport: &str, websocket: &str) -> String {
-    format!(
-        "relay: {relay}\ntransport: {transport}\nserver_name: localhost\n{tls}websocket:\n  ping_interval: 2s\n{websocket}services:\n  orders:\n    backend: {backend}\n",
-        tls = w.pki.tls_yaml("agent-db1"),
-        backend = w.db.backend(),
-    )
-}
-
-fn ws_target(url: &str) -> RelayTarget {
-    RelayTarget {
-        quic: None,
-        websocket: Some(url.parse().unwrap()),
-    }
-}
-
-async fn connect_ws(w: &World, url: &str, settings: WebsocketSettings) -> ConnectRun {
-    ConnectRun::start_with(
-        &w.pki,
-        ws_target(url),
-        TransportChoice::Websocket,
-        settings,
-        "alice",
-        "orders",
-    )
-    .await
-    .expect("connect over websocket")
+/// An agent that races a QUIC url `quic` against the router (`transport: auto`).
+fn racing_agent(w: &Stack, quic: &str) -> AgentConfig {
+    let mut config = w.agent_config();
+    config.relay = Some(RelaySpec::Both {
+        quic: quic.to_owned(),
+        websocket: w.ws_url(),
+    });
+    config.transport = Some(AgentTransport::Auto);
+    config
 }
 
 fn mariadb(port: u16, sql: &str) -> String {
-    client::query(port, sql).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn transport_of(agent: &AgentRun) -> Option<TransportKind> {
-    match &*agent.status.borrow() {
-        postern_agent::Status::Connected { transport, .. } => Some(*transport),
-        _ => None,
-    }
+    Cli::at(port).query(sql).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_and_connect_through_nginx_carry_the_mariadb_cli_and_64_mib() {
-    let w = world().await;
-    let url = wss(&w.nginx);
-    let mut agent = AgentRun::start(w.pki.dir(), &agent_ws_yaml(&w, &url, "websocket", ""));
-    agent.wait_connected().await;
-    assert_eq!(transport_of(&agent), Some(TransportKind::Websocket));
-    let c = connect_ws(&w, &url, WebsocketSettings::default()).await;
+    let s = Stack::builder()
+        .mariadb()
+        .transport(Transport::Websocket)
+        .start()
+        .await;
+    assert_eq!(s.agent().transport(), Some(TransportKind::Websocket));
+    let c = s.connect("alice").await;
     assert_eq!(mariadb(c.addr.port(), "SELECT 6 * 7"), "42\n");
 
-    let pool =
-        mysql_async::Pool::new(format!("mysql://root@127.0.0.1:{}/mysql", c.addr.port()).as_str());
+    let pool = mysql_async::Pool::new(c.url().as_str());
     let mut conn = pool.get_conn().await.unwrap();
     conn.query_drop("CREATE DATABASE big; CREATE TABLE big.b (id INT PRIMARY KEY, data LONGBLOB)")
         .await
@@ -107,7 +64,7 @@ async fn agent_and_connect_through_nginx_carry_the_mariadb_cli_and_64_mib() {
     let data: Vec<u8> = (0..64 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let want = hex(&Sha256::digest(&data));
+    let want = sha256_hex(&data);
     conn.exec_drop("INSERT INTO big.b VALUES (1, ?)", (data,))
         .await
         .unwrap();
@@ -115,31 +72,27 @@ async fn agent_and_connect_through_nginx_carry_the_mariadb_cli_and_64_mib() {
         .query_first("SELECT data FROM big.b WHERE id = 1")
         .await
         .unwrap();
-    assert_eq!(hex(&Sha256::digest(back.unwrap())), want);
+    assert_eq!(sha256_hex(&back.unwrap()), want);
     drop(conn);
     pool.disconnect().await.unwrap();
-    agent.stop().await;
-    w.relay.stop().await;
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_connect_proxy_with_and_without_authentication() {
     let w = world().await;
-    let url = wss(&w.nginx);
     for auth in [None, Some(("proxyuser", "s3cret"))] {
         let proxy = Tinyproxy::start(auth).await;
         let proxy_url = match auth {
             Some((u, p)) => format!("http://{u}:{p}@{}", proxy.addr),
             None => format!("http://{}", proxy.addr),
         };
-        let mut agent = AgentRun::start(
-            w.pki.dir(),
-            &agent_ws_yaml(&w, &url, "websocket", &format!("  proxy: {proxy_url}\n")),
-        );
+        let mut config = w.agent_config();
+        config.websocket_mut().proxy = Some(proxy_url.clone());
+        let mut agent = w.start_agent(&config);
         agent.wait_connected().await;
         let c = connect_ws(
             &w,
-            &url,
             WebsocketSettings {
                 proxy: ProxySetting::parse("proxy", &proxy_url).expect("proxy url"),
                 ..Default::default()
@@ -154,21 +107,13 @@ async fn through_a_connect_proxy_with_and_without_authentication() {
         );
         if auth.is_some() {
             // Wrong credentials: a clear error, not a hang.
+            let mut to = w.connect_to();
             let bad = format!("http://proxyuser:wrong@{}", proxy.addr);
-            let err = ConnectRun::start_with(
-                &w.pki,
-                ws_target(&url),
-                TransportChoice::Websocket,
-                WebsocketSettings {
-                    proxy: ProxySetting::parse("proxy", &bad).expect("proxy url"),
-                    ..Default::default()
-                },
-                "alice",
-                "orders",
-            )
-            .await
-            .err()
-            .expect("wrong proxy credentials are refused");
+            to.websocket.proxy = ProxySetting::parse("proxy", &bad).expect("proxy url");
+            let err = ConnectRun::start_with(&w.pki, to, "alice", "orders", true)
+                .await
+                .err()
+                .expect("wrong proxy credentials are refused");
             // tinyproxy answers 401 to wrong credentials (407 when none are sent).
             let text = format!("{err:#}");
             assert!(
@@ -178,13 +123,13 @@ async fn through_a_connect_proxy_with_and_without_authentication() {
         }
         agent.stop().await;
     }
-    w.relay.stop().await;
+    w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_falls_back_quickly_when_udp_is_blocked_and_prefers_quic_when_it_works() {
     let w = world().await;
-    let url = wss(&w.nginx);
+    let url = w.ws_url();
     // A UDP port that swallows everything, as a firewall that drops UDP does.
     let black_hole = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let dead_quic = format!("quic://{}", black_hole.local_addr().unwrap());
@@ -198,16 +143,14 @@ async fn auto_falls_back_quickly_when_udp_is_blocked_and_prefers_quic_when_it_wo
         let pki = &w.pki;
         async move {
             let started = tokio::time::Instant::now();
-            let c = ConnectRun::start_with(
-                pki,
+            let to = ConnectTo {
                 target,
                 transport,
-                WebsocketSettings::default(),
-                "alice",
-                "orders",
-            )
-            .await
-            .unwrap();
+                websocket: WebsocketSettings::default(),
+            };
+            let c = ConnectRun::start_with(pki, to, "alice", "orders", true)
+                .await
+                .unwrap();
             let port = c.addr.port();
             tokio::task::spawn_blocking(move || mariadb(port, "SELECT 1"))
                 .await
@@ -215,22 +158,14 @@ async fn auto_falls_back_quickly_when_udp_is_blocked_and_prefers_quic_when_it_wo
             started.elapsed()
         }
     };
-    let mut agent = AgentRun::start(
-        w.pki.dir(),
-        &agent_ws_yaml(
-            &w,
-            &format!("{{ quic: \"{dead_quic}\", websocket: \"{url}\" }}"),
-            "auto",
-            "",
-        ),
-    );
+    let mut agent = w.start_agent(&racing_agent(&w, &dead_quic));
     agent.wait_connected().await;
     assert_eq!(
-        transport_of(&agent),
+        agent.transport(),
         Some(TransportKind::Websocket),
         "agent fell back to websocket"
     );
-    let ws_only = time_to_query(ws_target(&url), TransportChoice::Websocket).await;
+    let ws_only = time_to_query(w.connect_to().target, TransportChoice::Websocket).await;
     let auto = time_to_query(
         RelayTarget {
             quic: Some(dead_quic.parse().unwrap()),
@@ -248,52 +183,43 @@ async fn auto_falls_back_quickly_when_udp_is_blocked_and_prefers_quic_when_it_wo
     swallow.abort();
 
     // With QUIC reachable, auto uses QUIC.
-    let live_quic = format!("quic://{}", w.relay.quic);
-    let mut agent = AgentRun::start(
-        w.pki.dir(),
-        &agent_ws_yaml(
-            &w,
-            &format!("{{ quic: \"{live_quic}\", websocket: \"{url}\" }}"),
-            "auto",
-            "",
-        ),
-    );
+    let live_quic = format!("quic://{}", w.relay().quic());
+    let mut agent = w.start_agent(&racing_agent(&w, &live_quic));
     agent.wait_connected().await;
-    assert_eq!(transport_of(&agent), Some(TransportKind::Quic));
+    assert_eq!(agent.transport(), Some(TransportKind::Quic));
     agent.stop().await;
-    w.relay.stop().await;
+    w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_router_mid_session_recovers_within_5s() {
-    let mut w = world().await;
-    let url = wss(&w.nginx);
-    let mut agent = AgentRun::start(w.pki.dir(), &agent_ws_yaml(&w, &url, "websocket", ""));
-    agent.wait_connected().await;
-    let c = connect_ws(&w, &url, WebsocketSettings::default()).await;
-    assert_eq!(mariadb(c.addr.port(), "SELECT 1"), "1\n");
+    let mut s = Stack::builder()
+        .mariadb()
+        .transport(Transport::Websocket)
+        .start()
+        .await;
+    let c = s.connect("alice").await;
+    assert_eq!(c.cli().ok("SELECT 1"), "1\n");
 
-    w.nginx.restart().await;
+    s.nginx_mut().restart().await;
     let restarted = tokio::time::Instant::now();
-    let port = c.addr.port();
+    let cli = c.cli();
     eventually(
         Duration::from_secs(5),
         "queries through the restarted router",
-        || async move {
-            let out = client::query_async(port, "SELECT 2").await;
-            (out.as_deref() == Ok("2\n")).then_some(())
-        },
+        || async { (cli.query_async("SELECT 2").await.as_deref() == Ok("2\n")).then_some(()) },
     )
     .await;
-    assert!(restarted.elapsed() < Duration::from_secs(5));
-    agent.stop().await;
-    w.relay.stop().await;
+    let recovered = restarted.elapsed();
+    eprintln!("router restarted: service back after {recovered:?}");
+    assert!(recovered < Duration::from_secs(5), "{recovered:?}");
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_client_certificate_header_without_a_valid_inner_certificate_is_refused() {
     let w = world().await;
-    let url = wss(&w.nginx);
+    let url = w.ws_url();
     // The header claims alice's certificate; the inner TLS presents one from another CA.
     let alice_pem = std::fs::read_to_string(w.pki.files("client-alice").0).unwrap();
     let body: String = alice_pem
@@ -317,16 +243,12 @@ async fn a_forged_client_certificate_header_without_a_valid_inner_certificate_is
         "{text}"
     );
     // The real alice, same path, is served.
-    let c = connect_ws(&w, &url, WebsocketSettings::default()).await;
-    let mut agent = AgentRun::start(w.pki.dir(), &agent_ws_yaml(&w, &url, "websocket", ""));
+    let c = connect_ws(&w, WebsocketSettings::default()).await;
+    let mut agent = w.start_agent(&w.agent_config());
     agent.wait_connected().await;
     assert_eq!(mariadb(c.addr.port(), "SELECT 3"), "3\n");
     agent.stop().await;
-    w.relay.stop().await;
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    w.stop().await;
 }
 
 /// A UDP path that drops everything until `open` is set, then forwards to `to` (and back).
@@ -373,26 +295,17 @@ async fn udp_gate(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_udp_opens_up_new_streams_move_to_quic_and_old_ones_finish_on_websocket() {
     let w = world().await;
-    let url = wss(&w.nginx);
     let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gate = udp_gate(w.relay.quic, open.clone()).await;
-    let yaml = agent_ws_yaml(
-        &w,
-        &format!("{{ quic: \"quic://{gate}\", websocket: \"{url}\" }}"),
-        "auto",
-        "",
-    )
-    .replace("transport: auto\n", "transport: auto\nquic_reprobe: 1s\n");
-    let mut agent = AgentRun::start(w.pki.dir(), &yaml);
+    let gate = udp_gate(w.relay().quic(), open.clone()).await;
+    let mut config = racing_agent(&w, &format!("quic://{gate}"));
+    config.quic_reprobe = Some(Duration::from_secs(1));
+    let mut agent = w.start_agent(&config);
     agent.wait_connected().await;
-    assert_eq!(transport_of(&agent), Some(TransportKind::Websocket));
+    assert_eq!(agent.transport(), Some(TransportKind::Websocket));
 
     // A client connection opened while on WebSocket...
-    let c = ConnectRun::start(&w.pki, w.relay.quic, "alice", "orders").await;
-    let mut old =
-        mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}/mysql", c.addr.port()))
-            .await
-            .unwrap();
+    let c = ConnectRun::start(&w.pki, w.relay().quic(), "alice", "orders").await;
+    let mut old = mysql_async::Conn::from_url(c.url()).await.unwrap();
     let _: Option<u32> = old.query_first("SELECT 1").await.unwrap();
 
     // ... then UDP opens: the agent moves to QUIC by itself.
@@ -417,7 +330,7 @@ async fn when_udp_opens_up_new_streams_move_to_quic_and_old_ones_finish_on_webso
         Duration::from_secs(5),
         "relay to route new streams over quic",
         || {
-            let agents = w.relay.handle.agents();
+            let agents = w.relay().handle().agents();
             async move {
                 (agents.len() == 1 && agents[0].transport == TransportKind::Quic).then_some(())
             }
@@ -431,26 +344,21 @@ async fn when_udp_opens_up_new_streams_move_to_quic_and_old_ones_finish_on_webso
     assert_eq!(mariadb(c.addr.port(), "SELECT 3"), "3\n");
     old.disconnect().await.unwrap();
     agent.stop().await;
-    w.relay.stop().await;
+    w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_binary_honours_https_proxy_and_no_proxy_from_its_environment() {
     let w = world().await;
-    let url = wss(&w.nginx);
     let proxy = Tinyproxy::start(Some(("corp", "pw"))).await;
-    let cfg = w.pki.dir().join("agent-env.yaml");
-    std::fs::write(&cfg, agent_ws_yaml(&w, &url, "websocket", "")).unwrap();
-    let cfg = cfg.to_str().unwrap().to_owned();
+    let config = w.agent_config();
     let proxy_url = format!("http://corp:pw@{}", proxy.addr);
-    let mut agent = Proc::spawn_env(
-        "postern-agent",
-        &["run", "--config", &cfg],
-        &[("HTTPS_PROXY", &proxy_url)],
-        w.pki.dir().join("agent-env.log"),
+    let mut agent = w.start_agent_process(&config, &[("HTTPS_PROXY", &proxy_url)]);
+    w.relay().wait_agent("db1").await;
+    let tunnel = format!(
+        "CONNECT localhost:{}",
+        w.nginx.as_ref().unwrap().addr.port()
     );
-    w.relay.wait_agent("db1").await;
-    let tunnel = format!("CONNECT localhost:{}", w.nginx.addr.port());
     assert!(
         proxy.log().contains(&tunnel),
         "went through the proxy: {}",
@@ -461,37 +369,31 @@ async fn the_agent_binary_honours_https_proxy_and_no_proxy_from_its_environment(
     // NO_PROXY for the relay's host: straight to the router.
     let proxy = Tinyproxy::start(Some(("corp", "pw"))).await;
     let proxy_url = format!("http://corp:pw@{}", proxy.addr);
-    let before = w.relay.handle.connections_opened();
-    let _agent = Proc::spawn_env(
-        "postern-agent",
-        &["run", "--config", &cfg],
+    let before = w.relay().handle().connections_opened();
+    let _agent = w.start_agent_process(
+        &config,
         &[("HTTPS_PROXY", &proxy_url), ("NO_PROXY", "localhost")],
-        w.pki.dir().join("agent-env2.log"),
     );
     let c = connect_ws(
         &w,
-        &url,
         WebsocketSettings {
             proxy: ProxySetting::Direct,
             ..Default::default()
         },
     )
     .await;
+    let cli = c.cli();
     eventually(
         Duration::from_secs(10),
         "service through the direct agent",
-        || async {
-            let port = c.addr.port();
-            let ok = client::query_async(port, "SELECT 1").await.is_ok();
-            ok.then_some(())
-        },
+        || async { cli.query_async("SELECT 1").await.is_ok().then_some(()) },
     )
     .await;
-    assert!(w.relay.handle.connections_opened() > before);
+    assert!(w.relay().handle().connections_opened() > before);
     assert!(
         !proxy.log().contains(&tunnel),
         "NO_PROXY bypassed the proxy: {}",
         proxy.log()
     );
-    w.relay.stop().await;
+    w.stop().await;
 }

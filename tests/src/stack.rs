@@ -1,0 +1,726 @@
+//! One relay (or a fleet), an agent and a private MariaDB, with certificates, started the way a
+//! test says; every e2e module sets up through this, so no test types out a stack by hand.
+//!
+//! ```ignore
+//! let s = Stack::builder()
+//!     .clients(["alice", "bob"])
+//!     .mariadb()
+//!     .handshake_timeout(Duration::from_secs(2))
+//!     .relay(|r| r.service_mut("orders").max_handshakes = Some(1))
+//!     .start()
+//!     .await;
+//! let out = s.cli(Some("alice")).ok("SELECT 1");
+//! s.stop().await;
+//! ```
+//!
+//! Defaults: service `orders` for client `alice`, offered by agent `db1`; relay and agent
+//! in-process, over QUIC, 1 s heartbeats, 5 s handshake deadline; every port ephemeral. With
+//! [`Transport::Websocket`] the agent and `connect` go through nginx (TLS-terminating, as a
+//! platform router) to the relays' HTTP listeners; with [`Transport::DirectWebsocket`] straight
+//! to the relay's. Relays read their config in the environment the test gives
+//! ([`StackBuilder::relay_env`], and Cloud Foundry's with [`StackBuilder::cloud_foundry`]),
+//! never the test machine's own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use mysql_async::OptsBuilder;
+use postern_common::pki::Kind;
+use postern_relay::config::{Protocol, TlsTermination};
+
+use crate::client::{Cli, driver_opts};
+use crate::config::{AgentConfig, AgentTransport, RelayConfig, RelaySpec, ServiceTls};
+use crate::inproc::{AgentRun, ConnectRun, ConnectTo, RelayRun};
+use crate::procs::{AgentProc, LogMark, RelayProc};
+use crate::router::{Nginx, Upstreams};
+use crate::{MariaDb, TestPki, panics};
+
+/// How agents and `connect` reach the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// QUIC, straight to the relay.
+    Quic,
+    /// WebSocket through nginx (which ends the outer TLS, as a platform router does).
+    Websocket,
+    /// WebSocket straight to the (first) relay's HTTP listener, in the clear (`ws://`).
+    DirectWebsocket,
+}
+
+/// Where a part runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// In the test's process and runtime.
+    InProcess,
+    /// As the real binary (to kill it or read its log).
+    Process,
+    /// Not started.
+    Off,
+}
+
+type RelayEdit = Box<dyn FnOnce(&mut RelayConfig)>;
+type AgentEdit = Box<dyn FnOnce(&mut AgentConfig)>;
+
+/// What to start; see [`Stack::builder`].
+pub struct StackBuilder {
+    pki: Option<TestPki>,
+    services: Vec<(String, Backend)>,
+    offline: Vec<String>,
+    clients: Vec<String>,
+    agent_name: String,
+    mariadb: Option<Vec<String>>,
+    db: Option<MariaDb>,
+    transport: Transport,
+    relay_mode: Mode,
+    agent_mode: Mode,
+    instances: u32,
+    app_guid: Option<String>,
+    relay_env: Vec<(String, String)>,
+    heartbeat: Duration,
+    handshake_timeout: Duration,
+    agent_terminated: Vec<String>,
+    revoked: Vec<String>,
+    relay_edits: Vec<RelayEdit>,
+    agent_edits: Vec<AgentEdit>,
+}
+
+/// What a service's agent connects to.
+#[derive(Debug, Clone)]
+enum Backend {
+    /// The stack's MariaDB.
+    Mariadb,
+    /// Any TCP server (`protocol: tcp`).
+    Tcp(SocketAddr),
+}
+
+impl StackBuilder {
+    /// Uses `pki` (e.g. one the test prepared a revocation list in) instead of a fresh one.
+    pub fn pki(mut self, pki: TestPki) -> Self {
+        self.pki = Some(pki);
+        self
+    }
+
+    /// Gives the relay a revocation list (`tls.crl`, [`TestPki::revoke`]) that revokes the
+    /// certificates of `clients` from the start; revoke more later with `stack.pki.revoke`.
+    pub fn revoked<const N: usize>(mut self, clients: [&str; N]) -> Self {
+        self.revoked = clients.iter().map(|c| (*c).to_owned()).collect();
+        self
+    }
+
+    /// Adds MySQL service `name`, offered by the agent with the MariaDB as backend (the first
+    /// service is the one [`Stack::cli`], [`Stack::connect`] and [`Stack::port`] use).
+    pub fn service(mut self, name: &str) -> Self {
+        self.services.push((name.to_owned(), Backend::Mariadb));
+        self
+    }
+
+    /// Adds `protocol: tcp` service `name`, offered by the agent with `backend`.
+    pub fn tcp_service(mut self, name: &str, backend: SocketAddr) -> Self {
+        self.services.push((name.to_owned(), Backend::Tcp(backend)));
+        self
+    }
+
+    /// Adds MySQL service `name` at the relay that no agent offers.
+    pub fn offline_service(mut self, name: &str) -> Self {
+        self.offline.push(name.to_owned());
+        self
+    }
+
+    /// The client identities allowed on every service (certificates issued for each; other
+    /// identities get certificates on first use, and are refused).
+    pub fn clients<const N: usize>(mut self, names: [&str; N]) -> Self {
+        self.clients = names.iter().map(|n| (*n).to_owned()).collect();
+        self
+    }
+
+    /// Starts a private MariaDB as the backend of MySQL services.
+    pub fn mariadb(self) -> Self {
+        self.mariadb_with(&[])
+    }
+
+    /// Starts a private MariaDB with extra `mariadbd` options.
+    pub fn mariadb_with(mut self, options: &[&str]) -> Self {
+        self.mariadb = Some(options.iter().map(|o| (*o).to_owned()).collect());
+        self
+    }
+
+    /// Uses `db` (started by the test) as the backend of MySQL services.
+    pub fn with_mariadb(mut self, db: MariaDb) -> Self {
+        self.db = Some(db);
+        self
+    }
+
+    /// How the agent (and [`Stack::connect`]) reach the relay.
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Runs the relay as the real binary (to kill it, restart it or read its log).
+    pub fn relay_process(mut self) -> Self {
+        self.relay_mode = Mode::Process;
+        self
+    }
+
+    /// Runs the agent as the real binary (to kill it, restart it or read its log).
+    pub fn agent_process(mut self) -> Self {
+        self.agent_mode = Mode::Process;
+        self
+    }
+
+    /// Starts no agent (the test starts its own from [`Stack::agent_config`], or none).
+    pub fn no_agent(mut self) -> Self {
+        self.agent_mode = Mode::Off;
+        self
+    }
+
+    /// Runs `n` relay instances of one Cloud Foundry app `app_guid`, named `relay` (each reads
+    /// `VCAP_APPLICATION` and `CF_INSTANCE_INDEX` from its environment, in-process or as a
+    /// [process](Self::relay_process)), with the agent holding a session with each
+    /// (`websocket.cloud_foundry`). Implies WebSocket.
+    pub fn cloud_foundry(mut self, app_guid: &str, n: u32) -> Self {
+        self.app_guid = Some(app_guid.to_owned());
+        self.instances = n;
+        self.transport = Transport::Websocket;
+        self
+    }
+
+    /// Starts the relays with `env` in their environment (e.g. `PORT`, or Cloud Foundry's
+    /// variables), read as the relay reads it; [`cloud_foundry`](Self::cloud_foundry) adds its
+    /// own.
+    pub fn relay_env<const N: usize>(mut self, env: [(&str, &str); N]) -> Self {
+        self.relay_env
+            .extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        self
+    }
+
+    /// The relay's `heartbeat_interval` (default 1 s).
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// The relay's `handshake_timeout` (default 5 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Where TLS of MySQL service `service` ends. At the agent, the agent presents a service
+    /// certificate `server-SERVICE` that carries the relay's names, and the relay has no
+    /// TLS-first listener for the service.
+    pub fn tls_termination(mut self, service: &str, at: TlsTermination) -> Self {
+        self.agent_terminated.retain(|s| s != service);
+        if at == TlsTermination::Agent {
+            self.agent_terminated.push(service.to_owned());
+        }
+        self
+    }
+
+    /// Changes the relay's config before it starts.
+    pub fn relay(mut self, edit: impl FnOnce(&mut RelayConfig) + 'static) -> Self {
+        self.relay_edits.push(Box::new(edit));
+        self
+    }
+
+    /// Changes the agent's config before it starts.
+    pub fn agent(mut self, edit: impl FnOnce(&mut AgentConfig) + 'static) -> Self {
+        self.agent_edits.push(Box::new(edit));
+        self
+    }
+
+    /// Starts everything; returns once the agent (if any) is in session with every relay.
+    pub async fn start(mut self) -> Stack {
+        crate::init_logging();
+        panics::watch();
+        if self.services.is_empty() {
+            self.services.push(("orders".into(), Backend::Mariadb));
+        }
+        let pki = self.pki.take().unwrap_or_default();
+        pki.issue(Kind::Agent, &self.agent_name);
+        for c in &self.clients {
+            pki.issue(Kind::Client, c);
+        }
+        if !self.revoked.is_empty() {
+            let bases: Vec<String> = self
+                .revoked
+                .iter()
+                .map(|c| pki.issue(Kind::Client, c))
+                .collect();
+            let bases: Vec<&str> = bases.iter().map(String::as_str).collect();
+            let crl = pki.revoke(&bases);
+            self.relay_edits.insert(
+                0,
+                Box::new(move |r: &mut RelayConfig| r.tls.crl = Some(crl)),
+            );
+        }
+        for s in &self.agent_terminated {
+            // Clients dial the relay, so the service certificate carries the relay's names.
+            pki.issue_server(s);
+        }
+        let db = match &self.mariadb {
+            _ if self.db.is_some() => self.db.take(),
+            Some(options) => {
+                let options: Vec<&str> = options.iter().map(String::as_str).collect();
+                Some(MariaDb::start_with(&options).await)
+            }
+            None => None,
+        };
+
+        let relay_config = self.relay_config(&pki);
+        let mut relays = Vec::new();
+        for index in 0..self.instances {
+            let path = pki.dir().join(format!("relay-{index}.yaml"));
+            let mut env = self.relay_env.clone();
+            if let Some(guid) = &self.app_guid {
+                // What Cloud Foundry tells instance `index` of app "relay".
+                env.push((
+                    "VCAP_APPLICATION".into(),
+                    format!(r#"{{"application_id":"{guid}","application_name":"relay"}}"#),
+                ));
+                env.push(("CF_INSTANCE_INDEX".into(), index.to_string()));
+            }
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            relays.push(match self.relay_mode {
+                Mode::Process => {
+                    RelayNode::Process(RelayProc::start_env(&path, &relay_config, &env).await)
+                }
+                _ => RelayNode::InProcess(RelayRun::start(&path, &relay_config, &env).await),
+            });
+        }
+        let nginx = match self.transport {
+            Transport::Websocket => {
+                let (cert, key) = pki.files("server-relay");
+                let up = Upstreams {
+                    relays: relays
+                        .iter()
+                        .map(|r| r.http().expect("relay with an HTTP listener"))
+                        .collect(),
+                    app_guid: self.app_guid.clone(),
+                };
+                Some(Nginx::start(&cert, &key, up).await)
+            }
+            Transport::Quic | Transport::DirectWebsocket => None,
+        };
+        let mut stack = Stack {
+            agent: None,
+            relays,
+            nginx,
+            db,
+            relay_config,
+            transport: self.transport,
+            services: self.services.iter().map(|(n, _)| n.clone()).collect(),
+            agent_name: self.agent_name.clone(),
+            agent_terminated: self.agent_terminated.clone(),
+            backends: self.services.clone(),
+            files: AtomicU32::new(0),
+            pki,
+        };
+        let mut agent_config = stack.agent_config();
+        if self.app_guid.is_some() {
+            agent_config.websocket_mut().cloud_foundry = true;
+        }
+        for edit in self.agent_edits.drain(..) {
+            edit(&mut agent_config);
+        }
+        stack.agent = match self.agent_mode {
+            Mode::Off => None,
+            Mode::InProcess => {
+                let mut run = stack.start_agent(&agent_config);
+                run.wait_connected().await;
+                Some(AgentNode::InProcess(run))
+            }
+            Mode::Process => Some(AgentNode::Process(
+                stack.start_agent_process(&agent_config, &[]),
+            )),
+        };
+        if stack.agent.is_some() && (self.agent_mode == Mode::Process || self.instances > 1) {
+            for relay in &stack.relays {
+                relay.wait_agent(&stack.agent_name).await;
+            }
+        }
+        stack
+    }
+
+    fn relay_config(&mut self, pki: &TestPki) -> RelayConfig {
+        let mut r = RelayConfig::new(pki);
+        r.heartbeat_interval = Some(self.heartbeat);
+        r.handshake_timeout = Some(self.handshake_timeout);
+        let offered: Vec<&str> = self.services.iter().map(|(n, _)| n.as_str()).collect();
+        r.agent(&self.agent_name, &offered);
+        let clients: Vec<&str> = self.clients.iter().map(String::as_str).collect();
+        for (name, backend) in &self.services {
+            let svc = r.service(name, &clients);
+            if matches!(backend, Backend::Tcp(_)) {
+                // Its `listen` is TLS-first already.
+                svc.protocol = Some(Protocol::Tcp);
+                svc.tls_listen = None;
+            }
+            if self.agent_terminated.contains(name) {
+                svc.tls_termination = Some(TlsTermination::Agent);
+                svc.tls_listen = None;
+            }
+        }
+        for name in &self.offline {
+            r.service(name, &clients).tls_listen = None;
+        }
+        for edit in self.relay_edits.drain(..) {
+            edit(&mut r);
+        }
+        r
+    }
+}
+
+/// A running stack. Parts stop when it is dropped (or with [`Stack::stop`], which also waits
+/// for them); a panic in any in-process task fails the test.
+pub struct Stack {
+    /// The agent the builder started, if any.
+    pub agent: Option<AgentNode>,
+    /// The relay instances (usually one).
+    pub relays: Vec<RelayNode>,
+    /// The router in front of the relays ([`Transport::Websocket`]).
+    pub nginx: Option<Nginx>,
+    /// The private MariaDB, if one was asked for.
+    pub db: Option<MariaDb>,
+    /// The relay config as started (edit a clone and start another relay from it).
+    pub relay_config: RelayConfig,
+    transport: Transport,
+    services: Vec<String>,
+    agent_name: String,
+    agent_terminated: Vec<String>,
+    backends: Vec<(String, Backend)>,
+    files: AtomicU32,
+    /// Certificates, and the directory that holds configs and logs. Dropped last.
+    pub pki: TestPki,
+}
+
+impl Stack {
+    /// A builder with the defaults (see the module docs).
+    pub fn builder() -> StackBuilder {
+        StackBuilder {
+            pki: None,
+            services: Vec::new(),
+            offline: Vec::new(),
+            clients: vec!["alice".into()],
+            agent_name: "db1".into(),
+            mariadb: None,
+            db: None,
+            transport: Transport::Quic,
+            relay_mode: Mode::InProcess,
+            agent_mode: Mode::InProcess,
+            instances: 1,
+            app_guid: None,
+            relay_env: Vec::new(),
+            heartbeat: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(5),
+            agent_terminated: Vec::new(),
+            revoked: Vec::new(),
+            relay_edits: Vec::new(),
+            agent_edits: Vec::new(),
+        }
+    }
+
+    /// The (first) relay.
+    pub fn relay(&self) -> &RelayNode {
+        &self.relays[0]
+    }
+
+    /// The (first) relay, to kill or restart it.
+    pub fn relay_mut(&mut self) -> &mut RelayNode {
+        &mut self.relays[0]
+    }
+
+    /// The private MariaDB.
+    pub fn db(&self) -> &MariaDb {
+        self.db.as_ref().expect("a stack with .mariadb()")
+    }
+
+    /// The in-process agent.
+    pub fn agent(&self) -> &AgentRun {
+        match &self.agent {
+            Some(AgentNode::InProcess(a)) => a,
+            _ => panic!("this stack has no in-process agent"),
+        }
+    }
+
+    /// The in-process agent, to wait on its status.
+    pub fn agent_mut(&mut self) -> &mut AgentRun {
+        match &mut self.agent {
+            Some(AgentNode::InProcess(a)) => a,
+            _ => panic!("this stack has no in-process agent"),
+        }
+    }
+
+    /// The agent process ([`StackBuilder::agent_process`]), to read its log.
+    pub fn agent_proc(&self) -> &AgentProc {
+        match &self.agent {
+            Some(AgentNode::Process(a)) => a,
+            _ => panic!("this stack has no agent process: use .agent_process()"),
+        }
+    }
+
+    /// The agent process ([`StackBuilder::agent_process`]), to kill or restart it.
+    pub fn agent_proc_mut(&mut self) -> &mut AgentProc {
+        match &mut self.agent {
+            Some(AgentNode::Process(a)) => a,
+            _ => panic!("this stack has no agent process: use .agent_process()"),
+        }
+    }
+
+    /// The router ([`Transport::Websocket`]).
+    pub fn nginx_mut(&mut self) -> &mut Nginx {
+        self.nginx
+            .as_mut()
+            .expect("a stack with Transport::Websocket")
+    }
+
+    /// The relay's MySQL-native listener port of the first service.
+    pub fn port(&self) -> u16 {
+        self.relay().mysql(&self.services[0]).port()
+    }
+
+    /// The WebSocket URL: through the router, or straight to the (first) relay's HTTP
+    /// listener with [`Transport::DirectWebsocket`].
+    pub fn ws_url(&self) -> String {
+        if self.transport == Transport::DirectWebsocket {
+            let http = self.relay().http().expect("a relay with an HTTP listener");
+            return format!("ws://localhost:{}", http.port());
+        }
+        let nginx = self
+            .nginx
+            .as_ref()
+            .expect("a stack with Transport::Websocket");
+        format!("wss://localhost:{}/v1/tunnel", nginx.addr.port())
+    }
+
+    /// How agents and `connect` reach the (first) relay with this stack's transport.
+    pub fn relay_spec(&self) -> RelaySpec {
+        match self.transport {
+            Transport::Quic => RelaySpec::quic(self.relay().quic()),
+            Transport::Websocket | Transport::DirectWebsocket => RelaySpec::Url(self.ws_url()),
+        }
+    }
+
+    /// How `connect` reaches the (first) relay with this stack's transport.
+    pub fn connect_to(&self) -> ConnectTo {
+        match self.transport {
+            Transport::Quic => ConnectTo::quic(self.relay().quic()),
+            Transport::Websocket | Transport::DirectWebsocket => {
+                ConnectTo::websocket(&self.ws_url())
+            }
+        }
+    }
+
+    /// `connect` to the first service as `client`.
+    pub async fn connect(&self, client: &str) -> ConnectRun {
+        self.connect_service(client, &self.services[0]).await
+    }
+
+    /// `connect` to `service` as `client` (MySQL refusals unless it is a `tcp` service).
+    pub async fn connect_service(&self, client: &str, service: &str) -> ConnectRun {
+        let mysql = !self
+            .backends
+            .iter()
+            .any(|(n, b)| n == service && matches!(b, Backend::Tcp(_)));
+        ConnectRun::start_with(&self.pki, self.connect_to(), client, service, mysql)
+            .await
+            .expect("connect starts")
+    }
+
+    /// The `mariadb` client at the relay's MySQL listener of the first service, with TLS
+    /// verifying the relay and presenting `client-NAME` (issued if needed: allowed or not) if
+    /// `client` is given.
+    pub fn cli(&self, client: Option<&str>) -> Cli {
+        let cert = client.map(|c| self.pki.issue(Kind::Client, c));
+        Cli::at(self.port()).tls(&self.pki, cert.as_deref())
+    }
+
+    /// mysql_async options for root at the relay's MySQL listener of the first service, with
+    /// TLS and `client`'s certificate.
+    pub fn mysql_opts(&self, client: &str) -> OptsBuilder {
+        let cert = self.pki.issue(Kind::Client, client);
+        driver_opts(&self.pki, self.port(), &cert, "root", "")
+    }
+
+    /// The config the builder gives the agent: this stack's transport to the first relay, the
+    /// agent's certificate, every service with its backend.
+    pub fn agent_config(&self) -> AgentConfig {
+        self.agent_config_as(&self.agent_name)
+    }
+
+    /// [`agent_config`](Self::agent_config) for another agent, `name` (its certificate issued
+    /// on first use; the relay must list it: `r.agent(name, ..)`).
+    pub fn agent_config_as(&self, name: &str) -> AgentConfig {
+        let mut a = AgentConfig::new(&self.pki, name, self.relay_spec());
+        if self.transport != Transport::Quic {
+            a.transport = Some(AgentTransport::Websocket);
+            a.websocket_mut().ping_interval = Some(Duration::from_secs(2));
+        }
+        for (name, backend) in &self.backends {
+            let addr = match backend {
+                Backend::Mariadb => self
+                    .db
+                    .as_ref()
+                    .map_or_else(|| "127.0.0.1:9".to_owned(), MariaDb::backend),
+                Backend::Tcp(addr) => addr.to_string(),
+            };
+            let svc = a.service(name, &addr);
+            if self.agent_terminated.contains(name) {
+                let (cert, key) = self.pki.files(&format!("server-{name}"));
+                svc.tls = Some(ServiceTls { cert, key });
+            }
+        }
+        a
+    }
+
+    /// Starts another agent in-process with `config` (not waiting for it to connect).
+    pub fn start_agent(&self, config: &AgentConfig) -> AgentRun {
+        AgentRun::start(&self.file("agent", "yaml"), config)
+    }
+
+    /// Starts another agent as a process with `config` and extra environment `env`.
+    pub fn start_agent_process(&self, config: &AgentConfig, env: &[(&str, &str)]) -> AgentProc {
+        AgentProc::start(&self.file("agent", "yaml"), config, env)
+    }
+
+    /// A path in the stack's directory that no other part uses: `STEM-N.EXT`.
+    pub fn file(&self, stem: &str, ext: &str) -> PathBuf {
+        let n = self.files.fetch_add(1, Ordering::Relaxed);
+        self.pki.dir().join(format!("{stem}-{n}.{ext}"))
+    }
+
+    /// Stops the agent and the relays and waits for them; fails the test if any in-process
+    /// task panicked or a process's log shows a panic.
+    pub async fn stop(mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop().await;
+        }
+        for relay in self.relays.drain(..) {
+            relay.stop().await;
+        }
+        panics::check();
+    }
+}
+
+/// A relay of the stack: in-process, or the real binary.
+pub enum RelayNode {
+    /// In this process.
+    InProcess(RelayRun),
+    /// A child process.
+    Process(RelayProc),
+}
+
+impl RelayNode {
+    /// Where agents and `connect` reach it over QUIC.
+    pub fn quic(&self) -> SocketAddr {
+        match self {
+            Self::InProcess(r) => r.quic,
+            Self::Process(r) => r.quic,
+        }
+        .expect("a relay that listens for QUIC")
+    }
+
+    /// Its HTTP address, if any.
+    pub fn http(&self) -> Option<SocketAddr> {
+        match self {
+            Self::InProcess(r) => r.http,
+            Self::Process(r) => r.http,
+        }
+    }
+
+    /// The `listen` address of `service` (MySQL-native for MySQL services).
+    pub fn mysql(&self, service: &str) -> SocketAddr {
+        match self {
+            Self::InProcess(r) => r.service(service),
+            Self::Process(r) => r.listener(service, "mysql"),
+        }
+    }
+
+    /// The TLS-first address of `service` (`tls_listen`; `listen` of a `tcp` service).
+    pub fn tls(&self, service: &str) -> SocketAddr {
+        match self {
+            Self::InProcess(r) => r
+                .tls_services
+                .iter()
+                .find(|(n, _)| n == service)
+                .map(|(_, a)| *a)
+                .unwrap_or_else(|| r.service(service)),
+            Self::Process(r) => r
+                .listeners
+                .iter()
+                .find(|(n, k, _)| n == service && k == "tls")
+                .map(|(_, _, a)| *a)
+                .unwrap_or_else(|| r.listener(service, "mysql")),
+        }
+    }
+
+    /// Inspects the in-process relay.
+    pub fn handle(&self) -> &postern_relay::Handle {
+        match self {
+            Self::InProcess(r) => &r.handle,
+            Self::Process(_) => panic!("the relay runs as a process: it has no handle"),
+        }
+    }
+
+    /// The relay process ([`StackBuilder::relay_process`]).
+    pub fn proc(&self) -> &RelayProc {
+        match self {
+            Self::Process(r) => r,
+            Self::InProcess(_) => panic!("the relay runs in-process: use .relay_process()"),
+        }
+    }
+
+    /// The relay process, to kill or restart it.
+    pub fn proc_mut(&mut self) -> &mut RelayProc {
+        match self {
+            Self::Process(r) => r,
+            Self::InProcess(_) => panic!("the relay runs in-process: use .relay_process()"),
+        }
+    }
+
+    /// Waits until agent `name` is registered with this relay.
+    pub async fn wait_agent(&self, name: &str) {
+        match self {
+            Self::InProcess(r) => r.wait_agent(name).await,
+            Self::Process(r) => {
+                let tag = format!("agent={name} ");
+                r.proc
+                    .wait_line(
+                        LogMark::default(),
+                        crate::inproc::CONNECT_WITHIN,
+                        "agent connected",
+                        |l| l.contains("agent connected") && l.contains(&tag),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Stops it and waits; fails the test on a panic.
+    pub async fn stop(self) {
+        match self {
+            Self::InProcess(r) => r.stop().await,
+            Self::Process(r) => r.proc.stop(),
+        }
+    }
+}
+
+/// The stack's agent: in-process, or the real binary.
+pub enum AgentNode {
+    /// In this process.
+    InProcess(AgentRun),
+    /// A child process.
+    Process(AgentProc),
+}
+
+impl AgentNode {
+    /// Stops it and waits; fails the test on a panic.
+    pub async fn stop(self) {
+        match self {
+            Self::InProcess(a) => a.stop().await,
+            Self::Process(a) => a.proc.stop(),
+        }
+    }
+}
