@@ -42,7 +42,7 @@ async fn bad_certificates_are_refused_with_reasons_and_disturb_no_one() {
         let mut config = s.agent_config();
         (config.tls.cert, config.tls.key) = (cert, key);
         let agent = s.start_agent(&config);
-        refused(mark, "refused connection", why).await;
+        refused(mark, "refused origin=quic", why).await;
         agent.stop().await;
     }
 
@@ -207,7 +207,7 @@ async fn a_certificate_from_another_postern_ca_is_refused_as_from_an_unknown_ca(
             "the peer does not trust the CA that issued our certificate (unknown CA: ours is {foreign:?})"
         )
     );
-    let line = relay.wait_log_after(mark, "refused connection").await;
+    let line = relay.wait_log_after(mark, "refused origin=quic").await;
     assert!(named_both(&line), "{line}");
 
     // Over the MySQL listener's TLS, with the MariaDB client.
