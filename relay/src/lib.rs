@@ -236,4 +236,12 @@ impl Handle {
     pub fn connections_opened(&self) -> u64 {
         self.shared.connections_opened()
     }
+
+    /// How many connections and sessions hold one of the relay's `max_connections` slots now.
+    pub fn open_connections(&self) -> usize {
+        self.shared
+            .config
+            .max_connections
+            .saturating_sub(self.shared.connection_slots.available_permits())
+    }
 }

@@ -312,7 +312,8 @@ pub async fn open_raw(
 }
 
 /// Reads one MySQL packet (header and payload).
-async fn read_packet<R: tokio::io::AsyncRead + Unpin>(io: &mut R) -> Result<Vec<u8>, String> {
+/// Reads one MySQL packet (its payload), or the error a client would see.
+pub async fn read_packet<R: tokio::io::AsyncRead + Unpin>(io: &mut R) -> Result<Vec<u8>, String> {
     let mut head = [0u8; 4];
     io.read_exact(&mut head).await.map_err(|e| e.to_string())?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;

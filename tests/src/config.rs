@@ -34,6 +34,9 @@ pub struct RelayConfig {
     /// `instance`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// `max_connections` (the whole relay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
     /// `agents`: agent name → the services it may offer.
     pub agents: BTreeMap<String, RelayAgent>,
     /// `services`.
@@ -121,6 +124,7 @@ impl RelayConfig {
             handshake_timeout: Some(Duration::from_secs(5)),
             first_packet_timeout: None,
             instance: None,
+            max_connections: None,
             agents: BTreeMap::new(),
             services: BTreeMap::new(),
             extra: BTreeMap::new(),

@@ -35,6 +35,13 @@ pub fn bin(name: &str) -> PathBuf {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LogMark(usize);
 
+impl LogMark {
+    /// The byte offset in the log.
+    pub fn offset(self) -> usize {
+        self.0
+    }
+}
+
 /// A running binary whose stderr goes to a log file. Killed on drop; a panic in its log fails
 /// the test at [`Proc::stop`] and on drop.
 pub struct Proc {
@@ -306,8 +313,8 @@ impl RelayProc {
     /// Kills the relay and starts it again with the same config (on the same addresses if the
     /// config names them: see [`RelayConfig::pin_ports`]).
     pub async fn restart(&mut self, config: &RelayConfig) {
-        self.proc.restart();
         let path = PathBuf::from(&self.proc.args[2]);
+        // The file is written (and checked) before the relay starts and reads it.
         let parsed = {
             let env: Vec<(&str, &str)> = self
                 .proc
@@ -317,6 +324,7 @@ impl RelayProc {
                 .collect();
             config.load_with(&path, &env)
         };
+        self.proc.restart();
         self.read_addresses(&parsed).await;
     }
 

@@ -384,3 +384,93 @@ async fn a_dead_backend_gives_clients_a_mysql_error_that_says_why() {
     assert!(s.agent().is_connected());
     s.stop().await;
 }
+
+/// `connect` notices a relay killed under a running query within about three seconds (its
+/// sessions have no heartbeat of their own: the transport's keep-alives tell), and dials again
+/// by itself once a relay runs on the address again. A relay restarted at once resets the old
+/// session even sooner: its stateless-reset key is derived from its own key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_notices_a_killed_relay_within_seconds_and_dials_again() {
+    use mysql_async::prelude::*;
+    /// Two idle timeouts of the connect liveness (1 s keep-alive + 2 s), with a margin.
+    const CONNECT_DETECTS_WITHIN: Duration = Duration::from_millis(3_750);
+    let mut s = Stack::builder()
+        .mariadb()
+        .relay_process()
+        .relay(|r| r.pin_ports())
+        .start()
+        .await;
+    let c = s.connect("alice").await;
+    let opts = mysql_async::Opts::from_url(&c.url()).unwrap();
+    let long_query = |opts: mysql_async::Opts| async move {
+        let mut conn = mysql_async::Conn::new(opts).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let r: Result<Option<i64>, _> = conn.query_first("SELECT SLEEP(30)").await;
+        (r, started)
+    };
+
+    // Killed, and not back: the query fails within the connect liveness.
+    let running = tokio::spawn(long_query(opts.clone()));
+    eventually(Duration::from_secs(5), "the query to run", || {
+        let n = s.db().sql(
+            "SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP(30)%'",
+        );
+        async move { (n.trim() == "1").then_some(()) }
+    })
+    .await;
+    s.relay_mut().proc_mut().proc.kill();
+    let killed = tokio::time::Instant::now();
+    let (result, _) = running.await.unwrap();
+    let noticed = killed.elapsed();
+    assert!(
+        result.is_err(),
+        "the query through the dead relay fails: {result:?}"
+    );
+    assert!(
+        noticed <= CONNECT_DETECTS_WITHIN,
+        "connect noticed the dead relay after {noticed:?}"
+    );
+
+    // Back on the same address: `connect` has dialled again by itself.
+    let config = s.relay_config.clone();
+    s.relay_mut().proc_mut().restart(&config).await;
+    let restarted = tokio::time::Instant::now();
+    eventually(RECOVERED_WITHIN, "a query through connect", || {
+        let opts = opts.clone();
+        async move {
+            let mut conn = mysql_async::Conn::new(opts).await.ok()?;
+            let one: Option<i64> = conn.query_first("SELECT 1").await.ok()?;
+            conn.disconnect().await.ok()?;
+            one
+        }
+    })
+    .await;
+    recovered("relay (connect)", noticed, restarted);
+
+    // Killed and restarted at once: the old session is reset, well before the liveness runs
+    // out.
+    let running = tokio::spawn(long_query(opts.clone()));
+    eventually(Duration::from_secs(5), "the query to run", || {
+        let n = s.db().sql(
+            "SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP(30)%'",
+        );
+        async move { (n.trim() == "1").then_some(()) }
+    })
+    .await;
+    let killed = tokio::time::Instant::now();
+    s.relay_mut().proc_mut().restart(&config).await;
+    let (result, _) = running.await.unwrap();
+    let noticed = killed.elapsed();
+    assert!(
+        result.is_err(),
+        "the query through the old relay fails: {result:?}"
+    );
+    eprintln!("relay restarted at once: connect's old session ended after {noticed:?}");
+    // The reset comes with the new relay's first packet, not from the liveness (~3 s).
+    assert!(
+        noticed <= Duration::from_millis(2_500),
+        "connect noticed the restarted relay after {noticed:?}"
+    );
+    drop(c);
+    s.stop().await;
+}
