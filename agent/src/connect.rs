@@ -14,9 +14,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use postern_common::protocol::{Answer, Code, Open};
+use postern_common::events::{Event, Events, Origin};
+use postern_common::protocol::{Answer, Code, Open, Refusal};
 use postern_common::transport::{Liveness, Session};
 use postern_common::{mysql, net, splice, wire};
 use tokio::io::AsyncWriteExt;
@@ -53,6 +55,8 @@ pub struct Connect {
     opts: Arc<Options>,
     listener: TcpListener,
     session: Arc<Mutex<Option<Session>>>,
+    /// Refusals and tunnels opened and closed.
+    events: Events,
 }
 
 impl Connect {
@@ -69,10 +73,16 @@ impl Connect {
             )
         })?;
         Ok(Self {
+            events: Events::new(),
             opts: Arc::new(opts),
             listener,
             session: Arc::new(Mutex::new(Some(session))),
         })
+    }
+
+    /// This `connect`'s events sink: refusals, tunnels opened and closed.
+    pub fn events(&self) -> Events {
+        self.events.clone()
     }
 
     /// The local address clients connect to.
@@ -103,7 +113,8 @@ impl Connect {
             net::tune(&tcp);
             let opts = self.opts.clone();
             let session = self.session.clone();
-            tokio::spawn(async move { serve(opts, session, tcp, peer).await });
+            let events = self.events.clone();
+            tokio::spawn(async move { serve(opts, session, events, tcp, peer).await });
         }
         redial.abort();
         if let Some(s) = self.session.lock().await.take() {
@@ -160,36 +171,58 @@ async fn keep_session(
 async fn serve(
     opts: Arc<Options>,
     session: Arc<Mutex<Option<Session>>>,
+    events: Events,
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
     let mut stream = match open(&opts, &session).await {
         Ok(s) => s,
-        Err((code, message)) => {
-            warn!(%peer, %code, reason = %message, "connection refused");
+        Err(r) => {
+            events.refused(Origin::Connect, Some(peer), Some(&opts.service), None, &r);
             if opts.mysql {
-                let _ = tcp.write_all(&mysql::refusal(code, &message)).await;
+                let _ = tcp.write_all(&mysql::refusal(r.code, &r.message)).await;
             }
             let _ = tcp.shutdown().await;
             return;
         }
     };
-    debug!(%peer, service = %opts.service, "connected");
-    if let Err(e) = splice::splice(&mut tcp, &mut stream).await {
-        debug!(%peer, error = %e, "connection failed");
-        stream.abort();
-        net::reset_on_close(&tcp);
-    }
+    let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    events.emit(Event::Opened {
+        origin: Origin::Connect,
+        conn_id,
+        service: opts.service.clone(),
+        identity: None,
+        via: opts.relay.to_string(),
+    });
+    let (up, down, failure) = match splice::splice(&mut tcp, &mut stream).await {
+        Ok(t) => (t.a_to_b, t.b_to_a, None),
+        Err(e) => {
+            stream.abort();
+            net::reset_on_close(&tcp);
+            (0, 0, Some(e.to_string()))
+        }
+    };
+    events.emit(Event::Closed {
+        origin: Origin::Connect,
+        conn_id,
+        service: opts.service.clone(),
+        up,
+        down,
+        failure,
+    });
 }
+
+/// Numbers local connections, for the events of this process.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 async fn open(
     opts: &Options,
     session: &Mutex<Option<Session>>,
-) -> Result<postern_common::transport::Stream, (Code, String)> {
+) -> Result<postern_common::transport::Stream, Refusal> {
     match open_on(opts, session, false).await {
         // The relay is draining: this connection goes to a fresh session (another instance).
-        Err((Code::ShuttingDown, message)) => {
-            debug!(reason = %message, "relay draining: opening on a new session");
+        Err(r) if r.code == Code::ShuttingDown => {
+            debug!(reason = %r.message, "relay draining: opening on a new session");
             open_on(opts, session, true).await
         }
         other => other,
@@ -202,24 +235,25 @@ async fn open_on(
     opts: &Options,
     session: &Mutex<Option<Session>>,
     fresh: bool,
-) -> Result<postern_common::transport::Stream, (Code, String)> {
+) -> Result<postern_common::transport::Stream, Refusal> {
     let current = {
         let mut guard = session.lock().await;
         match guard.as_ref() {
             Some(s) if !s.is_closed() && !fresh => s.clone(),
             _ => {
                 // Boxed: dialling carries a whole handshake's state; idle connections must not.
-                let new = Box::pin(dial(opts))
-                    .await
-                    .map_err(|e| (Code::NoAgent, format!("cannot reach the relay: {e:#}")))?;
+                let new = Box::pin(dial(opts)).await.map_err(|e| {
+                    Refusal::new(Code::NoAgent, format!("cannot reach the relay: {e:#}"))
+                })?;
                 // The draining session keeps the connections it carries until they end.
                 *guard = Some(new.clone());
                 new
             }
         }
     };
-    let unreachable =
-        |e: &dyn std::fmt::Display| (Code::NoAgent, format!("relay connection failed: {e}"));
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Refusal::new(Code::NoAgent, format!("relay connection failed: {e}"))
+    };
     let mut stream = current.open().await.map_err(|e| unreachable(&e))?;
     let open = Open::for_service(opts.service.clone());
     wire::write_first(&mut stream, &open)
@@ -231,7 +265,7 @@ async fn open_on(
         .map_err(|e| unreachable(&e))?;
     match answer {
         Answer::Ok { .. } => Ok(stream),
-        Answer::Refused { code, message } => Err((code, message)),
+        Answer::Refused { code, message } => Err(Refusal::new(code, message)),
     }
 }
 
