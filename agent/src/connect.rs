@@ -175,7 +175,9 @@ async fn serve(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
-    let mut stream = match open(&opts, &session).await {
+    // Boxed: opening (and maybe dialling) takes far more state than carrying bytes, which is
+    // all an idle connection does.
+    let mut stream = match Box::pin(open(&opts, &session)).await {
         Ok(s) => s,
         Err(r) => {
             events.refused(Origin::Connect, Some(peer), Some(&opts.service), None, &r);

@@ -25,7 +25,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span};
 
-use crate::backends::Backend;
 use crate::config::Service;
 use crate::e2e::EndToEnd;
 use crate::state::AgentState;
@@ -34,7 +33,61 @@ use crate::state::AgentState;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one stream the relay opened.
-pub(crate) async fn serve(state: Arc<AgentState>, e2e: Arc<EndToEnd>, mut stream: Stream) {
+pub(crate) async fn serve(state: Arc<AgentState>, e2e: Arc<EndToEnd>, stream: Stream) {
+    // Boxed: reading the open frame and reaching the backend (or serving an end-to-end client)
+    // need far more state than carrying bytes, which is all an idle connection does; only the
+    // carrying part stays for the connection's life.
+    let Some(tunnel) = Box::pin(start(&state, &e2e, stream)).await else {
+        return;
+    };
+    let span = tunnel.span.clone();
+    tunnel.carry(&state).instrument(span).await;
+}
+
+/// A plain stream connected to its backend, ready to carry bytes.
+struct Tunnel {
+    stream: Stream,
+    tcp: tokio::net::TcpStream,
+    severed: tokio_util::sync::CancellationToken,
+    conn_id: u64,
+    service: String,
+    /// Opened for the relay itself (to read the greeting), not for a client: no events.
+    pre_auth: bool,
+    span: tracing::Span,
+}
+
+impl Tunnel {
+    /// Copies bytes both ways until both directions end (or the backend is taken out of
+    /// service), and tells the events sink how it ended.
+    async fn carry(mut self, state: &AgentState) {
+        let spliced = tokio::select! {
+            r = splice::splice(&mut self.stream, &mut self.tcp) => r,
+            _ = self.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
+        };
+        let (up, down, failure) = match spliced {
+            Ok(t) => (t.a_to_b, t.b_to_a, None),
+            Err(e) => {
+                self.stream.abort();
+                net::reset_on_close(&self.tcp);
+                (0, 0, Some(e.to_string()))
+            }
+        };
+        if !self.pre_auth {
+            state.front.events.emit(Event::Closed {
+                origin: Origin::AgentStream,
+                conn_id: self.conn_id,
+                service: self.service,
+                up,
+                down,
+                failure,
+            });
+        }
+    }
+}
+
+/// Reads the open frame and reaches the backend: a [`Tunnel`] for a plain stream; `None` when
+/// the stream was refused or served whole (end to end).
+async fn start(state: &AgentState, e2e: &EndToEnd, mut stream: Stream) -> Option<Tunnel> {
     let arrived = Instant::now();
     let front = &state.front;
     let open =
@@ -46,7 +99,7 @@ pub(crate) async fn serve(state: Arc<AgentState>, e2e: Arc<EndToEnd>, mut stream
                     .events
                     .refused(Origin::AgentStream, None, None, None, &r);
                 stream.abort();
-                return;
+                return None;
             }
             Err(_) => {
                 let r = Refusal::new(Code::BadRequest, "no open frame in time");
@@ -54,7 +107,7 @@ pub(crate) async fn serve(state: Arc<AgentState>, e2e: Arc<EndToEnd>, mut stream
                     .events
                     .refused(Origin::AgentStream, None, None, None, &r);
                 stream.abort();
-                return;
+                return None;
             }
         };
     // In end-to-end mode the client is known only after TLS; the front end records it.
@@ -62,9 +115,13 @@ pub(crate) async fn serve(state: Arc<AgentState>, e2e: Arc<EndToEnd>, mut stream
     if !open.client.is_empty() {
         span.record("client", &open.client);
     }
-    forward(&state, &e2e, stream, open, arrived)
-        .instrument(span)
-        .await
+    let started = forward(state, e2e, stream, open, arrived)
+        .instrument(span.clone())
+        .await;
+    started.map(|mut t| {
+        t.span = span;
+        t
+    })
 }
 
 async fn forward(
@@ -73,7 +130,7 @@ async fn forward(
     mut stream: Stream,
     open: Open,
     arrived: Instant,
-) {
+) -> Option<Tunnel> {
     let config = &state.config;
     let Some(svc) = config.services.get(&open.service) else {
         let r = Refusal::new(
@@ -83,61 +140,59 @@ async fn forward(
                 config.name, open.service
             ),
         );
-        return refuse(state, &mut stream, &open, r).await;
+        refuse(state, &mut stream, &open, r).await;
+        return None;
     };
     match open.mode {
         StreamMode::Plain => plain(state, svc, stream, &open).await,
         StreamMode::MysqlE2e => {
-            // Boxed: the TLS front end's state is large, and plain streams (most of them, and
-            // every idle one) must not carry its size.
-            Box::pin(end_to_end(state, e2e, svc, stream, &open, arrived)).await
+            end_to_end(state, e2e, svc, stream, &open, arrived).await;
+            None
         }
     }
 }
 
-/// The client's bytes as the backend takes them: connect, answer, splice.
-async fn plain(state: &AgentState, svc: &Service, mut stream: Stream, open: &Open) {
-    let front = &state.front;
-    let (backend, mut tcp) = match state.backends.connect(&svc.name).await {
+/// The client's bytes as the backend takes them: connect and answer; the caller carries them.
+async fn plain(
+    state: &AgentState,
+    svc: &Service,
+    mut stream: Stream,
+    open: &Open,
+) -> Option<Tunnel> {
+    let (backend, tcp) = match state.backends.connect(&svc.name).await {
         Ok(b) => b,
-        Err(r) => return refuse(state, &mut stream, open, r).await,
+        Err(r) => {
+            refuse(state, &mut stream, open, r).await;
+            return None;
+        }
     };
     let ok = Answer::Ok {
         backend: backend.addr.clone(),
     };
     if let Err(e) = wire::write_first(&mut stream, &ok).await {
         debug!(error = %e, "relay went away before the stream started");
-        return;
+        return None;
     }
     // A stream without a client is the relay reading the greeting for its template.
     if !open.pre_auth {
-        front.events.emit(Event::Opened {
+        state.front.events.emit(Event::Opened {
             origin: Origin::AgentStream,
             conn_id: open.conn_id,
             service: svc.name.clone(),
             identity: (!open.client.is_empty())
                 .then(|| Identity::Client(open.client.clone()).uri()),
-            via: backend.addr.clone(),
+            via: backend.addr,
         });
     }
-    let (up, down, failure) = match spliced(&backend, &mut stream, &mut tcp).await {
-        Ok(t) => (t.a_to_b, t.b_to_a, None),
-        Err(e) => {
-            stream.abort();
-            net::reset_on_close(&tcp);
-            (0, 0, Some(e.to_string()))
-        }
-    };
-    if !open.pre_auth {
-        front.events.emit(Event::Closed {
-            origin: Origin::AgentStream,
-            conn_id: open.conn_id,
-            service: svc.name.clone(),
-            up,
-            down,
-            failure,
-        });
-    }
+    Some(Tunnel {
+        stream,
+        tcp,
+        severed: backend.severed,
+        conn_id: open.conn_id,
+        service: svc.name.clone(),
+        pre_auth: open.pre_auth,
+        span: tracing::Span::none(),
+    })
 }
 
 /// TLS ends here: the MySQL front end, with the database reached once the client is
@@ -236,19 +291,6 @@ fn cannot_connect(svc: &Service, e: &dyn std::fmt::Display) -> Refusal {
             svc.name, svc.backend
         ),
     )
-}
-
-/// Copies bytes both ways until both directions end, or fails when the backend is taken out
-/// of service.
-async fn spliced(
-    backend: &Backend,
-    stream: &mut Stream,
-    tcp: &mut tokio::net::TcpStream,
-) -> std::io::Result<splice::Transferred> {
-    tokio::select! {
-        r = splice::splice(stream, tcp) => r,
-        _ = backend.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
-    }
 }
 
 /// Answers the relay with a refusal (which it turns into the client's ERR), and records it.

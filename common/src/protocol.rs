@@ -121,6 +121,20 @@ pub enum Control {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         crl_pem: Option<String>,
     },
+    /// Agent → relay: the state of the services this agent serves (their nodes' health and the
+    /// current decision), to relays whose welcome lists [`FEATURE_BACKENDS`]. Sent after the
+    /// welcome, whenever a decision or a node's health changes, and every few seconds with fresh
+    /// connection counts. Each message replaces the previous one whole.
+    State {
+        /// One entry per service the relay accepted from this agent.
+        services: Vec<ServiceState>,
+    },
+    /// Relay → agent: an operator's command from the relay's API, to agents whose hello lists
+    /// [`FEATURE_BACKENDS`].
+    Command {
+        /// What to do.
+        command: Command,
+    },
     /// The sender is going away (a relay or an agent shutting down): it routes nothing new over
     /// this session, lets the streams it carries finish, and closes the session when they are
     /// done or its grace period is over. A relay's drain tells an agent to open its next session
@@ -131,6 +145,118 @@ pub enum Control {
         reason: String,
         /// How long the sender will wait for open streams, in milliseconds.
         grace_ms: u64,
+    },
+}
+
+/// The feature (in the hello and in the welcome) of peers that speak [`Control::State`] and
+/// [`Control::Command`], and fill [`Open::node`] and [`Open::term`].
+pub const FEATURE_BACKENDS: &str = "backends";
+
+/// The state of one service as its agent sees it: every node's health, and the decision that
+/// names the node new connections go to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    /// The service.
+    pub service: String,
+    /// The decision's number: it only grows, and one term never names two nodes, whichever
+    /// agent made it. Relays route by the highest term they know from any agent.
+    pub term: u64,
+    /// The node new connections go to, by name; `None` when no node is healthy, or traffic is
+    /// disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
+    /// Why the decision is what it is, in words for the dashboard and logs.
+    #[serde(default)]
+    pub reason: String,
+    /// When the decision was made, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub decided_at_ms: u64,
+    /// Whether new connections are taken at all (Switchboard's `trafficEnabled`).
+    pub traffic_enabled: bool,
+    /// The operator's message when traffic is disabled.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The service's nodes, in config order.
+    pub nodes: Vec<NodeState>,
+}
+
+/// One node of a service, as the agent's health checks see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// The node's name (unique within the service).
+    pub name: String,
+    /// Where it listens (`host:port`).
+    pub address: String,
+    /// Whether it may take connections (its check passed `rise` times since it last failed).
+    pub healthy: bool,
+    /// An operator drained it: no new connections, the open ones go on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+    /// The kind of check (`mysql`, `http`, `tcp`).
+    pub check: String,
+    /// The last check's result, once there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckResult>,
+    /// Checks failed in a row.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// When the node last turned healthy or unhealthy, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub last_transition_ms: u64,
+    /// Why it last turned healthy or unhealthy.
+    #[serde(default)]
+    pub last_transition: String,
+    /// Connections this agent has open to it.
+    #[serde(default)]
+    pub connections: u64,
+    /// Galera's `wsrep_local_index`, when the check reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wsrep_local_index: Option<u32>,
+}
+
+/// The result of one health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// Whether the node answered healthy.
+    pub ok: bool,
+    /// What it answered, or why the check failed (`503`, `timed out`, `wsrep_local_state 2`).
+    pub detail: String,
+    /// How long the check took, in milliseconds.
+    pub latency_ms: u64,
+    /// When it finished, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// An operator's command, from the relay's API to the agents that serve the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Command {
+    /// Take new connections or not (Switchboard's `PATCH /v0/cluster trafficEnabled`); turning
+    /// traffic off also closes the open connections, with `message` as the reason.
+    Traffic {
+        /// The service.
+        service: String,
+        /// Whether traffic is enabled.
+        enabled: bool,
+        /// Why it is disabled (shown to refused clients).
+        #[serde(default)]
+        message: String,
+    },
+    /// Stop giving a node new connections (its open ones finish), or resume.
+    Drain {
+        /// The service.
+        service: String,
+        /// The node.
+        node: String,
+        /// Drain (`true`) or resume (`false`).
+        drain: bool,
+    },
+    /// Make `node` the active node now, if it is healthy (an operator's failback).
+    Activate {
+        /// The service.
+        service: String,
+        /// The node.
+        node: String,
     },
 }
 
@@ -195,6 +321,17 @@ pub struct Open {
     /// What the stream carries; see [`StreamMode`].
     #[serde(default, skip_serializing_if = "StreamMode::is_plain")]
     pub mode: StreamMode,
+    /// The node the relay routes to: the active node of the highest term it knows from any
+    /// agent of the service (with [`FEATURE_BACKENDS`]; `None` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The term of that decision (0 when `node` is `None`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub term: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Open {
@@ -209,6 +346,8 @@ impl Open {
             conn_id: 0,
             pre_auth: false,
             mode: StreamMode::default(),
+            node: None,
+            term: 0,
         }
     }
 }
@@ -441,6 +580,42 @@ mod tests {
             reason: "relay shutting down".into(),
             grace_ms: 8000,
         });
+        roundtrip(Control::State {
+            services: vec![ServiceState {
+                service: "orders".into(),
+                term: 7,
+                active: Some("n1".into()),
+                reason: "n2 unhealthy: 503".into(),
+                decided_at_ms: 1,
+                traffic_enabled: true,
+                message: String::new(),
+                nodes: vec![NodeState {
+                    name: "n1".into(),
+                    address: "10.0.0.1:3306".into(),
+                    healthy: true,
+                    draining: false,
+                    check: "mysql".into(),
+                    last_check: Some(CheckResult {
+                        ok: true,
+                        detail: "synced".into(),
+                        latency_ms: 2,
+                        at_ms: 3,
+                    }),
+                    consecutive_failures: 0,
+                    last_transition_ms: 4,
+                    last_transition: "rose".into(),
+                    connections: 12,
+                    wsrep_local_index: Some(0),
+                }],
+            }],
+        });
+        roundtrip(Control::Command {
+            command: Command::Traffic {
+                service: "orders".into(),
+                enabled: false,
+                message: "maintenance".into(),
+            },
+        });
         roundtrip(Control::Refused {
             code: Code::NotAuthorized,
             message: "no".into(),
@@ -452,6 +627,8 @@ mod tests {
             conn_id: 9,
             pre_auth: false,
             mode: StreamMode::Plain,
+            node: None,
+            term: 0,
         });
         roundtrip(Open {
             service: "orders".into(),
@@ -460,6 +637,8 @@ mod tests {
             conn_id: 10,
             pre_auth: true,
             mode: StreamMode::MysqlE2e,
+            node: None,
+            term: 0,
         });
         roundtrip(Answer::Refused {
             code: Code::BackendUnavailable,

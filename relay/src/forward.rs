@@ -133,6 +133,8 @@ pub(crate) async fn open(
         conn_id,
         pre_auth: client.is_none(),
         mode,
+        node: None,
+        term: 0,
     };
     wire::write_first(&mut stream, &open)
         .await

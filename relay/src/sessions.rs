@@ -104,12 +104,35 @@ async fn refuse_draining(shared: Arc<Shared>, mut stream: Stream) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve_stream(
-    shared: Arc<Shared>,
+/// Serves one stream of a `connect` client: a client connection.
+async fn serve_stream(shared: Arc<Shared>, peer: SocketAddr, identity: Identity, stream: Stream) {
+    // Boxed: reading the open frame and reaching the agent need far more state than carrying
+    // bytes, which is all an idle connection does; only the carrying part stays.
+    let Some((stream, reached, service, span)) =
+        Box::pin(start_stream(&shared, peer, &identity, stream)).await
+    else {
+        return;
+    };
+    forward::carry(
+        &shared,
+        Origin::ClientStream,
+        &service,
+        &identity,
+        stream,
+        reached,
+    )
+    .instrument(span)
+    .await;
+}
+
+/// Reads the open frame, authorises and reaches the service: what to carry, or `None` when the
+/// stream was refused, a probe, or served whole (with the relay's MySQL login).
+async fn start_stream(
+    shared: &Arc<Shared>,
     peer: SocketAddr,
-    identity: Identity,
+    identity: &Identity,
     mut stream: Stream,
-) {
+) -> Option<(Stream, forward::Reached, String, tracing::Span)> {
     let open = tokio::time::timeout(
         shared.config.handshake_timeout,
         wire::read_first::<_, Open>(&mut stream),
@@ -132,7 +155,7 @@ async fn serve_stream(
                 None,
             );
             stream.abort();
-            return;
+            return None;
         }
         Err(_) => {
             refused(
@@ -143,7 +166,7 @@ async fn serve_stream(
                 None,
             );
             stream.abort();
-            return;
+            return None;
         }
     };
     if open.service.is_empty() {
@@ -157,17 +180,17 @@ async fn serve_stream(
         )
         .await;
         let _ = stream.shutdown().await;
-        return;
+        return None;
     }
     let span = info_span!("stream", service = %open.service);
-    async {
-        let mut reached = match forward::reach(&shared, &open.service, &identity, peer).await {
+    let started = async {
+        let mut reached = match forward::reach(shared, &open.service, identity, peer).await {
             Ok(r) => r,
             Err(r) => {
                 refused(&r, Some(&open.service));
                 let _ = wire::write_first(&mut stream, &r.answer()).await;
                 let _ = stream.shutdown().await;
-                return;
+                return None;
             }
         };
         let ok = Answer::Ok {
@@ -175,33 +198,27 @@ async fn serve_stream(
         };
         if wire::write_first(&mut stream, &ok).await.is_err() {
             reached.stream.abort();
-            return;
+            return None;
         }
         if let Some(svc) = shared.config.services.get(&open.service)
-            && mysql::needs_inspection(&shared, svc, &identity)
+            && mysql::needs_inspection(shared, svc, identity)
         {
             // Boxed: the login state is large, and most connections never need it.
-            return Box::pin(mysql::serve_inspected(
-                &shared,
+            Box::pin(mysql::serve_inspected(
+                shared,
                 svc,
                 Origin::ClientStream,
                 Some(peer),
-                &identity,
+                identity,
                 stream,
                 reached,
             ))
             .await;
+            return None;
         }
-        forward::carry(
-            &shared,
-            Origin::ClientStream,
-            &open.service,
-            &identity,
-            stream,
-            reached,
-        )
-        .await;
+        Some((stream, reached))
     }
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    started.map(|(stream, reached)| (stream, reached, open.service, span))
 }

@@ -346,6 +346,8 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         conn_id: 1,
         pre_auth: false,
         mode: Default::default(),
+        node: None,
+        term: 0,
     };
     let (answer, _send, mut recv) = open_raw(&conn, &open).await;
     assert!(matches!(answer, Answer::Ok { .. }), "{answer:?}");
