@@ -181,7 +181,7 @@ pub struct ServiceState {
 }
 
 /// One node of a service, as the agent's health checks see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     /// The node's name (unique within the service).
     pub name: String,
@@ -212,6 +212,15 @@ pub struct NodeState {
     /// Galera's `wsrep_local_index`, when the check reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wsrep_local_index: Option<u32>,
+    /// Checks run on this node since the agent started (a counter, for metrics).
+    #[serde(default)]
+    pub checks: u64,
+    /// Of those, how many failed.
+    #[serde(default)]
+    pub check_failures: u64,
+    /// How many times the node turned healthy or unhealthy since the agent started.
+    #[serde(default)]
+    pub transitions: u64,
 }
 
 /// The result of one health check.
@@ -606,6 +615,9 @@ mod tests {
                     last_transition: "rose".into(),
                     connections: 12,
                     wsrep_local_index: Some(0),
+                    checks: 10,
+                    check_failures: 1,
+                    transitions: 2,
                 }],
             }],
         });
