@@ -15,6 +15,21 @@
 //! A relay can be reached over QUIC, over WebSocket (through HTTP routers and proxies), or both
 //! raced (`transport: auto`): `relay: {quic: quic://host:7443, websocket: wss://host}`. Several
 //! relays (`relays: [...]`) each get their own session.
+//!
+//! A service is one backend (`backend: host:port`, always considered healthy) or several
+//! database nodes with a health check, of which the agent keeps one active (failover):
+//!
+//! ```yaml
+//! state_dir: /var/lib/postern      # default: $STATE_DIRECTORY, else `state` next to this file
+//! services:
+//!   orders:
+//!     nodes:
+//!       - { name: n1, address: 10.0.0.11:3306 }
+//!       - { name: n2, address: 10.0.0.12:3306, health_url: "http://10.0.0.12:9200/api/v1/status" }
+//!     check: { type: mysql, user: postern_monitor, password_file: monitor-password }
+//!     wait_for_node: 5s
+//!     decisions: local                 # or cluster: a compare-and-set table in the cluster
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -45,6 +60,39 @@ const PING_RANGE: std::ops::RangeInclusive<Duration> =
 const CONNECT_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(10)..=Duration::from_secs(600);
 
+/// Default `check.interval`: how often a healthy node is checked.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Default `check.timeout`: how long one check may take before it counts as failed.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(750);
+/// Default `check.rise`: passed checks in a row that make a failed node healthy again.
+pub const DEFAULT_RISE: u32 = 2;
+/// Default `check.fall`: timeouts or errors in a row that make a node unhealthy.
+pub const DEFAULT_FALL: u32 = 2;
+/// Default `check.path` of `http` checks (galera-agent's status endpoint).
+pub const DEFAULT_HTTP_PATH: &str = "/api/v1/status";
+/// Default `check.port` of `http` checks (galera-agent's and clustercheck's port).
+pub const DEFAULT_HTTP_PORT: u16 = 9200;
+/// Default `wait_for_node`: how long a new client waits for a healthy node.
+pub const DEFAULT_WAIT_FOR_NODE: Duration = Duration::from_secs(5);
+/// The node name of a service given as `backend: host:port`.
+pub const SHORTHAND_NODE: &str = "backend";
+
+/// The range of `check.interval`.
+const CHECK_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(50)..=Duration::from_secs(3600);
+/// The range of `check.timeout`.
+const CHECK_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(600);
+/// The range of `wait_for_node`.
+const WAIT_FOR_NODE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(600);
+/// The range of `check.rise` and `check.fall`.
+const RISE_FALL_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+/// The most nodes one service may have.
+const MAX_NODES: usize = 64;
+/// The largest password file read.
+const MAX_PASSWORD_FILE: u64 = 4096;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -63,6 +111,8 @@ struct File {
     websocket: WebsocketFile,
     #[serde(default)]
     services: Entries<ServiceFile>,
+    #[serde(default)]
+    state_dir: Option<Spanned<std::path::PathBuf>>,
 }
 
 /// One relay: a URL, or the two transports of the same relay.
@@ -230,11 +280,66 @@ impl std::fmt::Debug for ProxyEnv {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServiceFile {
-    backend: Spanned<String>,
+    #[serde(default)]
+    backend: Option<Spanned<String>>,
+    #[serde(default)]
+    nodes: Option<Spanned<Vec<NodeFile>>>,
+    #[serde(default)]
+    check: Option<CheckFile>,
+    #[serde(default)]
+    wait_for_node: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    decisions: Option<Spanned<Decisions>>,
     #[serde(default)]
     connect_timeout: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     tls: Option<ServiceTlsFile>,
+}
+
+/// `services.NAME.nodes[i]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    #[serde(default)]
+    health_url: Option<Spanned<String>>,
+}
+
+/// `services.NAME.check`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckFile {
+    #[serde(default, rename = "type")]
+    kind: Option<Spanned<CheckType>>,
+    #[serde(default)]
+    interval: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    timeout: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    rise: Option<Spanned<u32>>,
+    #[serde(default)]
+    fall: Option<Spanned<u32>>,
+    #[serde(default)]
+    user: Option<Spanned<String>>,
+    #[serde(default)]
+    password_file: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
+    password_env: Option<Spanned<String>>,
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    port: Option<Spanned<u16>>,
+}
+
+/// `check.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CheckType {
+    Mysql,
+    Http,
+    #[default]
+    Tcp,
 }
 
 /// `services.NAME.tls`: the server certificate for end-to-end TLS (the CA is `tls.ca`).
@@ -264,6 +369,9 @@ pub struct Config {
     pub name: String,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
+    /// Where the agent keeps its decisions (terms survive restarts): `state_dir`, else
+    /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), else `state` next to the config file.
+    pub state_dir: std::path::PathBuf,
 }
 
 /// One service the agent offers.
@@ -271,14 +379,133 @@ pub struct Config {
 pub struct Service {
     /// The service name.
     pub name: String,
-    /// Where the backend listens (`host:port`).
+    /// The first node's address (`host:port`): the backend of a `backend:` service.
     pub backend: String,
+    /// The database nodes, in config order (one, named [`SHORTHAND_NODE`], for `backend:`).
+    pub nodes: Vec<Node>,
+    /// How the nodes' health is checked; `None` for `backend:` (always healthy).
+    pub check: Option<HealthCheck>,
+    /// How long a new client waits for a healthy node before it is refused.
+    pub wait_for_node: Duration,
+    /// Where the decision (term and active node) is kept.
+    pub decisions: Decisions,
     /// Deadline for connecting to the backend.
     pub connect_timeout: Duration,
     /// The certificate and key presented to MySQL clients when the relay has this service end
     /// TLS at the agent (`tls_termination: agent`), with the agent's CA for client certificates.
     /// Revocation lists come from the relay's policy.
     pub tls: Option<Material>,
+}
+
+/// One database node of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Its name, unique within the service (what the relay and the dashboard show).
+    pub name: String,
+    /// Where it listens (`host:port`).
+    pub address: String,
+    /// For `http` checks: where its health endpoint is (`health_url`, or the node's host with
+    /// `check.port` and `check.path`).
+    pub http: Option<HttpTarget>,
+}
+
+/// An `http://host:port/path` health endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTarget {
+    /// The host (a name or an address; IPv6 without brackets).
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// The path and query, starting with `/`.
+    pub path: String,
+}
+
+impl std::fmt::Display for HttpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}{}", self.host, self.port, self.path)
+        } else {
+            write!(f, "http://{}:{}{}", self.host, self.port, self.path)
+        }
+    }
+}
+
+/// A service's health check.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// What is checked.
+    pub kind: CheckKind,
+    /// How often a node is checked while its checks pass.
+    pub interval: Duration,
+    /// How long one check may take.
+    pub timeout: Duration,
+    /// Passed checks in a row that make a failed node healthy again.
+    pub rise: u32,
+    /// Timeouts or errors in a row that make a node unhealthy (an explicit unhealthy answer
+    /// acts at once).
+    pub fall: u32,
+}
+
+/// The kind of health check.
+#[derive(Debug, Clone)]
+pub enum CheckKind {
+    /// The node accepts TCP connections.
+    Tcp,
+    /// `GET` on the node's health endpoint ([`Node::http`]) answers 200 (and, when the body
+    /// is JSON, `"healthy": true`): galera-agent and clustercheck.
+    Http,
+    /// The agent logs in as a monitor user and reads the node's Galera state and `read_only`.
+    Mysql {
+        /// The monitor user.
+        user: String,
+        /// Its password.
+        password: Secret,
+    },
+}
+
+impl CheckKind {
+    /// The name the relay and the dashboard show (`mysql`, `http`, `tcp`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Mysql { .. } => "mysql",
+        }
+    }
+}
+
+/// Where a service's decision (its term and active node) is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decisions {
+    /// In a file in the agent's `state_dir`: enough when one agent serves the service.
+    #[default]
+    Local,
+    /// In a table of the Galera cluster itself (`postern.decisions`), written by
+    /// compare-and-set: several agents serving one service make one decision per term.
+    Cluster,
+}
+
+/// A secret read from a file or the environment. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl Config {
@@ -377,13 +604,7 @@ impl Config {
             if let Err(e) = pki::check_name(&name.value) {
                 check.at(name, &key, e.to_string());
             }
-            if !looks_like_host_port(&svc.backend.value) {
-                check.at(
-                    &svc.backend,
-                    &format!("{key}.backend"),
-                    format!("{:?} is not host:port", svc.backend.value),
-                );
-            }
+            let backends = service_backends(&mut check, &key, svc, &base, env);
             let tls = svc.tls.as_ref().and_then(|t| {
                 let mut files = TlsFiles {
                     ca: file.tls.ca.clone(),
@@ -398,7 +619,15 @@ impl Config {
                 name.value.clone(),
                 Service {
                     name: name.value.clone(),
-                    backend: svc.backend.value.clone(),
+                    backend: backends
+                        .nodes
+                        .first()
+                        .map(|n| n.address.clone())
+                        .unwrap_or_default(),
+                    nodes: backends.nodes,
+                    check: backends.check,
+                    wait_for_node: backends.wait_for_node,
+                    decisions: backends.decisions,
                     connect_timeout: check.duration(
                         svc.connect_timeout.as_ref(),
                         &format!("{key}.connect_timeout"),
@@ -422,6 +651,22 @@ impl Config {
             DEFAULT_QUIC_REPROBE,
             QUIC_REPROBE_RANGE,
         );
+        let state_dir = match &file.state_dir {
+            Some(d) if d.value.as_os_str().is_empty() => {
+                check.at(
+                    d,
+                    "state_dir",
+                    "empty: name a directory the agent may write",
+                );
+                base.join("state")
+            }
+            Some(d) => base.join(&d.value),
+            None => env
+                .var("STATE_DIRECTORY")
+                .and_then(|v| v.split(':').next().map(str::to_owned))
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| base.join("state"), std::path::PathBuf::from),
+        };
         let (false, Some(tls), Some(name)) = (relays.is_empty(), tls, name) else {
             return Err(check.fail());
         };
@@ -434,6 +679,7 @@ impl Config {
             tls,
             name,
             services,
+            state_dir,
         })
     }
 }
@@ -506,10 +752,711 @@ fn relays(
     out
 }
 
+/// A service's nodes and how they are checked, validated.
+struct ServiceBackends {
+    nodes: Vec<Node>,
+    check: Option<HealthCheck>,
+    wait_for_node: Duration,
+    decisions: Decisions,
+}
+
+fn service_backends(
+    check: &mut Check<'_>,
+    key: &str,
+    svc: &ServiceFile,
+    base: &Path,
+    env: &dyn Env,
+) -> ServiceBackends {
+    let wait_for_node = check.duration(
+        svc.wait_for_node.as_ref(),
+        &format!("{key}.wait_for_node"),
+        DEFAULT_WAIT_FOR_NODE,
+        WAIT_FOR_NODE_RANGE,
+    );
+    let decisions = svc.decisions.as_ref().map(|d| d.value).unwrap_or_default();
+    let files = match (&svc.backend, &svc.nodes) {
+        (Some(b), Some(_)) => {
+            check.at(
+                b,
+                &format!("{key}.backend"),
+                "give either backend (one node) or nodes, not both",
+            );
+            return no_backends(wait_for_node, decisions);
+        }
+        (None, None) => {
+            check.error(
+                None,
+                key,
+                "no backend: give backend: host:port, or nodes: [{name, address}, ...]",
+            );
+            return no_backends(wait_for_node, decisions);
+        }
+        (Some(b), None) => {
+            if !looks_like_host_port(&b.value) {
+                check.at(
+                    b,
+                    &format!("{key}.backend"),
+                    format!("{:?} is not host:port", b.value),
+                );
+            }
+            if svc.check.is_some() || svc.decisions.is_some() {
+                let line = svc.decisions.as_ref().and_then(config::line_of);
+                check.error(
+                    line.or_else(|| config::line_of(b)),
+                    &format!("{key}.backend"),
+                    "check and decisions need nodes: [...] (backend: is one node that is \
+                     always considered healthy)",
+                );
+            }
+            let node = Node {
+                name: SHORTHAND_NODE.to_owned(),
+                address: b.value.clone(),
+                http: None,
+            };
+            return ServiceBackends {
+                nodes: vec![node],
+                check: None,
+                wait_for_node,
+                decisions: Decisions::Local,
+            };
+        }
+        (None, Some(nodes)) => nodes,
+    };
+    let nodes_key = format!("{key}.nodes");
+    if files.value.is_empty() {
+        check.at(
+            files,
+            &nodes_key,
+            "the list is empty: name at least one node",
+        );
+    } else if files.value.len() > MAX_NODES {
+        check.at(files, &nodes_key, format!("at most {MAX_NODES} nodes"));
+    }
+    let health = health_check(check, key, svc.check.as_ref(), base, env);
+    if decisions == Decisions::Cluster
+        && !matches!(
+            health.as_ref().map(|h| &h.kind),
+            Some(CheckKind::Mysql { .. })
+        )
+        && let Some(d) = &svc.decisions
+    {
+        check.at(
+            d,
+            &format!("{key}.decisions"),
+            "decisions: cluster needs check type mysql (the monitor user writes the decision)",
+        );
+    }
+    let (http_port, http_path) =
+        svc.check
+            .as_ref()
+            .map_or((DEFAULT_HTTP_PORT, DEFAULT_HTTP_PATH.to_owned()), |c| {
+                (
+                    c.port.as_ref().map_or(DEFAULT_HTTP_PORT, |p| p.value),
+                    c.path
+                        .as_ref()
+                        .map_or_else(|| DEFAULT_HTTP_PATH.to_owned(), |p| p.value.clone()),
+                )
+            });
+    let is_http = matches!(health.as_ref().map(|h| &h.kind), Some(CheckKind::Http));
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, n) in files.value.iter().take(MAX_NODES).enumerate() {
+        let node_key = format!("{nodes_key}[{i}]");
+        if let Err(e) = pki::check_name(&n.name.value) {
+            check.at(&n.name, &format!("{node_key}.name"), e.to_string());
+        } else if nodes.iter().any(|o| o.name == n.name.value) {
+            check.at(
+                &n.name,
+                &format!("{node_key}.name"),
+                format!("node {:?} is named twice", n.name.value),
+            );
+        }
+        if !looks_like_host_port(&n.address.value) {
+            check.at(
+                &n.address,
+                &format!("{node_key}.address"),
+                format!("{:?} is not host:port", n.address.value),
+            );
+        }
+        let http = match (&n.health_url, is_http) {
+            (Some(u), false) => {
+                check.at(
+                    u,
+                    &format!("{node_key}.health_url"),
+                    "health_url is used by check type http only",
+                );
+                None
+            }
+            (Some(u), true) => match HttpTarget::parse(&u.value) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    check.at(u, &format!("{node_key}.health_url"), e);
+                    None
+                }
+            },
+            (None, true) => Some(HttpTarget {
+                host: host_of(&n.address.value).to_owned(),
+                port: http_port,
+                path: http_path.clone(),
+            }),
+            (None, false) => None,
+        };
+        nodes.push(Node {
+            name: n.name.value.clone(),
+            address: n.address.value.clone(),
+            http,
+        });
+    }
+    ServiceBackends {
+        nodes,
+        check: Some(health.unwrap_or(HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: DEFAULT_CHECK_INTERVAL,
+            timeout: DEFAULT_CHECK_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+        })),
+        wait_for_node,
+        decisions,
+    }
+}
+
+fn no_backends(wait_for_node: Duration, decisions: Decisions) -> ServiceBackends {
+    ServiceBackends {
+        nodes: Vec::new(),
+        check: None,
+        wait_for_node,
+        decisions,
+    }
+}
+
+/// `services.NAME.check`, validated; `None` (after recording why) when it is unusable.
+fn health_check(
+    check: &mut Check<'_>,
+    key: &str,
+    file: Option<&CheckFile>,
+    base: &Path,
+    env: &dyn Env,
+) -> Option<HealthCheck> {
+    let Some(file) = file else {
+        return Some(HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: DEFAULT_CHECK_INTERVAL,
+            timeout: DEFAULT_CHECK_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+        });
+    };
+    let key = format!("{key}.check");
+    let kind = file.kind.as_ref().map(|k| k.value).unwrap_or_default();
+    let interval = check.duration(
+        file.interval.as_ref(),
+        &format!("{key}.interval"),
+        DEFAULT_CHECK_INTERVAL,
+        CHECK_INTERVAL_RANGE,
+    );
+    let timeout = check.duration(
+        file.timeout.as_ref(),
+        &format!("{key}.timeout"),
+        DEFAULT_CHECK_TIMEOUT,
+        CHECK_TIMEOUT_RANGE,
+    );
+    let mut count = |v: &Option<Spanned<u32>>, name: &str, default: u32| match v {
+        None => default,
+        Some(n) if RISE_FALL_RANGE.contains(&n.value) => n.value,
+        Some(n) => {
+            check.at(
+                n,
+                &format!("{key}.{name}"),
+                format!(
+                    "{} is out of range: use a value from {} to {}",
+                    n.value,
+                    RISE_FALL_RANGE.start(),
+                    RISE_FALL_RANGE.end()
+                ),
+            );
+            default
+        }
+    };
+    let rise = count(&file.rise, "rise", DEFAULT_RISE);
+    let fall = count(&file.fall, "fall", DEFAULT_FALL);
+    // Settings of another kind of check are a mistake worth naming.
+    let mut misplaced = |set: bool, line: Option<u32>, name: &str, only: &str| {
+        if set {
+            check.error(
+                line,
+                &format!("{key}.{name}"),
+                format!("{name} is used by check type {only} only"),
+            );
+        }
+    };
+    if kind != CheckType::Mysql {
+        misplaced(
+            file.user.is_some(),
+            file.user.as_ref().and_then(config::line_of),
+            "user",
+            "mysql",
+        );
+        misplaced(
+            file.password_file.is_some(),
+            file.password_file.as_ref().and_then(config::line_of),
+            "password_file",
+            "mysql",
+        );
+        misplaced(
+            file.password_env.is_some(),
+            file.password_env.as_ref().and_then(config::line_of),
+            "password_env",
+            "mysql",
+        );
+    }
+    if kind != CheckType::Http {
+        misplaced(
+            file.path.is_some(),
+            file.path.as_ref().and_then(config::line_of),
+            "path",
+            "http",
+        );
+        misplaced(
+            file.port.is_some(),
+            file.port.as_ref().and_then(config::line_of),
+            "port",
+            "http",
+        );
+    }
+    if let Some(p) = &file.path
+        && !p.value.starts_with('/')
+    {
+        check.at(
+            p,
+            &format!("{key}.path"),
+            format!("{:?} must start with /", p.value),
+        );
+    }
+    if let Some(p) = &file.port
+        && p.value == 0
+    {
+        check.at(p, &format!("{key}.port"), "port 0 cannot be checked");
+    }
+    let kind = match kind {
+        CheckType::Tcp => CheckKind::Tcp,
+        CheckType::Http => CheckKind::Http,
+        CheckType::Mysql => {
+            let user = match &file.user {
+                Some(u) if !u.value.is_empty() => Some(u.value.clone()),
+                Some(u) => {
+                    check.at(u, &format!("{key}.user"), "empty: name the monitor user");
+                    None
+                }
+                None => {
+                    let line = file.kind.as_ref().and_then(config::line_of);
+                    check.error(
+                        line,
+                        &format!("{key}.user"),
+                        "check type mysql needs user: (a monitor user that may read status)",
+                    );
+                    None
+                }
+            };
+            let password = password(check, &key, file, base, env);
+            CheckKind::Mysql {
+                user: user?,
+                password: password?,
+            }
+        }
+    };
+    Some(HealthCheck {
+        kind,
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
+}
+
+/// The monitor user's password, from `password_file` or `password_env` (never inline).
+fn password(
+    check: &mut Check<'_>,
+    key: &str,
+    file: &CheckFile,
+    base: &Path,
+    env: &dyn Env,
+) -> Option<Secret> {
+    match (&file.password_file, &file.password_env) {
+        (Some(f), Some(_)) => {
+            check.at(
+                f,
+                &format!("{key}.password_file"),
+                "give password_file or password_env, not both",
+            );
+            None
+        }
+        (None, None) => {
+            let line = file.user.as_ref().and_then(config::line_of);
+            check.error(
+                line,
+                &format!("{key}.password_file"),
+                "check type mysql needs password_file: PATH or password_env: VARIABLE \
+                 (a password is never written in the config itself)",
+            );
+            None
+        }
+        (Some(f), None) => {
+            let k = format!("{key}.password_file");
+            let path = base.join(&f.value);
+            let text = std::fs::metadata(&path).and_then(|m| {
+                if m.len() > MAX_PASSWORD_FILE {
+                    Err(std::io::Error::other(format!(
+                        "larger than {MAX_PASSWORD_FILE} bytes: not a password file"
+                    )))
+                } else {
+                    std::fs::read_to_string(&path)
+                }
+            });
+            match text {
+                Ok(t) => {
+                    let t = t.strip_suffix('\n').unwrap_or(&t);
+                    let t = t.strip_suffix('\r').unwrap_or(t);
+                    if t.is_empty() {
+                        check.at(f, &k, format!("{} is empty", path.display()));
+                        None
+                    } else {
+                        Some(Secret::new(t))
+                    }
+                }
+                Err(e) => {
+                    check.at(f, &k, format!("cannot read {}: {e}", path.display()));
+                    None
+                }
+            }
+        }
+        (None, Some(v)) => match env.var(&v.value) {
+            Some(p) if !p.is_empty() => Some(Secret::new(p)),
+            _ => {
+                check.at(
+                    v,
+                    &format!("{key}.password_env"),
+                    format!("environment variable {} is not set (or empty)", v.value),
+                );
+                None
+            }
+        },
+    }
+}
+
+impl HttpTarget {
+    /// Parses `http://host[:port][/path]` (the port defaults to 80, the path to `/`).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            format!("{url:?} is not an http:// url (https health endpoints are not supported)")
+        })?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('/') => (&rest[..i], rest[i..].to_owned()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_owned()),
+        };
+        if authority.contains('@') {
+            return Err(format!("{url:?}: credentials in the url are not supported"));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unclosed ["))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            None => 80,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{url:?}: bad port {p:?}"))?,
+        };
+        let bad = |c: char| c.is_whitespace() || c.is_control();
+        if host.is_empty() || host.contains(bad) || path.contains(bad) {
+            return Err(format!("{url:?} is not a usable url"));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            path,
+        })
+    }
+}
+
+/// The host part of `host:port` (brackets of an IPv6 address removed).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// Whether `s` is `host:port` with a numeric port.
 pub fn looks_like_host_port(s: &str) -> bool {
     match s.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_common::pki::{Ca, Kind, LeafSpec};
+
+    /// A directory with an agent certificate, and the config text's common head.
+    struct Dir {
+        dir: tempfile::TempDir,
+    }
+
+    impl Dir {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (ca, _) = Ca::generate("test", 1).unwrap();
+            let issued = ca.issue(&LeafSpec::new(Kind::Agent, "db1", 1)).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+            std::fs::write(dir.path().join("agent.pem"), &issued.cert_pem).unwrap();
+            std::fs::write(dir.path().join("agent-key.pem"), &issued.key_pem).unwrap();
+            Self { dir }
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            self.dir.path().join("agent.yaml")
+        }
+
+        fn parse(&self, services: &str) -> Result<Config, ConfigErrors> {
+            self.parse_env(services, &BTreeMap::<String, String>::new())
+        }
+
+        fn parse_env(&self, services: &str, env: &dyn Env) -> Result<Config, ConfigErrors> {
+            let text = format!(
+                "relay: quic://relay.example.com:7443\n\
+                 tls: {{ ca: ca.pem, cert: agent.pem, key: agent-key.pem }}\n{services}"
+            );
+            Config::parse(&self.path(), &text, env)
+        }
+
+        /// The one error of `services`, as `line: key: message` (the line within `services`,
+        /// 0 when none).
+        fn error(&self, services: &str) -> String {
+            let e = self.parse(services).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            let e = &e.0[0];
+            format!(
+                "{}: {}: {}",
+                e.line.map_or(0, |l| l.saturating_sub(2)),
+                e.key.as_deref().unwrap_or(""),
+                e.message
+            )
+        }
+    }
+
+    #[test]
+    fn backend_is_one_always_healthy_node() {
+        let d = Dir::new();
+        let c = d
+            .parse("services:\n  orders:\n    backend: 127.0.0.1:3306\n")
+            .unwrap();
+        let s = &c.services["orders"];
+        assert_eq!(s.backend, "127.0.0.1:3306");
+        assert_eq!(
+            s.nodes,
+            vec![Node {
+                name: SHORTHAND_NODE.into(),
+                address: "127.0.0.1:3306".into(),
+                http: None
+            }]
+        );
+        assert!(s.check.is_none());
+        assert_eq!(s.decisions, Decisions::Local);
+        assert_eq!(c.state_dir, d.dir.path().join("state"));
+    }
+
+    #[test]
+    fn nodes_with_defaults() {
+        let d = Dir::new();
+        let c = d
+            .parse(
+                "services:\n  orders:\n    nodes:\n      - { name: n1, address: 10.0.0.11:3306 }\n      - { name: n2, address: 10.0.0.12:3306 }\n",
+            )
+            .unwrap();
+        let s = &c.services["orders"];
+        assert_eq!(s.nodes.len(), 2);
+        assert_eq!(s.backend, "10.0.0.11:3306");
+        let check = s.check.as_ref().unwrap();
+        assert!(matches!(check.kind, CheckKind::Tcp));
+        assert_eq!(
+            (check.interval, check.timeout, check.rise, check.fall),
+            (Duration::from_millis(500), Duration::from_millis(750), 2, 2)
+        );
+        assert_eq!(s.wait_for_node, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn http_targets_come_from_the_node_or_health_url() {
+        let d = Dir::new();
+        let c = d
+            .parse(
+                "state_dir: /var/lib/postern\nservices:\n  orders:\n    nodes:\n      - { name: n1, address: 10.0.0.11:3306 }\n      - { name: n2, address: 10.0.0.12:3306, health_url: \"http://10.0.0.99:8080/health?x=1\" }\n    check: { type: http, interval: 200ms, timeout: 300ms, rise: 3, fall: 1, port: 9201 }\n    wait_for_node: 2s\n",
+            )
+            .unwrap();
+        let s = &c.services["orders"];
+        assert_eq!(
+            s.nodes[0].http.as_ref().unwrap().to_string(),
+            "http://10.0.0.11:9201/api/v1/status"
+        );
+        assert_eq!(
+            s.nodes[1].http.as_ref().unwrap().to_string(),
+            "http://10.0.0.99:8080/health?x=1"
+        );
+        let check = s.check.as_ref().unwrap();
+        assert_eq!((check.rise, check.fall), (3, 1));
+        assert_eq!(s.wait_for_node, Duration::from_secs(2));
+        assert_eq!(c.state_dir, Path::new("/var/lib/postern"));
+    }
+
+    #[test]
+    fn mysql_password_from_a_file_or_the_environment_and_never_shown() {
+        let d = Dir::new();
+        std::fs::write(d.dir.path().join("pw"), "s3cret\n").unwrap();
+        let c = d
+            .parse(
+                "services:\n  orders:\n    nodes: [{ name: n1, address: 10.0.0.11:3306 }]\n    check: { type: mysql, user: mon, password_file: pw }\n    decisions: cluster\n",
+            )
+            .unwrap();
+        let s = &c.services["orders"];
+        let CheckKind::Mysql { user, password } = &s.check.as_ref().unwrap().kind else {
+            panic!("not mysql");
+        };
+        assert_eq!((user.as_str(), password.expose()), ("mon", "s3cret"));
+        assert_eq!(s.decisions, Decisions::Cluster);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("***"),
+            "{shown}"
+        );
+
+        let env: BTreeMap<&str, &str> =
+            [("MON_PW", "from-env"), ("STATE_DIRECTORY", "/st:/x")].into();
+        let c = d
+            .parse_env(
+                "services:\n  orders:\n    nodes: [{ name: n1, address: 10.0.0.11:3306 }]\n    check: { type: mysql, user: mon, password_env: MON_PW }\n",
+                &env,
+            )
+            .unwrap();
+        let CheckKind::Mysql { password, .. } = &c.services["orders"].check.as_ref().unwrap().kind
+        else {
+            panic!("not mysql");
+        };
+        assert_eq!(password.expose(), "from-env");
+        assert_eq!(c.state_dir, Path::new("/st"));
+    }
+
+    #[test]
+    fn mistakes_name_line_and_key() {
+        let d = Dir::new();
+        let head = "services:\n  orders:\n";
+        let nodes = "    nodes: [{ name: n1, address: 10.0.0.11:3306 }]\n";
+        let cases = [
+            (
+                format!("{head}    backend: a:1\n    nodes: [{{ name: n1, address: a:1 }}]\n"),
+                "3: services.orders.backend: give either backend (one node) or nodes, not both",
+            ),
+            (
+                format!("{head}    connect_timeout: 1s\n"),
+                "0: services.orders: no backend",
+            ),
+            (
+                format!("{head}    nodes: []\n"),
+                "3: services.orders.nodes: the list is empty",
+            ),
+            (
+                format!(
+                    "{head}    nodes:\n      - {{ name: n1, address: a:1 }}\n      - {{ name: n1, address: b:1 }}\n"
+                ),
+                "5: services.orders.nodes[1].name: node \"n1\" is named twice",
+            ),
+            (
+                format!("{head}    nodes:\n      - {{ name: n1, address: nope }}\n"),
+                "4: services.orders.nodes[0].address: \"nope\" is not host:port",
+            ),
+            (
+                format!("{head}{nodes}    check:\n      interval: 2h\n"),
+                "5: services.orders.check.interval: 2h is out of range",
+            ),
+            (
+                format!("{head}{nodes}    check:\n      fall: 0\n"),
+                "5: services.orders.check.fall: 0 is out of range",
+            ),
+            (
+                format!("{head}{nodes}    check:\n      type: mysql\n      user: mon\n"),
+                "6: services.orders.check.password_file: check type mysql needs password_file",
+            ),
+            (
+                format!(
+                    "{head}{nodes}    check:\n      type: mysql\n      user: mon\n      password_env: NOPE_NOT_SET\n"
+                ),
+                "7: services.orders.check.password_env: environment variable NOPE_NOT_SET is not set",
+            ),
+            (
+                format!("{head}{nodes}    check:\n      type: tcp\n      path: /x\n"),
+                "6: services.orders.check.path: path is used by check type http only",
+            ),
+            (
+                format!("{head}{nodes}    decisions: cluster\n"),
+                "4: services.orders.decisions: decisions: cluster needs check type mysql",
+            ),
+            (
+                format!(
+                    "{head}    nodes:\n      - {{ name: n1, address: a:1, health_url: \"https://x/\" }}\n    check: {{ type: http }}\n"
+                ),
+                "4: services.orders.nodes[0].health_url: \"https://x/\" is not an http:// url",
+            ),
+            (
+                format!("{head}{nodes}    wait_for_node: 11m\n"),
+                "4: services.orders.wait_for_node: 11m is out of range",
+            ),
+            (
+                format!("{head}    backend: a:1\n    decisions: local\n"),
+                "4: services.orders.backend: check and decisions need nodes",
+            ),
+            (
+                format!("{head}{nodes}    check:\n      type: carrier-pigeon\n"),
+                "5: type: unknown variant",
+            ),
+        ];
+        let wrong: Vec<String> = cases
+            .iter()
+            .map(|(text, want)| (d.error(text), want))
+            .filter(|(got, want)| !got.starts_with(*want))
+            .map(|(got, want)| format!(" got: {got}\nwant: {want}"))
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn http_urls_parse() {
+        let t = HttpTarget::parse("http://[::1]:9200/api/v1/status").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("::1", 9200, "/api/v1/status")
+        );
+        let t = HttpTarget::parse("http://db").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("db", 80, "/"));
+        for bad in [
+            "ftp://x",
+            "http://",
+            "http://x:0/",
+            "http://x:99999/",
+            "http://u:p@x/",
+            "http://a b/",
+        ] {
+            assert!(HttpTarget::parse(bad).is_err(), "{bad}");
+        }
     }
 }

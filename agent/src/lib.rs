@@ -22,6 +22,7 @@ pub mod dial;
 mod e2e;
 pub mod exec;
 pub mod forward;
+pub mod health;
 pub mod notify;
 mod session;
 mod state;
