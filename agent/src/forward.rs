@@ -11,20 +11,25 @@
 //! oldest).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use postern_common::events::{Event, Origin};
 use postern_common::mysql::Greeting;
+use postern_common::mysql::server::Conn;
 use postern_common::mysql::server::{self, Deadlines, Dialled, Front, Greeter, Rules};
 use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, Refusal, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::{net, splice, wire};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{Instrument, debug, info_span};
 
+use crate::backends::Backend;
 use crate::config::Service;
 use crate::e2e::EndToEnd;
 use crate::state::AgentState;
@@ -48,7 +53,8 @@ pub(crate) async fn serve(state: Arc<AgentState>, e2e: Arc<EndToEnd>, stream: St
 struct Tunnel {
     stream: Stream,
     tcp: tokio::net::TcpStream,
-    severed: tokio_util::sync::CancellationToken,
+    /// The node, counted as in use while the tunnel lives.
+    backend: Backend,
     conn_id: u64,
     service: String,
     /// Opened for the relay itself (to read the greeting), not for a client: no events.
@@ -62,7 +68,7 @@ impl Tunnel {
     async fn carry(mut self, state: &AgentState) {
         let spliced = tokio::select! {
             r = splice::splice(&mut self.stream, &mut self.tcp) => r,
-            _ = self.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
+            _ = self.backend.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
         };
         let (up, down, failure) = match spliced {
             Ok(t) => (t.a_to_b, t.b_to_a, None),
@@ -159,7 +165,7 @@ async fn plain(
     mut stream: Stream,
     open: &Open,
 ) -> Option<Tunnel> {
-    let (backend, tcp) = match state.backends.connect(&svc.name).await {
+    let (backend, tcp) = match state.backends.connect(&svc.name, relay_choice(open)).await {
         Ok(b) => b,
         Err(r) => {
             refuse(state, &mut stream, open, r).await;
@@ -181,13 +187,13 @@ async fn plain(
             service: svc.name.clone(),
             identity: (!open.client.is_empty())
                 .then(|| Identity::Client(open.client.clone()).uri()),
-            via: backend.addr,
+            via: backend.addr.clone(),
         });
     }
     Some(Tunnel {
         stream,
         tcp,
-        severed: backend.severed,
+        backend,
         conn_id: open.conn_id,
         service: svc.name.clone(),
         pre_auth: open.pre_auth,
@@ -219,7 +225,7 @@ async fn end_to_end(
     let deadlines = Deadlines::from_accept(arrived, first_packet, handshake);
     let template = front
         .greetings
-        .get_or_fetch(&svc.name, || fetch_greeting(state, svc));
+        .get_or_fetch(&svc.name, || fetch_greeting(state, svc, open));
     let template = match tokio::time::timeout_at(deadlines.handshake, template).await {
         Ok(Ok(t)) => t,
         Ok(Err(r)) => return refuse(state, &mut stream, open, r).await,
@@ -261,13 +267,16 @@ async fn end_to_end(
     };
     let conn_id = open.conn_id;
     let dial = |_: Identity| async move {
-        let (backend, tcp) = state.backends.connect(&svc.name).await?;
-        debug!(client_addr = %open.client_addr, backend = %backend.addr, "client authorised; connected to backend");
+        let (backend, tcp) = state
+            .backends
+            .connect(&svc.name, relay_choice(open))
+            .await?;
+        debug!(client_addr = %open.client_addr, backend = %backend.addr, node = %backend.node, "client authorised; connected to backend");
         Ok(Dialled {
-            io: tcp,
-            conn_id,
             via: backend.addr.clone(),
-            node: backend.addr,
+            node: backend.addr.clone(),
+            io: NodeConn::new(tcp, backend),
+            conn_id,
             slot: None,
         })
     };
@@ -276,11 +285,85 @@ async fn end_to_end(
 
 /// Reads the database's greeting for the service's template, on a connection that is closed
 /// right after it.
-async fn fetch_greeting(state: &AgentState, svc: &Service) -> Result<Greeting, Refusal> {
-    let (_, mut tcp) = state.backends.connect(&svc.name).await?;
+async fn fetch_greeting(
+    state: &AgentState,
+    svc: &Service,
+    open: &Open,
+) -> Result<Greeting, Refusal> {
+    let (_, mut tcp) = state
+        .backends
+        .connect(&svc.name, relay_choice(open))
+        .await?;
     let greeting = server::read_greeting(&mut tcp, svc.connect_timeout).await;
     let _ = tcp.shutdown().await;
     greeting.map_err(|e| e.refusal(&svc.name))
+}
+
+/// The relay's choice of node for this stream (the active node of the highest term it knows).
+fn relay_choice(open: &Open) -> Option<(&str, u64)> {
+    open.node.as_deref().map(|n| (n, open.term))
+}
+
+/// A connection to a node for the MySQL front end (end-to-end TLS): counts against its node
+/// while it lives, and fails as soon as the node's connections are severed.
+struct NodeConn {
+    tcp: tokio::net::TcpStream,
+    severed: Pin<Box<WaitForCancellationFutureOwned>>,
+    _backend: Backend,
+}
+
+impl NodeConn {
+    fn new(tcp: tokio::net::TcpStream, backend: Backend) -> Self {
+        Self {
+            tcp,
+            severed: Box::pin(backend.severed.clone().cancelled_owned()),
+            _backend: backend,
+        }
+    }
+
+    /// An error once the node's connections are severed.
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        match self.severed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(std::io::Error::other("backend taken out of service")),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for NodeConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for NodeConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl Conn for NodeConn {
+    fn fail(&mut self) {
+        net::reset_on_close(&self.tcp);
+    }
 }
 
 fn cannot_connect(svc: &Service, e: &dyn std::fmt::Display) -> Refusal {

@@ -18,6 +18,7 @@ mod cf;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod decide;
 pub mod dial;
 mod e2e;
 pub mod exec;
@@ -103,6 +104,9 @@ impl Agent {
             forwards: TaskTracker::new(),
             abort: CancellationToken::new(),
         });
+        // Health checks and decisions run until the last stream is done.
+        let checks = CancellationToken::new();
+        state.backends.start(&state.config, &checks);
         let grace = {
             let (shutdown, abort) = (shutdown.clone(), state.abort.clone());
             tokio::spawn(async move {
@@ -124,5 +128,6 @@ impl Agent {
             }
         }
         grace.abort();
+        checks.cancel();
     }
 }

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_common::control::{self, ControlEnd};
-use postern_common::protocol::{self, Code, Control, FEATURE_DRAIN, FEATURE_MYSQL_E2E, Rejected};
+use postern_common::protocol::{
+    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, Rejected, ServiceState,
+};
 use postern_common::transport::addr::RelayUrl;
 use postern_common::transport::{CloseReason, Session, Stream, TransportError, TransportKind};
 use postern_common::wire::{self, WireError};
@@ -30,6 +32,10 @@ use crate::e2e::EndToEnd;
 use crate::forward;
 use crate::state::{AgentState, Status};
 use crate::takeover;
+
+/// How often the services' state goes to the relay even when nothing changed (fresh
+/// connection counts).
+const STATE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Deadline for the relay's welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,6 +89,8 @@ pub(crate) struct Welcome {
     pub(crate) app_guid: Option<String>,
     /// The relay understands [`Control::Drain`].
     pub(crate) drains: bool,
+    /// The relay takes [`Control::State`] and may send [`Control::Command`].
+    pub(crate) backends: bool,
 }
 
 /// A session whose hello and welcome are done.
@@ -117,7 +125,11 @@ pub(crate) async fn handshake(
         services: state.config.services.keys().cloned().collect(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
         take_over,
-        features: vec![FEATURE_MYSQL_E2E.to_owned(), FEATURE_DRAIN.to_owned()],
+        features: vec![
+            FEATURE_MYSQL_E2E.to_owned(),
+            FEATURE_DRAIN.to_owned(),
+            FEATURE_BACKENDS.to_owned(),
+        ],
     };
     wire::write_first(&mut stream, &hello)
         .await
@@ -145,6 +157,7 @@ pub(crate) async fn handshake(
             heartbeat: control::clamp_interval(Duration::from_millis(heartbeat_ms)),
             app_guid,
             drains: features.iter().any(|f| f == FEATURE_DRAIN),
+            backends: features.iter().any(|f| f == FEATURE_BACKENDS),
         },
         Ok(Control::Refused { code, message }) => {
             return Err(SessionError::Refused { code, message });
@@ -208,6 +221,14 @@ pub(crate) async fn serve(
     let (drained_tx, drained) = oneshot::channel::<String>();
     let mut drained_tx = Some(drained_tx);
     let stop = CancellationToken::new();
+    let reports = welcome.backends.then(|| {
+        tokio::spawn(report_state(
+            state.clone(),
+            welcome.accepted.clone(),
+            outgoing.clone(),
+        ))
+    });
+    let commands = state.clone();
     let mut keepalive = tokio::spawn(control::run(
         control,
         welcome.heartbeat,
@@ -224,9 +245,16 @@ pub(crate) async fn serve(
                 }
                 Ok(())
             }
+            Control::Command { command } => {
+                info!(?command, "operator command from the relay");
+                commands.backends.command(command);
+                Ok(())
+            }
             other => Err(Box::new(other)),
         },
     ));
+    // The reports end with the control stream (their channel closes), or here.
+    let _reports = reports.map(AbortOnDrop);
     let probe = async {
         match quic_probe {
             Some(url) if session.kind() == TransportKind::Websocket => {
@@ -275,6 +303,70 @@ pub(crate) async fn serve(
             linger.finish(keepalive, state.abort.clone(), "agent shutting down").await;
             Outcome::Ended(ControlEnd::Shutdown)
         }
+    }
+}
+
+/// Sends the state of the `accepted` services to the relay: now, whenever it changes, and every
+/// [`STATE_INTERVAL`]; until the control stream ends.
+async fn report_state(
+    state: Arc<AgentState>,
+    accepted: Vec<String>,
+    outgoing: mpsc::Sender<Control>,
+) {
+    let mut changed = state.backends.subscribe();
+    let mut tick = tokio::time::interval(STATE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let message = fit_frame(state.backends.states(&accepted));
+        if outgoing.send(message).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            r = changed.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// A [`Control::State`] that fits in one frame: with many nodes and long reasons, the words
+/// go first, then whole services from the end (counts and health matter more than prose).
+fn fit_frame(mut services: Vec<ServiceState>) -> Control {
+    let fits = |s: &Vec<ServiceState>| {
+        let c = Control::State {
+            services: s.clone(),
+        };
+        serde_json::to_vec(&c).is_ok_and(|b| b.len() + 64 <= protocol::MAX_FRAME)
+    };
+    if fits(&services) {
+        return Control::State { services };
+    }
+    for s in &mut services {
+        s.reason = s.reason.chars().take(200).collect();
+        for n in &mut s.nodes {
+            n.last_transition.clear();
+            if let Some(c) = &mut n.last_check {
+                c.detail = c.detail.chars().take(20).collect();
+            }
+        }
+    }
+    while !fits(&services) && services.pop().is_some() {}
+    tracing::warn!(
+        services = services.len(),
+        "service state too large for one frame: trimmed"
+    );
+    Control::State { services }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

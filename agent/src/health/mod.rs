@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CheckKind, HealthCheck, Node};
 
+pub(crate) use mysql::opts as mysql_opts;
+
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

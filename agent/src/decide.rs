@@ -1,0 +1,662 @@
+//! Decisions: which node of a service new connections go to, numbered by a term.
+//!
+//! The rule ([`next`]) is pure: among healthy nodes that are not drained, the lowest
+//! `wsrep_local_index` when known, else config order; and it is **sticky**: the active node
+//! stays while it is healthy and not drained, so a recovered node gets traffic back only when
+//! the current one fails or an operator activates it. Every change is a new term, and a term
+//! never names two different nodes.
+//!
+//! The [`Decider`] of a service runs that rule whenever a node's health changes, an operator's
+//! command arrives, a relay shows a newer term, or every check interval, and keeps the result
+//! where the service's `decisions:` says:
+//! * `local`: a file per service in the agent's `state_dir`, written (atomically, and synced)
+//!   before the decision is announced, and read back at start, so terms keep growing and the
+//!   choice stays the same across restarts. A newer term a relay shows in a stream's open
+//!   frame is adopted when its node is fit here, and outbid otherwise.
+//! * `cluster`: a row per service in the Galera cluster itself (`postern.decisions`), written by
+//!   compare-and-set through the monitor user ([`ClusterStore`]). Galera's certification (and
+//!   InnoDB's row locks) let exactly one of several agents win a term; the others re-read and
+//!   adopt it. Every agent reads the row every round and adopts it while its node is fit here.
+//!
+//! Operator commands (traffic on or off, drain, activate) are kept in the same local file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_common::protocol::Command;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backends::ServiceNodes;
+use crate::config::{Decisions, Secret};
+
+/// One decision: the node new connections go to, and its term.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Only grows; one term never names two nodes.
+    pub term: u64,
+    /// The active node; `None` when no node is fit.
+    pub node: Option<String>,
+    /// Why, in words.
+    pub reason: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub decided_at_ms: u64,
+}
+
+/// A node as the decision rule sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its name.
+    pub name: String,
+    /// Whether its checks say it is healthy.
+    pub healthy: bool,
+    /// Whether an operator drained it.
+    pub draining: bool,
+    /// Galera's `wsrep_local_index`, when known.
+    pub wsrep_local_index: Option<u32>,
+    /// The last check's detail (`503`, `timed out after 750ms`), for reasons.
+    pub detail: String,
+}
+
+impl Candidate {
+    /// Whether new connections may go to it.
+    pub fn fit(&self) -> bool {
+        self.healthy && !self.draining
+    }
+}
+
+/// The change the rule asks for: the new active node (`None`: no fit node) and why; `None`
+/// when the current decision stands. `activate`: an operator asked for this node (honoured
+/// when it is fit).
+pub fn next(
+    current: &Decision,
+    nodes: &[Candidate],
+    activate: Option<&str>,
+) -> Option<(Option<String>, String)> {
+    if let Some(wanted) = activate
+        && let Some(n) = nodes.iter().find(|n| n.name == wanted && n.fit())
+    {
+        return (current.node.as_deref() != Some(wanted))
+            .then(|| (Some(n.name.clone()), format!("operator activated {wanted}")));
+    }
+    let active = current
+        .node
+        .as_deref()
+        .and_then(|a| nodes.iter().find(|n| n.name == a));
+    if active.is_some_and(Candidate::fit) {
+        return None;
+    }
+    let best = choose(nodes);
+    if best.map(|b| b.name.as_str()) == current.node.as_deref() {
+        return None;
+    }
+    let why_not = match (&current.node, active) {
+        (None, _) => None,
+        (Some(a), None) => Some(format!("{a} is not a node of this service")),
+        (Some(a), Some(n)) if n.draining && n.healthy => Some(format!("{a} drained")),
+        (Some(a), Some(n)) => Some(format!("{a} unhealthy: {}", n.detail)),
+    };
+    let chosen = match best {
+        None => no_fit_node(nodes),
+        Some(b) => match b.wsrep_local_index {
+            Some(i) => format!("{} chosen (lowest wsrep_local_index {i})", b.name),
+            None => format!("{} chosen (first fit node in config order)", b.name),
+        },
+    };
+    let reason = match why_not {
+        Some(w) => format!("{w}; {chosen}"),
+        None => chosen,
+    };
+    Some((best.map(|b| b.name.clone()), reason))
+}
+
+/// The node the rule picks when it must pick: the fit node with the lowest
+/// `wsrep_local_index` (nodes with one come first), ties and unknowns in config order.
+pub fn choose(nodes: &[Candidate]) -> Option<&Candidate> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.fit())
+        .min_by_key(|(i, n)| (n.wsrep_local_index.is_none(), n.wsrep_local_index, *i))
+        .map(|(_, n)| n)
+}
+
+/// `no healthy node: n1 503, n2 timed out after 750ms, n3 drained`: why no node is fit.
+pub fn no_fit_node(nodes: &[Candidate]) -> String {
+    let why: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            let what = if n.healthy && n.draining {
+                "drained"
+            } else if n.detail.is_empty() {
+                "not checked yet"
+            } else {
+                n.detail.as_str()
+            };
+            format!("{} {what}", n.name)
+        })
+        .collect();
+    format!("no healthy node: {}", why.join(", "))
+}
+
+/// What the agent keeps about a service across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The last decision announced.
+    pub decision: Decision,
+    /// Whether traffic is enabled (an operator's command).
+    pub traffic_enabled: bool,
+    /// The operator's message when it is not.
+    #[serde(default)]
+    pub message: String,
+    /// The nodes an operator drained.
+    #[serde(default)]
+    pub draining: Vec<String>,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            decision: Decision::default(),
+            traffic_enabled: true,
+            message: String::new(),
+            draining: Vec::new(),
+        }
+    }
+}
+
+/// Why a decision could not be read or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The state file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state file is not ours or is damaged.
+    #[error("{path}: not a postern state file: {why}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// No node is healthy, so the cluster's decision cannot be read or written.
+    #[error("no healthy node to reach the cluster's decision table through")]
+    NoNode,
+    /// The cluster's decision table could not be read or written.
+    #[error("decision table on node {node}: {source}")]
+    Cluster {
+        /// Through which node.
+        node: String,
+        /// Why.
+        source: mysql_async::Error,
+    },
+    /// The cluster did not answer in time.
+    #[error("decision table on node {0}: timed out")]
+    ClusterTimeout(String),
+}
+
+/// The largest state file read.
+const MAX_STATE_FILE: u64 = 64 * 1024;
+
+/// A service's [`Record`] in a file in the state directory.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    path: PathBuf,
+}
+
+impl LocalStore {
+    /// The store of `service` in `state_dir`.
+    pub fn new(state_dir: &Path, service: &str) -> Self {
+        Self {
+            path: state_dir.join(format!("{service}.json")),
+        }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the record; `None` when there is none yet.
+    pub async fn load(&self) -> Result<Option<Record>, StoreError> {
+        let path = self.path.clone();
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let text = match tokio::fs::metadata(&path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+            Ok(m) if m.len() > MAX_STATE_FILE => {
+                return Err(StoreError::Corrupt {
+                    path,
+                    why: format!("larger than {MAX_STATE_FILE} bytes"),
+                });
+            }
+            Ok(_) => tokio::fs::read(&path).await.map_err(io)?,
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path,
+                why: e.to_string(),
+            })
+    }
+
+    /// Writes the record: to a temporary file, synced, renamed over the old one, and the
+    /// directory synced, so a crash leaves the old record or the new one, never a mix.
+    pub async fn save(&self, record: &Record) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        let p = path.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await;
+        match written {
+            Ok(r) => r.map_err(|source| StoreError::Io { path, source }),
+            Err(e) => Err(StoreError::Io {
+                path,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Server error codes that mean "another writer won": a Galera certification failure or an
+/// InnoDB deadlock (1213), a lock wait timeout (1205).
+const LOST_RACE: [u16; 2] = [1213, 1205];
+
+/// The decision table in the Galera cluster: one row per service, written by compare-and-set
+/// through the monitor user on a node that is healthy here (so in the Primary component).
+///
+/// ```sql
+/// CREATE TABLE postern.decisions (
+///   service VARCHAR(64) NOT NULL PRIMARY KEY, term BIGINT UNSIGNED NOT NULL,
+///   node VARCHAR(64) NULL, reason VARCHAR(512) NOT NULL DEFAULT '',
+///   agent VARCHAR(128) NOT NULL DEFAULT '', decided_at TIMESTAMP(3) NOT NULL)
+/// ```
+///
+/// The monitor user needs `CREATE, SELECT, INSERT, UPDATE ON postern.*` (the schema and table
+/// are created when missing).
+pub struct ClusterStore {
+    service: String,
+    agent: String,
+    user: String,
+    password: Secret,
+    timeout: Duration,
+    conn: Option<(String, mysql_async::Conn)>,
+}
+
+/// The result of a compare-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cas {
+    /// This agent's write made the new term.
+    Won,
+    /// Another writer got there first: re-read and adopt.
+    Lost,
+}
+
+const SCHEMA: &str = "CREATE DATABASE IF NOT EXISTS postern";
+const TABLE: &str = "CREATE TABLE IF NOT EXISTS postern.decisions (\
+     service VARCHAR(64) NOT NULL PRIMARY KEY, \
+     term BIGINT UNSIGNED NOT NULL, \
+     node VARCHAR(64) NULL, \
+     reason VARCHAR(512) NOT NULL DEFAULT '', \
+     agent VARCHAR(128) NOT NULL DEFAULT '', \
+     decided_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)) ENGINE=InnoDB";
+const SELECT: &str = "SELECT term, node, reason, \
+     CAST(UNIX_TIMESTAMP(decided_at) * 1000 AS UNSIGNED) FROM postern.decisions WHERE service = ?";
+const INSERT: &str = "INSERT IGNORE INTO postern.decisions \
+     (service, term, node, reason, agent, decided_at) VALUES (?, ?, ?, ?, ?, NOW(3))";
+const UPDATE: &str = "UPDATE postern.decisions SET term = ?, node = ?, reason = ?, agent = ?, \
+     decided_at = NOW(3) WHERE service = ? AND term = ?";
+
+impl ClusterStore {
+    /// The store of `service`, written as `agent`, logging in as `user`; every operation
+    /// within `timeout`.
+    pub fn new(
+        service: &str,
+        agent: &str,
+        user: &str,
+        password: &Secret,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            service: service.to_owned(),
+            agent: agent.to_owned(),
+            user: user.to_owned(),
+            password: password.clone(),
+            timeout,
+            conn: None,
+        }
+    }
+
+    /// Reads the service's row through one of `nodes` (`(name, address)`, healthy ones,
+    /// preferred first); `None` when there is none yet.
+    pub async fn read(
+        &mut self,
+        nodes: &[(String, String)],
+    ) -> Result<Option<Decision>, StoreError> {
+        let service = self.service.clone();
+        self.run(nodes, move |conn| {
+            Box::pin(async move {
+                use mysql_async::prelude::Queryable;
+                let row: Option<(u64, Option<String>, String, Option<u64>)> =
+                    conn.exec_first(SELECT, (service,)).await?;
+                Ok(row.map(|(term, node, reason, at)| Decision {
+                    term,
+                    node,
+                    reason,
+                    decided_at_ms: at.unwrap_or_default(),
+                }))
+            })
+        })
+        .await
+    }
+
+    /// Writes `new` if the row's term is still `expected` (`None`: there is no row yet).
+    pub async fn cas(
+        &mut self,
+        nodes: &[(String, String)],
+        expected: Option<u64>,
+        new: &Decision,
+    ) -> Result<Cas, StoreError> {
+        let (service, agent, new) = (self.service.clone(), self.agent.clone(), new.clone());
+        let reason: String = new.reason.chars().take(500).collect();
+        let written = self
+            .run(nodes, move |conn| {
+                Box::pin(async move {
+                    use mysql_async::prelude::Queryable;
+                    match expected {
+                        None => {
+                            conn.exec_drop(INSERT, (service, new.term, new.node, reason, agent))
+                                .await?
+                        }
+                        Some(old) => {
+                            conn.exec_drop(
+                                UPDATE,
+                                (new.term, new.node, reason, agent, service, old),
+                            )
+                            .await?
+                        }
+                    }
+                    Ok(conn.affected_rows())
+                })
+            })
+            .await;
+        match written {
+            Ok(1) => Ok(Cas::Won),
+            Ok(_) => Ok(Cas::Lost),
+            Err(StoreError::Cluster {
+                source: mysql_async::Error::Server(e),
+                ..
+            }) if LOST_RACE.contains(&e.code) => Ok(Cas::Lost),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `op` on a connection to one of `nodes` (keeping the current one while its node is
+    /// listed), within the timeout; a failed or timed-out connection is dropped.
+    async fn run<T>(
+        &mut self,
+        nodes: &[(String, String)],
+        op: impl for<'c> FnOnce(
+            &'c mut mysql_async::Conn,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<T, mysql_async::Error>> + Send + 'c>,
+        >,
+    ) -> Result<T, StoreError> {
+        let (name, mut conn) = match self.conn.take() {
+            Some((n, c)) if nodes.iter().any(|(m, _)| *m == n) => (n, c),
+            _ => {
+                let (name, addr) = nodes.first().ok_or(StoreError::NoNode)?;
+                let opts = crate::health::mysql_opts(addr, &self.user, &self.password);
+                let connect = async {
+                    use mysql_async::prelude::Queryable;
+                    let mut c = mysql_async::Conn::new(opts).await?;
+                    // Reads see every write the cluster committed before them (Galera only;
+                    // elsewhere the variable is unknown and reads are local anyway).
+                    let _ = c.query_drop("SET SESSION wsrep_sync_wait = 1").await;
+                    c.query_drop(SCHEMA).await?;
+                    c.query_drop(TABLE).await?;
+                    Ok::<_, mysql_async::Error>(c)
+                };
+                match tokio::time::timeout(self.timeout, connect).await {
+                    Ok(Ok(c)) => (name.clone(), c),
+                    Ok(Err(source)) => {
+                        return Err(StoreError::Cluster {
+                            node: name.clone(),
+                            source,
+                        });
+                    }
+                    Err(_) => return Err(StoreError::ClusterTimeout(name.clone())),
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, op(&mut conn)).await {
+            Ok(Ok(v)) => {
+                self.conn = Some((name, conn));
+                Ok(v)
+            }
+            Ok(Err(source)) => {
+                // A server error leaves the connection usable; anything else does not.
+                if matches!(source, mysql_async::Error::Server(_)) {
+                    self.conn = Some((name.clone(), conn));
+                }
+                Err(StoreError::Cluster { node: name, source })
+            }
+            Err(_) => Err(StoreError::ClusterTimeout(name)),
+        }
+    }
+}
+
+/// Where a service's decisions are kept.
+pub(crate) enum Store {
+    /// Only in the state file.
+    Local,
+    /// In the cluster's table (the state file keeps the operator's commands and a copy).
+    Cluster(Box<ClusterStore>),
+}
+
+/// Makes and keeps a service's decisions (see the module doc).
+pub(crate) struct Decider {
+    pub(crate) svc: Arc<ServiceNodes>,
+    pub(crate) local: LocalStore,
+    pub(crate) store: Store,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    /// How often the rule runs without a reason (and the cluster's row is read).
+    pub(crate) round: Duration,
+    /// How long after start nodes without a first result are taken as unhealthy.
+    pub(crate) first_results: Duration,
+}
+
+impl Decider {
+    /// Restores the service's record, then decides until `cancel`.
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let service = self.svc.name.clone();
+        match self.local.load().await {
+            Ok(Some(record)) => {
+                info!(%service, term = record.decision.term, node = ?record.decision.node, traffic_enabled = record.traffic_enabled, "restored the last decision");
+                self.svc.restore(&record);
+            }
+            Ok(None) => {}
+            // Terms still never go back for relays: an open frame with a newer term is outbid.
+            Err(e) => {
+                error!(%service, error = %e, "cannot read the last decision; starting from term 0")
+            }
+        }
+        let started = Instant::now();
+        let mut last_error = String::new();
+        loop {
+            let mut activate = None;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Activate { node, .. }) => activate = Some(node),
+                    Some(cmd) => {
+                        if self.svc.apply(&cmd) {
+                            self.save_flags().await;
+                        }
+                    }
+                    None => return,
+                },
+                _ = self.svc.wake.notified() => {}
+                _ = tokio::time::sleep(self.round) => {}
+            }
+            if !self.svc.all_checked() && started.elapsed() < self.first_results {
+                if let Some(node) = activate {
+                    warn!(%service, %node, "cannot activate a node before every node was checked once");
+                }
+                continue;
+            }
+            let result = match &mut self.store {
+                Store::Local => self.decide_local(activate.as_deref()).await,
+                Store::Cluster(_) => self.decide_cluster(activate.as_deref()).await,
+            };
+            match result {
+                Ok(()) => last_error.clear(),
+                Err(e) => {
+                    // Once per kind of failure, not once per round.
+                    let text = e.to_string();
+                    if text != last_error {
+                        error!(%service, error = %text, "cannot keep the decision");
+                        last_error = text;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn decide_local(&mut self, activate: Option<&str>) -> Result<(), StoreError> {
+        let (own, candidates, observed) = self.svc.snapshot();
+        // A relay knows a newer term (from an earlier life of this agent): start from it.
+        let current = match observed {
+            Some(o) if o.term > own.term => o,
+            _ => own.clone(),
+        };
+        let new = match next(&current, &candidates, activate) {
+            Some((node, reason)) => Decision {
+                term: current.term.saturating_add(1),
+                node,
+                reason,
+                decided_at_ms: now_ms(),
+            },
+            None if current != own => Decision {
+                reason: format!("adopted term {} from a relay", current.term),
+                ..current
+            },
+            None => return Ok(()),
+        };
+        let mut record = self.svc.record();
+        record.decision = new.clone();
+        self.local.save(&record).await?;
+        self.svc.announce(new, &own);
+        Ok(())
+    }
+
+    async fn decide_cluster(&mut self, activate: Option<&str>) -> Result<(), StoreError> {
+        let Store::Cluster(cluster) = &mut self.store else {
+            return Ok(());
+        };
+        // A lost race is settled by reading again; two tries are plenty (a third writer
+        // racing both means the next round settles it).
+        for _ in 0..3 {
+            let (own, candidates, observed) = self.svc.snapshot();
+            let via = self.svc.healthy_addresses();
+            let row = cluster.read(&via).await?;
+            let current = row.clone().unwrap_or_default();
+            let Some((node, reason)) = next(&current, &candidates, activate) else {
+                if row.is_some() && current != own {
+                    let mut record = self.svc.record();
+                    record.decision = current.clone();
+                    // The cluster has it; the local copy is a convenience.
+                    let _ = self.local.save(&record).await;
+                    self.svc.announce(current, &own);
+                }
+                return Ok(());
+            };
+            let floor = own
+                .term
+                .max(current.term)
+                .max(observed.map_or(0, |o| o.term));
+            let new = Decision {
+                term: floor.saturating_add(1),
+                node,
+                reason,
+                decided_at_ms: now_ms(),
+            };
+            match cluster.cas(&via, row.map(|r| r.term), &new).await? {
+                Cas::Won => {
+                    let mut record = self.svc.record();
+                    record.decision = new.clone();
+                    let _ = self.local.save(&record).await;
+                    self.svc.announce(new, &own);
+                    return Ok(());
+                }
+                Cas::Lost => {
+                    info!(service = %self.svc.name, term = new.term, "another agent decided first; reading its decision");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_flags(&self) {
+        if let Err(e) = self.local.save(&self.svc.record()).await {
+            error!(service = %self.svc.name, error = %e, "cannot keep the operator's command (it applies until the agent restarts)");
+        }
+    }
+}
+
+/// The decider's store for a service kept as `decisions`.
+pub(crate) fn store_for(
+    decisions: Decisions,
+    service: &str,
+    agent: &str,
+    check: Option<&crate::config::HealthCheck>,
+) -> Store {
+    match (decisions, check.map(|c| &c.kind)) {
+        (Decisions::Cluster, Some(crate::config::CheckKind::Mysql { user, password })) => {
+            let timeout = check.map_or(Duration::from_secs(2), |c| {
+                c.timeout.max(Duration::from_secs(2))
+            });
+            Store::Cluster(Box::new(ClusterStore::new(
+                service, agent, user, password, timeout,
+            )))
+        }
+        _ => Store::Local,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
