@@ -62,10 +62,14 @@ impl Backends {
     /// The backends of `config`'s services; checks and decisions start with
     /// [`start`](Self::start).
     pub fn new(config: &Config) -> Self {
+        Self::of(config.services.values())
+    }
+
+    /// The backends of `services`.
+    pub fn of<'a>(services: impl IntoIterator<Item = &'a Service>) -> Self {
         let changed = Arc::new(watch::Sender::new(0));
-        let services = config
-            .services
-            .values()
+        let services = services
+            .into_iter()
             .map(|s| {
                 (
                     s.name.clone(),
@@ -78,8 +82,26 @@ impl Backends {
 
     /// Starts every service's health checks and decider, until `cancel`.
     pub fn start(&self, config: &Config, cancel: &CancellationToken) {
-        for (name, svc) in &self.services {
-            let Some(service) = config.services.get(name) else {
+        self.start_with(
+            config.services.values(),
+            &config.state_dir,
+            &config.name,
+            cancel,
+        );
+    }
+
+    /// [`start`](Self::start) for `services` (those this was made [`of`](Self::of)), keeping
+    /// decisions in `state_dir`, as agent `agent`.
+    pub fn start_with<'a>(
+        &self,
+        services: impl IntoIterator<Item = &'a Service>,
+        state_dir: &std::path::Path,
+        agent: &str,
+        cancel: &CancellationToken,
+    ) {
+        for service in services {
+            let name = &service.name;
+            let Some(svc) = self.services.get(name) else {
                 continue;
             };
             let Some(check) = &service.check else {
@@ -111,8 +133,8 @@ impl Backends {
             };
             let decider = Decider {
                 svc: svc.clone(),
-                local: LocalStore::new(&config.state_dir, name),
-                store: decide::store_for(service.decisions, name, &config.name, Some(check)),
+                local: LocalStore::new(state_dir, name),
+                store: decide::store_for(service.decisions, name, agent, Some(check)),
                 commands,
                 round: check.interval,
                 first_results: check

@@ -561,6 +561,28 @@ impl Decider {
             _ => own.clone(),
         };
         let new = match next(&current, &candidates, activate) {
+            // A relay's newer decision names a node that is not fit here: outbid it, keeping
+            // this agent's own node while that one is fit (no needless move).
+            Some(_)
+                if current != own
+                    && activate.is_none()
+                    && own
+                        .node
+                        .as_ref()
+                        .is_some_and(|n| candidates.iter().any(|c| c.name == *n && c.fit())) =>
+            {
+                Decision {
+                    term: current.term.saturating_add(1),
+                    node: own.node.clone(),
+                    reason: format!(
+                        "term {} from a relay names {}, not fit here; {} stays",
+                        current.term,
+                        current.node.as_deref().unwrap_or("no node"),
+                        own.node.as_deref().unwrap_or_default()
+                    ),
+                    decided_at_ms: now_ms(),
+                }
+            }
             Some((node, reason)) => Decision {
                 term: current.term.saturating_add(1),
                 node,
@@ -659,4 +681,122 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, healthy: bool, index: Option<u32>) -> Candidate {
+        Candidate {
+            name: name.into(),
+            healthy,
+            draining: false,
+            wsrep_local_index: index,
+            detail: if healthy {
+                "200 healthy".into()
+            } else {
+                "503".into()
+            },
+        }
+    }
+
+    fn at(term: u64, node: Option<&str>) -> Decision {
+        Decision {
+            term,
+            node: node.map(str::to_owned),
+            ..Decision::default()
+        }
+    }
+
+    #[test]
+    fn the_lowest_index_wins_else_config_order() {
+        let nodes = [
+            node("n1", true, Some(2)),
+            node("n2", true, Some(0)),
+            node("n3", true, None),
+        ];
+        let (to, why) = next(&at(0, None), &nodes, None).unwrap();
+        assert_eq!(to.as_deref(), Some("n2"));
+        assert_eq!(why, "n2 chosen (lowest wsrep_local_index 0)");
+        let nodes = [
+            node("n1", false, None),
+            node("n2", true, None),
+            node("n3", true, None),
+        ];
+        let (to, why) = next(&at(0, None), &nodes, None).unwrap();
+        assert_eq!(to.as_deref(), Some("n2"));
+        assert_eq!(why, "n2 chosen (first fit node in config order)");
+    }
+
+    #[test]
+    fn the_active_node_stays_while_fit() {
+        // n1 has the lower index but n2 is active and healthy: no failback.
+        let nodes = [node("n1", true, Some(0)), node("n2", true, Some(1))];
+        assert_eq!(next(&at(4, Some("n2")), &nodes, None), None);
+        let nodes = [node("n1", true, Some(0)), node("n2", false, Some(1))];
+        let (to, why) = next(&at(4, Some("n2")), &nodes, None).unwrap();
+        assert_eq!(to.as_deref(), Some("n1"));
+        assert_eq!(
+            why,
+            "n2 unhealthy: 503; n1 chosen (lowest wsrep_local_index 0)"
+        );
+    }
+
+    #[test]
+    fn drain_moves_away_and_activate_moves_back() {
+        let mut nodes = vec![node("n1", true, Some(0)), node("n2", true, Some(1))];
+        nodes[0].draining = true;
+        let (to, why) = next(&at(1, Some("n1")), &nodes, None).unwrap();
+        assert_eq!(to.as_deref(), Some("n2"));
+        assert!(why.starts_with("n1 drained; n2 chosen"), "{why}");
+        // A drained or unhealthy node cannot be activated; a fit one can.
+        assert_eq!(next(&at(2, Some("n2")), &nodes, Some("n1")), None);
+        nodes[0].draining = false;
+        let (to, why) = next(&at(2, Some("n2")), &nodes, Some("n1")).unwrap();
+        assert_eq!(
+            (to.as_deref(), why.as_str()),
+            (Some("n1"), "operator activated n1")
+        );
+        assert_eq!(next(&at(3, Some("n1")), &nodes, Some("n1")), None);
+    }
+
+    #[test]
+    fn no_fit_node_names_every_reason() {
+        let mut nodes = vec![node("n1", false, None), node("n2", true, None)];
+        nodes[1].draining = true;
+        nodes[0].detail = "503 not synced".into();
+        let (to, why) = next(&at(1, Some("n2")), &nodes, None).unwrap();
+        assert_eq!(to, None);
+        assert_eq!(
+            why,
+            "n2 drained; no healthy node: n1 503 not synced, n2 drained"
+        );
+        assert_eq!(next(&at(2, None), &nodes, None), None, "none stays none");
+    }
+
+    #[tokio::test]
+    async fn records_survive_in_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(&dir.path().join("nested"), "orders");
+        assert_eq!(store.load().await.unwrap(), None);
+        let record = Record {
+            decision: Decision {
+                term: 7,
+                node: Some("n2".into()),
+                reason: "n1 unhealthy".into(),
+                decided_at_ms: 1,
+            },
+            traffic_enabled: false,
+            message: "maintenance".into(),
+            draining: vec!["n3".into()],
+        };
+        store.save(&record).await.unwrap();
+        assert_eq!(store.load().await.unwrap(), Some(record));
+        std::fs::write(store.path(), b"{not json").unwrap();
+        assert!(matches!(
+            store.load().await,
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
 }
