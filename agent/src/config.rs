@@ -1440,6 +1440,43 @@ mod tests {
     }
 
     #[test]
+    fn the_example_parses() {
+        let d = Dir::new();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/agent.yaml");
+        let text = std::fs::read_to_string(example).unwrap();
+        let base = d.dir.path();
+        let text = text
+            .replace(
+                "/etc/postern/ca.pem",
+                &base.join("ca.pem").to_string_lossy(),
+            )
+            .replace(
+                "/etc/postern/agent-db-host-1.pem",
+                &base.join("agent.pem").to_string_lossy(),
+            )
+            .replace(
+                "/etc/postern/agent-db-host-1-key.pem",
+                &base.join("agent-key.pem").to_string_lossy(),
+            )
+            .replace(
+                "/etc/postern/server-reports.pem",
+                &base.join("agent.pem").to_string_lossy(),
+            )
+            .replace(
+                "/etc/postern/server-reports-key.pem",
+                &base.join("agent-key.pem").to_string_lossy(),
+            );
+        let env = BTreeMap::<String, String>::new();
+        let c = Config::parse(&d.path(), &text, &env).unwrap_or_else(|e| panic!("{e}"));
+        let s = &c.services["inventory"];
+        assert_eq!(s.nodes.len(), 3);
+        assert_eq!(
+            s.nodes[2].http.as_ref().unwrap().to_string(),
+            "http://10.0.0.13:9201/api/v1/status"
+        );
+    }
+
+    #[test]
     fn http_urls_parse() {
         let t = HttpTarget::parse("http://[::1]:9200/api/v1/status").unwrap();
         assert_eq!(

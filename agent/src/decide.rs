@@ -613,7 +613,18 @@ impl Decider {
             let via = self.svc.healthy_addresses();
             let row = cluster.read(&via).await?;
             let current = row.clone().unwrap_or_default();
-            let Some((node, reason)) = next(&current, &candidates, activate) else {
+            // A row below this agent's own term (the table was re-created) is re-numbered
+            // above it, so that terms never go back for relays.
+            let renumber = row.is_some() && current.term < own.term;
+            let wanted = next(&current, &candidates, activate).or_else(|| {
+                renumber.then(|| {
+                    (
+                        current.node.clone(),
+                        format!("term {} re-numbered above term {}", current.term, own.term),
+                    )
+                })
+            });
+            let Some((node, reason)) = wanted else {
                 if row.is_some() && current != own {
                     let mut record = self.svc.record();
                     record.decision = current.clone();

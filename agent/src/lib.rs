@@ -7,6 +7,8 @@
 //!   from WebSocket back to QUIC.
 //! * [`forward`]: one stream from the relay to a backend, chosen by [`backends`]; for services
 //!   whose TLS ends here, the MySQL front end with the rules the relay sent (`e2e`).
+//! * [`health`]: the nodes' health checks (mysql, http, tcp); [`decide`]: which node is
+//!   active, numbered by a term, kept in the state directory or in the cluster itself.
 //! * [`dial`]: reaching a relay over QUIC, WebSocket, or both raced.
 //! * [`connect`]: a local port leading to a service through the relay ([`exec`] runs a client
 //!   against it).

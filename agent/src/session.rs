@@ -354,10 +354,14 @@ fn fit_frame(mut services: Vec<ServiceState>) -> Control {
         }
     }
     while !fits(&services) && services.pop().is_some() {}
-    tracing::warn!(
-        services = services.len(),
-        "service state too large for one frame: trimmed"
-    );
+    // Once per process: it repeats every report, and the cause is the config.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            services = services.len(),
+            "service state too large for one frame: reasons trimmed, and services left out"
+        );
+    }
     Control::State { services }
 }
 
