@@ -17,6 +17,7 @@ pub mod access;
 mod agents;
 pub mod certs;
 pub mod cli;
+mod cluster;
 pub mod config;
 mod forward;
 mod http;
