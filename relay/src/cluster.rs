@@ -601,8 +601,8 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// `ms` since the Unix epoch as an RFC 3339 UTC timestamp with milliseconds
-/// (`1970-01-01T00:00:00Z` for 0, Go's zero-ish "never").
+/// `ms` since the Unix epoch as an RFC 3339 UTC timestamp with milliseconds; 0 (never) is Go's
+/// zero time, `0001-01-01T00:00:00Z`, as Switchboard shows it.
 pub(crate) fn rfc3339(ms: u64) -> String {
     let secs = ms / 1000;
     let days = (secs / 86_400) as i64;
@@ -619,7 +619,7 @@ pub(crate) fn rfc3339(ms: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     if ms == 0 {
-        return "1970-01-01T00:00:00Z".into();
+        return "0001-01-01T00:00:00Z".into();
     }
     format!(
         "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
@@ -850,7 +850,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(0), "0001-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(1_798_761_599_000), "2026-12-31T23:59:59.000Z");
     }

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) ids: ConnIds,
     /// Where refusals and opened and closed tunnels go.
     pub(crate) events: Events,
+    /// Bytes carried, summed from the events sink for `/metrics`.
+    pub(crate) traffic: crate::http::metrics::Traffic,
     /// Cancelled when the relay starts to drain: listeners stop accepting, agents are told
     /// (so they open their next session elsewhere first), `connect` clients' new streams are
     /// refused as `shutting_down`. Open connections go on.
@@ -73,6 +75,7 @@ impl Shared {
             greetings: Greetings::new(),
             ids: ConnIds::new(),
             events: Events::new(),
+            traffic: Default::default(),
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
             connections: TaskTracker::new(),
