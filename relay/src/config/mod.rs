@@ -276,7 +276,10 @@ impl Config {
             })
             .collect();
         let agents = agents(&mut check, &file, &services);
-        let api = file.api.as_ref().and_then(|a| api(&mut check, a, &base, env));
+        let api = file
+            .api
+            .as_ref()
+            .and_then(|a| api(&mut check, a, &base, env));
         let health_listen = file
             .health_listen
             .as_ref()
@@ -341,7 +344,12 @@ fn api(
                 }
             });
             match read {
-                Ok(p) => Some((p.trim_end_matches(['\n', '\r']).to_owned(), path.value.display().to_string(), "api.password_file", config::line_of(path))),
+                Ok(p) => Some((
+                    p.trim_end_matches(['\n', '\r']).to_owned(),
+                    path.value.display().to_string(),
+                    "api.password_file",
+                    config::line_of(path),
+                )),
                 Err(e) => {
                     check.at(
                         path,
@@ -353,7 +361,12 @@ fn api(
             }
         }
         (None, Some(var)) => match env.var(&var.value) {
-            Some(p) => Some((p, var.value.clone(), "api.password_env", config::line_of(var))),
+            Some(p) => Some((
+                p,
+                var.value.clone(),
+                "api.password_env",
+                config::line_of(var),
+            )),
             None => {
                 check.at(
                     var,
@@ -643,8 +656,14 @@ mod tests {
         )
         .unwrap();
         let api = c.api.clone().unwrap();
-        assert_eq!((api.username.as_str(), api.password.as_str()), ("admin", "s3cret"));
-        assert!(!format!("{c:?}").contains("s3cret"), "Debug masks the password");
+        assert_eq!(
+            (api.username.as_str(), api.password.as_str()),
+            ("admin", "s3cret")
+        );
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug masks the password"
+        );
         assert_eq!(c.health_listen, Some("127.0.0.1:0".parse().unwrap()));
         let c = Config::parse(
             &path,
@@ -680,7 +699,10 @@ mod tests {
             vec!["2: api: give the password in password_file or password_env (never inline)"]
         );
         let e = errors("api:\n  username: admin\n  password_file: missing\n");
-        assert!(e[0].starts_with("3: api.password_file: cannot read"), "{e:?}");
+        assert!(
+            e[0].starts_with("3: api.password_file: cannot read"),
+            "{e:?}"
+        );
         let e = errors("api:\n  username: admin\n  password: inline\n");
         assert!(e[0].contains("password"), "{e:?}");
         let e = errors("health_listen: nowhere\n");

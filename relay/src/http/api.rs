@@ -259,7 +259,10 @@ fn cluster_of(service: &str, snap: &ServiceSnapshot) -> Value {
 
 /// The service a request is about: `?service=`, or the only one.
 #[allow(clippy::result_large_err)]
-fn service(shared: &Shared, params: &[(String, String)]) -> Result<(String, ServiceSnapshot), Response> {
+fn service(
+    shared: &Shared,
+    params: &[(String, String)],
+) -> Result<(String, ServiceSnapshot), Response> {
     let names: Vec<&String> = shared.config.services.keys().collect();
     let name = match param(params, "service") {
         Some(s) => s.to_owned(),
@@ -338,7 +341,9 @@ fn parse_bool(s: &str) -> Option<bool> {
 fn host_port(address: &str) -> (String, u16) {
     match address.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() => (
-            host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
             port.parse().unwrap_or(0),
         ),
         _ => (address.to_owned(), 0),
@@ -397,7 +402,10 @@ mod tests {
                 ("x".into(), String::new()),
             ]
         );
-        assert_eq!(parse_form("a=%zz&b=%4"), vec![("a".into(), "%zz".into()), ("b".into(), "%4".into())]);
+        assert_eq!(
+            parse_form("a=%zz&b=%4"),
+            vec![("a".into(), "%zz".into()), ("b".into(), "%4".into())]
+        );
         assert_eq!(parse_form("a=%41"), vec![("a".into(), "A".into())]);
         assert!(parse_form("").is_empty());
     }

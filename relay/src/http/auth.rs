@@ -24,7 +24,11 @@ pub(super) const OFF: &str = "the relay's API, dashboard and metrics are off: se
      (username, and password_file or password_env) in relay.yaml\n";
 
 /// Lets a request through when it carries the configured credentials.
-pub(super) async fn require(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+pub(super) async fn require(
+    State(shared): State<Arc<Shared>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let Some(api) = &shared.config.api else {
         return (StatusCode::NOT_FOUND, OFF).into_response();
     };
@@ -91,7 +95,12 @@ mod tests {
             &headers(&basic("admin:pw:with:colons").replace("Basic", "basic")),
             &api
         ));
-        for bad in ["admin:pw", "admin:pw:with:colons ", "Admin:pw:with:colons", ""] {
+        for bad in [
+            "admin:pw",
+            "admin:pw:with:colons ",
+            "Admin:pw:with:colons",
+            "",
+        ] {
             assert!(!authorised(&headers(&basic(bad)), &api), "{bad}");
         }
         assert!(!authorised(&headers("Basic !!!"), &api));

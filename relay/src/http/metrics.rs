@@ -193,7 +193,11 @@ pub(crate) fn registry(shared: &Shared) -> Registry {
         for ((node, transport), n) in &snap.opened {
             let node = node.as_deref().unwrap_or("");
             connections
-                .get_or_create(&labels(&[("service", name), ("node", node), ("transport", transport)]))
+                .get_or_create(&labels(&[
+                    ("service", name),
+                    ("node", node),
+                    ("transport", transport),
+                ]))
                 .inc_by(*n);
         }
         current
@@ -210,9 +214,13 @@ pub(crate) fn registry(shared: &Shared) -> Registry {
                 latency.get_or_create(&l).set(c.latency_ms as f64 / 1000.0);
             }
         }
-        failovers.get_or_create(&labels(&svc)).inc_by(snap.failovers);
+        failovers
+            .get_or_create(&labels(&svc))
+            .inc_by(snap.failovers);
         severed.get_or_create(&labels(&svc)).inc_by(snap.severed);
-        conflicts.get_or_create(&labels(&svc)).inc_by(snap.conflicts);
+        conflicts
+            .get_or_create(&labels(&svc))
+            .inc_by(snap.conflicts);
         let t = snap.best.as_ref().map_or(0, |b| b.term);
         term.get_or_create(&labels(&svc))
             .set(i64::try_from(t).unwrap_or(i64::MAX));
@@ -228,7 +236,10 @@ pub(crate) fn registry(shared: &Shared) -> Registry {
         }
         let reason = key.code.map_or("unknown", |c| c.as_str());
         refusals
-            .get_or_create(&labels(&[("origin", key.origin.as_str()), ("reason", reason)]))
+            .get_or_create(&labels(&[
+                ("origin", key.origin.as_str()),
+                ("reason", reason),
+            ]))
             .inc_by(n);
     }
     for transport in ["quic", "websocket"] {

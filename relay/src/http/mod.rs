@@ -73,3 +73,6 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         warn!(error = %e, "http listener failed");
     }
 }
+
+#[cfg(test)]
+mod tests;
