@@ -42,6 +42,9 @@ pub(crate) const EVENTS_KEPT: usize = 100;
 /// one node; more than one is already a conflict, so a few are enough to show it).
 const NAMES_PER_TERM: usize = 8;
 
+/// How many (node, transport) connection counters a service keeps.
+const MAX_SERIES: usize = 256;
+
 /// How long an operator's traffic switch made through this relay's API holds before the agents
 /// confirm it; past that the agents' view counts again (an agent that never applied it must not
 /// leave this relay disagreeing with every other).
@@ -350,10 +353,11 @@ impl Cluster {
         let mut services = self.lock();
         let cut = match services.get_mut(service) {
             Some(view) => {
-                *view
-                    .opened
-                    .entry((node.clone(), transport_name(transport)))
-                    .or_default() += 1;
+                let key = (node.clone(), transport_name(transport));
+                // Node names come from agents; a bound keeps a confused one from growing this.
+                if view.opened.len() < MAX_SERIES || view.opened.contains_key(&key) {
+                    *view.opened.entry(key).or_default() += 1;
+                }
                 let late = view.best.as_ref().is_some_and(|b| {
                     !b.traffic_enabled
                         || ((b.term, b.active.as_ref()) != (asked.0, asked.1.as_ref())
@@ -531,7 +535,8 @@ impl View {
         }
         if moved {
             let from = old.as_ref().and_then(|o| o.active.clone());
-            if from.is_some() && from != new.active {
+            // Traffic switched off by an operator is not a failover.
+            if from.is_some() && from != new.active && new.traffic_enabled {
                 self.failovers += 1;
             }
             info!(service, term = new.term, from = from.as_deref().unwrap_or("none"), to = new.active.as_deref().unwrap_or("none"), reason = %new.reason, agent = %new.agent, "decision");
