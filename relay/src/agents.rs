@@ -7,7 +7,8 @@ use std::sync::Arc;
 use postern_common::control::{self, ControlEnd};
 use postern_common::events::Origin;
 use postern_common::protocol::{
-    self, Code, Control, FEATURE_DRAIN, FEATURE_MYSQL_E2E, MAX_FRAME, Refusal, Rejected,
+    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, MAX_FRAME, Refusal,
+    Rejected,
 };
 use postern_common::transport::Session;
 use postern_common::wire;
@@ -28,6 +29,10 @@ enum HelloError {
     #[error("no hello within the handshake timeout")]
     Timeout,
 }
+
+/// How many messages (commands, policies, a drain) may wait for an agent's control stream;
+/// past that, operators' commands are refused rather than queued without bound.
+const COMMANDS_QUEUED: usize = 16;
 
 /// Serves one agent session until it ends.
 pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
@@ -124,7 +129,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         heartbeat_ms: shared.config.heartbeat.as_millis() as u64,
         app_guid: shared.config.platform.as_ref().map(|p| p.app_guid.clone()),
         instance_index: shared.config.platform.as_ref().map(|p| p.instance_index),
-        features: vec![FEATURE_DRAIN.to_owned()],
+        features: vec![FEATURE_DRAIN.to_owned(), FEATURE_BACKENDS.to_owned()],
     };
     // Register before the welcome: the agent reports itself connected as soon as it reads the
     // welcome, and a client routed to it from then on must find it. An agent that ends TLS
@@ -166,8 +171,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         })
     };
 
-    // Agents that end TLS get the policy again whenever the revocation lists change.
-    let (policy_tx, outgoing) = tokio::sync::mpsc::channel(2);
+    // Agents that end TLS get the policy again whenever the revocation lists change; agents
+    // that report their nodes take operators' commands on the same stream.
+    let (policy_tx, outgoing) = tokio::sync::mpsc::channel(COMMANDS_QUEUED);
+    let backends = features.iter().any(|f| f == FEATURE_BACKENDS);
+    if backends {
+        shared
+            .registry
+            .set_commands(&name, generation, policy_tx.clone());
+    }
     // When the relay drains, agents that understand it are told at once, so they open their
     // next session (to another instance) while this one finishes its streams.
     let drains = features.iter().any(|f| f == FEATURE_DRAIN);
@@ -214,6 +226,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
                 shared.registry.drain(&name, generation);
                 Ok(())
             }
+            // Its view of its services: replaces the previous one whole.
+            Control::State { services } if backends => {
+                shared
+                    .cluster
+                    .report(&name, generation, &accepted, services);
+                Ok(())
+            }
             other => Err(Box::new(other)),
         },
     );
@@ -226,6 +245,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         task.abort();
     }
     shared.registry.remove(&name, generation);
+    shared.cluster.forget(&name, generation);
     // A session that is already closed (by the peer, by a failure, or by the registry when a
     // new session of this agent replaced it) keeps the reason it closed with.
     match &end {

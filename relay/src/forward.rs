@@ -9,8 +9,12 @@
 //! pre-authorisation, no client byte follows) and, in end-to-end mode, for the agent to
 //! authorise the client itself.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use postern_common::events::{Event, Origin};
 use postern_common::mysql::server::Conn;
@@ -18,17 +22,20 @@ use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, StreamMode};
 use postern_common::transport::Stream;
 use postern_common::{splice, wire};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::debug;
 
 use crate::Shared;
+use crate::cluster::Registration;
 use crate::config::{Service, TlsTermination};
 
 pub(crate) use postern_common::protocol::Refusal;
 
 /// A stream to the agent, connected to the backend and ready for bytes.
 pub(crate) struct Reached {
-    pub(crate) stream: Stream,
+    pub(crate) stream: Tunnel,
     pub(crate) agent: String,
     pub(crate) backend: String,
     pub(crate) conn_id: u64,
@@ -98,13 +105,21 @@ pub(crate) async fn open(
                 ),
             )
         })?;
-    let Some(route) = shared.registry.route(service) else {
+    // The node of the best decision any agent made; an agent that reports it healthy first.
+    let (term, node) = shared.cluster.route(service);
+    let route = match &node {
+        Some(n) => shared.registry.route_preferring(service, |agent| {
+            shared.cluster.healthy_at(service, agent, n)
+        }),
+        None => shared.registry.route(service),
+    };
+    let Some(route) = route else {
         return Err(Refusal::new(
             Code::NoAgent,
             format!("service {service:?} is unavailable: no agent is connected for it"),
         ));
     };
-    let (agent, session) = (route.agent, route.session);
+    let (agent, session, transport) = (route.agent, route.session, route.transport);
     if mode == StreamMode::MysqlE2e && !route.mysql_e2e {
         return Err(Refusal::new(
             Code::NoAgent,
@@ -133,8 +148,8 @@ pub(crate) async fn open(
         conn_id,
         pre_auth: client.is_none(),
         mode,
-        node: None,
-        term: 0,
+        node: node.clone(),
+        term,
     };
     wire::write_first(&mut stream, &open)
         .await
@@ -148,9 +163,27 @@ pub(crate) async fn open(
     .map_err(|e| no_agent(&e))?;
     match answer {
         Answer::Ok { backend } => {
-            debug!(conn_id, agent, backend, "stream to agent open");
+            // The node is the one at the address the agent connected to, as the agent reports
+            // it; else the one the relay asked for.
+            let reached = shared
+                .cluster
+                .node_at(service, &agent, &backend)
+                .or_else(|| node.clone());
+            debug!(
+                conn_id,
+                agent,
+                backend,
+                node = reached.as_deref().unwrap_or(""),
+                "stream to agent open"
+            );
+            // A stream that carries no client (the greeting fetch) is not a connection.
+            let registration = (conn_id != 0).then(|| {
+                shared
+                    .cluster
+                    .register(service, reached, (term, node), transport)
+            });
             Ok(Reached {
-                stream,
+                stream: Tunnel::new(stream, registration),
                 agent,
                 backend,
                 conn_id,
@@ -158,6 +191,104 @@ pub(crate) async fn open(
             })
         }
         Answer::Refused { code, message } => Err(Refusal::new(code, message)),
+    }
+}
+
+/// A stream to the agent that fails (as a reset, both ways) when its connection is severed:
+/// the node it reached is no longer active. Its registration keeps the node's connection count.
+pub(crate) struct Tunnel {
+    stream: Stream,
+    /// Resolves when the connection must be cut; `None` when it never is.
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    severed: bool,
+    _registration: Option<Registration>,
+}
+
+impl Tunnel {
+    fn new(stream: Stream, registration: Option<Registration>) -> Self {
+        Self {
+            stream,
+            cut: registration
+                .as_ref()
+                .map(|r| Box::pin(r.cut.clone().cancelled_owned())),
+            severed: false,
+            _registration: registration,
+        }
+    }
+
+    /// Resets the stream.
+    pub(crate) fn abort(&mut self) {
+        self.stream.abort();
+    }
+
+    /// Whether the connection was severed; registers the task to wake when it is.
+    fn poll_severed(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.severed
+            && let Some(cut) = &mut self.cut
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            self.severed = true;
+            self.cut = None;
+            self.stream.abort();
+        }
+        self.severed
+    }
+}
+
+fn severed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "severed: the node is no longer the active one",
+    )
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.poll_severed(cx) {
+            return Poll::Ready(Err(severed()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.poll_severed(cx) {
+            return Poll::Ready(Err(severed()));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.poll_severed(cx) {
+            return Poll::Ready(Err(severed()));
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.poll_severed(cx) {
+            return Poll::Ready(Err(severed()));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}
+
+impl Conn for Tunnel {
+    fn fail(&mut self) {
+        self.stream.abort();
     }
 }
 

@@ -11,12 +11,15 @@
 //!   heartbeats, drain) and registers it in the [`registry`]; `connect` clients' streams.
 //! * [`access`]: who may use which service, and revocations: the one owner of those rules.
 //! * `forward`: reaching a service for one client connection, and carrying its bytes.
+//! * `cluster`: the agents' reports of each service's nodes, the best decision the relay routes
+//!   by, and severing the connections to nodes that are no longer active.
 //! * [`config`]: `relay.yaml`; [`certs`]: the `certs` subcommand.
 
 pub mod access;
 mod agents;
 pub mod certs;
 pub mod cli;
+mod cluster;
 pub mod config;
 mod forward;
 mod http;
@@ -53,6 +56,7 @@ pub struct Relay {
     quic: Option<quic::Server>,
     listeners: Vec<ServiceListener>,
     http: Option<TcpListener>,
+    health: Option<TcpListener>,
     acceptor: TlsAcceptor,
     mysql_acceptor: TlsAcceptor,
 }
@@ -86,11 +90,16 @@ impl Relay {
             Some(addr) => Some(listen::bind_tcp("http", addr).await?),
             None => None,
         };
+        let health = match config.health_listen {
+            Some(addr) => Some(listen::bind_tcp("health", addr).await?),
+            None => None,
+        };
         Ok(Self {
             shared: Arc::new(Shared::new(config)),
             quic,
             listeners,
             http,
+            health,
             acceptor,
             mysql_acceptor,
         })
@@ -99,6 +108,11 @@ impl Relay {
     /// The bound address of the HTTP listener.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound address of the health listener (`health_listen`).
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The UDP address agents and `connect` clients dial, when the relay listens for QUIC.
@@ -142,6 +156,7 @@ impl Relay {
             quic,
             listeners,
             http,
+            health,
             acceptor,
             mysql_acceptor,
         } = self;
@@ -152,8 +167,12 @@ impl Relay {
                 .clone()
                 .watch_revocations(shared.abort.clone()),
         );
+        tasks.spawn(http::metrics::follow(shared.clone()));
         if let Some(listener) = http {
             tasks.spawn(http::serve(shared.clone(), listener));
+        }
+        if let Some(listener) = health {
+            tasks.spawn(http::serve_health(shared.clone(), listener));
         }
         for listener in listeners {
             let acceptor = match listener.kind {
@@ -225,6 +244,17 @@ impl Handle {
     /// The relay's events sink: refusals, tunnels opened and closed.
     pub fn events(&self) -> Events {
         self.shared.events.clone()
+    }
+
+    /// The (term, active node) the relay routes `service` by: the highest term any agent
+    /// reported; `(0, None)` before any did.
+    pub fn decision(&self, service: &str) -> (u64, Option<String>) {
+        self.shared.cluster.route(service)
+    }
+
+    /// A receiver that sees a new value whenever an agent's report or a decision changes.
+    pub fn cluster_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.cluster.subscribe()
     }
 
     /// The relay's access rules (the service broker changes them at run time).

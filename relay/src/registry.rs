@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use postern_common::protocol::Control;
 use postern_common::transport::{Session, TransportKind};
 use serde::Serialize;
+use tokio::sync::mpsc;
 
 /// Connected agents, by identity name.
 #[derive(Default)]
@@ -31,6 +33,9 @@ struct Entry {
     since: SystemTime,
     /// The agent is shutting down: no new streams go to it.
     draining: bool,
+    /// Its control stream's outgoing messages, when it takes operators' commands
+    /// (`FEATURE_BACKENDS`).
+    commands: Option<mpsc::Sender<Control>>,
 }
 
 /// The agent [`Registry::route`] chose.
@@ -41,6 +46,8 @@ pub struct Route {
     pub session: Session,
     /// Whether it serves end-to-end streams (it said so in its hello).
     pub mysql_e2e: bool,
+    /// The transport of its session.
+    pub transport: TransportKind,
 }
 
 /// A registration; pass it back to [`Registry::remove`] when the session ends.
@@ -60,6 +67,8 @@ pub struct AgentInfo {
     pub remote: String,
     /// Seconds since the Unix epoch when the session started.
     pub since: u64,
+    /// Whether it reports node health and decisions, and takes commands.
+    pub backends: bool,
 }
 
 impl Registry {
@@ -87,6 +96,7 @@ impl Registry {
                 generation,
                 since: SystemTime::now(),
                 draining: false,
+                commands: None,
             },
         );
         drop(st);
@@ -130,19 +140,62 @@ impl Registry {
         }
     }
 
+    /// Lets agent `name`'s registration `generation` take operators' commands: they go to
+    /// `commands`, its control stream's outgoing messages.
+    pub fn set_commands(
+        &self,
+        name: &str,
+        generation: Generation,
+        commands: mpsc::Sender<Control>,
+    ) {
+        let mut st = self.lock();
+        if let Some(e) = st
+            .agents
+            .get_mut(name)
+            .filter(|e| e.generation == generation.0)
+        {
+            e.commands = Some(commands);
+        }
+    }
+
+    /// Sends `command` to every agent serving `service` that takes commands; returns the names
+    /// of those it was queued for. An agent whose queue is full (its control stream stalls)
+    /// is left out.
+    pub fn command(&self, service: &str, command: &Control) -> Vec<String> {
+        let st = self.lock();
+        let mut sent: Vec<String> = st
+            .agents
+            .iter()
+            .filter(|(_, e)| !e.session.is_closed() && e.services.iter().any(|s| s == service))
+            .filter_map(|(n, e)| {
+                let tx = e.commands.as_ref()?;
+                tx.try_send(command.clone()).ok().map(|()| n.clone())
+            })
+            .collect();
+        sent.sort();
+        sent
+    }
+
     /// The session of an agent serving `service`, the most recently connected first.
     pub fn route(&self, service: &str) -> Option<Route> {
+        self.route_preferring(service, |_| false)
+    }
+
+    /// The session of an agent serving `service`: agents for which `prefer` (given the agent's
+    /// name) holds first, then the most recently connected.
+    pub fn route_preferring(&self, service: &str, prefer: impl Fn(&str) -> bool) -> Option<Route> {
         let st = self.lock();
         st.agents
             .iter()
             .filter(|(_, e)| {
                 !e.draining && !e.session.is_closed() && e.services.iter().any(|s| s == service)
             })
-            .max_by_key(|(_, e)| e.generation)
+            .max_by_key(|(n, e)| (prefer(n), e.generation))
             .map(|(n, e)| Route {
                 agent: n.clone(),
                 session: e.session.clone(),
                 mysql_e2e: e.mysql_e2e,
+                transport: e.session.kind(),
             })
     }
 
@@ -162,6 +215,7 @@ impl Registry {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
+                backends: e.commands.is_some(),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -222,5 +276,37 @@ mod tests {
         r.drain("db1", g);
         assert_eq!(r.route("orders").map(|x| x.agent), Some("db2".into()));
         assert!(r.route("billing").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_reports_the_node_healthy_is_preferred() {
+        let r = Registry::default();
+        let (a, _pa) = session();
+        let (b, _pb) = session();
+        r.insert("db1", a, vec!["orders".into()], false, false);
+        r.insert("db2", b, vec!["orders".into()], false, false);
+        assert_eq!(r.route("orders").map(|x| x.agent), Some("db2".into()));
+        let routed = r.route_preferring("orders", |agent| agent == "db1");
+        assert_eq!(routed.map(|x| x.agent), Some("db1".into()));
+    }
+
+    #[tokio::test]
+    async fn commands_go_to_every_agent_of_the_service_that_takes_them() {
+        let r = Registry::default();
+        let (a, _pa) = session();
+        let (b, _pb) = session();
+        let (c, _pc) = session();
+        let ga = r.insert("db1", a, vec!["orders".into()], false, false);
+        let gb = r.insert("db2", b, vec!["orders".into()], false, false);
+        r.insert("db3", c, vec!["orders".into()], false, false);
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        r.set_commands("db1", ga, tx1);
+        r.set_commands("db2", gb, tx2);
+        let cmd = Control::Heartbeat { seq: 7 };
+        assert_eq!(r.command("orders", &cmd), vec!["db1", "db2"]);
+        assert_eq!(rx1.recv().await, Some(cmd.clone()));
+        assert_eq!(rx2.recv().await, Some(cmd.clone()));
+        assert!(r.command("billing", &cmd).is_empty());
     }
 }

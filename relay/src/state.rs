@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Access;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -19,6 +20,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     /// The connected agents.
     pub(crate) registry: Registry,
+    /// The services' nodes and decisions, and the connections carried to them.
+    pub(crate) cluster: Cluster,
     /// Who may use which service, and the revocation lists.
     pub(crate) access: Arc<Access>,
     /// Per-service limits of authorised connections.
@@ -33,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) ids: ConnIds,
     /// Where refusals and opened and closed tunnels go.
     pub(crate) events: Events,
+    /// Bytes carried, summed from the events sink for `/metrics`.
+    pub(crate) traffic: crate::http::metrics::Traffic,
     /// Cancelled when the relay starts to drain: listeners stop accepting, agents are told
     /// (so they open their next session elsewhere first), `connect` clients' new streams are
     /// refused as `shutting_down`. Open connections go on.
@@ -61,6 +66,7 @@ impl Shared {
             .collect();
         Self {
             access: Arc::new(Access::new(&config)),
+            cluster: Cluster::new(config.services.keys()),
             connection_slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
             registry: Registry::default(),
@@ -69,6 +75,7 @@ impl Shared {
             greetings: Greetings::new(),
             ids: ConnIds::new(),
             events: Events::new(),
+            traffic: Default::default(),
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
             connections: TaskTracker::new(),

@@ -26,6 +26,21 @@ pub(super) struct File {
     pub(super) agents: Entries<AgentFile>,
     #[serde(default)]
     pub(super) services: Entries<ServiceFile>,
+    #[serde(default)]
+    pub(super) api: Option<Spanned<ApiFile>>,
+    #[serde(default)]
+    pub(super) health_listen: Option<Spanned<String>>,
+}
+
+/// `api`: who may use `/v0/*`, the dashboard and `/metrics`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ApiFile {
+    pub(super) username: Spanned<String>,
+    #[serde(default)]
+    pub(super) password_file: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
+    pub(super) password_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

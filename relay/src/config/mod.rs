@@ -18,6 +18,10 @@
 //!       alice: ["*"]
 //!     client_attribute: true      # tag sessions with connection attribute postern_client
 //!     tls_termination: relay      # or `agent`: TLS ends at the agent, the relay stays blind
+//! api:                            # /v0/*, the dashboard at / and /metrics (absent: off, 404)
+//!   username: admin
+//!   password_file: api-password   # or password_env: VAR (never inline)
+//! health_listen: 0.0.0.0:1936     # 200 with an empty body on any path, no auth (optional)
 //! ```
 //!
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
@@ -123,6 +127,28 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// Where the relay runs as a Cloud Foundry app instance (from the environment).
     pub platform: Option<CfInstance>,
+    /// Who may use the API, the dashboard and the metrics; `None`: they are off.
+    pub api: Option<ApiAuth>,
+    /// A listener for load balancers: 200 with an empty body on any path, no auth.
+    pub health_listen: Option<SocketAddr>,
+}
+
+/// The basic-auth credentials of the API, the dashboard and `/metrics`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiAuth {
+    /// The user name.
+    pub username: String,
+    /// The password (read from a file or the environment; never logged).
+    pub password: String,
+}
+
+impl std::fmt::Debug for ApiAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// This relay's identity as a Cloud Foundry app instance.
@@ -250,6 +276,14 @@ impl Config {
             })
             .collect();
         let agents = agents(&mut check, &file, &services);
+        let api = file
+            .api
+            .as_ref()
+            .and_then(|a| api(&mut check, a, &base, env));
+        let health_listen = file
+            .health_listen
+            .as_ref()
+            .and_then(|h| parse_addr(&mut check, h, "health_listen", env));
         let platform = CfInstance::from_env(env);
         let instance = file
             .instance
@@ -272,8 +306,99 @@ impl Config {
             agents,
             services,
             platform,
+            api,
+            health_listen,
         })
     }
+}
+
+/// The longest API password file read (a password, not a document).
+const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// `api`: a user name, and a password from exactly one of a file and an environment variable.
+fn api(
+    check: &mut Check<'_>,
+    api: &Spanned<file::ApiFile>,
+    base: &Path,
+    env: &dyn Env,
+) -> Option<ApiAuth> {
+    let a = &api.value;
+    let username = a.username.value.clone();
+    if username.is_empty() || username.contains(':') {
+        check.at(
+            &a.username,
+            "api.username",
+            "must not be empty or contain ':' (basic auth splits on it)",
+        );
+    }
+    let password = match (&a.password_file, &a.password_env) {
+        (Some(path), None) => {
+            let full = base.join(&path.value);
+            let read = std::fs::metadata(&full).and_then(|m| {
+                if m.len() > MAX_PASSWORD_FILE {
+                    Err(std::io::Error::other(format!(
+                        "larger than {MAX_PASSWORD_FILE} bytes"
+                    )))
+                } else {
+                    std::fs::read_to_string(&full)
+                }
+            });
+            match read {
+                Ok(p) => Some((
+                    p.trim_end_matches(['\n', '\r']).to_owned(),
+                    path.value.display().to_string(),
+                    "api.password_file",
+                    config::line_of(path),
+                )),
+                Err(e) => {
+                    check.at(
+                        path,
+                        "api.password_file",
+                        format!("cannot read {}: {e}", full.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(var)) => match env.var(&var.value) {
+            Some(p) => Some((
+                p,
+                var.value.clone(),
+                "api.password_env",
+                config::line_of(var),
+            )),
+            None => {
+                check.at(
+                    var,
+                    "api.password_env",
+                    format!("environment variable {} is not set", var.value),
+                );
+                None
+            }
+        },
+        (Some(_), Some(var)) => {
+            check.at(
+                var,
+                "api",
+                "give one of password_file and password_env, not both",
+            );
+            None
+        }
+        (None, None) => {
+            check.at(
+                &a.username,
+                "api",
+                "give the password in password_file or password_env (never inline)",
+            );
+            None
+        }
+    };
+    let (password, source, key, line) = password?;
+    if password.is_empty() {
+        check.error(line, key, format!("the password from {source} is empty"));
+        return None;
+    }
+    Some(ApiAuth { username, password })
 }
 
 /// `first_packet_timeout`: more than zero, and part of the handshake, so no longer than it.
@@ -513,6 +638,75 @@ mod tests {
                 .allows(b"app"),
             "a client the mapping does not name may log in as no one"
         );
+    }
+
+    #[test]
+    fn api_credentials_come_from_a_file_or_the_environment_and_never_show() {
+        let (dir, head) = files();
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(dir.path().join("api-password"), "s3cret\n").unwrap();
+        let body = "  orders:\n    clients: [alice]\n";
+        let env = BTreeMap::from([("API_PW", "from-env")]);
+        let c = Config::parse(
+            &path,
+            &format!(
+                "api:\n  username: admin\n  password_file: api-password\nhealth_listen: 127.0.0.1:0\n{head}{body}"
+            ),
+            &env,
+        )
+        .unwrap();
+        let api = c.api.clone().unwrap();
+        assert_eq!(
+            (api.username.as_str(), api.password.as_str()),
+            ("admin", "s3cret")
+        );
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug masks the password"
+        );
+        assert_eq!(c.health_listen, Some("127.0.0.1:0".parse().unwrap()));
+        let c = Config::parse(
+            &path,
+            &format!("api:\n  username: admin\n  password_env: API_PW\n{head}{body}"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.api.unwrap().password, "from-env");
+        let c = Config::parse(&path, &format!("{head}{body}"), &env).unwrap();
+        assert!(c.api.is_none() && c.health_listen.is_none());
+
+        let errors = |text: &str| -> Vec<String> {
+            Config::parse(&path, &format!("{text}{head}{body}"), &env)
+                .expect_err(text)
+                .0
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}: {}: {}",
+                        e.line.unwrap_or(0),
+                        e.key.as_deref().unwrap_or(""),
+                        e.message
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            errors("api:\n  username: admin\n  password_env: NOPE\n"),
+            vec!["3: api.password_env: environment variable NOPE is not set"]
+        );
+        assert_eq!(
+            errors("api:\n  username: admin\n"),
+            vec!["2: api: give the password in password_file or password_env (never inline)"]
+        );
+        let e = errors("api:\n  username: admin\n  password_file: missing\n");
+        assert!(
+            e[0].starts_with("3: api.password_file: cannot read"),
+            "{e:?}"
+        );
+        let e = errors("api:\n  username: admin\n  password: inline\n");
+        assert!(e[0].contains("password"), "{e:?}");
+        let e = errors("health_listen: nowhere\n");
+        assert!(e[0].starts_with("1: health_listen:"), "{e:?}");
     }
 
     #[test]
