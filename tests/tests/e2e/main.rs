@@ -11,6 +11,7 @@ mod drain;
 mod drivers;
 mod faults;
 mod fleet;
+mod harness;
 mod limits;
 mod lockout;
 mod mysql_e2e;
