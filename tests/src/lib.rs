@@ -11,6 +11,7 @@ pub mod api;
 pub mod browser;
 pub mod client;
 pub mod config;
+pub mod failover;
 pub mod galera;
 pub mod health;
 pub mod inproc;
