@@ -158,12 +158,12 @@ async fn galera_stopping_the_active_node_moves_traffic_and_its_rejoin_does_not_t
 
     let stopping = Instant::now();
     s.galera_mut().stop_node(&first).await;
-    let (second, _) = moved_from(&s, &first, HUNG_BOUND + Duration::from_secs(30)).await;
-    let took = stopping.elapsed();
-    eprintln!("stop of {first}: traffic on {second} after {took:?} (from SIGTERM)");
+    let stopped = stopping.elapsed();
+    // From the moment the process is gone (a clean shutdown takes a while, and the node stops
+    // answering early in it), new connections are elsewhere within the hung-node bound.
+    let (second, took) = moved_from(&s, &first, HUNG_BOUND).await;
+    eprintln!("stop of {first} ({stopped:?}): traffic on {second} {took:?} after it exited");
     assert_closed(&mut old, "the stop").await;
-    // The bound counts from the moment the node stops answering, which a clean shutdown of
-    // mariadbd reaches before the process exits; from SIGTERM it is the stop plus the bound.
     let t = Instant::now();
     for _ in 0..20 {
         assert_eq!(s.which_node(0).await.as_deref(), Ok(second.as_str()));
