@@ -353,13 +353,20 @@ impl Galera {
 
     /// Waits until every running node sees a cluster of `size` nodes.
     pub async fn wait_cluster_size(&mut self, size: usize) {
+        let running: Vec<String> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.is_running().then(|| n.name.clone()))
+            .collect();
+        let running: Vec<&str> = running.iter().map(String::as_str).collect();
+        self.wait_cluster_size_on(&running, size).await;
+    }
+
+    /// Waits until each of `nodes` sees a cluster of `size` nodes.
+    pub async fn wait_cluster_size_on(&self, nodes: &[&str], size: usize) {
         let started = tokio::time::Instant::now();
+        let running = nodes;
         loop {
-            let running: Vec<String> = self
-                .nodes
-                .iter_mut()
-                .filter_map(|n| n.is_running().then(|| n.name.clone()))
-                .collect();
             let sizes: Vec<Option<String>> = running
                 .iter()
                 .map(|n| self.status(n, "wsrep_cluster_size"))
@@ -407,6 +414,30 @@ impl Galera {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Freezes node `name` (SIGSTOP): its process stays, its sockets stay open, nothing
+    /// answers — a hung node, as a health check meets one. [`thaw`](Self::thaw) resumes it.
+    pub fn freeze(&self, name: &str) {
+        self.signal(name, "-STOP");
+    }
+
+    /// Resumes node `name` after [`freeze`](Self::freeze) (SIGCONT); if the others evicted it
+    /// meanwhile, it rejoins by itself.
+    pub fn thaw(&self, name: &str) {
+        self.signal(name, "-CONT");
+    }
+
+    fn signal(&self, name: &str, signal: &str) {
+        let pid = self
+            .node(name)
+            .pid()
+            .unwrap_or_else(|| panic!("galera node {name} is not running"));
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// Starts node `name` again (after [`stop_node`](Self::stop_node) or
@@ -490,12 +521,15 @@ impl Galera {
 
 impl Drop for Galera {
     fn drop(&mut self) {
-        // SIGTERM all at once, then wait; whatever is left after 20 s gets SIGKILL.
+        // SIGTERM all at once (after SIGCONT, for frozen ones), then wait; whatever is left
+        // after 20 s gets SIGKILL.
         for n in &self.nodes {
             if let Some(pid) = n.pid() {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
+                for signal in ["-CONT", "-TERM"] {
+                    let _ = Command::new("kill")
+                        .args([signal, &pid.to_string()])
+                        .status();
+                }
             }
         }
         let deadline = std::time::SystemTime::now() + Duration::from_secs(20);

@@ -56,7 +56,11 @@ async fn assert_closed(conns: &mut [(mysql_async::Conn, String)], why: &str) {
 async fn moved_from(s: &Stack, from: &str, within: Duration) -> (String, Duration) {
     let started = Instant::now();
     loop {
-        let got = s.which_node(0).await;
+        // A connection to a hung node never gets its greeting: bounded by what is left.
+        let left = within.saturating_sub(started.elapsed()) + Duration::from_millis(100);
+        let got = tokio::time::timeout(left, s.which_node(0))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {left:?}")));
         if let Ok(node) = &got
             && node != from
         {
@@ -172,6 +176,26 @@ async fn galera_stopping_the_active_node_moves_traffic_and_its_rejoin_does_not_t
     let (term, _) = s.api(0).active(None).await;
 
     s.galera_mut().start_node(&first).await;
+    wait_healthy_again(&s, &first).await;
+    stays_on(&s, &second).await;
+    assert_eq!(s.api(0).active(None).await, (term, Some(second)));
+    s.stop().await;
+}
+
+/// `mysql` check: the active node hangs (its process frozen with SIGSTOP: connections open,
+/// nothing answers); new connections go to another node within 3 s, and the node's return
+/// (thawed, rejoined, Synced) leaves the traffic there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_a_hung_active_node_is_left_within_three_seconds() {
+    let mut s = Stack::builder().galera().api().start().await;
+    let first = lowest_index(s.galera(), &[]);
+    s.wait_node(0, &first, Duration::from_secs(10)).await;
+    s.galera().freeze(&first);
+    let (second, took) = moved_from(&s, &first, HUNG_BOUND).await;
+    eprintln!("freeze of {first}: traffic on {second} after {took:?}");
+    let (term, _) = s.api(0).active(None).await;
+    s.galera().thaw(&first);
+    s.galera_mut().wait_synced(&first).await;
     wait_healthy_again(&s, &first).await;
     stays_on(&s, &second).await;
     assert_eq!(s.api(0).active(None).await, (term, Some(second)));

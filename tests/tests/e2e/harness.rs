@@ -104,6 +104,16 @@ async fn a_galera_cluster_starts_syncs_and_takes_its_nodes_back() {
     g.wait_cluster_size(3).await;
     assert_eq!(g.ok("n1", "SELECT COUNT(*) FROM app.t").trim(), "3");
     eprintln!("galera: n1 killed and rejoined in {:?}", t.elapsed());
+
+    // Frozen (SIGSTOP): evicted by the others; thawed, it comes back by itself.
+    let t = Instant::now();
+    g.freeze("n2");
+    g.wait_cluster_size_on(&["n1", "n3"], 2).await;
+    eprintln!("galera: frozen n2 evicted in {:?}", t.elapsed());
+    g.thaw("n2");
+    g.wait_synced("n2").await;
+    g.wait_cluster_size(3).await;
+    eprintln!("galera: n2 frozen, thawed and back in {:?}", t.elapsed());
 }
 
 /// Each mode answers as galera-agent or a stuck node would, switched at run time, also on a
