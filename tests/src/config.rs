@@ -37,6 +37,12 @@ pub struct RelayConfig {
     /// `max_connections` (the whole relay).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// `api`: basic-auth credentials for `/v0/*`, the dashboard and `/metrics` (absent: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<RelayApi>,
+    /// `health_listen`: a separate port for load balancers (200 on any path, no auth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_listen: Option<String>,
     /// `agents`: agent name → the services it may offer.
     pub agents: BTreeMap<String, RelayAgent>,
     /// `services`.
@@ -69,6 +75,19 @@ pub struct Tls {
     /// `tls.crl`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub crl: Option<PathBuf>,
+}
+
+/// `api` of `relay.yaml`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayApi {
+    /// `api.username`.
+    pub username: String,
+    /// `api.password_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// `api.password_env`: the variable that holds the password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
 }
 
 /// `agents.NAME` of `relay.yaml`.
@@ -125,10 +144,22 @@ impl RelayConfig {
             first_packet_timeout: None,
             instance: None,
             max_connections: None,
+            api: None,
+            health_listen: None,
             agents: BTreeMap::new(),
             services: BTreeMap::new(),
             extra: BTreeMap::new(),
         }
+    }
+
+    /// Turns the API on for `username`, whose password the relay reads from `password_file`.
+    pub fn api(&mut self, username: &str, password_file: &Path) -> &mut Self {
+        self.api = Some(RelayApi {
+            username: username.to_owned(),
+            password_file: Some(password_file.to_owned()),
+            password_env: None,
+        });
+        self
     }
 
     /// Lets agent `name` offer `services` (added to what it may offer already).
@@ -183,6 +214,7 @@ impl RelayConfig {
             *quic = format!("127.0.0.1:{port}");
         }
         self.listen.http.iter_mut().for_each(pin_tcp);
+        self.health_listen.iter_mut().for_each(pin_tcp);
         for svc in self.services.values_mut() {
             svc.listen.iter_mut().for_each(pin_tcp);
             svc.tls_listen.iter_mut().for_each(pin_tcp);
@@ -239,6 +271,9 @@ pub struct AgentConfig {
     /// `websocket`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub websocket: Option<AgentWebsocket>,
+    /// `state_dir`: where the agent keeps its decisions (terms) across restarts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
     /// `services`.
     pub services: BTreeMap<String, AgentService>,
     /// Keys the agent does not know (for tests of config errors).
@@ -287,17 +322,99 @@ pub struct AgentWebsocket {
     pub cloud_foundry: bool,
 }
 
-/// `services.NAME` of `agent.yaml`.
-#[derive(Debug, Clone, Serialize)]
+/// `services.NAME` of `agent.yaml`: one `backend`, or several `nodes` with a `check`.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct AgentService {
-    /// `backend`.
-    pub backend: String,
+    /// `backend`: the one node (named `backend`, no checks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// `nodes`: the service's nodes, in config order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<ServiceNode>>,
+    /// `check`: how the nodes' health is checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+    /// `wait_for_node`: how long a new client waits when no node is healthy.
+    #[serde(with = "human", skip_serializing_if = "Option::is_none")]
+    pub wait_for_node: Option<Duration>,
+    /// `decisions`: where the decision record lives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<Decisions>,
     /// `connect_timeout`.
     #[serde(with = "human", skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
     /// `tls`: the service certificate, for `tls_termination: agent`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServiceTls>,
+}
+
+/// One of `services.NAME.nodes` of `agent.yaml`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceNode {
+    /// `name`.
+    pub name: String,
+    /// `address` (`host:port`).
+    pub address: String,
+    /// `health_url`: the `http` check's URL for this node (overrides `check.path`/`port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_url: Option<String>,
+}
+
+/// `services.NAME.check` of `agent.yaml`. Unset fields take the agent's defaults.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Check {
+    /// `type`.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<CheckKind>,
+    /// `interval`.
+    #[serde(with = "human", skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// `timeout`.
+    #[serde(with = "human", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// `rise`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    /// `fall`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+    /// `user` (mysql).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `password_file` (mysql).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// `password_env` (mysql): the variable that holds the password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// `path` (http).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `port` (http).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// `check.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// Log in with the monitor user and read wsrep status and `read_only`.
+    Mysql,
+    /// galera-agent/clustercheck compatible HTTP.
+    Http,
+    /// A TCP connect.
+    Tcp,
+}
+
+/// `decisions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decisions {
+    /// A file in `state_dir`.
+    Local,
+    /// A table in the Galera cluster (several agents for one service).
+    Cluster,
 }
 
 /// `services.NAME.tls` of `agent.yaml`.
@@ -322,6 +439,7 @@ impl AgentConfig {
             server_name: Some("localhost".into()),
             tls: Tls::of(pki, &base),
             websocket: None,
+            state_dir: None,
             services: BTreeMap::new(),
             extra: BTreeMap::new(),
         }
@@ -332,9 +450,28 @@ impl AgentConfig {
         self.services.insert(
             name.to_owned(),
             AgentService {
-                backend: backend.to_owned(),
+                backend: Some(backend.to_owned()),
                 connect_timeout: Some(Duration::from_secs(2)),
-                tls: None,
+                ..AgentService::default()
+            },
+        );
+        self.service_mut(name)
+    }
+
+    /// Offers service `name` on `nodes` (name, address, health URL) with `check`; returns it.
+    pub fn nodes_service(
+        &mut self,
+        name: &str,
+        nodes: Vec<ServiceNode>,
+        check: Check,
+    ) -> &mut AgentService {
+        self.services.insert(
+            name.to_owned(),
+            AgentService {
+                nodes: Some(nodes),
+                check: Some(check),
+                connect_timeout: Some(Duration::from_secs(2)),
+                ..AgentService::default()
             },
         );
         self.service_mut(name)
@@ -435,6 +572,75 @@ mod tests {
         assert_eq!(parsed.name, "db1");
         assert_eq!(parsed.services["orders"].backend, "127.0.0.1:3306");
         assert_eq!(parsed.websocket.ping_interval, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn failover_keys_are_written_as_the_plan_names_them() {
+        let pki = TestPki::new();
+        let mut agent = AgentConfig::new(
+            &pki,
+            "db1",
+            RelaySpec::quic("127.0.0.1:7443".parse().unwrap()),
+        );
+        agent.state_dir = Some("/var/lib/postern".into());
+        let svc = agent.nodes_service(
+            "orders",
+            vec![
+                ServiceNode {
+                    name: "n1".into(),
+                    address: "10.0.0.11:3306".into(),
+                    health_url: None,
+                },
+                ServiceNode {
+                    name: "n2".into(),
+                    address: "10.0.0.12:3306".into(),
+                    health_url: Some("http://10.0.0.12:9200/api/v1/status".into()),
+                },
+            ],
+            Check {
+                kind: Some(CheckKind::Mysql),
+                interval: Some(Duration::from_millis(500)),
+                fall: Some(2),
+                user: Some("postern_monitor".into()),
+                password_file: Some("/etc/postern/monitor-password".into()),
+                ..Check::default()
+            },
+        );
+        svc.wait_for_node = Some(Duration::from_secs(5));
+        svc.decisions = Some(Decisions::Cluster);
+        let yaml = agent.to_yaml();
+        for key in [
+            "state_dir: /var/lib/postern",
+            "nodes:",
+            "name: n1",
+            "address: 10.0.0.11:3306",
+            "health_url: http://10.0.0.12:9200/api/v1/status",
+            "type: mysql",
+            "interval: 500ms",
+            "fall: 2",
+            "user: postern_monitor",
+            "password_file: /etc/postern/monitor-password",
+            "wait_for_node: 5s",
+            "decisions: cluster",
+        ] {
+            assert!(yaml.contains(key), "{key:?} in\n{yaml}");
+        }
+        assert!(!yaml.contains("backend"), "{yaml}");
+
+        let mut relay = RelayConfig::new(&pki);
+        relay.api("admin", Path::new("/etc/postern/api-password"));
+        relay.health_listen = Some("127.0.0.1:0".into());
+        relay.pin_ports();
+        let yaml = relay.to_yaml();
+        for key in [
+            "api:",
+            "username: admin",
+            "password_file: /etc/postern/api-password",
+            "health_listen: 127.0.0.1:",
+        ] {
+            assert!(yaml.contains(key), "{key:?} in\n{yaml}");
+        }
+        assert!(!yaml.contains("health_listen: 127.0.0.1:0\n"), "{yaml}");
     }
 
     #[test]

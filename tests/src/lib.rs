@@ -1,12 +1,19 @@
 //! The end-to-end test harness: real `mariadbd` instances, certificates made by Postern's own
 //! PKI code, relays and agents in-process or as real processes, all on ephemeral ports, put
-//! together by [`Stack::builder`] from typed configs ([`config`]).
+//! together by [`Stack::builder`] from typed configs ([`config`]). For failover: a real Galera
+//! cluster ([`galera`]), health endpoints the test switches ([`health`]), the relay's HTTP API and
+//! metrics ([`api`]) and headless Chromium for the dashboard ([`browser`]).
 //!
 //! Nothing here sleeps for readiness: every wait polls a real condition with a deadline
 //! ([`eventually`]). A panic in any in-process task fails the test ([`panics`]).
 
+pub mod api;
+pub mod browser;
 pub mod client;
 pub mod config;
+pub mod failover;
+pub mod galera;
+pub mod health;
 pub mod inproc;
 pub mod mariadb;
 pub mod panics;
@@ -19,8 +26,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use api::Api;
 pub use client::Cli;
 pub use config::{AgentConfig, RelayConfig, RelaySpec};
+pub use galera::Galera;
+pub use health::{HealthMode, HealthServer};
 pub use inproc::{AgentRun, ConnectRun, ConnectTo, RelayRun};
 pub use mariadb::MariaDb;
 pub use pki::TestPki;

@@ -21,7 +21,7 @@ pub struct MariaDb {
 
 /// The initialised data directory that instances copy. Made once per machine and MariaDB
 /// version (in the temp dir, so a clean machine makes its own), reused by later test runs.
-fn template() -> &'static Path {
+pub(crate) fn template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let version = Command::new(find("mariadbd"))

@@ -20,6 +20,14 @@
 //! to the relay's. Relays read their config in the environment the test gives
 //! ([`StackBuilder::relay_env`], and Cloud Foundry's with [`StackBuilder::cloud_foundry`]),
 //! never the test machine's own.
+//!
+//! For failover, a stack's MySQL services can have several nodes instead of one MariaDB:
+//! [`StackBuilder::galera`] (a real three-node cluster, the agent's `mysql` check logging in as
+//! [`MONITOR_USER`](crate::galera::MONITOR_USER)) or [`StackBuilder::http_nodes`] (plain
+//! `mariadbd`s, each with a [`HealthServer`] the test switches, the agent's `http` check). Each
+//! node answers `SELECT @@wsrep_node_name` with its name (`n1`, `n2`, ...), so
+//! [`Stack::which_node`] tells where a new connection lands. [`StackBuilder::api`] turns on the
+//! relays' `/v0/*`, dashboard and metrics, read with [`Stack::api`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,8 +38,13 @@ use mysql_async::OptsBuilder;
 use postern_common::pki::Kind;
 use postern_relay::config::{Protocol, TlsTermination};
 
+use crate::api::Api;
 use crate::client::{Cli, driver_opts};
-use crate::config::{AgentConfig, AgentTransport, RelayConfig, RelaySpec, ServiceTls};
+use crate::config::{
+    AgentConfig, AgentTransport, Check, CheckKind, RelayConfig, RelaySpec, ServiceNode, ServiceTls,
+};
+use crate::galera::{APP_PASSWORD, APP_USER, Galera, MONITOR_PASSWORD, MONITOR_USER};
+use crate::health::HealthServer;
 use crate::inproc::{AgentRun, ConnectRun, ConnectTo, RelayRun};
 use crate::procs::{AgentProc, LogMark, RelayProc};
 use crate::router::{Nginx, Upstreams};
@@ -83,6 +96,32 @@ pub struct StackBuilder {
     revoked: Vec<String>,
     relay_edits: Vec<RelayEdit>,
     agent_edits: Vec<AgentEdit>,
+    nodes: Option<Nodes>,
+    api: bool,
+    health_listen: bool,
+}
+
+/// The nodes behind MySQL services, instead of one MariaDB.
+#[derive(Debug, Clone, Copy)]
+enum Nodes {
+    /// A three-node Galera cluster, `mysql` check.
+    Galera,
+    /// That many plain `mariadbd`s with a health endpoint each, `http` check.
+    Http(usize),
+}
+
+/// The username of the relays' API in stacks with [`StackBuilder::api`].
+pub const API_USER: &str = "admin";
+
+/// A plain `mariadbd` node with a health endpoint the test controls
+/// ([`StackBuilder::http_nodes`]).
+pub struct HttpNode {
+    /// `n1`, `n2`, ... (also its `@@wsrep_node_name`).
+    pub name: String,
+    /// The database.
+    pub db: MariaDb,
+    /// Its health endpoint (galera-agent's `/api/v1/status`).
+    pub health: HealthServer,
 }
 
 /// What a service's agent connects to.
@@ -166,6 +205,36 @@ impl StackBuilder {
     /// Runs the agent as the real binary (to kill it, restart it or read its log).
     pub fn agent_process(mut self) -> Self {
         self.agent_mode = Mode::Process;
+        self
+    }
+
+    /// Serves MySQL services from a real three-node Galera cluster (`n1`..`n3`) instead of one
+    /// MariaDB: the agent gets the nodes, a `mysql` check as the monitor user (password in a
+    /// file) and its own `state_dir`; the cluster has the monitor user and the application
+    /// user [`APP_USER`](crate::galera::APP_USER) (database `app`).
+    pub fn galera(mut self) -> Self {
+        self.nodes = Some(Nodes::Galera);
+        self
+    }
+
+    /// Serves MySQL services from `n` plain `mariadbd` nodes (`n1`..), each with a
+    /// [`HealthServer`] (answering healthy at first) that the agent's `http` check reads through
+    /// the node's `health_url`; the agent gets its own `state_dir`.
+    pub fn http_nodes(mut self, n: usize) -> Self {
+        self.nodes = Some(Nodes::Http(n));
+        self
+    }
+
+    /// Turns on every relay's API (`/v0/*`, the dashboard, `/metrics`) for [`API_USER`] with a
+    /// password in a file; [`Stack::api`] is a client with those credentials.
+    pub fn api(mut self) -> Self {
+        self.api = true;
+        self
+    }
+
+    /// Gives the (one) relay a `health_listen` port ([`Stack::health_addr`]).
+    pub fn health_listen(mut self) -> Self {
+        self.health_listen = true;
         self
     }
 
@@ -268,6 +337,49 @@ impl StackBuilder {
             None => None,
         };
 
+        let (galera, http_nodes) = match self.nodes {
+            None => (None, Vec::new()),
+            Some(Nodes::Galera) => {
+                let g = Galera::start().await;
+                g.create_monitor_user(MONITOR_USER, MONITOR_PASSWORD);
+                g.create_app_user(APP_USER, APP_PASSWORD);
+                (Some(g), Vec::new())
+            }
+            Some(Nodes::Http(n)) => {
+                let mut nodes = Vec::new();
+                for i in 0..n {
+                    let name = format!("n{}", i + 1);
+                    let db = MariaDb::start_with(&[&format!("--wsrep-node-name={name}")]).await;
+                    let health = HealthServer::start(u32::try_from(i).expect("few nodes")).await;
+                    nodes.push(HttpNode { name, db, health });
+                }
+                (None, nodes)
+            }
+        };
+        let monitor_password = pki.dir().join("monitor-password");
+        std::fs::write(&monitor_password, MONITOR_PASSWORD).expect("write monitor password");
+        let api_password = format!("api-{:016x}", rand::random::<u64>());
+        if self.api {
+            let file = pki.dir().join("api-password");
+            std::fs::write(&file, &api_password).expect("write api password");
+            self.relay_edits.insert(
+                0,
+                Box::new(move |r: &mut RelayConfig| {
+                    r.api(API_USER, &file);
+                }),
+            );
+        }
+        if self.health_listen {
+            assert_eq!(self.instances, 1, "health_listen with one relay instance");
+            let port = crate::mariadb::free_port();
+            self.relay_edits.insert(
+                0,
+                Box::new(move |r: &mut RelayConfig| {
+                    r.health_listen = Some(format!("127.0.0.1:{port}"));
+                }),
+            );
+        }
+
         let relay_config = self.relay_config(&pki);
         let mut relays = Vec::new();
         for index in 0..self.instances {
@@ -316,6 +428,10 @@ impl StackBuilder {
             agent_terminated: self.agent_terminated.clone(),
             backends: self.services.clone(),
             files: AtomicU32::new(0),
+            galera,
+            http_nodes,
+            monitor_password,
+            api_password: self.api.then_some(api_password),
             pki,
         };
         let mut agent_config = stack.agent_config();
@@ -392,6 +508,12 @@ pub struct Stack {
     agent_terminated: Vec<String>,
     backends: Vec<(String, Backend)>,
     files: AtomicU32,
+    /// The Galera cluster ([`StackBuilder::galera`]).
+    pub galera: Option<Galera>,
+    /// The plain nodes with health endpoints ([`StackBuilder::http_nodes`]).
+    pub http_nodes: Vec<HttpNode>,
+    monitor_password: PathBuf,
+    api_password: Option<String>,
     /// Certificates, and the directory that holds configs and logs. Dropped last.
     pub pki: TestPki,
 }
@@ -419,6 +541,9 @@ impl Stack {
             revoked: Vec::new(),
             relay_edits: Vec::new(),
             agent_edits: Vec::new(),
+            nodes: None,
+            api: false,
+            health_listen: false,
         }
     }
 
@@ -558,7 +683,15 @@ impl Stack {
             a.transport = Some(AgentTransport::Websocket);
             a.websocket_mut().ping_interval = Some(Duration::from_secs(2));
         }
+        let nodes = self.service_nodes();
+        if nodes.is_some() {
+            a.state_dir = Some(self.pki.dir().join(format!("state-{name}")));
+        }
         for (name, backend) in &self.backends {
+            if let (Some((nodes, check)), Backend::Mariadb) = (&nodes, backend) {
+                a.nodes_service(name, nodes.clone(), check.clone());
+                continue;
+            }
             let addr = match backend {
                 Backend::Mariadb => self
                     .db
@@ -573,6 +706,158 @@ impl Stack {
             }
         }
         a
+    }
+
+    /// The nodes and check the agent gets for MySQL services, if the stack has nodes.
+    fn service_nodes(&self) -> Option<(Vec<ServiceNode>, Check)> {
+        if let Some(g) = &self.galera {
+            let nodes = g
+                .nodes()
+                .iter()
+                .map(|n| ServiceNode {
+                    name: n.name.clone(),
+                    address: n.backend(),
+                    health_url: None,
+                })
+                .collect();
+            let check = Check {
+                kind: Some(CheckKind::Mysql),
+                user: Some(MONITOR_USER.into()),
+                password_file: Some(self.monitor_password.clone()),
+                ..Check::default()
+            };
+            return Some((nodes, check));
+        }
+        if self.http_nodes.is_empty() {
+            return None;
+        }
+        let nodes = self
+            .http_nodes
+            .iter()
+            .map(|n| ServiceNode {
+                name: n.name.clone(),
+                address: n.db.backend(),
+                health_url: Some(n.health.url()),
+            })
+            .collect();
+        let check = Check {
+            kind: Some(CheckKind::Http),
+            ..Check::default()
+        };
+        Some((nodes, check))
+    }
+
+    /// The Galera cluster ([`StackBuilder::galera`]).
+    pub fn galera(&self) -> &Galera {
+        self.galera.as_ref().expect("a stack with .galera()")
+    }
+
+    /// The Galera cluster, to stop, kill or start nodes.
+    pub fn galera_mut(&mut self) -> &mut Galera {
+        self.galera.as_mut().expect("a stack with .galera()")
+    }
+
+    /// Plain node `name` ([`StackBuilder::http_nodes`]).
+    pub fn http_node(&self, name: &str) -> &HttpNode {
+        self.http_nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no http node {name}"))
+    }
+
+    /// Plain node `name`, to kill it.
+    pub fn http_node_mut(&mut self, name: &str) -> &mut HttpNode {
+        self.http_nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no http node {name}"))
+    }
+
+    /// The node names, in config order (`n1`, ...).
+    pub fn node_names(&self) -> Vec<String> {
+        match &self.galera {
+            Some(g) => g.names(),
+            None => self.http_nodes.iter().map(|n| n.name.clone()).collect(),
+        }
+    }
+
+    /// The file that holds the monitor user's password.
+    pub fn monitor_password_file(&self) -> &std::path::Path {
+        &self.monitor_password
+    }
+
+    /// mysql_async options for the application user (Galera: [`APP_USER`], database `app`;
+    /// plain nodes: root) at relay `relay`'s MySQL listener of the first service, with TLS and
+    /// `client`'s certificate.
+    pub fn app_opts(&self, relay: usize, client: &str) -> OptsBuilder {
+        let cert = self.pki.issue(Kind::Client, client);
+        let port = self.relays[relay].mysql(&self.services[0]).port();
+        if self.galera.is_some() {
+            driver_opts(&self.pki, port, &cert, APP_USER, APP_PASSWORD).db_name(Some("app"))
+        } else {
+            driver_opts(&self.pki, port, &cert, "root", "")
+        }
+    }
+
+    /// A new connection through relay `relay` as `client` (see [`app_opts`](Self::app_opts)).
+    pub async fn app_conn(
+        &self,
+        relay: usize,
+        client: &str,
+    ) -> Result<mysql_async::Conn, mysql_async::Error> {
+        mysql_async::Conn::new(self.app_opts(relay, client)).await
+    }
+
+    /// Where a new connection through relay `relay` (as `alice`) lands: the node's name, or the
+    /// error the client got.
+    pub async fn which_node(&self, relay: usize) -> Result<String, String> {
+        let mut conn = self
+            .app_conn(relay, "alice")
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = node_name(&mut conn).await.map_err(|e| e.to_string())?;
+        let _ = conn.disconnect().await;
+        Ok(name)
+    }
+
+    /// Polls until new connections through relay `relay` land on `node` (within `within`);
+    /// returns how long that took.
+    pub async fn wait_node(&self, relay: usize, node: &str, within: Duration) -> Duration {
+        let started = tokio::time::Instant::now();
+        let mut last = Err(String::new());
+        loop {
+            let got = self.which_node(relay).await;
+            if got.as_deref() == Ok(node) {
+                return started.elapsed();
+            }
+            if started.elapsed() >= within {
+                panic!(
+                    "new connections through relay {relay} did not land on {node} within \
+                     {within:?}; last: {got:?} (before: {last:?})"
+                );
+            }
+            last = got;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A client of relay `relay`'s API with the stack's credentials ([`StackBuilder::api`]).
+    pub fn api(&self, relay: usize) -> Api {
+        let http = self.relays[relay]
+            .http()
+            .expect("a relay with an HTTP listener");
+        let password = self.api_password.as_deref().expect("a stack with .api()");
+        Api::new(http, API_USER, password)
+    }
+
+    /// The relay's `health_listen` address ([`StackBuilder::health_listen`]).
+    pub fn health_addr(&self) -> SocketAddr {
+        self.relay_config
+            .health_listen
+            .as_deref()
+            .expect("a stack with .health_listen()")
+            .parse()
+            .expect("health_listen address")
     }
 
     /// Starts another agent in-process with `config` (not waiting for it to connect).
@@ -602,6 +887,13 @@ impl Stack {
         }
         panics::check();
     }
+}
+
+/// `SELECT @@wsrep_node_name` on `conn`: the node it is connected to.
+pub async fn node_name(conn: &mut mysql_async::Conn) -> Result<String, mysql_async::Error> {
+    use mysql_async::prelude::Queryable;
+    let name: Option<String> = conn.query_first("SELECT @@wsrep_node_name").await?;
+    Ok(name.unwrap_or_default())
 }
 
 /// A relay of the stack: in-process, or the real binary.

@@ -35,7 +35,7 @@ fn stack(mode: Mode, backend: String) -> StackBuilder {
     let b = Stack::builder()
         .clients(["alice", "bob"])
         .heartbeat(Duration::from_secs(5))
-        .agent(move |a| a.service_mut("orders").backend = backend);
+        .agent(move |a| a.service_mut("orders").backend = Some(backend));
     match mode {
         Mode::Relay => b,
         Mode::EndToEnd => b.tls_termination("orders", TlsTermination::Agent),

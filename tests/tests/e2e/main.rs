@@ -5,12 +5,17 @@
 mod basic;
 mod certs;
 mod config;
+mod consensus;
 mod cuts;
+mod dashboard;
 mod demo;
 mod drain;
 mod drivers;
+mod failover;
 mod faults;
 mod fleet;
+mod harness;
+mod http_api;
 mod limits;
 mod lockout;
 mod mysql_e2e;
