@@ -28,6 +28,7 @@
 //! Everything runs on loopback, so the tunnel's extra hops cost CPU and scheduling, not network
 //! latency; the CPU table in the report shows which process is busy on each path.
 
+mod failover;
 mod report;
 mod stack;
 mod workload;
@@ -91,6 +92,13 @@ struct Args {
     /// Where postern-relay and postern-agent are [default: the directory of this program].
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Failover trials per fault (503, hang) on a stack of their own: two nodes behind one
+    /// agent at its default check settings; 0 skips them [default: 10, --quick: 3].
+    #[arg(long)]
+    failover_trials: Option<u32>,
+    /// Measure only the failover time.
+    #[arg(long)]
+    failover_only: bool,
     /// Also write the markdown report to this file.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -107,6 +115,7 @@ struct Settings {
     blob_bytes: usize,
     rows: u32,
     postern_threads: Option<u32>,
+    failover_trials: usize,
 }
 
 impl Settings {
@@ -126,6 +135,7 @@ impl Settings {
             blob_bytes: args.blob_mib as usize * 1024 * 1024,
             rows: args.rows,
             postern_threads: args.postern_threads,
+            failover_trials: args.failover_trials.unwrap_or(if q { 3 } else { 10 }) as usize,
         })
     }
 
@@ -189,17 +199,30 @@ async fn run(args: Args) -> Result<()> {
         Some(d) => d.clone(),
         None => stack::default_bin_dir()?,
     };
-    eprintln!(
-        "starting mariadbd and two tunnels (QUIC, WebSocket) of postern-relay, \
-         postern-agent run and postern-agent connect"
-    );
-    let stack = Stack::start(&bin_dir, settings.postern_threads).await?;
-    let measured = measure(&stack, &settings).await;
-    for problem in stack.shutdown() {
-        eprintln!("warning: {problem}");
-    }
-    let report = measured?;
-    let text = report.markdown();
+    let env: Vec<(&str, String)> = settings
+        .postern_threads
+        .map(|n| ("TOKIO_WORKER_THREADS", n.to_string()))
+        .into_iter()
+        .collect();
+    let text = if args.failover_only {
+        stack::check_binaries(&bin_dir)?;
+        failover::measure(&bin_dir, &env, settings.failover_trials.max(1)).await?
+    } else {
+        eprintln!(
+            "starting mariadbd and two tunnels (QUIC, WebSocket) of postern-relay, \
+             postern-agent run and postern-agent connect"
+        );
+        let stack = Stack::start(&bin_dir, settings.postern_threads).await?;
+        let measured = measure(&stack, &settings).await;
+        for problem in stack.shutdown() {
+            eprintln!("warning: {problem}");
+        }
+        let mut text = measured?.markdown();
+        if settings.failover_trials > 0 {
+            text.push_str(&failover::measure(&bin_dir, &env, settings.failover_trials).await?);
+        }
+        text
+    };
     println!("{text}");
     if let Some(path) = &args.output {
         std::fs::write(path, &text).with_context(|| format!("write {}", path.display()))?;

@@ -33,9 +33,9 @@ use postern_tests::{MariaDb, TestPki};
 /// The names of the binaries the bench runs.
 pub(crate) const BINARIES: [&str; 2] = ["postern-relay", "postern-agent"];
 /// The service name the relay and agent use for MariaDB.
-const SERVICE: &str = "mariadb";
+pub(crate) const SERVICE: &str = "mariadb";
 /// The agent's and the client's certificate names.
-const NAME: &str = "bench";
+pub(crate) const NAME: &str = "bench";
 /// Deadline for each process to say it is ready.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
@@ -73,7 +73,7 @@ pub(crate) struct Tunnel {
 
 impl Tunnel {
     /// Stops the processes in order and reports any that did not exit cleanly.
-    fn shutdown(&mut self) -> Vec<String> {
+    pub(crate) fn shutdown(&mut self) -> Vec<String> {
         [&mut self.connect, &mut self.agent, &mut self.relay]
             .into_iter()
             .filter_map(|p| p.stop().err().map(|e| format!("{e:#}")))
@@ -111,17 +111,7 @@ impl Stack {
             .map(|n| ("TOKIO_WORKER_THREADS", n.to_string()))
             .into_iter()
             .collect();
-        for name in BINARIES {
-            let path = bin_dir.join(name);
-            if !path.is_file() {
-                bail!(
-                    "{} is missing: build it first with \
-                     `cargo build --release -p postern-relay -p postern-agent -p postern-bench`",
-                    path.display()
-                );
-            }
-        }
-        warn_if_stale(bin_dir);
+        check_binaries(bin_dir)?;
 
         // MariaDb::start panics if mariadbd cannot start; check the programs first so the common
         // case (not installed) is a plain error.
@@ -164,6 +154,23 @@ impl Stack {
     }
 }
 
+/// Fails unless the relay and agent binaries are in `bin_dir`; warns if they look older than
+/// the sources.
+pub(crate) fn check_binaries(bin_dir: &Path) -> Result<()> {
+    for name in BINARIES {
+        let path = bin_dir.join(name);
+        if !path.is_file() {
+            bail!(
+                "{} is missing: build it first with \
+                 `cargo build --release -p postern-relay -p postern-agent -p postern-bench`",
+                path.display()
+            );
+        }
+    }
+    warn_if_stale(bin_dir);
+    Ok(())
+}
+
 /// Starts a relay, an agent and `connect` that talk over `transport`.
 async fn start_tunnel(
     bin_dir: &Path,
@@ -171,6 +178,21 @@ async fn start_tunnel(
     db: &MariaDb,
     transport: Transport,
     env: &[(&str, String)],
+) -> Result<Tunnel> {
+    let backend = db.backend();
+    start_tunnel_with(bin_dir, pki, transport, env, &|agent: &mut AgentConfig| {
+        agent.service(SERVICE, &backend).connect_timeout = None;
+    })
+    .await
+}
+
+/// Starts a relay, an agent whose service `configure` sets up, and `connect`, over `transport`.
+pub(crate) async fn start_tunnel_with(
+    bin_dir: &Path,
+    pki: &TestPki,
+    transport: Transport,
+    env: &[(&str, String)],
+    configure: &dyn Fn(&mut AgentConfig),
 ) -> Result<Tunnel> {
     let dir = pki.dir().to_path_buf();
     let tag = transport.as_str();
@@ -189,7 +211,7 @@ async fn start_tunnel(
         Transport::Quic => AgentTransport::Quic,
         Transport::WebSocket => AgentTransport::Websocket,
     });
-    agent_yaml.service(SERVICE, &db.backend()).connect_timeout = None;
+    configure(&mut agent_yaml);
     let agent_config = dir.join(format!("{tag}-agent.yaml"));
     fs::write(&agent_config, agent_yaml.to_yaml()).context("write agent.yaml")?;
     let mut agent = Proc::spawn(
@@ -248,7 +270,7 @@ async fn start_tunnel(
 /// Starts MariaDB (with TLS, certificate from `pki`) through the test harness, which panics on
 /// failure: the panic is caught and becomes an error, after one retry (creating the system
 /// tables fails now and then on a loaded machine).
-async fn start_mariadb(pki: &TestPki) -> Result<MariaDb> {
+pub(crate) async fn start_mariadb(pki: &TestPki) -> Result<MariaDb> {
     let (cert, key) = pki.files(&pki.issue_server("mariadb"));
     let ca = pki.ca();
     let mut last = String::new();
@@ -558,7 +580,7 @@ fn newest_mtime(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
-fn on_path(program: &str) -> bool {
+pub(crate) fn on_path(program: &str) -> bool {
     std::env::var("PATH")
         .unwrap_or_default()
         .split(':')
