@@ -3,8 +3,13 @@
 //! `/v0/status` every second with the browser's remembered credentials and shows services,
 //! agents, nodes (health, the active marker, connection counts, the last check), the term and
 //! the recent decisions with their reasons. Elements carry stable ids, classes and `data-`
-//! attributes (`data-node`, `data-active`, `data-healthy`, `data-term`) for tests in a
-//! headless browser.
+//! attributes for tests in a headless browser and other tools: each service's section
+//! `data-active-node="NAME"` (empty when no node is active) and `data-term`, each node's
+//! `data-node`, `data-active`, `data-healthy` and `data-draining`.
+//!
+//! The page fetches `location.origin + "/v0/status"`, an absolute URL: a page opened as
+//! `http://user:password@host/` may not fetch a relative one (it would inherit the
+//! credentials, which `fetch` refuses).
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};

@@ -155,7 +155,7 @@ pub(crate) fn registry(shared: &Shared) -> Registry {
     );
     let latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     reg.register(
-        "postern_node_check_latency_seconds",
+        "postern_node_check_duration_seconds",
         "How long the node's last health check took",
         latency.clone(),
     );

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use postern_common::pki::{Ca, Identity, Kind, LeafSpec};
 use postern_common::protocol::{
-    Answer, CheckResult, Command, Control, FEATURE_BACKENDS, NodeState, Open, ServiceState,
+    Answer, CheckResult, Code, Command, Control, FEATURE_BACKENDS, NodeState, Open, ServiceState,
     StreamMode,
 };
 use postern_common::transport::{Session, Stream};
@@ -480,6 +480,22 @@ async fn patches_are_checked_as_switchboard_checks_them_and_sent_to_every_agent(
     };
     assert_eq!(a1.next().await, want);
     assert_eq!(a2.next().await, want);
+    // New clients are refused here at once with the operator's message, before any agent
+    // confirms (no stream is opened to an agent: none of them answers one here).
+    let svc = r.shared.config.services.get("orders").unwrap().clone();
+    let refused = crate::forward::open(
+        &r.shared,
+        &svc,
+        Some(&Identity::Client("alice".into())),
+        Some("127.0.0.1:1".parse().unwrap()),
+        StreamMode::Plain,
+    )
+    .await;
+    let refusal = refused.err().expect("refused while traffic is disabled");
+    assert_eq!(
+        (refusal.code, refusal.message.as_str()),
+        (Code::BackendUnavailable, "down for maintenance")
+    );
 
     let ok = request(
         r.http,
@@ -707,7 +723,7 @@ async fn metrics_parse_and_move_with_refusals_and_conflicts() {
         Some(&10.0)
     );
     assert_eq!(
-        after.get("postern_node_check_latency_seconds{service=\"orders\",node=\"n1\"}"),
+        after.get("postern_node_check_duration_seconds{service=\"orders\",node=\"n1\"}"),
         Some(&0.003)
     );
     // The conflict resolves to the lowest name.

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mysql_async::prelude::*;
 use postern_tests::procs::bin;
@@ -157,8 +158,15 @@ async fn health_is_independent_of_agents_and_readiness_is_not() {
     );
     let mut agent = s.start_agent(&s.agent_config());
     agent.wait_connected().await;
-    let (status, body) = http_get(http, "/readyz").await.unwrap();
-    assert_eq!(status, 200, "{body}");
+    // Ready once the agent's first report names a healthy active node.
+    let body = eventually(Duration::from_secs(10), "/readyz 200", || async {
+        http_get(http, "/readyz")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body)
+    })
+    .await;
     assert!(
         body.contains("\"name\":\"db1\"") && body.contains("\"transport\":\"quic\""),
         "{body}"

@@ -10,27 +10,31 @@ use postern_tests::api::Metrics;
 use postern_tests::stack::node_name;
 use postern_tests::*;
 
-/// Metric names (HAProxy exporter's style where one fits). Counters are sample names
-/// (`_total`); every one carries a `service` label except the agent sessions.
+/// Metric names (HAProxy exporter's style where one fits: `haproxy_server_up`,
+/// `haproxy_server_check_failures_total`, `haproxy_server_check_duration_seconds`, ...).
+/// Counters are sample names (`_total`).
 mod metric {
     /// Tunneled connections opened, by `service`, `node`, `transport`.
     pub(super) const CONNECTIONS: &str = "postern_connections_total";
     /// Bytes carried, by `service`, `direction`.
     pub(super) const BYTES: &str = "postern_bytes_total";
-    /// Refused clients, by `service`, `reason`.
+    /// Refused connections, sessions and streams, by `origin` (which listener) and `reason`
+    /// (the refusal's stable code).
     pub(super) const REFUSALS: &str = "postern_refusals_total";
-    /// Health checks' duration (histogram), by `service`, `node`.
-    pub(super) const CHECK_DURATION_COUNT: &str = "postern_check_duration_seconds_count";
+    /// Health checks run, by `service`, `node`.
+    pub(super) const CHECKS: &str = "postern_node_checks_total";
     /// Failed health checks, by `service`, `node`.
-    pub(super) const CHECK_FAILURES: &str = "postern_check_failures_total";
+    pub(super) const CHECK_FAILURES: &str = "postern_node_check_failures_total";
+    /// How long the node's last check took (a gauge, as HAProxy's), by `service`, `node`.
+    pub(super) const CHECK_DURATION: &str = "postern_node_check_duration_seconds";
     /// Node up/down transitions, by `service`, `node`.
     pub(super) const NODE_TRANSITIONS: &str = "postern_node_transitions_total";
     /// Whether a node is up (1) or down (0), by `service`, `node`.
     pub(super) const NODE_UP: &str = "postern_node_up";
     /// Changes of the active node, by `service`.
     pub(super) const FAILOVERS: &str = "postern_failovers_total";
-    /// The current term, by `service`.
-    pub(super) const TERM: &str = "postern_term";
+    /// The term of the decision the relay routes by, by `service`.
+    pub(super) const TERM: &str = "postern_active_term";
     /// Agent sessions, by `transport`.
     pub(super) const AGENT_SESSIONS: &str = "postern_agent_sessions";
     /// Two nodes for one term seen from two agents (PLAN9: must stay 0).
@@ -220,18 +224,31 @@ async fn v0_fields_status_codes_auth_draining_and_failback() {
     assert_eq!(node_name(&mut on_n2).await.unwrap(), "n2");
     let r = api.patch("/v0/backends/n2", "draining=true").await;
     assert_eq!(r.status, 200, "{}", r.body);
-    eventually(Duration::from_secs(5), "n2 draining", || {
-        let api = api.clone();
-        async move {
-            let b = api.backends(None).await;
-            b.iter().any(|b| b.name == "n2" && b.draining).then_some(())
-        }
-    })
+    // With n1 down, a drained n2 leaves no node for new connections: none is active.
+    eventually(
+        Duration::from_secs(5),
+        "n2 draining, no node active",
+        || {
+            let api = api.clone();
+            async move {
+                let b = api.backends(None).await;
+                (b.iter().any(|b| b.name == "n2" && b.draining) && !b.iter().any(|b| b.active))
+                    .then_some(())
+            }
+        },
+    )
     .await;
     let one: Option<i64> = on_n2.query_first("SELECT 1").await.unwrap();
     assert_eq!(one, Some(1), "a drained node's open session goes on");
     let r = api.patch("/v0/backends/n2", "draining=false").await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // Undrained, n2 is active again, at a newer term.
+    let back = wait_active(&s, "n2").await;
+    assert!(
+        back > t2,
+        "each change of the active node is a new term: {back} > {t2}"
+    );
+    let t2 = back;
 
     // n1 recovers: sticky. The operator asks for it: failback at a new term.
     s.http_node("n1").health.set(HealthMode::Healthy);
@@ -405,6 +422,27 @@ async fn metrics_parse_and_move_with_connections_refusals_and_failovers() {
     })
     .await;
     moved(&before, &after).unwrap();
+    let n1 = [("service", "orders"), ("node", "n1")];
+    let duration: Vec<_> = after.matching(metric::CHECK_DURATION, &n1).collect();
+    assert!(
+        duration.len() == 1 && duration[0].value >= 0.0 && duration[0].value < 5.0,
+        "{}: {duration:?}",
+        metric::CHECK_DURATION
+    );
+    for (family, kind) in [
+        ("postern_connections", "counter"),
+        ("postern_refusals", "counter"),
+        ("postern_failovers", "counter"),
+        (metric::CHECK_DURATION, "gauge"),
+        (metric::NODE_UP, "gauge"),
+        (metric::TERM, "gauge"),
+    ] {
+        assert_eq!(
+            after.types.get(family).map(String::as_str),
+            Some(kind),
+            "# TYPE of {family}"
+        );
+    }
     assert_eq!(after.sum(metric::TERM, &orders), t2 as f64);
     assert_eq!(
         after.sum(metric::NODE_UP, &[("service", "orders"), ("node", "n1")]),
@@ -420,14 +458,16 @@ fn moved(before: &Metrics, after: &Metrics) -> Result<(), String> {
     let n1 = [("service", "orders"), ("node", "n1")];
     /// A counter, the labels it must have, and by how much it must have grown.
     type Moved<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+    // mallory's certificate is not on the service's list: refused at the MySQL listener.
+    let not_authorized = [("origin", "mysql_listener"), ("reason", "not_authorized")];
     let checks: [Moved<'_>; 7] = [
         (metric::CONNECTIONS, &n1, 3.0),
         (metric::BYTES, &orders, 30_000.0),
-        (metric::REFUSALS, &orders, 1.0),
+        (metric::REFUSALS, &not_authorized, 1.0),
         (metric::FAILOVERS, &orders, 1.0),
         (metric::NODE_TRANSITIONS, &n1, 1.0),
         (metric::CHECK_FAILURES, &n1, 1.0),
-        (metric::CHECK_DURATION_COUNT, &n1, 2.0),
+        (metric::CHECKS, &n1, 2.0),
     ];
     for (name, labels, by) in checks {
         let (b, a) = (before.sum(name, labels), after.sum(name, labels));
