@@ -314,6 +314,15 @@ impl Cluster {
             .unwrap_or((0, None))
     }
 
+    /// The operator's message when traffic to `service` is disabled, `None` while it flows.
+    pub(crate) fn traffic_disabled(&self, service: &str) -> Option<String> {
+        self.lock()
+            .get(service)
+            .and_then(|v| v.best.as_ref())
+            .filter(|b| !b.traffic_enabled)
+            .map(|b| b.message.clone())
+    }
+
     /// Whether agent `agent` reports `node` of `service` healthy and not draining.
     pub(crate) fn healthy_at(&self, service: &str, agent: &str, node: &str) -> bool {
         self.lock()
@@ -566,10 +575,21 @@ impl View {
     /// Cuts the connections to every node but the active one (all of them when `all`).
     fn sever(&mut self, service: &str, all: bool) {
         let active = self.best.as_ref().and_then(|b| b.active.clone());
+        let traffic = self.best.as_ref().is_none_or(|b| b.traffic_enabled);
+        // A node an operator drains, while it stays healthy, keeps its connections until they
+        // end (as the agent keeps them); only disabling traffic ends them too.
+        let drained: BTreeSet<&str> = self
+            .reports
+            .values()
+            .flat_map(|r| r.state.nodes.iter())
+            .filter(|n| n.draining && n.healthy)
+            .map(|n| n.name.as_str())
+            .collect();
         let mut cut = 0;
         for (node, carried) in self.nodes.iter_mut() {
             // Connections whose node is unknown are cut only when everything is.
-            let keep = !all && (node.is_none() || *node == active);
+            let keep = (!all && (node.is_none() || *node == active))
+                || (traffic && node.as_deref().is_some_and(|n| drained.contains(n)));
             if keep || carried.open == 0 {
                 continue;
             }
@@ -822,6 +842,35 @@ mod tests {
         assert_eq!(snap.severed, 4);
         drop((on_n1, on_n2, unknown, late));
         assert!(c.snapshot("orders").unwrap().open.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_drained_node_keeps_its_connections_until_traffic_is_disabled() {
+        let c = Cluster::new(&services());
+        let mut agents = Agents::new();
+        let a = agents.connect("a");
+        c.report("a", a, &accepted(), vec![state(1, Some("n2"))]);
+        let on_n2 = c.register(
+            "orders",
+            Some("n2".into()),
+            c.route("orders"),
+            TransportKind::Quic,
+        );
+        // The operator drains n2 while n1 is down: no node is active, n2's connection goes on.
+        let mut drained = state(1, None);
+        drained.nodes[0].healthy = false;
+        drained.nodes[1].draining = true;
+        c.report("a", a, &accepted(), vec![drained.clone()]);
+        assert_eq!(c.route("orders"), (1, None));
+        assert!(
+            !on_n2.cut.is_cancelled(),
+            "a drained node's connection finishes"
+        );
+        // Disabling traffic ends it.
+        drained.traffic_enabled = false;
+        drained.message = "maintenance".into();
+        c.report("a", a, &accepted(), vec![drained]);
+        assert!(on_n2.cut.is_cancelled());
     }
 
     #[tokio::test]

@@ -94,13 +94,11 @@ pub(crate) async fn open(
     let service = svc.name.as_str();
     // An operator disabled traffic (through any relay, or at the agent): refuse at once with
     // the operator's message, in the agent's words, without a round trip to the agent.
-    if let Some(best) = shared.cluster.snapshot(service).and_then(|s| s.best)
-        && !best.traffic_enabled
-    {
-        let message = if best.message.is_empty() {
+    if let Some(message) = shared.cluster.traffic_disabled(service) {
+        let message = if message.is_empty() {
             "traffic is disabled by an operator".to_owned()
         } else {
-            best.message
+            message
         };
         return Err(Refusal::new(Code::BackendUnavailable, message));
     }
