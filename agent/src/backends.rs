@@ -518,6 +518,17 @@ impl ServiceNodes {
         )
     }
 
+    /// Changes whenever a decision or a node's health changes (of any service).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Whether node `name` is healthy now.
+    pub(crate) fn node_healthy(&self, name: &str) -> bool {
+        self.index_of(name)
+            .is_some_and(|i| self.lock().nodes[i].healthy)
+    }
+
     /// `(name, address)` of the healthy nodes, the active one first: where the cluster's
     /// decision table is reached.
     pub(crate) fn healthy_addresses(&self) -> Vec<(String, String)> {

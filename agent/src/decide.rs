@@ -202,6 +202,9 @@ pub enum StoreError {
     /// The cluster did not answer in time.
     #[error("decision table on node {0}: timed out")]
     ClusterTimeout(String),
+    /// The node the decision table was reached through turned unhealthy meanwhile.
+    #[error("decision table on node {0}: the node turned unhealthy; trying another")]
+    NodeLeft(String),
 }
 
 /// The largest state file read.
@@ -298,9 +301,16 @@ const LOST_RACE: [u16; 2] = [1213, 1205];
 /// ```sql
 /// CREATE TABLE postern.decisions (
 ///   service VARCHAR(64) NOT NULL PRIMARY KEY, term BIGINT UNSIGNED NOT NULL,
-///   node VARCHAR(64) NULL, reason VARCHAR(512) NOT NULL DEFAULT '',
+///   node VARCHAR(64) NULL, next_node VARCHAR(64) NULL, reason VARCHAR(512) NOT NULL DEFAULT '',
 ///   agent VARCHAR(128) NOT NULL DEFAULT '', decided_at TIMESTAMP(3) NOT NULL)
 /// ```
+///
+/// `next_node` is the **successor**: the row at term `T` also reserves term `T + 1` for that
+/// node, so an agent that finds the active node unfit while the successor is fit adopts
+/// `(T + 1, next_node)` from the last row it read, without writing anything ([`take_over`]),
+/// and then makes it the row. A write that names another node skips the reserved term
+/// ([`next_term`]). So a killed node is left as soon as an agent notices, not after Galera has
+/// evicted it (until then the cluster holds every commit, this table's included).
 ///
 /// The monitor user needs `CREATE, SELECT, INSERT, UPDATE ON postern.*` (the schema and table
 /// are created when missing).
@@ -311,6 +321,17 @@ pub struct ClusterStore {
     password: Secret,
     timeout: Duration,
     conn: Option<(String, mysql_async::Conn)>,
+    /// The row as last read or written.
+    last: Option<Row>,
+}
+
+/// A service's row in the decision table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Row {
+    /// The decision.
+    pub decision: Decision,
+    /// The successor: the node term `decision.term + 1` names, if any takes it.
+    pub next: Option<String>,
 }
 
 /// The result of a compare-and-set.
@@ -327,14 +348,17 @@ const TABLE: &str = "CREATE TABLE IF NOT EXISTS postern.decisions (\
      service VARCHAR(64) NOT NULL PRIMARY KEY, \
      term BIGINT UNSIGNED NOT NULL, \
      node VARCHAR(64) NULL, \
+     next_node VARCHAR(64) NULL, \
      reason VARCHAR(512) NOT NULL DEFAULT '', \
      agent VARCHAR(128) NOT NULL DEFAULT '', \
      decided_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)) ENGINE=InnoDB";
-const SELECT: &str = "SELECT term, node, reason, \
+const SELECT: &str = "SELECT term, node, next_node, reason, \
      CAST(UNIX_TIMESTAMP(decided_at) * 1000 AS UNSIGNED) FROM postern.decisions WHERE service = ?";
 const INSERT: &str = "INSERT IGNORE INTO postern.decisions \
-     (service, term, node, reason, agent, decided_at) VALUES (?, ?, ?, ?, ?, NOW(3))";
-const UPDATE: &str = "UPDATE postern.decisions SET term = ?, node = ?, reason = ?, agent = ?, \
+     (service, term, node, next_node, reason, agent, decided_at) \
+     VALUES (?, ?, ?, ?, ?, ?, NOW(3))";
+const UPDATE: &str = "UPDATE postern.decisions SET term = ?, node = ?, next_node = ?, reason = ?, \
+     agent = ?, \
      decided_at = NOW(3) WHERE service = ? AND term = ?";
 
 impl ClusterStore {
@@ -354,54 +378,68 @@ impl ClusterStore {
             password: password.clone(),
             timeout,
             conn: None,
+            last: None,
         }
     }
 
-    /// Reads the service's row through one of `nodes` (`(name, address)`, healthy ones,
-    /// preferred first); `None` when there is none yet.
-    pub async fn read(
-        &mut self,
-        nodes: &[(String, String)],
-    ) -> Result<Option<Decision>, StoreError> {
-        let service = self.service.clone();
-        self.run(nodes, move |conn| {
-            Box::pin(async move {
-                use mysql_async::prelude::Queryable;
-                let row: Option<(u64, Option<String>, String, Option<u64>)> =
-                    conn.exec_first(SELECT, (service,)).await?;
-                Ok(row.map(|(term, node, reason, at)| Decision {
-                    term,
-                    node,
-                    reason,
-                    decided_at_ms: at.unwrap_or_default(),
-                }))
-            })
-        })
-        .await
+    /// The row as last read or written (a committed row, if perhaps an old one).
+    pub fn last(&self) -> Option<&Row> {
+        self.last.as_ref()
     }
 
-    /// Writes `new` if the row's term is still `expected` (`None`: there is no row yet).
+    /// Reads the service's row through one of `svc`'s healthy nodes (the active one
+    /// preferred); `None` when there is none yet.
+    pub async fn read(&mut self, svc: &ServiceNodes) -> Result<Option<Row>, StoreError> {
+        let service = self.service.clone();
+        type Raw = (u64, Option<String>, Option<String>, String, Option<u64>);
+        let row = self
+            .run(svc, move |conn| {
+                Box::pin(async move {
+                    use mysql_async::prelude::Queryable;
+                    let row: Option<Raw> = conn.exec_first(SELECT, (service,)).await?;
+                    Ok(row.map(|(term, node, next, reason, at)| Row {
+                        decision: Decision {
+                            term,
+                            node,
+                            reason,
+                            decided_at_ms: at.unwrap_or_default(),
+                        },
+                        next,
+                    }))
+                })
+            })
+            .await?;
+        if row.is_some() {
+            self.last.clone_from(&row);
+        }
+        Ok(row)
+    }
+
+    /// Writes `new` through one of `svc`'s healthy nodes if the row's term is still
+    /// `expected` (`None`: there is no row yet).
     pub async fn cas(
         &mut self,
-        nodes: &[(String, String)],
+        svc: &ServiceNodes,
         expected: Option<u64>,
-        new: &Decision,
+        new: &Row,
     ) -> Result<Cas, StoreError> {
-        let (service, agent, new) = (self.service.clone(), self.agent.clone(), new.clone());
+        let (service, agent) = (self.service.clone(), self.agent.clone());
+        let (new, next) = (new.decision.clone(), new.next.clone());
         let reason: String = new.reason.chars().take(500).collect();
+        let (term, node, next_node) = (new.term, new.node.clone(), next.clone());
         let written = self
-            .run(nodes, move |conn| {
+            .run(svc, move |conn| {
                 Box::pin(async move {
                     use mysql_async::prelude::Queryable;
                     match expected {
                         None => {
-                            conn.exec_drop(INSERT, (service, new.term, new.node, reason, agent))
+                            conn.exec_drop(INSERT, (service, term, node, next_node, reason, agent))
                                 .await?
                         }
                         Some(old) => {
                             conn.exec_drop(
                                 UPDATE,
-                                (new.term, new.node, reason, agent, service, old),
+                                (term, node, next_node, reason, agent, service, old),
                             )
                             .await?
                         }
@@ -411,7 +449,13 @@ impl ClusterStore {
             })
             .await;
         match written {
-            Ok(1) => Ok(Cas::Won),
+            Ok(1) => {
+                self.last = Some(Row {
+                    decision: new,
+                    next,
+                });
+                Ok(Cas::Won)
+            }
             Ok(_) => Ok(Cas::Lost),
             Err(StoreError::Cluster {
                 source: mysql_async::Error::Server(e),
@@ -421,33 +465,33 @@ impl ClusterStore {
         }
     }
 
-    /// Runs `op` on a connection to one of `nodes` (keeping the current one while its node is
-    /// listed), within the timeout; a failed or timed-out connection is dropped.
+    /// Runs `op` on a connection to one of the service's healthy nodes (keeping the current
+    /// one while its node is healthy), the active node first.
+    ///
+    /// Logging in is bounded by the timeout. The operation itself is not cut short while its
+    /// node stays healthy, up to [`STALL_LIMIT`]: after a node dies abruptly, Galera holds every
+    /// commit (and every causal read) until the others evict it, and the write that decides
+    /// the next term goes through the moment they have; cutting it off and trying again later
+    /// would only add to the failover time. It is given up at once when its node turns
+    /// unhealthy (a hung or partitioned node), so the next try goes through another one. A
+    /// failed or abandoned connection is dropped.
     async fn run<T>(
         &mut self,
-        nodes: &[(String, String)],
+        svc: &ServiceNodes,
         op: impl for<'c> FnOnce(
             &'c mut mysql_async::Conn,
         ) -> std::pin::Pin<
             Box<dyn Future<Output = Result<T, mysql_async::Error>> + Send + 'c>,
         >,
     ) -> Result<T, StoreError> {
+        let mut changed = svc.subscribe();
+        let nodes = svc.healthy_addresses();
         let (name, mut conn) = match self.conn.take() {
             Some((n, c)) if nodes.iter().any(|(m, _)| *m == n) => (n, c),
             _ => {
                 let (name, addr) = nodes.first().ok_or(StoreError::NoNode)?;
                 let opts = crate::health::mysql_opts(addr, &self.user, &self.password);
-                let connect = async {
-                    use mysql_async::prelude::Queryable;
-                    let mut c = mysql_async::Conn::new(opts).await?;
-                    // Reads see every write the cluster committed before them (Galera only;
-                    // elsewhere the variable is unknown and reads are local anyway).
-                    let _ = c.query_drop("SET SESSION wsrep_sync_wait = 1").await;
-                    c.query_drop(SCHEMA).await?;
-                    c.query_drop(TABLE).await?;
-                    Ok::<_, mysql_async::Error>(c)
-                };
-                match tokio::time::timeout(self.timeout, connect).await {
+                match tokio::time::timeout(self.timeout, connect(opts)).await {
                     Ok(Ok(c)) => (name.clone(), c),
                     Ok(Err(source)) => {
                         return Err(StoreError::Cluster {
@@ -459,7 +503,19 @@ impl ClusterStore {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, op(&mut conn)).await {
+        let node_left = async {
+            while svc.node_healthy(&name) {
+                if changed.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let limit = STALL_LIMIT.max(self.timeout);
+        let result = tokio::select! {
+            r = tokio::time::timeout(limit, op(&mut conn)) => r,
+            () = node_left => return Err(StoreError::NodeLeft(name)),
+        };
+        match result {
             Ok(Ok(v)) => {
                 self.conn = Some((name, conn));
                 Ok(v)
@@ -475,6 +531,39 @@ impl ClusterStore {
         }
     }
 }
+
+/// The longest a read or write of the decision table may take while the node it goes through
+/// stays healthy: Galera's default eviction of a dead node (`evs.suspect_timeout` 5 s) with
+/// room to spare.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Server errors for a missing schema (1049) or table (1146).
+const NO_TABLE: [u16; 2] = [1049, 1146];
+
+/// Logs in for the decision table, and creates the table when it is missing. Nothing here
+/// waits for the cluster (DDL does, in Galera, so it runs only when the table is missing).
+async fn connect(opts: mysql_async::Opts) -> Result<mysql_async::Conn, mysql_async::Error> {
+    use mysql_async::prelude::Queryable;
+    let mut c = mysql_async::Conn::new(opts).await?;
+    match c
+        .query_drop("SELECT next_node FROM postern.decisions LIMIT 0")
+        .await
+    {
+        Err(mysql_async::Error::Server(e)) if NO_TABLE.contains(&e.code) => {
+            c.query_drop(SCHEMA).await?;
+            c.query_drop(TABLE).await?;
+        }
+        other => other?,
+    }
+    // From here on, reads see every write the cluster committed before them (Galera only;
+    // elsewhere the variable is unknown and reads are local anyway). Set last: such a read
+    // waits for the cluster.
+    let _ = c.query_drop("SET SESSION wsrep_sync_wait = 1").await;
+    Ok(c)
+}
+
+/// How soon a decision that could not be kept is tried again (the first time).
+const RETRY: Duration = Duration::from_millis(50);
 
 /// Where a service's decisions are kept.
 pub(crate) enum Store {
@@ -513,6 +602,9 @@ impl Decider {
         }
         let started = Instant::now();
         let mut last_error = String::new();
+        // After a failure the next try comes soon (the cluster may have just settled), then
+        // less and less often, up to once a round.
+        let mut pause = self.round;
         loop {
             let mut activate = None;
             tokio::select! {
@@ -527,7 +619,7 @@ impl Decider {
                     None => return,
                 },
                 _ = self.svc.wake.notified() => {}
-                _ = tokio::time::sleep(self.round) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             if !self.svc.all_checked() && started.elapsed() < self.first_results {
                 if let Some(node) = activate {
@@ -540,8 +632,16 @@ impl Decider {
                 Store::Cluster(_) => self.decide_cluster(activate.as_deref()).await,
             };
             match result {
-                Ok(()) => last_error.clear(),
+                Ok(()) => {
+                    last_error.clear();
+                    pause = self.round;
+                }
                 Err(e) => {
+                    pause = if last_error.is_empty() {
+                        RETRY.min(self.round)
+                    } else {
+                        pause.saturating_mul(2).min(self.round)
+                    };
                     // Once per kind of failure, not once per round.
                     let text = e.to_string();
                     if text != last_error {
@@ -606,54 +706,70 @@ impl Decider {
         let Store::Cluster(cluster) = &mut self.store else {
             return Ok(());
         };
+        // The active node is unfit and the last row read names a fit successor: take it over
+        // now, before the cluster can take a write (see [`ClusterStore`]).
+        if activate.is_none() {
+            let (own, candidates, observed) = self.svc.snapshot();
+            if let Some(new) = cluster
+                .last()
+                .and_then(|row| take_over(row, &own, observed.as_ref(), &candidates))
+            {
+                let mut record = self.svc.record();
+                record.decision = new.clone();
+                let _ = self.local.save(&record).await;
+                self.svc.announce(new, &own);
+            }
+        }
         // A lost race is settled by reading again; two tries are plenty (a third writer
         // racing both means the next round settles it).
         for _ in 0..3 {
             let (own, candidates, observed) = self.svc.snapshot();
-            let via = self.svc.healthy_addresses();
-            let row = cluster.read(&via).await?;
-            let current = row.clone().unwrap_or_default();
-            // A row below this agent's own term (the table was re-created) is re-numbered
-            // above it, so that terms never go back for relays.
-            let renumber = row.is_some() && current.term < own.term;
-            let wanted = next(&current, &candidates, activate).or_else(|| {
-                renumber.then(|| {
-                    (
-                        current.node.clone(),
-                        format!("term {} re-numbered above term {}", current.term, own.term),
-                    )
-                })
-            });
+            let row = cluster.read(&self.svc).await?;
+            let current = row.as_ref().map(|r| r.decision.clone()).unwrap_or_default();
+            // This agent knows a newer term than the row (it took over the successor, or the
+            // table was re-created): that one is written, unless it must move anyway.
+            let ahead = row.is_some() && own.term > current.term;
+            let base = if ahead { &own } else { &current };
+            let wanted = next(base, &candidates, activate)
+                .or_else(|| ahead.then(|| (own.node.clone(), own.reason.clone())));
             let Some((node, reason)) = wanted else {
-                if row.is_some() && current != own {
+                if let Some(row) = &row
+                    && !same(&row.decision, &own)
+                {
                     let mut record = self.svc.record();
-                    record.decision = current.clone();
+                    record.decision = row.decision.clone();
                     // The cluster has it; the local copy is a convenience.
                     let _ = self.local.save(&record).await;
-                    self.svc.announce(current, &own);
+                    self.svc.announce(row.decision.clone(), &own);
                 }
                 return Ok(());
             };
-            let floor = own
-                .term
-                .max(current.term)
-                .max(observed.map_or(0, |o| o.term));
-            let new = Decision {
-                term: floor.saturating_add(1),
-                node,
-                reason,
-                decided_at_ms: now_ms(),
+            let mut known = vec![&own];
+            known.extend(observed.as_ref());
+            let new = Row {
+                next: successor(&candidates, node.as_deref()),
+                decision: Decision {
+                    term: next_term(row.as_ref(), node.as_deref(), &known),
+                    node,
+                    reason,
+                    decided_at_ms: now_ms(),
+                },
             };
-            match cluster.cas(&via, row.map(|r| r.term), &new).await? {
+            match cluster
+                .cas(&self.svc, row.map(|r| r.decision.term), &new)
+                .await?
+            {
                 Cas::Won => {
-                    let mut record = self.svc.record();
-                    record.decision = new.clone();
-                    let _ = self.local.save(&record).await;
-                    self.svc.announce(new, &own);
+                    if !same(&new.decision, &own) {
+                        let mut record = self.svc.record();
+                        record.decision = new.decision.clone();
+                        let _ = self.local.save(&record).await;
+                        self.svc.announce(new.decision, &own);
+                    }
                     return Ok(());
                 }
                 Cas::Lost => {
-                    info!(service = %self.svc.name, term = new.term, "another agent decided first; reading its decision");
+                    info!(service = %self.svc.name, term = new.decision.term, "another agent decided first; reading its decision");
                 }
             }
         }
@@ -664,6 +780,79 @@ impl Decider {
         if let Err(e) = self.local.save(&self.svc.record()).await {
             error!(service = %self.svc.name, error = %e, "cannot keep the operator's command (it applies until the agent restarts)");
         }
+    }
+}
+
+/// Whether two decisions are the same term and node (reasons and times may differ).
+fn same(a: &Decision, b: &Decision) -> bool {
+    a.term == b.term && a.node == b.node
+}
+
+/// The successor a row naming `active` reserves the next term for: the node the rule would
+/// pick if `active` were gone.
+pub fn successor(nodes: &[Candidate], active: Option<&str>) -> Option<String> {
+    let others: Vec<Candidate> = nodes
+        .iter()
+        .filter(|n| Some(n.name.as_str()) != active)
+        .cloned()
+        .collect();
+    choose(&others).map(|n| n.name.clone())
+}
+
+/// The decision an agent adopts from `row` (a committed row it read) without writing: the
+/// successor at the reserved term, when the row's node is not fit here and the successor is,
+/// and nothing newer than the row is known (`own`, `observed`).
+pub fn take_over(
+    row: &Row,
+    own: &Decision,
+    observed: Option<&Decision>,
+    nodes: &[Candidate],
+) -> Option<Decision> {
+    let newest = own.term.max(observed.map_or(0, |o| o.term));
+    if newest > row.decision.term {
+        return None;
+    }
+    let active = row.decision.node.as_deref()?;
+    let active = nodes.iter().find(|n| n.name == active);
+    if active.is_some_and(Candidate::fit) {
+        return None;
+    }
+    let next = row.next.as_deref()?;
+    nodes.iter().find(|n| n.name == next && n.fit())?;
+    let gone = row.decision.node.as_deref().unwrap_or_default();
+    let why = match active {
+        Some(n) if n.draining && n.healthy => format!("{gone} drained"),
+        Some(n) => format!("{gone} unhealthy: {}", n.detail),
+        None => format!("{gone} is not a node of this service"),
+    };
+    Some(Decision {
+        term: row.decision.term.saturating_add(1),
+        node: Some(next.to_owned()),
+        reason: format!(
+            "{why}; {next} takes over (the successor term {} named)",
+            row.decision.term
+        ),
+        decided_at_ms: now_ms(),
+    })
+}
+
+/// The term a new decision naming `node` writes over `row` (`None`: there is none yet), above
+/// every term in `known`: the reserved `row.term + 1` only for the row's successor (and only
+/// if no known decision gives that term another node), else `row.term + 2` or higher.
+pub fn next_term(row: Option<&Row>, node: Option<&str>, known: &[&Decision]) -> u64 {
+    let newest = known.iter().map(|d| d.term).max().unwrap_or(0);
+    let Some(row) = row else {
+        return newest.saturating_add(1);
+    };
+    let reserved = row.decision.term.saturating_add(1);
+    let successor = node.is_some() && node == row.next.as_deref();
+    let clear = known
+        .iter()
+        .all(|d| d.term < reserved || (d.term == reserved && d.node.as_deref() == node));
+    if successor && clear {
+        reserved
+    } else {
+        reserved.saturating_add(1).max(newest.saturating_add(1))
     }
 }
 
@@ -784,6 +973,72 @@ mod tests {
             "n2 drained; no healthy node: n1 503 not synced, n2 drained"
         );
         assert_eq!(next(&at(2, None), &nodes, None), None, "none stays none");
+    }
+
+    fn row(term: u64, node: Option<&str>, next: Option<&str>) -> Row {
+        Row {
+            decision: at(term, node),
+            next: next.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_successor_is_the_next_pick_without_the_active_node() {
+        let nodes = [
+            node("n1", true, Some(0)),
+            node("n2", true, Some(2)),
+            node("n3", true, Some(1)),
+        ];
+        assert_eq!(successor(&nodes, Some("n1")).as_deref(), Some("n3"));
+        assert_eq!(successor(&nodes, Some("n3")).as_deref(), Some("n1"));
+        assert_eq!(successor(&nodes[..1], Some("n1")), None);
+    }
+
+    #[test]
+    fn an_unfit_active_node_is_taken_over_by_a_fit_successor() {
+        let r = row(4, Some("n1"), Some("n3"));
+        let mut nodes = vec![
+            node("n1", false, Some(0)),
+            node("n2", true, Some(2)),
+            node("n3", true, Some(1)),
+        ];
+        let own = at(4, Some("n1"));
+        let got = take_over(&r, &own, None, &nodes).expect("a take-over");
+        assert_eq!((got.term, got.node.as_deref()), (5, Some("n3")));
+        assert!(
+            got.reason.starts_with("n1 unhealthy: 503; n3 takes over"),
+            "{}",
+            got.reason
+        );
+        // Already taken over, or something newer known: nothing to do.
+        assert_eq!(take_over(&r, &got, None, &nodes), None);
+        assert_eq!(take_over(&r, &own, Some(&at(6, Some("n2"))), &nodes), None);
+        // The successor is not fit here: the slow path (a write) decides.
+        nodes[2].healthy = false;
+        assert_eq!(take_over(&r, &own, None, &nodes), None);
+        // The active node is fit: nothing moves.
+        nodes[0].healthy = true;
+        nodes[2].healthy = true;
+        assert_eq!(take_over(&r, &own, None, &nodes), None);
+    }
+
+    #[test]
+    fn the_reserved_term_is_only_ever_the_successors() {
+        let r = row(4, Some("n1"), Some("n3"));
+        let own = at(4, Some("n1"));
+        assert_eq!(next_term(Some(&r), Some("n3"), &[&own]), 5);
+        assert_eq!(next_term(Some(&r), Some("n2"), &[&own]), 6, "skips term 5");
+        assert_eq!(next_term(Some(&r), None, &[&own]), 6);
+        // Taken over already: the write keeps that term.
+        assert_eq!(next_term(Some(&r), Some("n3"), &[&at(5, Some("n3"))]), 5);
+        // A known term 5 with another node (a re-created table) is never reused.
+        assert_eq!(next_term(Some(&r), Some("n3"), &[&at(5, Some("n2"))]), 6);
+        assert_eq!(next_term(Some(&r), Some("n3"), &[&at(9, Some("n2"))]), 10);
+        assert_eq!(next_term(None, Some("n1"), &[&at(3, None)]), 4);
+        assert_eq!(
+            next_term(Some(&row(4, Some("n1"), None)), Some("n3"), &[]),
+            6
+        );
     }
 
     #[tokio::test]

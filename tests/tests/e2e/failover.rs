@@ -418,10 +418,16 @@ async fn failover_under_a_write_loop_costs_only_the_connections_on_the_killed_no
 
 /// No node healthy (one answers 503, the other hangs): a new client waits `wait_for_node`
 /// (default 5 s), then gets a MySQL ERR naming each node's state; when a node recovers inside
-/// the window, a waiting client connects to it.
+/// the window, a waiting client connects to it. The relay keeps its default handshake deadline
+/// (10 s; the stacks' usual 5 s would end the handshake before the agent's 5 s window does).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_healthy_node_clients_wait_then_get_the_reasons_or_the_recovered_node() {
-    let s = Stack::builder().http_nodes(2).api().start().await;
+    let s = Stack::builder()
+        .http_nodes(2)
+        .api()
+        .relay(|r| r.handshake_timeout = None)
+        .start()
+        .await;
     s.wait_node(0, "n1", Duration::from_secs(10)).await;
     s.http_node("n1").health.set(HealthMode::Status(503));
     s.http_node("n2").health.set(HealthMode::Hang);
