@@ -6,7 +6,7 @@
 //! the current one fails or an operator activates it. Every change is a new term, and a term
 //! never names two different nodes.
 //!
-//! The [`Decider`] of a service runs that rule whenever a node's health changes, an operator's
+//! The `Decider` of a service runs that rule whenever a node's health changes, an operator's
 //! command arrives, a relay shows a newer term, or every check interval, and keeps the result
 //! where the service's `decisions:` says:
 //! * `local`: a file per service in the agent's `state_dir`, written (atomically, and synced)
@@ -17,6 +17,9 @@
 //!   compare-and-set through the monitor user ([`ClusterStore`]). Galera's certification (and
 //!   InnoDB's row locks) let exactly one of several agents win a term; the others re-read and
 //!   adopt it. Every agent reads the row every round and adopts it while its node is fit here.
+//!   Each row also names a successor and reserves the next term for it, so that when the
+//!   active node dies the agents move to the successor without a write (Galera holds commits
+//!   until it evicts a dead node, seconds later); see [`ClusterStore`].
 //!
 //! Operator commands (traffic on or off, drain, activate) are kept in the same local file.
 

@@ -23,7 +23,7 @@
 //!
 //! For failover, a stack's MySQL services can have several nodes instead of one MariaDB:
 //! [`StackBuilder::galera`] (a real three-node cluster, the agent's `mysql` check logging in as
-//! [`MONITOR_USER`](crate::galera::MONITOR_USER)) or [`StackBuilder::http_nodes`] (plain
+//! [`MONITOR_USER`]) or [`StackBuilder::http_nodes`] (plain
 //! `mariadbd`s, each with a [`HealthServer`] the test switches, the agent's `http` check). Each
 //! node answers `SELECT @@wsrep_node_name` with its name (`n1`, `n2`, ...), so
 //! [`Stack::which_node`] tells where a new connection lands. [`StackBuilder::api`] turns on the
@@ -211,7 +211,7 @@ impl StackBuilder {
     /// Serves MySQL services from a real three-node Galera cluster (`n1`..`n3`) instead of one
     /// MariaDB: the agent gets the nodes, a `mysql` check as the monitor user (password in a
     /// file) and its own `state_dir`; the cluster has the monitor user and the application
-    /// user [`APP_USER`](crate::galera::APP_USER) (database `app`).
+    /// user [`APP_USER`] (database `app`).
     pub fn galera(mut self) -> Self {
         self.nodes = Some(Nodes::Galera);
         self

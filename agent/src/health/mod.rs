@@ -1,5 +1,5 @@
 //! Health checks of a service's database nodes: what one check finds ([`Probe`]), how results
-//! turn into healthy and unhealthy ([`Tracker`]), and the loop that checks one node ([`watch`]).
+//! turn into healthy and unhealthy ([`Tracker`]), and the loop that checks one node (`watch`).
 //!
 //! Detection is tiered, so that a node that says it is unwell leaves at once and a node that
 //! merely hangs leaves soon after:
