@@ -40,22 +40,46 @@ pub struct Backends {
     changed: Arc<watch::Sender<u64>>,
 }
 
-/// A connection's node, held for the connection's life.
+/// A connection's node, held for the connection's life: it counts against the node's
+/// connections until dropped. Small on purpose (every idle tunneled connection holds one): the
+/// node's names live in the service's [`ServiceNodes`].
 #[derive(Debug)]
 pub struct Backend {
-    /// The service it serves.
-    pub service: String,
-    /// The node's name.
-    pub node: String,
-    /// Where it listens (`host:port`).
-    pub addr: String,
-    /// Deadline for connecting to it.
-    pub connect_timeout: Duration,
+    svc: Arc<ServiceNodes>,
+    index: usize,
     /// Cancelled when connections to this node must end (it turned unhealthy, another node
     /// became active, traffic was disabled). A forward ends its connection when this fires.
     pub severed: CancellationToken,
-    /// Counts the connection against its node while held.
-    _lease: Lease,
+}
+
+impl Backend {
+    /// The service it serves.
+    pub fn service(&self) -> &str {
+        &self.svc.name
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.svc.nodes[self.index].config.name
+    }
+
+    /// Where it listens (`host:port`).
+    pub fn addr(&self) -> &str {
+        &self.svc.nodes[self.index].config.address
+    }
+
+    /// Deadline for connecting to it.
+    pub fn connect_timeout(&self) -> Duration {
+        self.svc.connect_timeout
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(n) = self.svc.nodes.get(self.index) {
+            n.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Backends {
@@ -166,17 +190,15 @@ impl Backends {
             )
         })?;
         let backend = svc.pick(relay).await?;
-        match net::connect(&backend.addr, backend.connect_timeout).await {
+        match net::connect(backend.addr(), backend.connect_timeout()).await {
             Ok(tcp) => Ok((backend, tcp)),
             Err(e) => {
                 let at = if svc.checked {
                     // Maybe the node just went: check it now rather than at the next round.
-                    if let Some(n) = svc.nodes.iter().find(|n| n.config.name == backend.node) {
-                        n.recheck.notify_one();
-                    }
-                    format!("{} (node {})", backend.addr, backend.node)
+                    svc.nodes[backend.index].recheck.notify_one();
+                    format!("{} (node {})", backend.addr(), backend.node())
                 } else {
-                    backend.addr.clone()
+                    backend.addr().to_owned()
                 };
                 Err(Refusal::new(
                     Code::BackendUnavailable,
@@ -285,21 +307,6 @@ struct NodeLive {
 impl NodeLive {
     fn fit(&self) -> bool {
         self.healthy && !self.draining
-    }
-}
-
-/// Counts a connection against its node until dropped.
-#[derive(Debug)]
-struct Lease {
-    svc: Arc<ServiceNodes>,
-    index: usize,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(n) = self.svc.nodes.get(self.index) {
-            n.connections.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -439,15 +446,9 @@ impl ServiceNodes {
         let slot = &self.nodes[index];
         slot.connections.fetch_add(1, Ordering::Relaxed);
         Backend {
-            service: self.name.clone(),
-            node: slot.config.name.clone(),
-            addr: slot.config.address.clone(),
-            connect_timeout: self.connect_timeout,
+            svc: self.clone(),
+            index,
             severed: live.nodes[index].severed.clone(),
-            _lease: Lease {
-                svc: self.clone(),
-                index,
-            },
         }
     }
 

@@ -173,7 +173,7 @@ async fn plain(
         }
     };
     let ok = Answer::Ok {
-        backend: backend.addr.clone(),
+        backend: backend.addr().to_owned(),
     };
     if let Err(e) = wire::write_first(&mut stream, &ok).await {
         debug!(error = %e, "relay went away before the stream started");
@@ -187,7 +187,7 @@ async fn plain(
             service: svc.name.clone(),
             identity: (!open.client.is_empty())
                 .then(|| Identity::Client(open.client.clone()).uri()),
-            via: backend.addr.clone(),
+            via: backend.addr().to_owned(),
         });
     }
     Some(Tunnel {
@@ -271,10 +271,10 @@ async fn end_to_end(
             .backends
             .connect(&svc.name, relay_choice(open))
             .await?;
-        debug!(client_addr = %open.client_addr, backend = %backend.addr, node = %backend.node, "client authorised; connected to backend");
+        debug!(client_addr = %open.client_addr, backend = %backend.addr(), node = %backend.node(), "client authorised; connected to backend");
         Ok(Dialled {
-            via: backend.addr.clone(),
-            node: backend.addr.clone(),
+            via: backend.addr().to_owned(),
+            node: backend.addr().to_owned(),
             io: NodeConn::new(tcp, backend),
             conn_id,
             slot: None,

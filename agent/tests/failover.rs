@@ -186,7 +186,7 @@ async fn http_checks_move_traffic_and_failback_waits_for_the_operator() {
     assert_eq!(s.nodes[0].check, "http");
     let first_term = s.term;
     let (held, _tcp) = b.connect("orders", None).await.unwrap();
-    assert_eq!(held.node, "n1");
+    assert_eq!(held.node(), "n1");
     assert_eq!(state(&b).nodes[0].connections, 1);
 
     // An explicit 503 moves traffic at once, and the open connection is cut.
@@ -212,7 +212,7 @@ async fn http_checks_move_traffic_and_failback_waits_for_the_operator() {
     tokio::time::sleep(INTERVAL * 4).await;
     assert_eq!((active(&state(&b)), state(&b).term), (Some("n2"), term));
     let (on_n2, _tcp) = b.connect("orders", None).await.unwrap();
-    assert_eq!(on_n2.node, "n2");
+    assert_eq!(on_n2.node(), "n2");
 
     // n2 hangs: timeouts count to fall, checked back to back, so it is down within
     // interval + fall * timeout (plus scheduling slack).
@@ -280,7 +280,7 @@ async fn with_no_healthy_node_clients_wait_then_hear_every_reason() {
             tokio::spawn(async move {
                 b2.connect("orders", None)
                     .await
-                    .map(|(be, _)| be.node.clone())
+                    .map(|(be, _)| be.node().to_owned())
             }),
         )
     };
@@ -386,17 +386,17 @@ async fn a_newer_term_from_the_relay_is_followed_and_then_adopted_or_outbid() {
 
     // Another agent (or an earlier life of this one) made term 50 = n2: follow it at once.
     let (be, _t) = b.connect("orders", Some(("n2", 50))).await.unwrap();
-    assert_eq!(be.node, "n2");
+    assert_eq!(be.node(), "n2");
     until(&b, Duration::from_secs(2), |s| {
         s.term == 50 && active(s) == Some("n2")
     })
     .await;
     // An older term from the relay is ignored.
     let (be, _t) = b.connect("orders", Some(("n1", 3))).await.unwrap();
-    assert_eq!(be.node, "n2");
+    assert_eq!(be.node(), "n2");
     // A newer term naming a node this agent does not have is outbid by a term above it.
     let (be, _t) = b.connect("orders", Some(("n9", 60))).await.unwrap();
-    assert_eq!(be.node, "n2");
+    assert_eq!(be.node(), "n2");
     let s = state(&b);
     assert_eq!((s.term, active(&s)), (61, Some("n2")));
 }
@@ -419,7 +419,7 @@ async fn one_backend_is_always_healthy_at_term_1() {
         (1, Some("backend"), "none")
     );
     let (be, _t) = b.connect("orders", Some(("n7", 9))).await.unwrap();
-    assert_eq!(be.addr, addr);
+    assert_eq!(be.addr(), addr);
     let r = b.connect("billing", None).await.unwrap_err();
     assert_eq!(r.code, Code::UnknownService);
 }

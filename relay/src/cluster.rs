@@ -105,10 +105,16 @@ pub(crate) struct DecisionEvent {
 /// the token that fires when the connection must be severed.
 pub(crate) struct Registration {
     cluster: Cluster,
-    service: String,
-    node: Option<String>,
+    /// Shared by every connection to the node (an idle connection holds one, so it is small).
+    key: Arc<NodeKey>,
     /// Fires when the connection must be cut.
     pub(crate) cut: CancellationToken,
+}
+
+/// Which node's count a [`Registration`] is in.
+struct NodeKey {
+    service: String,
+    node: Option<String>,
 }
 
 /// What the dashboard, the API and the metrics see of one service.
@@ -206,14 +212,19 @@ struct Carried {
     /// Severed, and not yet ended (their registrations hold fired tokens).
     severed_open: u64,
     cut: CancellationToken,
+    key: Arc<NodeKey>,
 }
 
-impl Default for Carried {
-    fn default() -> Self {
+impl Carried {
+    fn new(service: &str, node: Option<String>) -> Self {
         Self {
             open: 0,
             severed_open: 0,
             cut: CancellationToken::new(),
+            key: Arc::new(NodeKey {
+                service: service.to_owned(),
+                node,
+            }),
         }
     }
 }
@@ -360,7 +371,7 @@ impl Cluster {
         transport: TransportKind,
     ) -> Registration {
         let mut services = self.lock();
-        let cut = match services.get_mut(service) {
+        let (key, cut) = match services.get_mut(service) {
             Some(view) => {
                 let key = (node.clone(), transport_name(transport));
                 // Node names come from agents; a bound keeps a confused one from growing this.
@@ -372,8 +383,12 @@ impl Cluster {
                         || ((b.term, b.active.as_ref()) != (asked.0, asked.1.as_ref())
                             && b.active != node)
                 });
-                let carried = view.nodes.entry(node.clone()).or_default();
-                if late {
+                let carried = view
+                    .nodes
+                    .entry(node.clone())
+                    .or_insert_with(|| Carried::new(service, node));
+                let key = carried.key.clone();
+                let cut = if late {
                     carried.severed_open += 1;
                     view.severed += 1;
                     let cut = CancellationToken::new();
@@ -382,14 +397,20 @@ impl Cluster {
                 } else {
                     carried.open += 1;
                     carried.cut.clone()
-                }
+                };
+                (key, cut)
             }
-            None => CancellationToken::new(),
+            None => (
+                Arc::new(NodeKey {
+                    service: service.to_owned(),
+                    node,
+                }),
+                CancellationToken::new(),
+            ),
         };
         Registration {
             cluster: self.clone(),
-            service: service.to_owned(),
-            node,
+            key,
             cut,
         }
     }
@@ -433,8 +454,8 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut services = self.cluster.lock();
         if let Some(carried) = services
-            .get_mut(&self.service)
-            .and_then(|v| v.nodes.get_mut(&self.node))
+            .get_mut(&self.key.service)
+            .and_then(|v| v.nodes.get_mut(&self.key.node))
         {
             // Severing moves a node's open connections to `severed_open` under this lock, and
             // fires their token: the token says which count this one is in.
