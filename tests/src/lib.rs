@@ -87,6 +87,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// Polls `GET /readyz` at `addr` until it answers 200 (within `within`), and returns its body.
+pub async fn wait_ready(addr: SocketAddr, within: Duration) -> String {
+    eventually(within, "/readyz 200", || async {
+        http_get(addr, "/readyz")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body)
+    })
+    .await
+}
+
 /// SHA-256 of `data`, in hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;

@@ -159,14 +159,7 @@ async fn health_is_independent_of_agents_and_readiness_is_not() {
     let mut agent = s.start_agent(&s.agent_config());
     agent.wait_connected().await;
     // Ready once the agent's first report names a healthy active node.
-    let body = eventually(Duration::from_secs(10), "/readyz 200", || async {
-        http_get(http, "/readyz")
-            .await
-            .ok()
-            .filter(|(status, _)| *status == 200)
-            .map(|(_, body)| body)
-    })
-    .await;
+    let body = wait_ready(http, Duration::from_secs(10)).await;
     assert!(
         body.contains("\"name\":\"db1\"") && body.contains("\"transport\":\"quic\""),
         "{body}"

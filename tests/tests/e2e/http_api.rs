@@ -334,14 +334,7 @@ async fn healthz_without_agents_readyz_follows_agent_and_nodes_and_the_health_po
 
     let mut agent = s.start_agent(&s.agent_config());
     agent.wait_connected().await;
-    let body = eventually(Duration::from_secs(10), "/readyz 200", || async {
-        http_get(http, "/readyz")
-            .await
-            .ok()
-            .filter(|(status, _)| *status == 200)
-            .map(|(_, body)| body)
-    })
-    .await;
+    let body = wait_ready(http, Duration::from_secs(10)).await;
     assert!(
         body.contains("orders") && body.contains("n1"),
         "details: {body}"
