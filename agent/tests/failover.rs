@@ -209,6 +209,7 @@ async fn http_checks_move_traffic_and_failback_waits_for_the_operator() {
     h1.set(Mode::Healthy(0));
     until(&b, Duration::from_secs(2), |s| s.nodes[0].healthy).await;
     let term = state(&b).term;
+    // Not a wait for readiness: four check rounds in which nothing may change.
     tokio::time::sleep(INTERVAL * 4).await;
     assert_eq!((active(&state(&b)), state(&b).term), (Some("n2"), term));
     let (on_n2, _tcp) = b.connect("orders", None).await.unwrap();
@@ -366,6 +367,7 @@ async fn tcp_checks_operator_commands_and_terms_across_a_restart() {
         s.nodes.iter().all(|n| n.healthy)
     })
     .await;
+    // Not a wait for readiness: four check rounds in which nothing may change.
     tokio::time::sleep(INTERVAL * 4).await;
     let after = state(&b);
     assert_eq!((after.term, active(&after)), (before.term, Some("n2")));
