@@ -5,6 +5,7 @@
 //! [`transport::Stream`]; the protocol spoken on those streams is in [`protocol`] and read and
 //! written by [`wire`].
 
+pub mod binding;
 pub mod config;
 pub mod control;
 pub mod events;
