@@ -177,6 +177,7 @@ mod tests {
             handshake_timeout_ms: 1000,
             first_packet_timeout_ms: 500,
             max_handshakes: 1,
+            bindings: Default::default(),
         }
     }
 

@@ -251,6 +251,7 @@ async fn end_to_end(
             service: &policy.name,
             clients: &policy.clients,
             allowed_users: &policy.allowed_users,
+            bindings: &policy.bindings,
             client_attribute: policy.client_attribute,
             handshake_timeout: handshake,
         },

@@ -16,7 +16,8 @@ use crate::pki::Identity;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Acl {
-    /// Any client certificate signed by the CA.
+    /// Any client certificate signed by the CA, except the service broker's bindings
+    /// ([`BINDING_PREFIX`]): each of those is admitted only by its own service's [`Bindings`].
     Any,
     /// Only these client names.
     Only(BTreeSet<String>),
@@ -27,7 +28,7 @@ impl Acl {
     pub fn allows(&self, id: &Identity) -> bool {
         match (self, id) {
             (_, Identity::Agent(_)) => false,
-            (Self::Any, Identity::Client(_)) => true,
+            (Self::Any, Identity::Client(n)) => !is_binding(n),
             (Self::Only(names), Identity::Client(n)) => names.contains(n),
         }
     }
@@ -107,6 +108,60 @@ pub struct ServicePolicy {
     /// it is reached, the oldest gives way. 0 means no limit.
     #[serde(default)]
     pub max_handshakes: usize,
+    /// The service broker's bindings of this service.
+    #[serde(default, skip_serializing_if = "Bindings::is_empty")]
+    pub bindings: Bindings,
+}
+
+/// The prefix of the client identity names the relay's service broker issues
+/// (`postern://client/binding-ID`): such a name is never admitted by `clients: "*"`, only by
+/// the [`Bindings`] of the service it was bound to.
+pub const BINDING_PREFIX: &str = "binding-";
+
+/// Whether `name` is a client identity issued by the service broker.
+pub fn is_binding(name: &str) -> bool {
+    name.starts_with(BINDING_PREFIX)
+}
+
+/// The service broker's live bindings of one service: each binding's client identity name, and
+/// the MySQL user it is limited to when the binding has a user of its own (that user is then
+/// reserved to it: no other client may log in as it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bindings(pub BTreeMap<String, Option<String>>);
+
+impl Bindings {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the binding identity `name` is live for the service.
+    pub fn allows(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    /// Whether any binding has a MySQL user of its own.
+    pub fn has_users(&self) -> bool {
+        self.0.values().any(Option::is_some)
+    }
+
+    /// Whether `client` may log in as `user` as far as the bindings say: `Some(verdict)` when
+    /// they decide (a binding with its own user; a user that belongs to another binding),
+    /// `None` when the service's `allowed_users` do.
+    pub fn user_verdict(&self, client: &str, user: &[u8]) -> Option<bool> {
+        if let Some(Some(own)) = self.0.get(client) {
+            return Some(own.as_bytes() == user);
+        }
+        if self
+            .0
+            .iter()
+            .any(|(name, u)| name != client && u.as_ref().is_some_and(|u| u.as_bytes() == user))
+        {
+            return Some(false);
+        }
+        None
+    }
 }
 
 /// The longest handshake deadline an agent accepts from a relay's policy.
@@ -138,6 +193,7 @@ mod tests {
             handshake_timeout_ms: 5000,
             first_packet_timeout_ms: 2000,
             max_handshakes: 100,
+            bindings: Bindings([("binding-b".to_owned(), None)].into()),
         };
         let json = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<ServicePolicy>(&json).unwrap(), p);

@@ -581,6 +581,9 @@ mod tests {
                 handshake_timeout_ms: 10_000,
                 first_packet_timeout_ms: 3_000,
                 max_handshakes: 100,
+                bindings: crate::policy::Bindings(
+                    [("binding-1".to_owned(), Some("pb_1".to_owned()))].into(),
+                ),
             }],
             crl_pem: Some("-----BEGIN X509 CRL-----".into()),
         });

@@ -5,18 +5,21 @@
 //! themselves get the same rules and revocation lists from [`Access::agent_policy`]. The rules
 //! start as `relay.yaml` says and can change while the relay runs: the revocation list file is
 //! re-read when it changes (on a blocking thread, every [`REVOCATION_POLL`]), and a service's
-//! clients can be granted or withdrawn ([`Access::update`], the service broker's way in). Every
-//! change bumps a generation that agents' control streams watch ([`Access::changes`]), so the
-//! rules the agents apply follow without a restart.
+//! clients can be granted or withdrawn ([`Access::update`]). The service broker's bindings
+//! ([`Access::set_bindings`]) are kept apart from the configured clients: a binding's identity
+//! (`postern://client/binding-…`) reaches only the service it was bound to, even where
+//! `clients` is `"*"`, and when a binding goes away its open connections are cut
+//! ([`Access::binding_cut`]). Every change bumps a generation that agents' control streams watch
+//! ([`Access::changes`]), so the rules the agents apply follow without a restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use postern_common::mysql::server::Rules;
 use postern_common::pki::Identity;
-use postern_common::policy::{Acl, AllowedUsers, ServicePolicy};
+use postern_common::policy::{Acl, AllowedUsers, Bindings, ServicePolicy, is_binding};
 use postern_common::protocol::{Code, Refusal};
 use postern_common::tls::Revocations;
 use tokio::sync::watch;
@@ -35,6 +38,28 @@ pub struct ServiceAccess {
     pub clients: Acl,
     /// Which MySQL users each client may log in as.
     pub allowed_users: AllowedUsers,
+    /// The service broker's live bindings of the service.
+    pub bindings: Bindings,
+}
+
+impl ServiceAccess {
+    /// Whether `client` may use the service: a broker binding by the bindings, anyone else by
+    /// `clients`.
+    pub fn allows(&self, client: &Identity) -> bool {
+        match client {
+            Identity::Client(name) if is_binding(name) => self.bindings.allows(name),
+            other => self.clients.allows(other),
+        }
+    }
+}
+
+/// One live binding, as [`Access::set_bindings`] takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingGrant {
+    /// The service it was bound to.
+    pub service: String,
+    /// The MySQL user it is limited to, when it has one of its own.
+    pub user: Option<String>,
 }
 
 /// The relay's access rules and revocation lists. One per relay.
@@ -44,6 +69,9 @@ pub struct Access {
     /// The revocation lists as read (PEM), for agents; `None` without `tls.crl`.
     crl: RwLock<Crl>,
     changes: watch::Sender<u64>,
+    /// One token per live binding identity: cancelled when the binding goes away, which cuts
+    /// its open connections.
+    binding_cuts: Mutex<HashMap<String, CancellationToken>>,
 }
 
 /// Why the revocation list file cannot be used.
@@ -79,6 +107,7 @@ impl Access {
                 let access = ServiceAccess {
                     clients: s.clients.clone(),
                     allowed_users: s.allowed_users.clone(),
+                    bindings: Bindings::default(),
                 };
                 (s.name.clone(), Arc::new(access))
             })
@@ -102,6 +131,7 @@ impl Access {
                 broken,
             }),
             changes: watch::Sender::new(0),
+            binding_cuts: Mutex::default(),
         }
     }
 
@@ -113,7 +143,7 @@ impl Access {
     /// Whether `client` may use `service`.
     pub fn authorise(&self, service: &str, client: &Identity) -> Result<(), Refusal> {
         match self.service(service) {
-            Some(a) if a.clients.allows(client) => Ok(()),
+            Some(a) if a.allows(client) => Ok(()),
             Some(_) => Err(Refusal::new(
                 Code::NotAuthorized,
                 format!("{client} is not allowed to use service {service:?}"),
@@ -136,6 +166,7 @@ impl Access {
             service: &svc.name,
             clients: &access.clients,
             allowed_users: &access.allowed_users,
+            bindings: &access.bindings,
             client_attribute: svc.client_attribute,
             handshake_timeout,
         }
@@ -159,6 +190,52 @@ impl Access {
             self.changes.send_modify(|g| *g += 1);
         }
         true
+    }
+
+    /// Makes `live` (binding identity name → grant) the service broker's bindings: new ones are
+    /// admitted at once, and the connections of those no longer listed are cut. Agents that end
+    /// TLS themselves get the new rules. Bindings naming an unknown service are ignored.
+    pub fn set_bindings(&self, live: &BTreeMap<String, BindingGrant>) {
+        let mut per_service: BTreeMap<&str, Bindings> = BTreeMap::new();
+        for (name, grant) in live {
+            per_service
+                .entry(grant.service.as_str())
+                .or_default()
+                .0
+                .insert(name.clone(), grant.user.clone());
+        }
+        let names: Vec<String> = self.read().keys().cloned().collect();
+        for service in names {
+            let next = per_service.remove(service.as_str()).unwrap_or_default();
+            self.update(&service, |s| s.bindings = next);
+        }
+        let mut cuts = self.binding_cuts.lock().unwrap_or_else(|p| p.into_inner());
+        cuts.retain(|name, cut| {
+            let keep = live.contains_key(name);
+            if !keep {
+                info!(client = %name, "binding withdrawn: its connections are closed");
+                cut.cancel();
+            }
+            keep
+        });
+        for name in live.keys() {
+            cuts.entry(name.clone()).or_default();
+        }
+    }
+
+    /// The token that is cancelled when the binding `client` goes away; `None` for clients that
+    /// are not bindings. A binding that is already gone gets a cancelled token.
+    pub fn binding_cut(&self, client: &Identity) -> Option<CancellationToken> {
+        let name = match client {
+            Identity::Client(n) if is_binding(n) => n,
+            _ => return None,
+        };
+        let cuts = self.binding_cuts.lock().unwrap_or_else(|p| p.into_inner());
+        Some(cuts.get(name).cloned().unwrap_or_else(|| {
+            let gone = CancellationToken::new();
+            gone.cancel();
+            gone
+        }))
     }
 
     /// A generation that grows whenever the rules or the revocation lists change.
@@ -192,6 +269,7 @@ impl Access {
                     handshake_timeout_ms: ms(handshake_timeout),
                     first_packet_timeout_ms: ms(first_packet_timeout),
                     max_handshakes: svc.max_handshakes,
+                    bindings: access.bindings.clone(),
                 })
             })
             .collect();
@@ -276,6 +354,7 @@ mod tests {
             Arc::new(ServiceAccess {
                 clients,
                 allowed_users: AllowedUsers::Any,
+                bindings: Bindings::default(),
             }),
         )];
         Access {
@@ -283,6 +362,7 @@ mod tests {
             revocations: Arc::default(),
             crl: RwLock::default(),
             changes: watch::Sender::new(0),
+            binding_cuts: Mutex::default(),
         }
     }
 
@@ -313,5 +393,33 @@ mod tests {
             a.authorise("billing", &bob).unwrap_err().code,
             Code::UnknownService
         );
+    }
+
+    #[test]
+    fn a_binding_reaches_only_its_service_and_is_cut_when_withdrawn() {
+        let a = access(Acl::Any);
+        let b = Identity::Client("binding-1".into());
+        assert_eq!(
+            a.authorise("orders", &b).unwrap_err().code,
+            Code::NotAuthorized,
+            "`*` does not admit a binding"
+        );
+        let mut changes = a.changes();
+        let grant = |service: &str| BindingGrant {
+            service: service.into(),
+            user: Some("pb_1".into()),
+        };
+        a.set_bindings(&[("binding-1".to_owned(), grant("orders"))].into());
+        assert!(changes.has_changed().unwrap(), "agents see the grant");
+        a.authorise("orders", &b).unwrap();
+        let cut = a.binding_cut(&b).unwrap();
+        assert!(!cut.is_cancelled());
+        assert!(a.binding_cut(&Identity::Client("alice".into())).is_none());
+        // Bound to another service: refused here.
+        a.set_bindings(&[("binding-1".to_owned(), grant("billing"))].into());
+        assert!(a.authorise("orders", &b).is_err());
+        a.set_bindings(&BTreeMap::new());
+        assert!(cut.is_cancelled(), "withdrawing cuts the open connections");
+        assert!(a.binding_cut(&b).unwrap().is_cancelled());
     }
 }

@@ -24,7 +24,7 @@ use postern_common::transport::Stream;
 use postern_common::{splice, wire};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use crate::Shared;
@@ -186,6 +186,16 @@ pub(crate) async fn open(
                 node = reached.as_deref().unwrap_or(""),
                 "stream to agent open"
             );
+            // A binding withdrawn while the stream opened is refused now; one withdrawn later
+            // cuts the connection.
+            let revoked = client.and_then(|c| shared.access.binding_cut(c));
+            if revoked.as_ref().is_some_and(CancellationToken::is_cancelled) {
+                stream.abort();
+                return Err(Refusal::new(
+                    Code::NotAuthorized,
+                    format!("the binding of {} was withdrawn", client.map(|c| c.to_string()).unwrap_or_default()),
+                ));
+            }
             // A stream that carries no client (the greeting fetch) is not a connection.
             let registration = (conn_id != 0).then(|| {
                 shared
@@ -193,7 +203,7 @@ pub(crate) async fn open(
                     .register(service, reached, (term, node), transport)
             });
             Ok(Reached {
-                stream: Tunnel::new(stream, registration),
+                stream: Tunnel::new(stream, registration, revoked),
                 agent,
                 backend,
                 conn_id,
@@ -205,22 +215,31 @@ pub(crate) async fn open(
 }
 
 /// A stream to the agent that fails (as a reset, both ways) when its connection is severed:
-/// the node it reached is no longer active. Its registration keeps the node's connection count.
+/// the node it reached is no longer active, or the client's binding was withdrawn. Its
+/// registration keeps the node's connection count.
 pub(crate) struct Tunnel {
     stream: Stream,
     /// Resolves when the connection must be cut; `None` when it never is.
     cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Resolves when the client's binding is withdrawn; `None` for clients that are not
+    /// bindings.
+    revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     severed: bool,
     _registration: Option<Registration>,
 }
 
 impl Tunnel {
-    fn new(stream: Stream, registration: Option<Registration>) -> Self {
+    fn new(
+        stream: Stream,
+        registration: Option<Registration>,
+        revoked: Option<CancellationToken>,
+    ) -> Self {
         Self {
             stream,
             cut: registration
                 .as_ref()
                 .map(|r| Box::pin(r.cut.clone().cancelled_owned())),
+            revoked: revoked.map(|t| Box::pin(t.cancelled_owned())),
             severed: false,
             _registration: registration,
         }
@@ -233,12 +252,17 @@ impl Tunnel {
 
     /// Whether the connection was severed; registers the task to wake when it is.
     fn poll_severed(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.severed
-            && let Some(cut) = &mut self.cut
-            && cut.as_mut().poll(cx).is_ready()
-        {
+        if self.severed {
+            return true;
+        }
+        let fired = |f: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+                     cx: &mut Context<'_>| {
+            f.as_mut().is_some_and(|f| f.as_mut().poll(cx).is_ready())
+        };
+        if fired(&mut self.cut, cx) || fired(&mut self.revoked, cx) {
             self.severed = true;
             self.cut = None;
+            self.revoked = None;
             self.stream.abort();
         }
         self.severed
@@ -248,7 +272,7 @@ impl Tunnel {
 fn severed() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionAborted,
-        "severed: the node is no longer the active one",
+        "severed: the node is no longer the active one, or the client's binding was withdrawn",
     )
 }
 

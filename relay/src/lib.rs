@@ -13,10 +13,13 @@
 //! * `forward`: reaching a service for one client connection, and carrying its bytes.
 //! * `cluster`: the agents' reports of each service's nodes, the best decision the relay routes
 //!   by, and severing the connections to nodes that are no longer active.
+//! * [`broker`]: the Open Service Broker API under `/v2/`: bindings with certificates of their
+//!   own, kept in a store every instance shares.
 //! * [`config`]: `relay.yaml`; [`certs`]: the `certs` subcommand.
 
 pub mod access;
 mod agents;
+pub mod broker;
 pub mod certs;
 pub mod cli;
 mod cluster;
@@ -73,6 +76,9 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// The service broker cannot start (its signing CA, its store).
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
 }
 
 impl Relay {
@@ -94,8 +100,17 @@ impl Relay {
             Some(addr) => Some(listen::bind_tcp("health", addr).await?),
             None => None,
         };
+        let broker = match &config.broker {
+            Some(settings) => Some(Arc::new(broker::Broker::open(settings.clone()).await?)),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(config, broker));
+        if let Some(b) = &shared.broker {
+            // Bindings work from the first connection on, not after the first poll.
+            b.apply(&shared.access).await.map_err(broker::BrokerError::from)?;
+        }
         Ok(Self {
-            shared: Arc::new(Shared::new(config)),
+            shared,
             quic,
             listeners,
             http,
@@ -168,6 +183,9 @@ impl Relay {
                 .watch_revocations(shared.abort.clone()),
         );
         tasks.spawn(http::metrics::follow(shared.clone()));
+        if let Some(b) = &shared.broker {
+            tasks.spawn(b.clone().follow(shared.access.clone(), shared.abort.clone()));
+        }
         if let Some(listener) = http {
             tasks.spawn(http::serve(shared.clone(), listener));
         }

@@ -24,6 +24,8 @@ pub(crate) struct Shared {
     pub(crate) cluster: Cluster,
     /// Who may use which service, and the revocation lists.
     pub(crate) access: Arc<Access>,
+    /// The Open Service Broker API, when `broker` is configured.
+    pub(crate) broker: Option<Arc<crate::broker::Broker>>,
     /// Per-service limits of authorised connections.
     pub(crate) limits: HashMap<String, Arc<Semaphore>>,
     /// The process-wide limit of connections and sessions (`max_connections`).
@@ -53,7 +55,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The state of a relay with `config`.
-    pub(crate) fn new(config: Config) -> Self {
+    pub(crate) fn new(config: Config, broker: Option<Arc<crate::broker::Broker>>) -> Self {
         let limits = config
             .services
             .values()
@@ -66,6 +68,7 @@ impl Shared {
             .collect();
         Self {
             access: Arc::new(Access::new(&config)),
+            broker,
             cluster: Cluster::new(config.services.keys()),
             connection_slots: Arc::new(Semaphore::new(config.max_connections)),
             config,

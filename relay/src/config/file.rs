@@ -30,6 +30,8 @@ pub(super) struct File {
     pub(super) api: Option<Spanned<ApiFile>>,
     #[serde(default)]
     pub(super) health_listen: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) broker: Option<Spanned<super::broker::BrokerFile>>,
 }
 
 /// `api`: who may use `/v0/*`, the dashboard and `/metrics`.
@@ -78,6 +80,8 @@ pub(super) struct ServiceFile {
     pub(super) allowed_users: Option<Spanned<UsersFile>>,
     #[serde(default)]
     pub(super) client_attribute: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub(super) broker: Option<Spanned<super::broker::PlanFile>>,
 }
 
 /// `allowed_users`: a list for every client, or a mapping from client name (or `"*"`) to a list.

@@ -45,6 +45,7 @@ pub use postern_common::policy::{Acl, AllowedUsers, Users};
 use postern_common::tls::Material;
 use serde::Deserialize;
 
+pub mod broker;
 mod file;
 mod service;
 
@@ -131,6 +132,8 @@ pub struct Config {
     pub api: Option<ApiAuth>,
     /// A listener for load balancers: 200 with an empty body on any path, no auth.
     pub health_listen: Option<SocketAddr>,
+    /// The Open Service Broker API under `/v2/`; `None`: off.
+    pub broker: Option<broker::Broker>,
 }
 
 /// The basic-auth credentials of the API, the dashboard and `/metrics`.
@@ -160,6 +163,8 @@ pub struct CfInstance {
     pub app_name: String,
     /// The instance index (`CF_INSTANCE_INDEX`).
     pub instance_index: u32,
+    /// The app's routes (`VCAP_APPLICATION.application_uris`).
+    pub routes: Vec<String>,
 }
 
 impl CfInstance {
@@ -176,10 +181,20 @@ impl CfInstance {
             .var("CF_INSTANCE_INDEX")
             .and_then(|i| i.parse().ok())
             .or_else(|| u32::try_from(vcap.get("instance_index")?.as_u64()?).ok())?;
+        let routes = vcap
+            .get("application_uris")
+            .and_then(|u| u.as_array())
+            .map(|u| {
+                u.iter()
+                    .filter_map(|r| r.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
         Some(Self {
             app_guid,
             app_name,
             instance_index,
+            routes,
         })
     }
 
@@ -291,6 +306,35 @@ impl Config {
             .or_else(|| platform.as_ref().map(CfInstance::name))
             .unwrap_or_else(default_instance);
 
+        let broker = file.broker.as_ref().and_then(|b| {
+            let plans: Vec<_> = file
+                .services
+                .iter()
+                .filter_map(|(name, svc)| Some((services.get(&name.value)?, svc.broker.as_ref()?)))
+                .collect();
+            broker::validate(
+                &mut check,
+                b,
+                &plans,
+                &file.tls.ca.value,
+                &base,
+                env,
+                platform.as_ref(),
+            )
+        });
+        if file.broker.is_none()
+            && let Some((name, Some(plan))) = file
+                .services
+                .iter()
+                .map(|(name, s)| (name, s.broker.as_ref()))
+                .find(|(_, b)| b.is_some())
+        {
+            check.at(
+                plan,
+                &format!("services.{}.broker", name.value),
+                "a plan needs the top-level `broker` section",
+            );
+        }
         let Some(tls) = tls else {
             return Err(check.fail());
         };
@@ -308,12 +352,13 @@ impl Config {
             platform,
             api,
             health_listen,
+            broker,
         })
     }
 }
 
-/// The longest API password file read (a password, not a document).
-const MAX_PASSWORD_FILE: u64 = 4096;
+/// The longest password or key file read (a secret, not a document).
+const MAX_PASSWORD_FILE: u64 = 16 * 1024;
 
 /// `api`: a user name, and a password from exactly one of a file and an environment variable.
 fn api(
@@ -331,73 +376,15 @@ fn api(
             "must not be empty or contain ':' (basic auth splits on it)",
         );
     }
-    let password = match (&a.password_file, &a.password_env) {
-        (Some(path), None) => {
-            let full = base.join(&path.value);
-            let read = std::fs::metadata(&full).and_then(|m| {
-                if m.len() > MAX_PASSWORD_FILE {
-                    Err(std::io::Error::other(format!(
-                        "larger than {MAX_PASSWORD_FILE} bytes"
-                    )))
-                } else {
-                    std::fs::read_to_string(&full)
-                }
-            });
-            match read {
-                Ok(p) => Some((
-                    p.trim_end_matches(['\n', '\r']).to_owned(),
-                    path.value.display().to_string(),
-                    "api.password_file",
-                    config::line_of(path),
-                )),
-                Err(e) => {
-                    check.at(
-                        path,
-                        "api.password_file",
-                        format!("cannot read {}: {e}", full.display()),
-                    );
-                    None
-                }
-            }
-        }
-        (None, Some(var)) => match env.var(&var.value) {
-            Some(p) => Some((
-                p,
-                var.value.clone(),
-                "api.password_env",
-                config::line_of(var),
-            )),
-            None => {
-                check.at(
-                    var,
-                    "api.password_env",
-                    format!("environment variable {} is not set", var.value),
-                );
-                None
-            }
-        },
-        (Some(_), Some(var)) => {
-            check.at(
-                var,
-                "api",
-                "give one of password_file and password_env, not both",
-            );
-            None
-        }
-        (None, None) => {
-            check.at(
-                &a.username,
-                "api",
-                "give the password in password_file or password_env (never inline)",
-            );
-            None
-        }
-    };
-    let (password, source, key, line) = password?;
-    if password.is_empty() {
-        check.error(line, key, format!("the password from {source} is empty"));
-        return None;
-    }
+    let password = broker::secret(
+        check,
+        base,
+        env,
+        "api",
+        ("password_file", a.password_file.as_ref()),
+        ("password_env", a.password_env.as_ref()),
+        config::line_of(&a.username),
+    )?;
     Some(ApiAuth { username, password })
 }
 

@@ -86,6 +86,15 @@ fn clients(check: &mut Check<'_>, key: &str, list: &[Spanned<String>]) -> Acl {
             any = true;
         } else if let Err(e) = pki::check_name(&c.value) {
             check.at(c, &format!("{key}.clients"), e.to_string());
+        } else if postern_common::policy::is_binding(&c.value) {
+            check.at(
+                c,
+                &format!("{key}.clients"),
+                format!(
+                    "names starting with {:?} belong to the service broker's bindings",
+                    postern_common::policy::BINDING_PREFIX
+                ),
+            );
         } else {
             names.insert(c.value.clone());
         }

@@ -17,7 +17,6 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use crate::Shared;
-use crate::config::ApiAuth;
 
 /// The 404 body when `api` is not configured.
 pub(super) const OFF: &str = "the relay's API, dashboard and metrics are off: set api \
@@ -32,7 +31,7 @@ pub(super) async fn require(
     let Some(api) = &shared.config.api else {
         return (StatusCode::NOT_FOUND, OFF).into_response();
     };
-    if authorised(req.headers(), api) {
+    if authorised(req.headers(), &api.username, &api.password) {
         next.run(req).await
     } else {
         let mut r = (StatusCode::UNAUTHORIZED, "Not Authorized").into_response();
@@ -44,8 +43,8 @@ pub(super) async fn require(
     }
 }
 
-/// Whether `headers` carry `Authorization: Basic` with `api`'s user name and password.
-fn authorised(headers: &HeaderMap, api: &ApiAuth) -> bool {
+/// Whether `headers` carry `Authorization: Basic` with this user name and password.
+pub(crate) fn authorised(headers: &HeaderMap, username: &str, password: &str) -> bool {
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -57,9 +56,9 @@ fn authorised(headers: &HeaderMap, api: &ApiAuth) -> bool {
     else {
         return false;
     };
-    let mut expected = api.username.as_bytes().to_vec();
+    let mut expected = username.as_bytes().to_vec();
     expected.push(b':');
-    expected.extend_from_slice(api.password.as_bytes());
+    expected.extend_from_slice(password.as_bytes());
     same(&Sha256::digest(&given), &Sha256::digest(&expected))
 }
 
@@ -80,20 +79,16 @@ mod tests {
 
     #[test]
     fn only_the_exact_credentials_pass() {
-        let api = ApiAuth {
-            username: "admin".into(),
-            password: "pw:with:colons".into(),
-        };
+        let authorised = |h: &HeaderMap| authorised(h, "admin", "pw:with:colons");
         let basic = |s: &str| {
             format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(s)
             )
         };
-        assert!(authorised(&headers(&basic("admin:pw:with:colons")), &api));
+        assert!(authorised(&headers(&basic("admin:pw:with:colons"))));
         assert!(authorised(
-            &headers(&basic("admin:pw:with:colons").replace("Basic", "basic")),
-            &api
+            &headers(&basic("admin:pw:with:colons").replace("Basic", "basic"))
         ));
         for bad in [
             "admin:pw",
@@ -101,10 +96,10 @@ mod tests {
             "Admin:pw:with:colons",
             "",
         ] {
-            assert!(!authorised(&headers(&basic(bad)), &api), "{bad}");
+            assert!(!authorised(&headers(&basic(bad))), "{bad}");
         }
-        assert!(!authorised(&headers("Basic !!!"), &api));
-        assert!(!authorised(&headers("Bearer abc"), &api));
-        assert!(!authorised(&HeaderMap::new(), &api));
+        assert!(!authorised(&headers("Basic !!!")));
+        assert!(!authorised(&headers("Bearer abc")));
+        assert!(!authorised(&HeaderMap::new()));
     }
 }

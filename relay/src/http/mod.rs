@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::Shared;
 use crate::listen::tunnel;
 
+pub(crate) use auth::authorised;
 pub(crate) use health::serve_port as serve_health;
 
 /// The routes of the HTTP listener.
@@ -49,6 +50,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(health::readyz))
         .route(ws::DEFAULT_PATH, get(tunnel::upgrade))
         .merge(operator)
+        .merge(crate::broker::osb::routes(shared.clone()))
         .with_state(shared)
 }
 

@@ -53,7 +53,7 @@ async fn relay(api: bool, services: &[&str]) -> Relay {
     }
     let env = BTreeMap::<&str, &str>::new();
     let config = Config::parse(&dir.path().join("relay.yaml"), &text, &env).unwrap();
-    let shared = Arc::new(Shared::new(config));
+    let shared = Arc::new(Shared::new(config, None));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = listener.local_addr().unwrap();
     tokio::spawn(super::serve(shared.clone(), listener));

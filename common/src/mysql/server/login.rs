@@ -419,6 +419,7 @@ mod tests {
                 service: "orders",
                 clients: acl,
                 allowed_users: users,
+                bindings: const { &crate::policy::Bindings(std::collections::BTreeMap::new()) },
                 client_attribute,
                 handshake_timeout: Duration::from_secs(1),
             },

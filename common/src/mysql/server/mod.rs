@@ -82,7 +82,7 @@ use tokio::time::Instant;
 
 use crate::events::{Events, Origin};
 use crate::pki::Identity;
-use crate::policy::{Acl, AllowedUsers, Users};
+use crate::policy::{Acl, AllowedUsers, Bindings, Users, is_binding};
 use crate::protocol::{Code, Refusal};
 
 #[cfg(doc)]
@@ -108,6 +108,8 @@ pub struct Rules<'a> {
     pub clients: &'a Acl,
     /// Which MySQL users each client may log in as.
     pub allowed_users: &'a AllowedUsers,
+    /// The service broker's bindings of the service.
+    pub bindings: &'a Bindings,
     /// Whether sessions get the connection attribute `postern_client`.
     pub client_attribute: bool,
     /// The deadline for each packet of the login exchange once the client is authorised.
@@ -118,12 +120,18 @@ impl Rules<'_> {
     /// Whether a client that arrives already authenticated must log in through the front end
     /// ([`serve_inspected`]) so that the user policy and the client attribute apply to it.
     pub fn needs_inspection(&self, identity: &Identity) -> bool {
-        self.client_attribute || self.allowed_users.for_client(identity.name()) != Users::Any
+        self.client_attribute
+            || self.allowed_users.for_client(identity.name()) != Users::Any
+            || self.bindings.has_users()
     }
 
     /// Whether `client` may use the service.
     pub fn authorise(&self, client: &Identity) -> Result<(), Refusal> {
-        if self.clients.allows(client) {
+        let allowed = match client {
+            Identity::Client(name) if is_binding(name) => self.bindings.allows(name),
+            other => self.clients.allows(other),
+        };
+        if allowed {
             Ok(())
         } else {
             Err(Refusal::new(
@@ -135,7 +143,11 @@ impl Rules<'_> {
 
     /// Whether `identity` may log in to the service as MySQL user `user`.
     pub fn check_user(&self, identity: &Identity, user: &[u8]) -> Result<(), Refusal> {
-        if self.allowed_users.for_client(identity.name()).allows(user) {
+        let allowed = match self.bindings.user_verdict(identity.name(), user) {
+            Some(verdict) => verdict,
+            None => self.allowed_users.for_client(identity.name()).allows(user),
+        };
+        if allowed {
             return Ok(());
         }
         Err(Refusal::new(

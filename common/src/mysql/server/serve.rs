@@ -623,6 +623,7 @@ mod tests {
             service: "orders",
             clients: &acl,
             allowed_users: &users,
+            bindings: &Default::default(),
             client_attribute: false,
             handshake_timeout: Duration::from_secs(1),
         };
