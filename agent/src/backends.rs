@@ -210,6 +210,23 @@ impl Backends {
         }
     }
 
+    /// The node a new connection of `service` goes to, chosen as for [`connect`](Self::connect)
+    /// but without connecting: for the agent's own database logins (per-binding users), which
+    /// connect with a MySQL driver. The lease counts as a connection to the node while held.
+    pub async fn lease(
+        &self,
+        service: &str,
+        relay: Option<(&str, u64)>,
+    ) -> Result<Backend, Refusal> {
+        let svc = self.services.get(service).ok_or_else(|| {
+            Refusal::new(
+                Code::UnknownService,
+                format!("this agent does not offer service {service:?}"),
+            )
+        })?;
+        svc.pick(relay).await
+    }
+
     /// The state of `services` (those this agent offers), for the relay.
     pub fn states(&self, services: &[String]) -> Vec<ServiceState> {
         services

@@ -12,6 +12,22 @@
 //!     tls: { cert: orders-server.pem, key: orders-server-key.pem }
 //! ```
 //!
+//! A MySQL service can create a database user per binding of the relay's service broker
+//! (`services.NAME.users`): on bind, the agent logs in to the active node as an admin user whose
+//! password stays here, creates the binding's user with a random password and exactly the
+//! `grants` listed, and drops it on unbind (see [`crate::users`] for the rules on grants):
+//!
+//! ```yaml
+//! services:
+//!   orders:
+//!     backend: 127.0.0.1:3306
+//!     users:
+//!       admin: postern_admin                          # has CREATE USER and these privileges WITH GRANT OPTION
+//!       password_file: /etc/postern/admin-password    # or password_env: VARIABLE (never inline)
+//!       grants: ["SELECT, INSERT, UPDATE, DELETE ON appdb.*"]
+//!       host: "%"                                     # the users' host part (default %)
+//! ```
+//!
 //! A relay can be reached over QUIC, over WebSocket (through HTTP routers and proxies), or both
 //! raced (`transport: auto`): `relay: {quic: quic://host:7443, websocket: wss://host}`. Several
 //! relays (`relays: [...]`) each get their own session.
@@ -294,6 +310,22 @@ struct ServiceFile {
     connect_timeout: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     tls: Option<ServiceTlsFile>,
+    #[serde(default)]
+    users: Option<UsersFile>,
+}
+
+/// `services.NAME.users`: per-binding database users.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    admin: Spanned<String>,
+    #[serde(default)]
+    password_file: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
+    password_env: Option<Spanned<String>>,
+    grants: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    host: Option<Spanned<String>>,
 }
 
 /// `services.NAME.nodes[i]`.
@@ -395,7 +427,27 @@ pub struct Service {
     /// TLS at the agent (`tls_termination: agent`), with the agent's CA for client certificates.
     /// Revocation lists come from the relay's policy.
     pub tls: Option<Material>,
+    /// Per-binding database users, when the service makes them (`users:`).
+    pub users: Option<Users>,
 }
+
+/// `services.NAME.users`, validated: how the agent makes a database user per binding.
+#[derive(Debug, Clone)]
+pub struct Users {
+    /// The MySQL user the agent logs in as to create and drop users (it needs `CREATE USER`
+    /// and every granted privilege `WITH GRANT OPTION`).
+    pub admin: String,
+    /// Its password.
+    pub password: Secret,
+    /// What every binding's user is granted, in order.
+    pub grants: Vec<crate::users::Grant>,
+    /// The users' host part (`'user'@'host'`).
+    pub host: String,
+}
+
+/// Default `users.host`: connections from anywhere (they come from the agent's address, but
+/// through a relay the operator may move).
+pub const DEFAULT_USERS_HOST: &str = "%";
 
 /// One database node of a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -615,6 +667,10 @@ impl Config {
                 files.rebase(&base);
                 check.tls(&files, &format!("{key}.tls"))
             });
+            let users = svc
+                .users
+                .as_ref()
+                .and_then(|u| users(&mut check, &format!("{key}.users"), u, &base, env));
             services.insert(
                 name.value.clone(),
                 Service {
@@ -635,6 +691,7 @@ impl Config {
                         CONNECT_TIMEOUT_RANGE,
                     ),
                     tls,
+                    users,
                 },
             );
         }
@@ -1081,7 +1138,34 @@ fn password(
     base: &Path,
     env: &dyn Env,
 ) -> Option<Secret> {
-    match (&file.password_file, &file.password_env) {
+    let missing = (
+        file.user.as_ref().and_then(config::line_of),
+        "check type mysql needs",
+    );
+    secret(
+        check,
+        key,
+        (file.password_file.as_ref(), file.password_env.as_ref()),
+        missing,
+        base,
+        env,
+    )
+}
+
+/// A password from `KEY.password_file` or `KEY.password_env` (never inline); `missing` is the
+/// line and the words of the error when neither is given.
+fn secret(
+    check: &mut Check<'_>,
+    key: &str,
+    (password_file, password_env): (
+        Option<&Spanned<std::path::PathBuf>>,
+        Option<&Spanned<String>>,
+    ),
+    (line, needs): (Option<u32>, &str),
+    base: &Path,
+    env: &dyn Env,
+) -> Option<Secret> {
+    match (password_file, password_env) {
         (Some(f), Some(_)) => {
             check.at(
                 f,
@@ -1091,12 +1175,13 @@ fn password(
             None
         }
         (None, None) => {
-            let line = file.user.as_ref().and_then(config::line_of);
             check.error(
                 line,
                 &format!("{key}.password_file"),
-                "check type mysql needs password_file: PATH or password_env: VARIABLE \
-                 (a password is never written in the config itself)",
+                format!(
+                    "{needs} password_file: PATH or password_env: VARIABLE (a password is never \
+                     written in the config itself)"
+                ),
             );
             None
         }
@@ -1141,6 +1226,69 @@ fn password(
             }
         },
     }
+}
+
+/// `services.NAME.users`, validated; `None` (after recording why) when it is unusable.
+fn users(
+    check: &mut Check<'_>,
+    key: &str,
+    u: &UsersFile,
+    base: &Path,
+    env: &dyn Env,
+) -> Option<Users> {
+    let admin = u.admin.value.trim();
+    if admin.is_empty() || admin.len() > crate::users::MAX_NAME {
+        check.at(
+            &u.admin,
+            &format!("{key}.admin"),
+            format!(
+                "name the admin user (1 to {} characters)",
+                crate::users::MAX_NAME
+            ),
+        );
+    }
+    let needs = (config::line_of(&u.admin), "users needs");
+    let password = secret(
+        check,
+        key,
+        (u.password_file.as_ref(), u.password_env.as_ref()),
+        needs,
+        base,
+        env,
+    );
+    let mut grants = Vec::new();
+    if u.grants.value.is_empty() {
+        check.at(
+            &u.grants,
+            &format!("{key}.grants"),
+            "the list is empty: give what each binding's user may do, e.g. \
+             \"SELECT, INSERT, UPDATE, DELETE ON appdb.*\"",
+        );
+    }
+    for (i, g) in u.grants.value.iter().enumerate() {
+        match crate::users::Grant::parse(&g.value) {
+            Ok(grant) => grants.push(grant),
+            Err(e) => check.at(g, &format!("{key}.grants[{i}]"), e),
+        }
+    }
+    let host = match &u.host {
+        None => DEFAULT_USERS_HOST.to_owned(),
+        Some(h) => match crate::users::check_host(&h.value) {
+            Ok(()) => h.value.clone(),
+            Err(e) => {
+                check.at(h, &format!("{key}.host"), e);
+                DEFAULT_USERS_HOST.to_owned()
+            }
+        },
+    };
+    let ok = !admin.is_empty() && grants.len() == u.grants.value.len() && !grants.is_empty();
+    Some(Users {
+        admin: admin.to_owned(),
+        password: password?,
+        grants,
+        host,
+    })
+    .filter(|_| ok)
 }
 
 impl HttpTarget {
@@ -1428,6 +1576,102 @@ mod tests {
             (
                 format!("{head}{nodes}    check:\n      type: carrier-pigeon\n"),
                 "5: type: unknown variant",
+            ),
+        ];
+        let wrong: Vec<String> = cases
+            .iter()
+            .map(|(text, want)| (d.error(text), want))
+            .filter(|(got, want)| !got.starts_with(*want))
+            .map(|(got, want)| format!(" got: {got}\nwant: {want}"))
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn users_take_grants_a_host_and_a_password_never_shown() {
+        let d = Dir::new();
+        std::fs::write(d.dir.path().join("admin-pw"), "adm1n-s3cret\n").unwrap();
+        let c = d
+            .parse(
+                "services:\n  orders:\n    backend: 127.0.0.1:3306\n    users:\n      admin: postern_admin\n      password_file: admin-pw\n      grants: [\"select, insert ON appdb.*\", \"SELECT ON app_db.t\"]\n  billing:\n    backend: 127.0.0.1:3307\n",
+            )
+            .unwrap();
+        let u = c.services["orders"].users.as_ref().unwrap();
+        assert_eq!(u.admin, "postern_admin");
+        assert_eq!(u.password.expose(), "adm1n-s3cret");
+        assert_eq!(u.host, "%");
+        let grants: Vec<String> = u.grants.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            grants,
+            ["SELECT, INSERT ON `appdb`.*", "SELECT ON `app_db`.`t`"]
+        );
+        assert!(c.services["billing"].users.is_none());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("adm1n-s3cret"), "{shown}");
+
+        let env: BTreeMap<&str, &str> = [("ADMIN_PW", "from-env")].into();
+        let c = d
+            .parse_env(
+                "services:\n  orders:\n    backend: 127.0.0.1:3306\n    users: { admin: a, password_env: ADMIN_PW, grants: [\"ALL ON appdb.*\"], host: \"10.0.%\" }\n",
+                &env,
+            )
+            .unwrap();
+        let u = c.services["orders"].users.as_ref().unwrap();
+        assert_eq!(
+            (u.password.expose(), u.host.as_str()),
+            ("from-env", "10.0.%")
+        );
+    }
+
+    #[test]
+    fn users_mistakes_name_line_and_key() {
+        let d = Dir::new();
+        std::fs::write(d.dir.path().join("pw"), "x\n").unwrap();
+        let head = "services:\n  orders:\n    backend: a:1\n    users:\n";
+        let cases = [
+            (
+                format!("{head}      admin: adm\n      grants: [\"SELECT ON db.*\"]\n"),
+                "5: services.orders.users.password_file: users needs password_file: PATH or password_env",
+            ),
+            (
+                format!(
+                    "{head}      admin: adm\n      password_file: pw\n      password_env: X\n      grants: [\"SELECT ON db.*\"]\n"
+                ),
+                "6: services.orders.users.password_file: give password_file or password_env, not both",
+            ),
+            (
+                format!("{head}      admin: adm\n      password_file: pw\n      grants: []\n"),
+                "7: services.orders.users.grants: the list is empty",
+            ),
+            (
+                format!(
+                    "{head}      admin: adm\n      password_file: pw\n      grants:\n        - SELECT ON db.*\n        - SUPER ON db.*\n"
+                ),
+                "9: services.orders.users.grants[1]: \"SUPER ON db.*\": privilege \"SUPER\" may not be granted",
+            ),
+            (
+                format!(
+                    "{head}      admin: adm\n      password_file: pw\n      grants: [\"ALL ON *.*\"]\n"
+                ),
+                "7: services.orders.users.grants[0]: \"ALL ON *.*\": \"*.*\" is not db.*",
+            ),
+            (
+                format!(
+                    "{head}      admin: adm\n      password_file: pw\n      grants: [\"SELECT ON db.*\"]\n      host: \"x'y\"\n"
+                ),
+                "8: services.orders.users.host: \"x'y\" is not a MySQL host pattern",
+            ),
+            (
+                format!(
+                    "{head}      admin: \"\"\n      password_file: pw\n      grants: [\"SELECT ON db.*\"]\n"
+                ),
+                "5: services.orders.users.admin: name the admin user",
+            ),
+            (
+                format!(
+                    "{head}      admin: adm\n      password: inline\n      grants: [\"SELECT ON db.*\"]\n"
+                ),
+                "6: password: unknown field",
             ),
         ];
         let wrong: Vec<String> = cases

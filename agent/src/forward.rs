@@ -149,6 +149,10 @@ async fn forward(
         refuse(state, &mut stream, &open, r).await;
         return None;
     };
+    if let Some(admin) = &open.admin {
+        crate::users::serve(state, svc, stream, &open, admin).await;
+        return None;
+    }
     match open.mode {
         StreamMode::Plain => plain(state, svc, stream, &open).await,
         StreamMode::MysqlE2e => {
@@ -301,7 +305,7 @@ async fn fetch_greeting(
 }
 
 /// The relay's choice of node for this stream (the active node of the highest term it knows).
-fn relay_choice(open: &Open) -> Option<(&str, u64)> {
+pub(crate) fn relay_choice(open: &Open) -> Option<(&str, u64)> {
     open.node.as_deref().map(|n| (n, open.term))
 }
 
@@ -378,7 +382,7 @@ fn cannot_connect(svc: &Service, e: &dyn std::fmt::Display) -> Refusal {
 }
 
 /// Answers the relay with a refusal (which it turns into the client's ERR), and records it.
-async fn refuse(state: &AgentState, stream: &mut Stream, open: &Open, r: Refusal) {
+pub(crate) async fn refuse(state: &AgentState, stream: &mut Stream, open: &Open, r: Refusal) {
     let identity = (!open.client.is_empty()).then(|| Identity::Client(open.client.clone()).uri());
     state.front.events.refused(
         Origin::AgentStream,

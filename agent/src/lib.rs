@@ -13,6 +13,7 @@
 //! * [`connect`]: a local port leading to a service through the relay ([`exec`] runs a client
 //!   against it).
 //! * [`notify`]: systemd readiness, watchdog and status.
+//! * [`users`]: per-binding database users, created and dropped for the relay's service broker.
 
 pub mod backends;
 pub mod backoff;
@@ -31,6 +32,7 @@ mod session;
 mod state;
 mod supervisor;
 mod takeover;
+pub mod users;
 
 use std::sync::Arc;
 

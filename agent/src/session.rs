@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use postern_common::control::{self, ControlEnd};
 use postern_common::protocol::{
-    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, Rejected, ServiceState,
+    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, FEATURE_USERS,
+    Rejected, ServiceState,
 };
 use postern_common::transport::addr::RelayUrl;
 use postern_common::transport::{CloseReason, Session, Stream, TransportError, TransportKind};
@@ -125,11 +126,7 @@ pub(crate) async fn handshake(
         services: state.config.services.keys().cloned().collect(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
         take_over,
-        features: vec![
-            FEATURE_MYSQL_E2E.to_owned(),
-            FEATURE_DRAIN.to_owned(),
-            FEATURE_BACKENDS.to_owned(),
-        ],
+        features: features(&state.config),
     };
     wire::write_first(&mut stream, &hello)
         .await
@@ -178,6 +175,20 @@ pub(crate) async fn handshake(
         control: stream,
         welcome,
     })
+}
+
+/// The features this agent announces in its hello: [`FEATURE_USERS`] only when some service
+/// makes per-binding users, so the relay sends admin streams only where they can be served.
+fn features(config: &crate::config::Config) -> Vec<String> {
+    let mut features = vec![
+        FEATURE_MYSQL_E2E.to_owned(),
+        FEATURE_DRAIN.to_owned(),
+        FEATURE_BACKENDS.to_owned(),
+    ];
+    if config.services.values().any(|s| s.users.is_some()) {
+        features.push(FEATURE_USERS.to_owned());
+    }
+    features
 }
 
 /// Serves one session until it ends (see [`Outcome`]). With `quic_probe`, a WebSocket session

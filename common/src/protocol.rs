@@ -27,6 +27,22 @@
 //!   [`Answer`] frame. After an [`Answer::Ok`] the stream carries raw bytes in both directions,
 //!   and a finished direction is a half-close. After an [`Answer::Refused`] the stream ends.
 //!
+//! An **admin stream** is a data stream whose [`Open`] carries [`Open::admin`]: the relay asks
+//! the agent for an administrative action on the service's database instead of a client
+//! connection, only of agents whose hello lists [`FEATURE_USERS`] (an older agent would ignore
+//! the field and connect a plain stream). The agent does the work first, then answers either
+//! [`Answer::Refused`] (the service manages no users, no healthy node, the database's error) or
+//! [`Answer::Ok`] followed by exactly one [`AdminDone`] frame, and ends the stream; no raw bytes
+//! follow. The database's admin credential and the grants a user gets stay in the agent's own
+//! config: the frame names only the binding, so a relay cannot ask for more than the agent
+//! allows.
+//!
+//! ```text
+//! relay → agent   PSTN {"type":"open","service":"orders","admin":{"action":"create_user","binding":"b-1"}}
+//! agent → relay   PSTN {"type":"ok","backend":"10.0.0.11:3306"}
+//!                      {"type":"user","username":"pb_3f1c0d2e9a7b4","password":"…"}
+//! ```
+//!
 //! Versions are negotiated in the hello: the agent lists every version it speaks, the relay
 //! picks the highest it also speaks or refuses with [`Code::UnsupportedVersion`]. The framing
 //! (magic, length prefix, JSON object with `type`) is fixed across versions, so a peer of any
@@ -337,6 +353,98 @@ pub struct Open {
     /// The term of that decision (0 when `node` is `None`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub term: u64,
+    /// Set on an admin stream: the action the relay asks for instead of a client connection
+    /// (see the module docs); sent only to agents with [`FEATURE_USERS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<Admin>,
+}
+
+/// The hello feature of agents that manage per-binding database users for at least one of
+/// their services (`services.NAME.users` in agent.yaml): they understand [`Open::admin`].
+pub const FEATURE_USERS: &str = "users";
+
+/// An administrative action on a service's database, asked by the relay (its service broker)
+/// on an admin stream. Only the binding is named: the user's name is derived from it
+/// ([`binding_username`]), and its host, grants and the admin credential come from the agent's
+/// config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Admin {
+    /// Create the binding's user, or give it a new password if it exists (a retried bind), and
+    /// set its grants to the agent's configured ones. Answered with [`AdminDone::User`].
+    CreateUser {
+        /// The binding id (the platform's, e.g. a GUID).
+        binding: String,
+    },
+    /// Drop the binding's user; a user that does not exist is not an error (a retried unbind).
+    /// Answered with [`AdminDone::Dropped`].
+    DropUser {
+        /// The binding id.
+        binding: String,
+    },
+}
+
+impl Admin {
+    /// The binding the action is for.
+    pub fn binding(&self) -> &str {
+        match self {
+            Self::CreateUser { binding } | Self::DropUser { binding } => binding,
+        }
+    }
+}
+
+/// The frame that follows [`Answer::Ok`] on an admin stream: what the agent did. `Debug`
+/// never shows a password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdminDone {
+    /// The binding's user exists with this password and the configured grants.
+    User {
+        /// The MySQL user name ([`binding_username`]).
+        username: String,
+        /// Its new password (random, alphanumeric).
+        password: String,
+    },
+    /// The binding's user does not exist (any more).
+    Dropped {
+        /// The MySQL user name.
+        username: String,
+    },
+}
+
+impl std::fmt::Debug for AdminDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::User { username, .. } => f
+                .debug_struct("User")
+                .field("username", username)
+                .field("password", &"***")
+                .finish(),
+            Self::Dropped { username } => f
+                .debug_struct("Dropped")
+                .field("username", username)
+                .finish(),
+        }
+    }
+}
+
+/// The longest binding id an agent takes (platform ids are GUIDs; this is generous).
+pub const MAX_BINDING_ID: usize = 255;
+
+/// The MySQL user name of binding `binding`: `pb_` and the first 13 hex digits of the SHA-256
+/// of the binding id (16 characters: within every MySQL and MariaDB limit, even MySQL 5.6's
+/// 16). Deterministic, so a retried bind or unbind finds the same user and no table of names
+/// is needed; a fixed prefix, so an operator can tell binding users apart (`SELECT User FROM
+/// mysql.user WHERE User LIKE 'pb\_%'`).
+pub fn binding_username(binding: &str) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, binding.as_bytes());
+    let mut name = String::from("pb_");
+    for b in digest.as_ref() {
+        let _ = write!(name, "{b:02x}");
+    }
+    name.truncate(16);
+    name
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -357,6 +465,7 @@ impl Open {
             mode: StreamMode::default(),
             node: None,
             term: 0,
+            admin: None,
         }
     }
 }
@@ -400,6 +509,8 @@ pub enum Code {
     BadRequest,
     /// The side is shutting down.
     ShuttingDown,
+    /// The database refused an administrative action (its error is in the message).
+    AdminFailed,
     /// A code from a newer peer that this build does not know.
     #[serde(other)]
     Unknown,
@@ -417,6 +528,7 @@ impl Code {
             Self::TooManyConnections => "too_many_connections",
             Self::BadRequest => "bad_request",
             Self::ShuttingDown => "shutting_down",
+            Self::AdminFailed => "admin_failed",
             Self::Unknown => "unknown",
         }
     }
@@ -644,6 +756,7 @@ mod tests {
             mode: StreamMode::Plain,
             node: None,
             term: 0,
+            admin: None,
         });
         roundtrip(Open {
             service: "orders".into(),
@@ -654,11 +767,65 @@ mod tests {
             mode: StreamMode::MysqlE2e,
             node: None,
             term: 0,
+            admin: None,
+        });
+        roundtrip(Open {
+            admin: Some(Admin::CreateUser {
+                binding: "b-1".into(),
+            }),
+            ..Open::for_service("orders")
+        });
+        roundtrip(Open {
+            admin: Some(Admin::DropUser {
+                binding: "b-1".into(),
+            }),
+            ..Open::for_service("orders")
+        });
+        roundtrip(AdminDone::User {
+            username: "pb_0123456789abc".into(),
+            password: "p".into(),
+        });
+        roundtrip(AdminDone::Dropped {
+            username: "pb_0123456789abc".into(),
         });
         roundtrip(Answer::Refused {
             code: Code::BackendUnavailable,
             message: "connection refused".into(),
         });
+    }
+
+    #[test]
+    fn admin_frames_are_what_older_peers_can_read() {
+        // Without an action the field is left out: an older agent reads the open as before.
+        let body = serde_json::to_string(&Open::for_service("orders")).unwrap();
+        assert!(!body.contains("admin"), "{body}");
+        let open: Open = decode_body(
+            br#"{"type":"open","service":"orders","admin":{"action":"drop_user","binding":"b"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            open.admin,
+            Some(Admin::DropUser {
+                binding: "b".into()
+            })
+        );
+        let done = AdminDone::User {
+            username: "pb_x".into(),
+            password: "hunter2hunter2".into(),
+        };
+        assert!(!format!("{done:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn binding_usernames_are_short_stable_and_distinct() {
+        let a = binding_username("6d9e4a30-0f5e-4d7c-9b1e-2a8f7c3d1e00");
+        assert_eq!(a.len(), 16);
+        assert!(a.starts_with("pb_"));
+        assert!(a[3..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(a, binding_username("6d9e4a30-0f5e-4d7c-9b1e-2a8f7c3d1e00"));
+        assert_ne!(a, binding_username("6d9e4a30-0f5e-4d7c-9b1e-2a8f7c3d1e01"));
+        // SHA-256("abc") starts ba7816bf8f01c.
+        assert_eq!(binding_username("abc"), "pb_ba7816bf8f01c");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use postern_common::control::{self, ControlEnd};
 use postern_common::events::Origin;
 use postern_common::protocol::{
-    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, MAX_FRAME, Refusal,
-    Rejected,
+    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, FEATURE_USERS,
+    MAX_FRAME, Refusal, Rejected,
 };
 use postern_common::transport::Session;
 use postern_common::wire;
@@ -142,6 +142,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         take_over,
         mysql_e2e,
     );
+    if features.iter().any(|f| f == FEATURE_USERS) {
+        shared.registry.set_users(&name, generation);
+    }
     let mut changes = shared.access.changes();
     let greeted = async {
         wire::write_frame(&mut stream, &welcome).await?;

@@ -160,6 +160,7 @@ pub(crate) async fn open(
         mode,
         node: node.clone(),
         term,
+        admin: None,
     };
     wire::write_first(&mut stream, &open)
         .await

@@ -15,6 +15,7 @@
 //!   by, and severing the connections to nodes that are no longer active.
 //! * [`broker`]: the Open Service Broker API under `/v2/`: bindings with certificates of their
 //!   own, kept in a store every instance shares.
+//! * [`users`]: per-binding database users, made by the agents for the service broker.
 //! * [`config`]: `relay.yaml`; [`certs`]: the `certs` subcommand.
 
 pub mod access;
@@ -30,6 +31,7 @@ mod listen;
 pub mod registry;
 mod sessions;
 mod state;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -278,6 +280,26 @@ impl Handle {
     /// The relay's access rules (the service broker changes them at run time).
     pub fn access(&self) -> Arc<access::Access> {
         self.shared.access.clone()
+    }
+
+    /// Asks an agent of `service` to create (or renew, with a new password) the database user
+    /// of binding `binding`, with the grants of the agent's `services.SERVICE.users`.
+    pub async fn create_binding_user(
+        &self,
+        service: &str,
+        binding: &str,
+    ) -> Result<users::BindingUser, postern_common::protocol::Refusal> {
+        users::create_user(&self.shared, service, binding).await
+    }
+
+    /// Asks an agent of `service` to drop the database user of binding `binding` (a user that
+    /// is gone already is no error).
+    pub async fn drop_binding_user(
+        &self,
+        service: &str,
+        binding: &str,
+    ) -> Result<(), postern_common::protocol::Refusal> {
+        users::drop_user(&self.shared, service, binding).await
     }
 
     /// How many client connections this relay has sent to an agent so far.

@@ -36,6 +36,8 @@ struct Entry {
     /// Its control stream's outgoing messages, when it takes operators' commands
     /// (`FEATURE_BACKENDS`).
     commands: Option<mpsc::Sender<Control>>,
+    /// It makes per-binding database users (`FEATURE_USERS`).
+    users: bool,
 }
 
 /// The agent [`Registry::route`] chose.
@@ -97,6 +99,7 @@ impl Registry {
                 since: SystemTime::now(),
                 draining: false,
                 commands: None,
+                users: false,
             },
         );
         drop(st);
@@ -156,6 +159,40 @@ impl Registry {
         {
             e.commands = Some(commands);
         }
+    }
+
+    /// Marks agent `name`'s registration `generation` as one that makes per-binding database
+    /// users (its hello listed `FEATURE_USERS`).
+    pub fn set_users(&self, name: &str, generation: Generation) {
+        let mut st = self.lock();
+        if let Some(e) = st
+            .agents
+            .get_mut(name)
+            .filter(|e| e.generation == generation.0)
+        {
+            e.users = true;
+        }
+    }
+
+    /// The session of an agent serving `service` that makes per-binding database users:
+    /// agents for which `prefer` holds first, then the most recently connected.
+    pub fn route_users(&self, service: &str, prefer: impl Fn(&str) -> bool) -> Option<Route> {
+        let st = self.lock();
+        st.agents
+            .iter()
+            .filter(|(_, e)| {
+                e.users
+                    && !e.draining
+                    && !e.session.is_closed()
+                    && e.services.iter().any(|s| s == service)
+            })
+            .max_by_key(|(n, e)| (prefer(n), e.generation))
+            .map(|(n, e)| Route {
+                agent: n.clone(),
+                session: e.session.clone(),
+                mysql_e2e: e.mysql_e2e,
+                transport: e.session.kind(),
+            })
     }
 
     /// Sends `command` to every agent serving `service` that takes commands; returns the names
@@ -288,6 +325,22 @@ mod tests {
         assert_eq!(r.route("orders").map(|x| x.agent), Some("db2".into()));
         let routed = r.route_preferring("orders", |agent| agent == "db1");
         assert_eq!(routed.map(|x| x.agent), Some("db1".into()));
+    }
+
+    #[tokio::test]
+    async fn admin_streams_go_only_to_agents_that_make_users() {
+        let r = Registry::default();
+        let (a, _pa) = session();
+        let (b, _pb) = session();
+        let ga = r.insert("db1", a, vec!["orders".into()], false, false);
+        r.insert("db2", b, vec!["orders".into()], false, false);
+        assert!(r.route_users("orders", |_| false).is_none());
+        r.set_users("db1", ga);
+        let routed = r.route_users("orders", |_| false).map(|x| x.agent);
+        assert_eq!(routed, Some("db1".into()));
+        assert!(r.route_users("billing", |_| true).is_none());
+        r.drain("db1", ga);
+        assert!(r.route_users("orders", |_| true).is_none());
     }
 
     #[tokio::test]

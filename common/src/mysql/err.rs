@@ -98,7 +98,9 @@ pub fn error_for(code: Code) -> (u16, &'static str) {
         Code::TooManyConnections => (1040, "08004"),
         Code::UnknownService => (1049, "42000"),
         Code::NoAgent | Code::BackendUnavailable | Code::ShuttingDown => (1053, "08S01"),
-        Code::UnsupportedVersion | Code::BadRequest | Code::Unknown => (1105, "HY000"),
+        Code::UnsupportedVersion | Code::BadRequest | Code::AdminFailed | Code::Unknown => {
+            (1105, "HY000")
+        }
     }
 }
 

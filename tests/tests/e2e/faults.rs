@@ -348,6 +348,7 @@ async fn the_agent_survives_garbage_streams_from_the_relay() {
         mode: Default::default(),
         node: None,
         term: 0,
+        admin: None,
     };
     let (answer, _send, mut recv) = open_raw(&conn, &open).await;
     assert!(matches!(answer, Answer::Ok { .. }), "{answer:?}");
