@@ -85,7 +85,7 @@ pub enum StartError {
 
 impl Relay {
     /// Binds the QUIC endpoint, the HTTP listener and every service listener.
-    pub async fn bind(config: Config) -> Result<Self, StartError> {
+    pub async fn bind(mut config: Config) -> Result<Self, StartError> {
         let idle = postern_common::control::dead_after(config.heartbeat) + Duration::from_secs(5);
         let quic = match config.quic_listen {
             Some(addr) => Some(quic::server(addr, &config.tls, idle)?),
@@ -102,6 +102,17 @@ impl Relay {
             Some(addr) => Some(listen::bind_tcp("health", addr).await?),
             None => None,
         };
+        if let Some(b) = &mut config.broker {
+            for plan in b.plans.values_mut().filter(|p| p.port == 0) {
+                if let Some(addr) = listeners
+                    .iter()
+                    .find(|l| l.service == plan.service && l.kind == ListenerKind::Mysql)
+                    .and_then(|l| l.socket.local_addr().ok())
+                {
+                    plan.port = addr.port();
+                }
+            }
+        }
         let broker = match &config.broker {
             Some(settings) => Some(Arc::new(broker::Broker::open(settings.clone()).await?)),
             None => None,

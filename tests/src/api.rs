@@ -97,7 +97,18 @@ impl Api {
 
     /// One request; `body` is form-encoded (`application/x-www-form-urlencoded`) if given.
     pub async fn request(&self, method: &str, path: &str, body: Option<&str>) -> Response {
-        tokio::time::timeout(REQUEST_WITHIN, self.request_inner(method, path, body))
+        self.request_with(method, path, &[], body).await
+    }
+
+    /// [`request`](Self::request) with extra headers.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Response {
+        tokio::time::timeout(REQUEST_WITHIN, self.request_inner(method, path, headers, body))
             .await
             .unwrap_or_else(|_| panic!("{method} {path}: no answer within {REQUEST_WITHIN:?}"))
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
@@ -107,6 +118,7 @@ impl Api {
         &self,
         method: &str,
         path: &str,
+        headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> std::io::Result<Response> {
         let mut s = tokio::net::TcpStream::connect(self.addr).await?;
@@ -120,10 +132,19 @@ impl Api {
                 base64(format!("{u}:{p}").as_bytes())
             ));
         }
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
         let body = body.unwrap_or_default();
         if !body.is_empty() || method != "GET" {
+            let json = body.starts_with('{');
             head.push_str(&format!(
-                "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+                "Content-Type: {}\r\nContent-Length: {}\r\n",
+                if json {
+                    "application/json"
+                } else {
+                    "application/x-www-form-urlencoded"
+                },
                 body.len()
             ));
         }

@@ -126,6 +126,9 @@ pub struct RelayService {
     /// `client_attribute`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_attribute: Option<bool>,
+    /// `broker`: the service's plan in the service broker's catalog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<serde_json::Value>,
 }
 
 impl RelayConfig {

@@ -8,6 +8,7 @@
 //! ([`eventually`]). A panic in any in-process task fails the test ([`panics`]).
 
 pub mod api;
+pub mod broker;
 pub mod browser;
 pub mod client;
 pub mod config;

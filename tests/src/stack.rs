@@ -110,6 +110,12 @@ enum Nodes {
     Http(usize),
 }
 
+/// The broker's password in stacks with [`StackBuilder::broker`].
+pub const BROKER_PASSWORD: &str = "broker-password-for-tests";
+/// The password of the plan's MySQL user in stacks with [`StackBuilder::broker`] (the test
+/// creates the user).
+pub const BROKER_APP_PASSWORD: &str = "app-password-for-tests";
+
 /// The username of the relays' API in stacks with [`StackBuilder::api`].
 pub const API_USER: &str = "admin";
 
@@ -235,6 +241,46 @@ impl StackBuilder {
     /// Gives the (one) relay a `health_listen` port ([`Stack::health_addr`]).
     pub fn health_listen(mut self) -> Self {
         self.health_listen = true;
+        self
+    }
+
+    /// Turns on the relays' service broker (`/v2/`, user [`crate::broker::BROKER_USER`],
+    /// password [`BROKER_PASSWORD`]), signing with the test CA, keeping bindings in the store at
+    /// `store_url` (`None`: the default SQLite file next to the config). Every service becomes a
+    /// plan handing out `plan` (its `broker` entry, e.g. `{"database": "appdb", "username":
+    /// "app", "password_file": …}` or `{"users": "per_binding"}`); `host` is 127.0.0.1. When the
+    /// QUIC port is pinned by an earlier edit, the credentials name it for sidecars.
+    pub fn broker(mut self, store_url: Option<String>, plan: serde_json::Value) -> Self {
+        self.relay_edits.push(Box::new(move |r: &mut RelayConfig| {
+            let dir = r.tls.ca.parent().expect("ca dir").to_path_buf();
+            let password = dir.join("broker-password");
+            std::fs::write(&password, BROKER_PASSWORD).expect("write broker password");
+            let app_password = dir.join("app-password");
+            std::fs::write(&app_password, BROKER_APP_PASSWORD).expect("write app password");
+            let mut b = serde_json::json!({
+                "username": crate::broker::BROKER_USER,
+                "password_file": password,
+                "signing": {"cert": r.tls.ca, "key_file": dir.join("ca-key.pem")},
+                "host": "127.0.0.1",
+            });
+            if let Some(url) = &store_url {
+                let file = dir.join("broker-store-url");
+                std::fs::write(&file, url).expect("write store url");
+                b["store_file"] = file.display().to_string().into();
+            }
+            if let Some(q) = r.listen.quic.as_ref().filter(|q| !q.ends_with(":0")) {
+                b["relays"] = serde_json::json!([format!("quic://{q}")]);
+                b["server_name"] = "localhost".into();
+            }
+            r.extra.insert("broker".into(), b);
+            for svc in r.services.values_mut() {
+                let mut p = plan.clone();
+                if p.get("username").is_some() && p.get("password_file").is_none() {
+                    p["password_file"] = app_password.display().to_string().into();
+                }
+                svc.broker = Some(p);
+            }
+        }));
         self
     }
 
@@ -848,6 +894,14 @@ impl Stack {
             .expect("a relay with an HTTP listener");
         let password = self.api_password.as_deref().expect("a stack with .api()");
         Api::new(http, API_USER, password)
+    }
+
+    /// The service broker of relay instance `relay` ([`StackBuilder::broker`]).
+    pub fn osb(&self, relay: usize) -> crate::broker::Osb {
+        let http = self.relays[relay]
+            .http()
+            .expect("a relay with an HTTP listener");
+        crate::broker::Osb::new(Api::new(http, crate::broker::BROKER_USER, BROKER_PASSWORD))
     }
 
     /// The relay's `health_listen` address ([`StackBuilder::health_listen`]).

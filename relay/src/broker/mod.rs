@@ -24,7 +24,7 @@
 //! `succeeded` for what exists.
 
 pub(crate) mod osb;
-pub(crate) mod store;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -28,9 +28,9 @@ use crate::Shared;
 
 /// The oldest OSB minor version accepted (2.11 brought `bindings_retrievable`; Cloud Foundry
 /// sends 2.15 or later).
-pub const MIN_MINOR: u32 = 11;
+pub(crate) const MIN_MINOR: u32 = 11;
 /// The largest request body read.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 const VERSION_HEADER: &str = "x-broker-api-version";
 const REQUEST_IDENTITY: &str = "x-broker-api-request-identity";

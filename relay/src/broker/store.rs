@@ -12,7 +12,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 /// The SQL dialect of the store (placeholders differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +64,7 @@ pub(crate) struct Binding {
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum StoreError {
+pub enum StoreError {
     /// The URL names no database this relay can use.
     #[error(
         "the broker's store must be a postgres://, postgresql://, mysql:// or sqlite: URL (got {0}:)"
@@ -169,15 +169,15 @@ impl Store {
 
     async fn migrate(&self) -> Result<(), sqlx::Error> {
         for statement in SCHEMA {
-            sqlx::query(statement).execute(&self.pool).await?;
+            sqlx::query(*statement).execute(&self.pool).await?;
         }
-        let exists = sqlx::query(&self.sql("SELECT n FROM postern_broker_generation WHERE id = ?"))
+        let exists = sqlx::query(self.sql("SELECT n FROM postern_broker_generation WHERE id = ?"))
             .bind(1_i64)
             .fetch_optional(&self.pool)
             .await?;
         if exists.is_none() {
             // Another instance may insert it first; that is as good.
-            let _ = sqlx::query(&self.sql(
+            let _ = sqlx::query(self.sql(
                 "INSERT INTO postern_broker_generation (id, n) VALUES (?, ?)",
             ))
             .bind(1_i64)
@@ -188,8 +188,13 @@ impl Store {
         Ok(())
     }
 
-    /// `?` placeholders in this store's dialect.
-    fn sql(&self, text: &str) -> String {
+    /// `?` placeholders in this store's dialect. Every statement is built from this module's
+    /// constant text (values are always bound), which is what makes it safe.
+    fn sql(&self, text: &str) -> AssertSqlSafe<String> {
+        AssertSqlSafe(self.placeholders(text))
+    }
+
+    fn placeholders(&self, text: &str) -> String {
         if self.dialect != Dialect::Postgres {
             return text.to_owned();
         }
@@ -216,7 +221,7 @@ impl Store {
 
     /// The change counter.
     pub(crate) async fn generation(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query(&self.sql("SELECT n FROM postern_broker_generation WHERE id = ?"))
+        let row = sqlx::query(self.sql("SELECT n FROM postern_broker_generation WHERE id = ?"))
             .bind(1_i64)
             .fetch_optional(&self.pool)
             .await
@@ -226,7 +231,7 @@ impl Store {
 
     /// The instance `id`.
     pub(crate) async fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError> {
-        let row = sqlx::query(&self.sql(
+        let row = sqlx::query(self.sql(
             "SELECT id, service_id, plan_id, service, params FROM postern_broker_instances WHERE id = ?",
         ))
         .bind(id)
@@ -249,7 +254,7 @@ impl Store {
     /// Records a new instance. `false` if one with its id exists (the caller compares).
     pub(crate) async fn insert_instance(&self, i: &Instance) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let done = sqlx::query(&self.sql(
+        let done = sqlx::query(self.sql(
             "INSERT INTO postern_broker_instances (id, service_id, plan_id, service, params, created_ms) \
              VALUES (?, ?, ?, ?, ?, ?)",
         ))
@@ -274,7 +279,7 @@ impl Store {
     /// Removes an instance. `false` if there was none.
     pub(crate) async fn delete_instance(&self, id: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let done = sqlx::query(&self.sql("DELETE FROM postern_broker_instances WHERE id = ?"))
+        let done = sqlx::query(self.sql("DELETE FROM postern_broker_instances WHERE id = ?"))
             .bind(id)
             .execute(&mut *tx)
             .await
@@ -286,7 +291,7 @@ impl Store {
 
     /// The binding `id`, live or revoked.
     pub(crate) async fn binding(&self, id: &str) -> Result<Option<Binding>, StoreError> {
-        let row = sqlx::query(&self.sql(&format!(
+        let row = sqlx::query(self.sql(&format!(
             "SELECT {BINDING_COLUMNS} FROM postern_broker_bindings WHERE id = ?"
         )))
         .bind(id)
@@ -301,7 +306,7 @@ impl Store {
     /// The bindings of instance `id` that are not fully cleaned up (live, or revoked with their
     /// user still to drop).
     pub(crate) async fn bindings_of(&self, instance: &str) -> Result<Vec<Binding>, StoreError> {
-        let rows = sqlx::query(&self.sql(&format!(
+        let rows = sqlx::query(self.sql(&format!(
             "SELECT {BINDING_COLUMNS} FROM postern_broker_bindings \
              WHERE instance_id = ? AND (revoked_ms IS NULL OR user_dropped = 0)"
         )))
@@ -317,9 +322,9 @@ impl Store {
 
     /// Every live binding.
     pub(crate) async fn live_bindings(&self) -> Result<Vec<Binding>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(self.sql(&format!(
             "SELECT {BINDING_COLUMNS} FROM postern_broker_bindings WHERE revoked_ms IS NULL"
-        ))
+        )))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
@@ -332,7 +337,7 @@ impl Store {
     /// Records a new binding. `false` if one with its id exists (the caller compares).
     pub(crate) async fn insert_binding(&self, b: &Binding) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let done = sqlx::query(&self.sql(
+        let done = sqlx::query(self.sql(
             "INSERT INTO postern_broker_bindings (id, instance_id, service, identity, username, \
              per_binding, params, bound_to, expires_ms, created_ms, revoked_ms, user_dropped) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0)",
@@ -362,7 +367,7 @@ impl Store {
     /// Stamps a binding revoked (every instance cuts it at its next poll).
     pub(crate) async fn revoke(&self, id: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        sqlx::query(&self.sql(
+        sqlx::query(self.sql(
             "UPDATE postern_broker_bindings SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL",
         ))
         .bind(now_ms())
@@ -376,7 +381,7 @@ impl Store {
 
     /// Records that a revoked binding's own MySQL user is gone.
     pub(crate) async fn user_dropped(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query(&self.sql("UPDATE postern_broker_bindings SET user_dropped = 1 WHERE id = ?"))
+        sqlx::query(self.sql("UPDATE postern_broker_bindings SET user_dropped = 1 WHERE id = ?"))
             .bind(id)
             .execute(&self.pool)
             .await
@@ -385,7 +390,7 @@ impl Store {
     }
 
     async fn bump(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), StoreError> {
-        sqlx::query(&self.sql("UPDATE postern_broker_generation SET n = n + 1 WHERE id = ?"))
+        sqlx::query(self.sql("UPDATE postern_broker_generation SET n = n + 1 WHERE id = ?"))
             .bind(1_i64)
             .execute(&mut **tx)
             .await

@@ -155,7 +155,8 @@ pub struct Plan {
     pub service: String,
     /// The database name in the credentials.
     pub database: String,
-    /// The port apps connect to at `broker.host`.
+    /// The port apps connect to at `broker.host` (0 until the relay binds an ephemeral
+    /// `listen` port).
     pub port: u16,
     /// Which MySQL credentials bindings get.
     pub credentials: PlanCredentials,
@@ -328,7 +329,8 @@ fn plan(
     }
     let port = match (&p.port, svc.listen) {
         (Some(port), _) => port.value,
-        (None, Some(listen)) if listen.port() != 0 => listen.port(),
+        // 0 (an ephemeral `listen` port) becomes the bound port when the relay starts.
+        (None, Some(listen)) => listen.port(),
         (None, _) => {
             check.at(
                 plan,

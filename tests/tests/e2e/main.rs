@@ -3,6 +3,7 @@
 //! documents, and the relay and agent in-process or as real processes.
 
 mod basic;
+mod broker;
 mod certs;
 mod config;
 mod consensus;

@@ -1,0 +1,465 @@
+//! The relay's service broker as Cloud Foundry uses it: the Open Service Broker API calls with
+//! their documented codes and bodies, bindings whose credentials connect with the `mariadb`
+//! CLI and PyMySQL, unbinding that closes open connections and refuses the certificate at every
+//! relay instance, and bindings kept in PostgreSQL across a restart (SQLite for one relay).
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use mysql_async::{ClientIdentity, OptsBuilder, SslOpts};
+use postern_tests::broker::{self, BindingFiles, Osb, Postgres};
+use postern_tests::stack::BROKER_APP_PASSWORD;
+use postern_tests::*;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+const INSTANCE: &str = "5a0cf4a1-54d5-4fb4-a9a7-3e6d1f1b6f10";
+const BINDING: &str = "8d2e38f3-9f5b-4a53-9c36-2f0f1b1e5a77";
+
+/// The plan every service of these stacks offers: the operator's user `app` on `appdb`.
+fn plan() -> Value {
+    json!({"database": "appdb", "username": "app"})
+}
+
+/// Makes `appdb` and the plan's user on the stack's MariaDB.
+fn create_app_user(stack: &Stack) {
+    stack.db().sql(&format!(
+        "CREATE DATABASE IF NOT EXISTS appdb; \
+         CREATE USER IF NOT EXISTS 'app'@'%' IDENTIFIED BY '{BROKER_APP_PASSWORD}'; \
+         GRANT ALL ON appdb.* TO 'app'@'%'"
+    ));
+}
+
+/// mysql_async options that use a binding's files and credentials against `port`.
+fn binding_opts(files: &BindingFiles, creds: &Value, port: u16) -> OptsBuilder {
+    let ssl = SslOpts::default()
+        .with_root_certs(vec![files.ca.clone().into()])
+        .with_disable_built_in_roots(true)
+        .with_client_identity(Some(ClientIdentity::new(
+            files.cert.clone().into(),
+            files.key.clone().into(),
+        )));
+    OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(creds["username"].as_str())
+        .pass(creds["password"].as_str())
+        .db_name(creds["name"].as_str())
+        .prefer_socket(false)
+        .ssl_opts(ssl)
+}
+
+/// A PyMySQL program that reads a binding's credentials (JSON, as an app finds them in
+/// `VCAP_SERVICES`), writes the TLS material to files for its SSL context, connects to
+/// `hostname:port` and prints a query's result.
+const PYMYSQL_BOUND_APP: &str = r#"
+import json, os, ssl, sys, tempfile
+import pymysql
+c = json.load(open(sys.argv[1]))
+d = tempfile.mkdtemp()
+for name in ("ca.crt", "tls.crt", "tls.key"):
+    with open(os.path.join(d, name), "w") as f:
+        f.write(c[name])
+ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.crt"))
+ctx.check_hostname = False
+ctx.load_cert_chain(os.path.join(d, "tls.crt"), os.path.join(d, "tls.key"))
+try:
+    conn = pymysql.connect(host=c["hostname"], port=int(sys.argv[2]), user=c["username"],
+                           password=c["password"], database=c["name"], ssl=ctx)
+    with conn.cursor() as cur:
+        cur.execute("SELECT CONCAT_WS(' ', CURRENT_USER(), DATABASE(), 6 * 7)")
+        print(cur.fetchone()[0])
+    conn.close()
+except Exception as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+"#;
+
+fn python_with_pymysql() -> &'static str {
+    ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|py| {
+            std::process::Command::new(py)
+                .args(["-c", "import pymysql"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("a python3 with pymysql (scripts/install-deps installs python3-pymysql)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() {
+    let stack = Stack::builder()
+        .service("orders")
+        .service("billing")
+        .mariadb()
+        .broker(None, plan())
+        .start()
+        .await;
+    create_app_user(&stack);
+    let osb = stack.osb(0);
+
+    // Authentication and the API version come first.
+    let anonymous = Osb::new(osb.api.without_auth());
+    let r = anonymous.call("GET", "/v2/catalog", None).await.expect(401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Basic realm=\"Authorization Required\"")
+    );
+    Osb::new(osb.api.with_auth(broker::BROKER_USER, "wrong"))
+        .call("GET", "/v2/catalog", None)
+        .await
+        .expect(401);
+    for version in [None, Some("1.0"), Some("2.10"), Some("3.0")] {
+        let mut o = osb.clone();
+        o.version = version.map(str::to_owned);
+        let r = o.call("GET", "/v2/catalog", None).await.expect(412);
+        assert!(
+            r.json::<Value>()["description"]
+                .as_str()
+                .unwrap()
+                .contains("X-Broker-API-Version"),
+            "{}",
+            r.body
+        );
+    }
+
+    // The catalog: one bindable offering tagged mysql, one plan per service.
+    let (catalog, ids) = osb.catalog().await;
+    let service = &catalog["services"][0];
+    assert_eq!(service["name"], "postern");
+    assert_eq!(service["bindable"], true);
+    assert!(
+        service["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("mysql"))
+    );
+    let mut plans: Vec<&str> = ids.plans.iter().map(|(n, _)| n.as_str()).collect();
+    plans.sort_unstable();
+    assert_eq!(plans, ["billing", "orders"]);
+    assert_eq!(
+        osb.catalog().await.1.plan("orders"),
+        ids.plan("orders"),
+        "ids are stable"
+    );
+
+    // Provision: 400 for unknown ids and parameters, 201, 200 when identical, 409 otherwise.
+    let bad_service = osb
+        .call(
+            "PUT",
+            &format!("/v2/service_instances/{INSTANCE}"),
+            Some(&json!({"service_id": "nope", "plan_id": ids.plan("orders")})),
+        )
+        .await
+        .expect(400);
+    assert!(bad_service.body.contains("unknown service_id"), "{}", bad_service.body);
+    osb.call(
+        "PUT",
+        &format!("/v2/service_instances/{INSTANCE}"),
+        Some(&json!({"service_id": ids.service_id, "plan_id": "nope"})),
+    )
+    .await
+    .expect(400);
+    osb.call(
+        "PUT",
+        &format!("/v2/service_instances/{INSTANCE}"),
+        Some(&json!({"service_id": ids.service_id, "plan_id": ids.plan("orders"), "parameters": {"size": 1}})),
+    )
+    .await
+    .expect(400);
+    osb.call("PUT", &format!("/v2/service_instances/{INSTANCE}"), Some(&json!([1])))
+        .await
+        .expect(400);
+    let created = osb.provision(&ids, INSTANCE, "orders").await.expect(201);
+    assert_eq!(created.json::<Value>(), json!({}));
+    assert_eq!(
+        created.header("x-broker-api-request-identity"),
+        Some("e26cea32-0ac3-4d10-9a49-3c2aa4c6cf3b"),
+        "the request identity is echoed"
+    );
+    osb.provision(&ids, INSTANCE, "orders").await.expect(200);
+    osb.provision(&ids, INSTANCE, "billing").await.expect(409);
+    let got: Value = osb
+        .call("GET", &format!("/v2/service_instances/{INSTANCE}"), None)
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(got["plan_id"], ids.plan("orders"));
+    osb.call("GET", "/v2/service_instances/unknown", None)
+        .await
+        .expect(404);
+    let op: Value = osb
+        .call(
+            "GET",
+            &format!("/v2/service_instances/{INSTANCE}/last_operation"),
+            None,
+        )
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(op["state"], "succeeded");
+    osb.call("GET", "/v2/service_instances/unknown/last_operation", None)
+        .await
+        .expect(410);
+
+    // Bind: 422 for an unknown instance, 400 for unknown parameters, 201, 200, 409.
+    osb.bind(&ids, "unknown", BINDING, "orders", json!({}))
+        .await
+        .expect(422);
+    let r = osb
+        .bind(&ids, INSTANCE, BINDING, "orders", json!({"local_prot": 3306}))
+        .await
+        .expect(400);
+    assert!(r.body.contains("local_prot"), "{}", r.body);
+    let bound: Value = osb
+        .bind(&ids, INSTANCE, BINDING, "orders", json!({}))
+        .await
+        .expect(201)
+        .json();
+    let creds = &bound["credentials"];
+    let port = stack.relays[0].mysql("orders").port();
+    for (key, want) in [
+        ("hostname", json!("127.0.0.1")),
+        ("host", json!("127.0.0.1")),
+        ("port", json!(port)),
+        ("name", json!("appdb")),
+        ("database", json!("appdb")),
+        ("username", json!("app")),
+        ("password", json!(BROKER_APP_PASSWORD)),
+        (
+            "uri",
+            json!(format!(
+                "mysql://app:{BROKER_APP_PASSWORD}@127.0.0.1:{port}/appdb?ssl-mode=VERIFY_IDENTITY"
+            )),
+        ),
+    ] {
+        assert_eq!(creds[key], want, "credentials.{key}");
+    }
+    assert!(
+        creds["jdbcUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("jdbc:mysql://127.0.0.1:{port}/appdb?user=app&")),
+        "{}",
+        creds["jdbcUrl"]
+    );
+    for key in ["ca_certificate", "ca.crt", "tls.crt", "tls.key"] {
+        assert!(creds[key].as_str().unwrap().contains("-----BEGIN"), "{key}");
+    }
+    assert_eq!(creds["tls"]["cert"]["ca"], creds["ca_certificate"]);
+    assert_eq!(
+        creds["postern"]["identity"],
+        format!("binding-{BINDING}"),
+        "the identity names the binding"
+    );
+    assert_eq!(bound["endpoints"][0]["ports"][0], port.to_string());
+    assert!(bound["metadata"]["expires_at"].as_str().is_some());
+    // The same bind again: the binding stands (200); other parameters conflict (409).
+    osb.bind(&ids, INSTANCE, BINDING, "orders", json!({}))
+        .await
+        .expect(200);
+    osb.bind(&ids, INSTANCE, BINDING, "orders", json!({"jdbc_url": false}))
+        .await
+        .expect(409);
+
+    // The credentials connect: the mariadb CLI with the files written from the JSON, and
+    // PyMySQL reading the JSON as an app reads VCAP_SERVICES.
+    let dir = tempfile::tempdir().unwrap();
+    let files = BindingFiles::write(creds, dir.path());
+    let cli = files.cli(port, creds).arg("appdb");
+    cli.ok("CREATE TABLE IF NOT EXISTS t (v INT); INSERT INTO t VALUES (42)");
+    assert_eq!(cli.ok("SELECT v FROM t").trim(), "42");
+    let creds_file = dir.path().join("credentials.json");
+    std::fs::write(&creds_file, creds.to_string()).unwrap();
+    let program = dir.path().join("app.py");
+    std::fs::write(&program, PYMYSQL_BOUND_APP).unwrap();
+    let out = std::process::Command::new(python_with_pymysql())
+        .arg(&program)
+        .arg(&creds_file)
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "app@% appdb 42",
+        "pymysql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A binding reaches only its own service.
+    let billing = stack.relays[0].mysql("billing").port();
+    let refused = files.cli(billing, creds).fails("SELECT 1");
+    assert!(refused.contains("not allowed to use service"), "{refused}");
+
+    // Unbind: 400 without the ids, 200, then 410; the certificate is refused from then on.
+    osb.call(
+        "DELETE",
+        &format!("/v2/service_instances/{INSTANCE}/service_bindings/{BINDING}"),
+        None,
+    )
+    .await
+    .expect(400);
+    assert_eq!(
+        osb.unbind(&ids, INSTANCE, BINDING, "orders")
+            .await
+            .expect(200)
+            .json::<Value>(),
+        json!({})
+    );
+    osb.unbind(&ids, INSTANCE, BINDING, "orders")
+        .await
+        .expect(410);
+    let refused = cli.fails("SELECT 1");
+    assert!(refused.contains("not allowed to use service"), "{refused}");
+    // A deleted binding's id is not reused.
+    osb.bind(&ids, INSTANCE, BINDING, "orders", json!({}))
+        .await
+        .expect(409);
+
+    // Deprovision: 200, then 410.
+    osb.deprovision(&ids, INSTANCE, "orders").await.expect(200);
+    osb.deprovision(&ids, INSTANCE, "orders").await.expect(410);
+    osb.call("GET", "/v2/nothing-here", None).await.expect(404);
+    stack.stop().await;
+}
+
+/// Waits until `conn` fails a query; how long that took from `since`.
+async fn closed_within(conn: &mut mysql_async::Conn, since: Instant, limit: Duration) -> Duration {
+    loop {
+        if conn.query_drop("SELECT 1").await.is_err() {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < limit,
+            "the revoked binding's connection is still open after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_share_bindings_in_postgres_and_unbind_closes_connections_at_both() {
+    let pg = Postgres::create();
+    let stack = Stack::builder()
+        .mariadb()
+        .cloud_foundry("7c1e2f4a-1111-4a8b-9c3d-5e6f7a8b9c0d", 2)
+        .broker(Some(pg.url()), plan())
+        .start()
+        .await;
+    create_app_user(&stack);
+    let (_, ids) = stack.osb(0).catalog().await;
+    // Provision and bind through instance 0 ...
+    stack
+        .osb(0)
+        .provision(&ids, INSTANCE, "orders")
+        .await
+        .expect(201);
+    let bound: Value = stack
+        .osb(0)
+        .bind(&ids, INSTANCE, BINDING, "orders", json!({}))
+        .await
+        .expect(201)
+        .json();
+    let creds = &bound["credentials"];
+    let dir = tempfile::tempdir().unwrap();
+    let files = BindingFiles::write(creds, dir.path());
+    // ... and instance 1 knows the instance and admits the binding.
+    stack
+        .osb(1)
+        .provision(&ids, INSTANCE, "orders")
+        .await
+        .expect(200);
+    let ports = [0, 1].map(|i| stack.relays[i].mysql("orders").port());
+    let started = Instant::now();
+    let mut conns = Vec::new();
+    for port in ports {
+        let conn = loop {
+            match mysql_async::Conn::new(binding_opts(&files, creds, port)).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(5),
+                        "relay on {port} does not admit the binding: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        conns.push(conn);
+    }
+    for c in &mut conns {
+        let v: Option<String> = c.query_first("SELECT CURRENT_USER()").await.unwrap();
+        assert_eq!(v.as_deref(), Some("app@%"));
+    }
+    // The store holds the binding (and no key or password).
+    let stored = pg.sql("SELECT identity, username FROM postern_broker_bindings");
+    assert_eq!(stored.trim(), format!("binding-{BINDING}|"));
+
+    // Unbind through instance 0: both open connections are closed, on both instances.
+    let unbound = Instant::now();
+    stack
+        .osb(0)
+        .unbind(&ids, INSTANCE, BINDING, "orders")
+        .await
+        .expect(200);
+    let mut took = Vec::new();
+    for c in &mut conns {
+        took.push(closed_within(c, unbound, Duration::from_secs(5)).await);
+    }
+    eprintln!("revoked binding's connections closed after {took:?} (instance 0, instance 1)");
+    for port in ports {
+        let refused = files.cli(port, creds).fails("SELECT 1");
+        assert!(
+            refused.contains("not allowed to use service"),
+            "{port}: {refused}"
+        );
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_survive_a_relay_restart_with_postgres() {
+    let pg = Postgres::create();
+    let mut stack = Stack::builder()
+        .mariadb()
+        .relay_process()
+        .relay(|r| r.pin_ports())
+        .broker(Some(pg.url()), plan())
+        .start()
+        .await;
+    create_app_user(&stack);
+    let (_, ids) = stack.osb(0).catalog().await;
+    stack
+        .osb(0)
+        .provision(&ids, INSTANCE, "orders")
+        .await
+        .expect(201);
+    let bound: Value = stack
+        .osb(0)
+        .bind(&ids, INSTANCE, BINDING, "orders", json!({}))
+        .await
+        .expect(201)
+        .json();
+    let creds = bound["credentials"].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let files = BindingFiles::write(&creds, dir.path());
+    let port = stack.relays[0].mysql("orders").port();
+    assert_eq!(files.cli(port, &creds).ok("SELECT 1").trim(), "1");
+
+    let config = stack.relay_config.clone();
+    stack.relays[0].proc_mut().restart(&config).await;
+    stack.relays[0].wait_agent("agent").await;
+    // The restarted relay knows the instance and the binding from the store.
+    stack
+        .osb(0)
+        .provision(&ids, INSTANCE, "orders")
+        .await
+        .expect(200);
+    assert_eq!(files.cli(port, &creds).ok("SELECT 7 * 6").trim(), "42");
+    stack
+        .osb(0)
+        .unbind(&ids, INSTANCE, BINDING, "orders")
+        .await
+        .expect(200);
+    stack.stop().await;
+}
