@@ -1703,6 +1703,10 @@ mod tests {
                 &base.join("agent-key.pem").to_string_lossy(),
             )
             .replace(
+                "/etc/postern/admin-password",
+                &base.join("admin-password").to_string_lossy(),
+            )
+            .replace(
                 "/etc/postern/server-reports.pem",
                 &base.join("agent.pem").to_string_lossy(),
             )
@@ -1710,8 +1714,10 @@ mod tests {
                 "/etc/postern/server-reports-key.pem",
                 &base.join("agent-key.pem").to_string_lossy(),
             );
+        std::fs::write(base.join("admin-password"), "x\n").unwrap();
         let env = BTreeMap::<String, String>::new();
         let c = Config::parse(&d.path(), &text, &env).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.services["orders"].users.is_some());
         let s = &c.services["inventory"];
         assert_eq!(s.nodes.len(), 3);
         assert_eq!(

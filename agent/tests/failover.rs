@@ -109,6 +109,7 @@ fn service(nodes: Vec<Node>, kind: CheckKind, wait_for_node: Duration) -> Servic
         decisions: Decisions::Local,
         connect_timeout: Duration::from_secs(1),
         tls: None,
+        users: None,
     }
 }
 

@@ -349,6 +349,27 @@ pub struct AgentService {
     /// `tls`: the service certificate, for `tls_termination: agent`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServiceTls>,
+    /// `users`: per-binding database users.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<AgentUsers>,
+}
+
+/// `services.NAME.users` of `agent.yaml`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentUsers {
+    /// `admin`: the MySQL user that creates and drops binding users.
+    pub admin: String,
+    /// `password_file`: its password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// `password_env`: the variable that holds its password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// `grants`: what each binding's user gets.
+    pub grants: Vec<String>,
+    /// `host`: the users' host part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// One of `services.NAME.nodes` of `agent.yaml`.

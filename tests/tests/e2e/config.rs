@@ -215,6 +215,13 @@ fn every_example_config_parses() {
                     key.to_str().unwrap(),
                 );
         }
+        // And the password files they name.
+        let admin_password = pki.dir().join("admin-password");
+        std::fs::write(&admin_password, "x\n").unwrap();
+        let text = text.replace(
+            "/etc/postern/admin-password",
+            admin_password.to_str().unwrap(),
+        );
         let target = pki.dir().join(&name);
         // The examples may use `${PORT}` (Cloud Foundry).
         let env = std::collections::BTreeMap::from([("PORT", "8080")]);

@@ -24,4 +24,5 @@ mod mysql_tls;
 mod platform;
 mod router;
 mod security;
+mod users;
 mod websocket;
