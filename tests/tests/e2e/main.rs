@@ -23,4 +23,5 @@ mod mysql_tls;
 mod platform;
 mod router;
 mod security;
+mod sidecar;
 mod websocket;
