@@ -374,3 +374,33 @@ async fn the_chooser_on_a_terminal_runs_mysqldump_into_the_file_given() {
     });
     s.stop().await;
 }
+
+#[test]
+fn the_app_manifest_example_runs_the_sidecar_with_a_valid_command_line() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/cf/app-manifest.yml");
+    let text = std::fs::read_to_string(&path).expect("read the app manifest");
+    let manifest: Value = serde_saphyr::from_str(&text).expect("the manifest is YAML");
+    let app = &manifest["applications"][0];
+    assert_eq!(app["services"][0]["parameters"]["local_port"], 3306);
+    let sidecar = &app["sidecars"][0];
+    assert_eq!(sidecar["process_types"], json!(["web"]));
+    let command = sidecar["command"].as_str().expect("a command");
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words[0], "./postern-agent");
+    // The real binary takes the command line and goes looking for the binding (which this
+    // environment does not have): the words are right.
+    let out = Command::new(bin("postern-agent"))
+        .args(&words[1..])
+        .env_remove("VCAP_SERVICES")
+        .env_remove("VCAP_SERVICES_FILE_PATH")
+        .env_remove("SERVICE_BINDING_ROOT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the sidecar command");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{command}: {err}");
+    assert!(
+        err.contains("no bindings in the environment"),
+        "{command}: {err}"
+    );
+}
