@@ -46,13 +46,46 @@ pub enum Command {
 }
 
 /// `connect` arguments. Every option can also come from the environment.
+///
+/// Where the service, the relay and the certificate come from: the flags (`SERVICE --relay
+/// --ca --cert --key`), a binding the app was given (`--binding [NAME]`, the Cloud Foundry
+/// sidecar), or a service key (`--service-key FILE`, `-` for stdin). See [`crate::bound`].
 #[derive(Debug, clap::Args)]
 pub struct ConnectArgs {
     /// The service to reach.
-    pub service: String,
+    #[arg(
+        required_unless_present_any = ["binding", "service_key"],
+        conflicts_with_all = ["binding", "service_key"]
+    )]
+    pub service: Option<String>,
+    /// Take the service, relays, certificate and key from the app's binding NAME (its
+    /// binding name, service name or instance name) in VCAP_SERVICES, VCAP_SERVICES_FILE_PATH
+    /// or SERVICE_BINDING_ROOT; without NAME, the only Postern binding. The key stays in
+    /// memory. Listens on the binding's `local_port` unless --listen says otherwise.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_name = "NAME",
+        conflicts_with_all = ["service_key", "relay", "ca", "cert", "key"]
+    )]
+    pub binding: Option<String>,
+    /// Take the service, relays, certificate and key from a service key: the output of `cf
+    /// service-key SERVICE KEY` in FILE, or on stdin with `-`. The key stays in memory.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["relay", "ca", "cert", "key"]
+    )]
+    pub service_key: Option<PathBuf>,
     /// The relay, e.g. quic://relay.example.com:7443 or wss://relay.example.com. Give one
     /// quic:// and one wss:// url to race them (see --transport).
-    #[arg(long, env = "POSTERN_RELAY", required = true, value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "POSTERN_RELAY",
+        value_delimiter = ',',
+        required_unless_present_any = ["binding", "service_key"]
+    )]
     pub relay: Vec<String>,
     /// auto (race QUIC and WebSocket, prefer QUIC), quic or websocket.
     #[arg(long, value_enum, default_value_t = TransportArg::Auto, env = "POSTERN_TRANSPORT")]
@@ -64,26 +97,28 @@ pub struct ConnectArgs {
     /// Extra CA bundle for the outer TLS of wss:// (a TLS-inspecting proxy, a private router CA).
     #[arg(long)]
     pub ws_ca: Option<PathBuf>,
-    /// The name on the relay's certificate (default: the relay URL's host).
+    /// The name on the relay's certificate (default: the binding's, else the relay URL's host).
     #[arg(long, env = "POSTERN_SERVER_NAME")]
     pub server_name: Option<String>,
     /// The CA certificate.
-    #[arg(long, env = "POSTERN_CA")]
-    pub ca: PathBuf,
+    #[arg(long, env = "POSTERN_CA", required_unless_present_any = ["binding", "service_key"])]
+    pub ca: Option<PathBuf>,
     /// Your client certificate.
-    #[arg(long, env = "POSTERN_CERT")]
-    pub cert: PathBuf,
+    #[arg(long, env = "POSTERN_CERT", required_unless_present_any = ["binding", "service_key"])]
+    pub cert: Option<PathBuf>,
     /// Your client key.
-    #[arg(long, env = "POSTERN_KEY")]
-    pub key: PathBuf,
-    /// Local address to listen on (default 127.0.0.1:10000; an ephemeral port with --exec).
+    #[arg(long, env = "POSTERN_KEY", required_unless_present_any = ["binding", "service_key"])]
+    pub key: Option<PathBuf>,
+    /// Local address to listen on (default: the binding's `local_port` on 127.0.0.1, else
+    /// 127.0.0.1:10000; an ephemeral port with --exec).
     #[arg(long, env = "POSTERN_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// What the service speaks: refusals become MySQL errors for mysql.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Mysql)]
     pub protocol: ProtocolArg,
     /// Run this client against the local port and exit with its status, e.g.
-    /// `--exec mariadb -u app` or `--exec mysqldump -u app mydb`. Must come last.
+    /// `--exec mariadb -u app` or `--exec mysqldump -u app mydb`. Must come last. Without it,
+    /// on a terminal, `connect` asks which client to start (MySQL services).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "PROGRAM [ARGS]")]
     pub exec: Vec<String>,
 }

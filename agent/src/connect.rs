@@ -3,7 +3,9 @@
 //! Like the old `cf tunnel`: it listens on `127.0.0.1:10000` (or `--listen`), and carries every
 //! local connection to the relay as one stream of a single session (QUIC or WebSocket, as for
 //! agents) authenticated with the user's client certificate. The session is dialled before the
-//! port opens (so a wrong certificate or an unreachable relay is reported at once).
+//! first connection is accepted (so a wrong certificate or an unreachable relay is reported at
+//! once); the port itself is bound just before, so that a client connecting meanwhile (an app
+//! starting next to its sidecar, `--binding`) waits in the backlog rather than being refused.
 //!
 //! When the session drops (the relay died, restarted or went away), connections on it fail at
 //! once with an error, never a clean end, and a new session is dialled in the background with
@@ -60,18 +62,20 @@ pub struct Connect {
 }
 
 impl Connect {
-    /// Dials the relay, then binds the local port.
+    /// Binds the local port, then dials the relay (nothing is accepted until it answers).
     pub async fn bind(mut opts: Options) -> anyhow::Result<Self> {
         // `connect` has no heartbeat of its own: its sessions notice a dead relay within about
         // three seconds through the transport's keep-alives.
         opts.dialer = opts.dialer.with_liveness(Liveness::CONNECT);
-        let session = dial(&opts).await?;
+        // The port is bound first: a client that connects while the relay is dialled (an app
+        // starting next to its sidecar) waits in the backlog instead of being refused.
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot listen on {}: {e} (choose another address with --listen)",
                 opts.listen
             )
         })?;
+        let session = dial(&opts).await?;
         Ok(Self {
             events: Events::new(),
             opts: Arc::new(opts),

@@ -11,13 +11,16 @@
 //!   active, numbered by a term, kept in the state directory or in the cluster itself.
 //! * [`dial`]: reaching a relay over QUIC, WebSocket, or both raced.
 //! * [`connect`]: a local port leading to a service through the relay ([`exec`] runs a client
-//!   against it).
+//!   against it, [`chooser`] asks which one on a terminal); [`bound`] reads the service, relay
+//!   and certificate from a Cloud Foundry binding or service key (the sidecar, `cf tunnel`).
 //! * [`notify`]: systemd readiness, watchdog and status.
 //! * [`users`]: per-binding database users, created and dropped for the relay's service broker.
 
 pub mod backends;
 pub mod backoff;
+pub mod bound;
 mod cf;
+pub mod chooser;
 pub mod cli;
 pub mod config;
 pub mod connect;

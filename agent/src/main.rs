@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -6,7 +7,7 @@ use postern_agent::cli::{Cli, Command, ConnectArgs, ProtocolArg, TransportArg};
 use postern_agent::config::{ProxySetting, RelayTarget, TransportChoice, WebsocketSettings};
 use postern_agent::connect::{Connect, Options};
 use postern_agent::dial::Dialer;
-use postern_agent::{Agent, Config, exec, notify};
+use postern_agent::{Agent, Config, bound, chooser, exec, notify};
 use postern_common::config::{EXIT_CONFIG, ProcessEnv};
 use postern_common::shutdown;
 use postern_common::tls::Material;
@@ -76,43 +77,98 @@ fn runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-async fn connect(args: ConnectArgs) -> ExitCode {
+/// Where `connect` goes and with which certificate: from the flags, a binding or a service key.
+struct Target {
+    /// The service.
+    service: String,
+    /// Relay URLs (at most one quic:// and one ws(s)://).
+    relays: Vec<String>,
+    /// The name on the relay's certificate.
+    server_name: Option<String>,
+    /// The certificate, key and CA.
+    tls: Material,
+    /// Where a binding says to listen.
+    local_port: Option<u16>,
+    /// The MySQL login and database a binding carries.
+    login: Option<exec::Login>,
+    database: String,
+}
+
+/// The target of the flags (`SERVICE --relay --ca --cert --key`), `--binding` or
+/// `--service-key`; an error message otherwise.
+fn target(args: &ConnectArgs) -> Result<Target, String> {
+    let bound = match (&args.binding, &args.service_key) {
+        (Some(name), _) => Some(bound::from_env(name, &ProcessEnv)),
+        (None, Some(file)) => Some(bound::from_service_key_file(file)),
+        (None, None) => None,
+    };
+    if let Some(bound) = bound {
+        let bound = bound.map_err(|e| e.to_string())?;
+        let tls = bound.material().map_err(|e| e.to_string())?;
+        let view = bound.view;
+        return Ok(Target {
+            service: view.service,
+            relays: view.relays,
+            server_name: args.server_name.clone().or(view.server_name),
+            tls,
+            local_port: view.local_port,
+            login: Some(exec::Login {
+                user: view.username,
+                password: view.password,
+            }),
+            database: view.database,
+        });
+    }
+    // clap requires these without --binding and --service-key.
+    let (Some(service), Some(ca), Some(cert), Some(key)) =
+        (&args.service, &args.ca, &args.cert, &args.key)
+    else {
+        return Err("give SERVICE --relay --ca --cert --key, --binding or --service-key".into());
+    };
+    let tls = Material::load(ca, cert, key).map_err(|e| e.to_string())?;
+    Ok(Target {
+        service: service.clone(),
+        relays: args.relay.clone(),
+        server_name: args.server_name.clone(),
+        tls,
+        local_port: None,
+        login: None,
+        database: String::new(),
+    })
+}
+
+/// At most one quic:// and one ws(s):// url.
+fn relay_target(urls: &[String]) -> Result<RelayTarget, String> {
     let mut relay = RelayTarget {
         quic: None,
         websocket: None,
     };
-    for text in &args.relay {
+    for text in urls {
         match text.parse::<RelayUrl>() {
             Ok(u) if u.scheme == Scheme::Quic && relay.quic.is_none() => relay.quic = Some(u),
             Ok(u) if u.scheme != Scheme::Quic && relay.websocket.is_none() => {
                 relay.websocket = Some(u)
             }
             Ok(u) => {
-                eprintln!("error: --relay {u}: give at most one quic:// and one ws(s):// url");
-                return ExitCode::from(EXIT_CONFIG);
+                return Err(format!(
+                    "relay {u}: give at most one quic:// and one ws(s):// url"
+                ));
             }
-            Err(e) => {
-                eprintln!("error: --relay: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
+            Err(e) => return Err(format!("relay {text}: {e}")),
         }
     }
-    let tls = match Material::load(&args.ca, &args.cert, &args.key) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    if relay.quic.is_none() && relay.websocket.is_none() {
+        return Err("no relay url".into());
+    }
+    Ok(relay)
+}
+
+/// The `connect` options for `target` with the transport flags of `args`.
+async fn options(args: &ConnectArgs, target: Target) -> Result<(Options, Target), String> {
+    let relay = relay_target(&target.relays)?;
     let proxy = match &args.proxy {
         None => ProxySetting::from_env(&ProcessEnv),
-        Some(p) => match ProxySetting::parse("--proxy", p) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
+        Some(p) => ProxySetting::parse("--proxy", p).map_err(|e| e.to_string())?,
     };
     let websocket = WebsocketSettings {
         proxy,
@@ -124,28 +180,41 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         TransportArg::Quic => TransportChoice::Quic,
         TransportArg::Websocket => TransportChoice::Websocket,
     };
-    let dialer = match Dialer::load(tls, args.server_name.clone(), transport, websocket).await {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let listen: SocketAddr = args.listen.unwrap_or_else(|| {
-        if args.exec.is_empty() {
-            DEFAULT_LISTEN
-        } else {
-            "127.0.0.1:0"
-        }
-        .parse()
-        .expect("literal address")
+    let dialer = Dialer::load(
+        target.tls.clone(),
+        target.server_name.clone(),
+        transport,
+        websocket,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    // --listen, else the binding's local port, else the default (ephemeral for --exec).
+    let listen: SocketAddr = args.listen.unwrap_or_else(|| match target.local_port {
+        Some(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+        None if args.exec.is_empty() => DEFAULT_LISTEN.parse().expect("literal address"),
+        None => SocketAddr::from(([127, 0, 0, 1], 0)),
     });
     let opts = Options {
         dialer,
         relay,
-        service: args.service.clone(),
+        service: target.service.clone(),
         listen,
         mysql: args.protocol == ProtocolArg::Mysql,
+    };
+    Ok((opts, target))
+}
+
+async fn connect(args: ConnectArgs) -> ExitCode {
+    let prepared = match target(&args) {
+        Ok(t) => options(&args, t).await,
+        Err(e) => Err(e),
+    };
+    let (opts, target) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     let connect = match Connect::bind(opts).await {
         Ok(c) => c,
@@ -157,29 +226,109 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     let local = connect.local_addr();
     let shutdown = CancellationToken::new();
     let serving = tokio::spawn(connect.run(shutdown.clone()));
+    let mysql = args.protocol == ProtocolArg::Mysql;
 
-    if args.exec.is_empty() {
-        eprintln!("Service {:?} is available at {local}", args.service);
-        eprintln!("  host: {}  port: {}", local.ip(), local.port());
-        if args.protocol == ProtocolArg::Mysql {
-            eprintln!(
-                "  connect with: mariadb --host={} --port={} --user=USER -p",
-                local.ip(),
-                local.port()
-            );
+    let client = if !args.exec.is_empty() {
+        args.exec
+            .split_first()
+            .map(|(program, rest)| (program.clone(), rest.to_vec(), None))
+    } else if mysql && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        announce(&target, local, mysql);
+        match choose(&target.database).await {
+            Ok(c) => c,
+            Err(code) => {
+                shutdown.cancel();
+                let _ = serving.await;
+                return code;
+            }
         }
+    } else {
+        announce(&target, local, mysql);
+        None
+    };
+
+    let Some((program, rest, stdout)) = client else {
         eprintln!("Press Ctrl-C to close the tunnel.");
         shutdown::on_signal(shutdown.clone()).await;
         let _ = serving.await;
         return ExitCode::SUCCESS;
-    }
-
-    let Some((program, rest)) = args.exec.split_first() else {
-        // clap requires a program after --exec; nothing to run otherwise.
-        return ExitCode::from(EXIT_CONFIG);
     };
-    let status = exec::run(program, rest, local).await;
+    // Ctrl-C is the client's to handle (mariadb cancels the query): the tunnel stays until the
+    // client exits.
+    tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
+    let status = exec::run_with(&program, &rest, local, target.login.as_ref(), stdout).await;
     shutdown.cancel();
     let _ = serving.await;
     status
+}
+
+/// A client to start: program, arguments, where its standard output goes.
+type Client = (String, Vec<String>, Option<std::fs::File>);
+
+/// Asks which client to start (see [`chooser`]); `Err` with the exit code when it cannot be.
+async fn choose(database: &str) -> Result<Option<Client>, ExitCode> {
+    let asked = tokio::task::spawn_blocking(|| {
+        chooser::ask(&mut std::io::stdin().lock(), &mut std::io::stderr())
+    })
+    .await;
+    let choice = match asked {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            eprintln!("error: cannot ask which client to start: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+        Err(e) => {
+            eprintln!("error: cannot ask which client to start: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    let Some((program, args)) = chooser::command(&choice, database) else {
+        return Ok(None);
+    };
+    let stdout = match &choice {
+        chooser::Choice::Mysqldump(path) => match std::fs::File::create(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return Err(ExitCode::FAILURE);
+            }
+        },
+        _ => None,
+    };
+    Ok(Some((program.to_owned(), args, stdout)))
+}
+
+/// Prints where the service is and how to reach it (the password only on a terminal: a
+/// sidecar's output goes to the platform's logs).
+fn announce(target: &Target, local: SocketAddr, mysql: bool) {
+    eprintln!("Service {:?} is available at {local}", target.service);
+    eprintln!("  host: {}  port: {}", local.ip(), local.port());
+    let login = target.login.as_ref();
+    if let Some(l) = login {
+        if !l.user.is_empty() {
+            eprintln!("  user: {}", l.user);
+        }
+        if !l.password.is_empty() && std::io::stderr().is_terminal() {
+            eprintln!("  password: {}", l.password);
+        }
+    }
+    if !target.database.is_empty() {
+        eprintln!("  database: {}", target.database);
+    }
+    if mysql {
+        let user = login
+            .map(|l| l.user.as_str())
+            .filter(|u| !u.is_empty())
+            .unwrap_or("USER");
+        eprintln!(
+            "  connect with: mariadb --host={} --port={} --user={user} -p{}",
+            local.ip(),
+            local.port(),
+            if target.database.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", target.database)
+            }
+        );
+    }
 }

@@ -24,5 +24,6 @@ mod mysql_tls;
 mod platform;
 mod router;
 mod security;
+mod sidecar;
 mod users;
 mod websocket;
