@@ -448,7 +448,7 @@ async fn bindings_survive_a_relay_restart_with_postgres() {
 
     let config = stack.relay_config.clone();
     stack.relays[0].proc_mut().restart(&config).await;
-    stack.relays[0].wait_agent("agent").await;
+    stack.relays[0].wait_agent("db1").await;
     // The restarted relay knows the instance and the binding from the store.
     stack
         .osb(0)
