@@ -636,8 +636,8 @@ fn pem_cert(der: &CertificateDer<'_>) -> String {
     out
 }
 
-/// RFC 3339 in UTC, to the second.
-fn rfc3339(t: OffsetDateTime) -> String {
+/// A time as RFC 3339 in UTC, to the second (`2025-01-31T12:00:00Z`).
+pub fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
