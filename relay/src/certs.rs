@@ -257,7 +257,10 @@ impl UpsPlan {
         };
         Ok(Self {
             service: service.to_owned(),
-            instance: args.cf_instance.clone().unwrap_or_else(|| service.to_owned()),
+            instance: args
+                .cf_instance
+                .clone()
+                .unwrap_or_else(|| service.to_owned()),
             host,
             port,
             local_port: args.local_port,
@@ -328,8 +331,7 @@ impl std::fmt::Debug for UpsPlan {
 }
 
 fn shell_quote(s: &str) -> String {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@".contains(&b))
     {
         s.to_owned()

@@ -151,7 +151,12 @@ pub struct UpsArgs {
     #[arg(long, requires = "cf_ups")]
     pub username: Option<String>,
     /// Read the MySQL password from this environment variable (never from the command line).
-    #[arg(long, value_name = "VAR", requires = "cf_ups", conflicts_with = "password_file")]
+    #[arg(
+        long,
+        value_name = "VAR",
+        requires = "cf_ups",
+        conflicts_with = "password_file"
+    )]
     pub password_env: Option<String>,
     /// Read the MySQL password from this file (one trailing newline is dropped).
     #[arg(long, value_name = "FILE", requires = "cf_ups")]
