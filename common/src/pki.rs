@@ -511,6 +511,16 @@ pub fn issuer_name(cert: &CertificateDer<'_>) -> Option<String> {
     Some(display_name(x509.issuer()))
 }
 
+/// The name of the CA that signed a revocation list (PEM): its common name, or else the whole
+/// distinguished name.
+pub fn crl_issuer_name(pem: &str) -> Result<String, PkiError> {
+    let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+        .map_err(PkiError::Pem)?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(&der).map_err(|e| parse_error("revocation list", e))?;
+    Ok(display_name(crl.issuer()))
+}
+
 /// The name in a DER distinguished name (a SEQUENCE, as TLS carries CA names): its common name,
 /// or else the whole name.
 pub fn name_of(der: &[u8]) -> Option<String> {

@@ -347,15 +347,36 @@ fn files(dir: &Path, kind: &str, name: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-/// What `certs revoke` does: adds the certificates to `crl.pem` in `dir` (signed by the CA),
-/// keeping what it already listed. A relay with `tls.crl` pointing at it picks it up without a
-/// restart.
-pub fn revoke(dir: &Path, certs: &[PathBuf]) -> Result<PathBuf> {
-    let ca = Ca::load(dir).with_context(|| format!("load the CA from {}", dir.display()))?;
+/// What `certs revoke` does: adds the certificates to `crl.pem` in `dir`, keeping what it
+/// already listed. The list is signed by the CA that signed the certificates: the root, or with
+/// `issuer` the intermediate CA `intermediate-NAME` (a list covers only what its signer
+/// signed, so each CA's list is kept in `crl.pem`, one after the other). A relay with `tls.crl`
+/// pointing at it picks it up without a restart.
+pub fn revoke(dir: &Path, certs: &[PathBuf], issuer: Option<&str>) -> Result<PathBuf> {
+    let ca = match issuer {
+        None => Ca::load(dir).with_context(|| format!("load the CA from {}", dir.display()))?,
+        Some(name) => {
+            let (cert, key) = files(dir, "intermediate", name);
+            Ca::load_files(&cert, &key)
+                .with_context(|| format!("load intermediate CA {name:?} from {}", dir.display()))?
+        }
+    };
     let mut serials = Vec::new();
     for path in certs {
         let der = CertificateDer::from_pem_file(path)
             .with_context(|| format!("read {}", path.display()))?;
+        let signer = pki::issuer_name(&der).unwrap_or_default();
+        if signer != ca.name() {
+            bail!(
+                "{} was signed by {signer:?}, not by {:?}, whose list this would be: {}",
+                path.display(),
+                ca.name(),
+                match issuer {
+                    None => "for a certificate an intermediate signed, add --issuer NAME",
+                    Some(_) => "give the --issuer that signed it, or none for the root",
+                }
+            );
+        }
         let id = pki::identity_of(&der)
             .map(|i| i.to_string())
             .unwrap_or_else(|_| "(no identity)".into());
@@ -363,21 +384,47 @@ pub fn revoke(dir: &Path, certs: &[PathBuf]) -> Result<PathBuf> {
         println!("revoking {id} ({})", path.display());
     }
     let crl = dir.join("crl.pem");
-    let previous = match std::fs::read_to_string(&crl) {
-        Ok(text) => Some(text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+    let text = match std::fs::read_to_string(&crl) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("read {}", crl.display())),
     };
-    let pem = ca.revoke(previous.as_deref(), &serials)?;
+    // Each CA's list in turn; this CA's is replaced, the others kept as they are.
+    let mut lists = Vec::new();
+    let mut previous = None;
+    for block in crl_blocks(&text) {
+        let by = pki::crl_issuer_name(&block).with_context(|| format!("read {}", crl.display()))?;
+        if by == ca.name() {
+            previous = Some(block);
+        } else {
+            lists.push(block);
+        }
+    }
+    lists.push(ca.revoke(previous.as_deref(), &serials)?);
     // Replace atomically: a relay may be reading the file right now.
     let tmp = dir.join(".crl.pem.tmp");
-    std::fs::write(&tmp, pem).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::write(&tmp, lists.concat()).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, &crl).with_context(|| format!("write {}", crl.display()))?;
     println!(
         "  revocation list: {} (set tls.crl in relay.yaml to use it)",
         crl.display()
     );
     Ok(crl)
+}
+
+/// The PEM blocks of revocation lists in `text`, each with its END line and a newline.
+fn crl_blocks(text: &str) -> Vec<String> {
+    const END: &str = "-----END X509 CRL-----";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(END) {
+        let (block, tail) = rest.split_at(at + END.len());
+        if let Some(start) = block.find("-----BEGIN X509 CRL-----") {
+            out.push(format!("{}\n", &block[start..]));
+        }
+        rest = tail;
+    }
+    out
 }
 
 fn print_fingerprint(cert: &Path, out: &mut dyn Write) -> Result<()> {

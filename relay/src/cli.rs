@@ -105,6 +105,10 @@ pub enum CertsCommand {
         /// Where the CA and crl.pem are.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// The certificates were signed by intermediate CA NAME (intermediate-NAME.pem in
+        /// --dir): its own list, kept in crl.pem beside the root's, revokes them.
+        #[arg(long, value_name = "NAME")]
+        issuer: Option<String>,
     },
 }
 

@@ -68,7 +68,11 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
             name,
             force,
         } => certs::init(&dir, days, name.as_deref(), force).map(|_| ()),
-        CertsCommand::Revoke { certs: files, dir } => certs::revoke(&dir, &files).map(|_| ()),
+        CertsCommand::Revoke {
+            certs: files,
+            dir,
+            issuer,
+        } => certs::revoke(&dir, &files, issuer.as_deref()).map(|_| ()),
         CertsCommand::Issue {
             kind,
             name,

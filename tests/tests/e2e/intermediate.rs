@@ -1,7 +1,8 @@
 //! An intermediate CA, as an operator makes one with `postern-relay certs issue intermediate`
 //! (the service broker's signing key, with the root key offline): its client certificates reach
 //! a MySQL service with the stock `mariadb` CLI given the chain file, while the root's
-//! revocation list is in force; revoking the intermediate there refuses them. And the
+//! revocation list is in force; the intermediate's own list revokes one, and revoking the
+//! intermediate in the root's list refuses them all. And the
 //! user-provided service JSON of `certs issue client --cf-ups`: every credential field, and TLS
 //! material that works.
 
@@ -46,7 +47,7 @@ async fn a_client_of_an_intermediate_ca_reaches_mysql_until_the_intermediate_is_
     // The root's revocation list is in force from the start (it revokes bob).
     let s = Stack::builder()
         .pki(pki)
-        .clients(["alice", "carol"])
+        .clients(["alice", "carol", "dave"])
         .revoked(["bob"])
         .mariadb()
         .heartbeat(Duration::from_secs(5))
@@ -126,6 +127,35 @@ async fn a_client_of_an_intermediate_ca_reaches_mysql_until_the_intermediate_is_
     s.cli(Some("bob")).fails("SELECT 1");
     let alice = s.cli(Some("alice"));
     assert_eq!(alice.ok("SELECT 3"), "3\n");
+
+    // The intermediate's own list, kept in crl.pem beside the root's, revokes one of its leaves.
+    ok(&run(&mut certs(
+        dir,
+        &["issue", "client", "dave", "--issuer", "broker", "--force"],
+    )));
+    let dave = s.cli(Some("dave"));
+    assert_eq!(dave.ok("SELECT 5"), "5\n");
+    let refused = run(&mut certs(dir, &["revoke"]).arg(dir.join("client-dave.pem")));
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("--issuer"),
+        "the root's list cannot revoke it, and says so: {}",
+        stderr(&refused)
+    );
+    ok(&run(
+        &mut certs(dir, &["revoke", "--issuer", "broker"]).arg(dir.join("client-dave.pem"))
+    ));
+    let lists = std::fs::read_to_string(s.pki.crl_path()).unwrap();
+    assert_eq!(
+        lists.matches("-----BEGIN X509 CRL-----").count(),
+        2,
+        "{lists}"
+    );
+    eventually(Duration::from_secs(6), "dave to be refused", || async {
+        dave.query_async("SELECT 1").await.is_err().then_some(())
+    })
+    .await;
+    assert_eq!(cli.query_async("SELECT 6").await.as_deref(), Ok("6\n"));
+    s.cli(Some("bob")).fails("SELECT 1");
 
     // Revoke the intermediate in the root's list: carol is refused, alice still served.
     s.pki.revoke(&["intermediate-broker"]);
