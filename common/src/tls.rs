@@ -1216,7 +1216,9 @@ mod tests {
         let alice = issue(&root, &root, &LeafSpec::new(Kind::Client, "alice", 1));
 
         // The root's list revokes bob; the intermediate publishes none.
-        let crl = root.revoke(None, &[bob_issued.serial.clone()]).unwrap();
+        let crl = root
+            .revoke(None, std::slice::from_ref(&bob_issued.serial))
+            .unwrap();
         server.revocations.replace_pem(crl.as_bytes()).unwrap();
         handshake_result(&acceptor, &carol)
             .await

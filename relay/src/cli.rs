@@ -95,7 +95,7 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
-        ups: UpsArgs,
+        ups: Box<UpsArgs>,
     },
     /// Revoke certificates: add them to the CA's revocation list (crl.pem).
     Revoke {
@@ -165,7 +165,7 @@ pub struct UpsArgs {
     /// Read the MySQL password from this file (one trailing newline is dropped).
     #[arg(long, value_name = "FILE", requires = "cf_ups")]
     pub password_file: Option<PathBuf>,
-    /// A relay URL for the sidecar (quic://HOST:PORT, wss://HOST[:PORT]); repeat for several.
+    /// A relay URL for the sidecar (`quic://HOST:PORT`, `wss://HOST` with an optional port); repeat for several.
     #[arg(long = "relay", value_name = "URL", requires = "cf_ups", value_parser = relay_url)]
     pub relays: Vec<String>,
     /// The name on the relay's certificate, when it is not the relay URL's host.

@@ -135,14 +135,14 @@ async fn a_client_of_an_intermediate_ca_reaches_mysql_until_the_intermediate_is_
     )));
     let dave = s.cli(Some("dave"));
     assert_eq!(dave.ok("SELECT 5"), "5\n");
-    let refused = run(&mut certs(dir, &["revoke"]).arg(dir.join("client-dave.pem")));
+    let refused = run(certs(dir, &["revoke"]).arg(dir.join("client-dave.pem")));
     assert!(
         !refused.status.success() && stderr(&refused).contains("--issuer"),
         "the root's list cannot revoke it, and says so: {}",
         stderr(&refused)
     );
     ok(&run(
-        &mut certs(dir, &["revoke", "--issuer", "broker"]).arg(dir.join("client-dave.pem"))
+        certs(dir, &["revoke", "--issuer", "broker"]).arg(dir.join("client-dave.pem"))
     ));
     let lists = std::fs::read_to_string(s.pki.crl_path()).unwrap();
     assert_eq!(
