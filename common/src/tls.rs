@@ -460,8 +460,17 @@ fn build_webpki(
     optional: bool,
 ) -> Result<(u64, Arc<dyn ClientCertVerifier>), TlsError> {
     let st = revocations.read();
+    // Unknown revocation status is allowed: webpki checks every certificate of the chain
+    // against the lists it has, and by default refuses one whose issuer published none. A leaf
+    // from an intermediate CA (the service broker's) has no list here, since the intermediate
+    // publishes none and its revocations live in the relay's access rules, so the default
+    // would refuse every such leaf once a root list is configured. The intermediate itself is
+    // still checked against the root's list: revoking it there refuses all of its leaves. A
+    // leaf of the root is always covered by the root's list, so nothing the root revoked
+    // passes.
     let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-        .with_crls(st.crls.iter().cloned());
+        .with_crls(st.crls.iter().cloned())
+        .allow_unknown_revocation_status();
     if optional {
         b = b.allow_unauthenticated();
     }
@@ -1167,6 +1176,88 @@ mod tests {
                 "the peer refused our certificate: expired or not valid yet"
             );
         }
+    }
+
+    /// A handshake that the listener must accept: the listener writes a byte, the client
+    /// reads it. `Err` holds the listener's error.
+    async fn handshake_result(acceptor: &TlsAcceptor, client: &Material) -> Result<(), io::Error> {
+        use tokio::io::AsyncWriteExt;
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(listener_client(client).unwrap()));
+        let server = async {
+            let mut s = accept(acceptor, a).await?;
+            s.write_all(b"!").await?;
+            s.flush().await
+        };
+        let client = async {
+            let mut s = connector
+                .connect(server_name("localhost").unwrap(), b)
+                .await?;
+            let mut x = [0u8; 1];
+            s.read_exact(&mut x).await.map(|_| ())
+        };
+        let (server, client) = tokio::join!(server, client);
+        server?;
+        client
+    }
+
+    #[tokio::test]
+    async fn leaves_of_an_intermediate_pass_a_root_list_until_the_intermediate_is_revoked() {
+        let (root, _) = Ca::generate("Postern CA 0000aaaa", 1).unwrap();
+        let (broker, _) = root.intermediate("broker", 1).unwrap();
+        let server = relay(&root);
+        let acceptor = acceptor(&server);
+        let carol = issue(&broker, &root, &LeafSpec::new(Kind::Client, "binding-1", 1));
+        assert_eq!(carol.chain.len(), 2, "the client sends the intermediate");
+        let bob_issued = root.issue(&LeafSpec::new(Kind::Client, "bob", 1)).unwrap();
+        let bob =
+            Material::from_pem(&root.cert_pem, &bob_issued.cert_pem, &bob_issued.key_pem).unwrap();
+        let alice = issue(&root, &root, &LeafSpec::new(Kind::Client, "alice", 1));
+
+        // The root's list revokes bob; the intermediate publishes none.
+        let crl = root
+            .revoke(None, std::slice::from_ref(&bob_issued.serial))
+            .unwrap();
+        server.revocations.replace_pem(crl.as_bytes()).unwrap();
+        handshake_result(&acceptor, &carol)
+            .await
+            .expect("a leaf of the intermediate passes");
+        handshake_result(&acceptor, &alice)
+            .await
+            .expect("a leaf of the root not on the list passes");
+        let (refused, _) = handshake(&acceptor, &bob).await;
+        assert_eq!(
+            describe_handshake_error(&refused),
+            "certificate has been revoked"
+        );
+
+        // The intermediate revoked in the root's list: every leaf it signed is refused.
+        let intermediate = CertificateDer::from_pem_slice(broker.cert_pem.as_bytes()).unwrap();
+        let crl = root
+            .revoke(Some(&crl), &[pki::serial_of(&intermediate).unwrap()])
+            .unwrap();
+        server.revocations.replace_pem(crl.as_bytes()).unwrap();
+        let (refused, _) = handshake(&acceptor, &carol).await;
+        assert_eq!(
+            describe_handshake_error(&refused),
+            "certificate has been revoked"
+        );
+        handshake_result(&acceptor, &alice)
+            .await
+            .expect("alice still passes");
+    }
+
+    #[tokio::test]
+    async fn a_leaf_of_an_intermediate_without_its_chain_is_refused() {
+        // A client that sends the leaf alone: the verifier cannot reach the root.
+        let (root, _) = Ca::generate("Postern CA 0000aaaa", 1).unwrap();
+        let (broker, _) = root.intermediate("broker", 1).unwrap();
+        let mut carol = issue(&broker, &root, &LeafSpec::new(Kind::Client, "carol", 1));
+        carol.chain.truncate(1);
+        let (refused, _) = handshake(&acceptor(&relay(&root)), &carol).await;
+        let words = describe_handshake_error(&refused);
+        assert!(words.contains("unknown CA"), "{words}");
     }
 
     #[test]

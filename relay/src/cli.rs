@@ -67,27 +67,35 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Issue a certificate signed by the CA.
+    /// Issue a certificate signed by the CA (or by an intermediate CA, with --issuer).
     Issue {
-        /// agent, client or server.
+        /// agent, client, server or intermediate.
         kind: KindArg,
-        /// The identity name (agent, client) or a label for the files (server; default "relay").
+        /// The identity name (agent, client), the intermediate's name, or a label for the files
+        /// (server; default "relay").
         name: Option<String>,
         /// Where the CA is and the files go.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// Sign with the intermediate CA NAME in --dir (intermediate-NAME.pem and its key)
+        /// instead of the root: the certificate file then holds the chain, leaf first.
+        #[arg(long, value_name = "NAME")]
+        issuer: Option<String>,
         /// DNS names clients use to reach the server (server certificates).
         #[arg(long, num_args = 1..)]
         dns: Vec<String>,
         /// IP addresses clients use to reach the server (server certificates).
         #[arg(long, num_args = 1..)]
         ip: Vec<IpAddr>,
-        /// Lifetime in days (default: 30 for clients, 365 for agents and servers).
+        /// Lifetime in days (default: 30 for clients, 365 for agents and servers, 1825 for
+        /// intermediates; never beyond the signing CA's).
         #[arg(long)]
         days: Option<u32>,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        ups: Box<UpsArgs>,
     },
     /// Revoke certificates: add them to the CA's revocation list (crl.pem).
     Revoke {
@@ -97,6 +105,10 @@ pub enum CertsCommand {
         /// Where the CA and crl.pem are.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// The certificates were signed by intermediate CA NAME (intermediate-NAME.pem in
+        /// --dir): its own list, kept in crl.pem beside the root's, revokes them.
+        #[arg(long, value_name = "NAME")]
+        issuer: Option<String>,
     },
 }
 
@@ -109,4 +121,63 @@ pub enum KindArg {
     Client,
     /// A TLS server (DNS and IP names).
     Server,
+    /// An intermediate CA signed by the root, for a signing key that must be online (the
+    /// service broker's) while the root key stays offline.
+    Intermediate,
+}
+
+/// `certs issue client NAME --cf-ups SERVICE`: the credentials of a Cloud Foundry
+/// user-provided service, printed as JSON on stdout.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpsArgs {
+    /// Print the JSON for `cf create-user-provided-service INSTANCE -t mysql -p JSON` that
+    /// reaches Postern service SERVICE with this client certificate (client certificates only).
+    #[arg(long, value_name = "SERVICE")]
+    pub cf_ups: Option<String>,
+    /// The name of the service instance in the hint printed on stderr (default: SERVICE).
+    #[arg(long, value_name = "NAME", requires = "cf_ups")]
+    pub cf_instance: Option<String>,
+    /// Where apps connect: the relay's MySQL listener as apps reach it (e.g. its internal
+    /// route). Not with --local-port.
+    #[arg(long, requires = "cf_ups", conflicts_with = "local_port")]
+    pub host: Option<String>,
+    /// The port of --host.
+    #[arg(long, default_value_t = 3306, requires = "cf_ups")]
+    pub port: u16,
+    /// Sidecar mode: apps connect to 127.0.0.1:PORT, where `postern-agent connect --binding`
+    /// listens and carries connections to the relay.
+    #[arg(long, value_name = "PORT", requires = "cf_ups")]
+    pub local_port: Option<u16>,
+    /// The database name.
+    #[arg(long, default_value = "", requires = "cf_ups")]
+    pub database: String,
+    /// The MySQL user.
+    #[arg(long, requires = "cf_ups")]
+    pub username: Option<String>,
+    /// Read the MySQL password from this environment variable (never from the command line).
+    #[arg(
+        long,
+        value_name = "VAR",
+        requires = "cf_ups",
+        conflicts_with = "password_file"
+    )]
+    pub password_env: Option<String>,
+    /// Read the MySQL password from this file (one trailing newline is dropped).
+    #[arg(long, value_name = "FILE", requires = "cf_ups")]
+    pub password_file: Option<PathBuf>,
+    /// A relay URL for the sidecar (`quic://HOST:PORT`, `wss://HOST` with an optional port); repeat for several.
+    #[arg(long = "relay", value_name = "URL", requires = "cf_ups", value_parser = relay_url)]
+    pub relays: Vec<String>,
+    /// The name on the relay's certificate, when it is not the relay URL's host.
+    #[arg(long, requires = "cf_ups")]
+    pub server_name: Option<String>,
+    /// Leave `jdbcUrl` out (file-based bindings refuse key names with capitals).
+    #[arg(long, requires = "cf_ups")]
+    pub no_jdbc_url: bool,
+}
+
+fn relay_url(s: &str) -> Result<String, String> {
+    s.parse::<postern_common::transport::addr::RelayUrl>()
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }

@@ -68,20 +68,39 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
             name,
             force,
         } => certs::init(&dir, days, name.as_deref(), force).map(|_| ()),
-        CertsCommand::Revoke { certs: files, dir } => certs::revoke(&dir, &files).map(|_| ()),
+        CertsCommand::Revoke {
+            certs: files,
+            dir,
+            issuer,
+        } => certs::revoke(&dir, &files, issuer.as_deref()).map(|_| ()),
         CertsCommand::Issue {
             kind,
             name,
             dir,
+            issuer,
             dns,
             ip,
             days,
             force,
+            ups,
         } => {
             let kind = match kind {
                 KindArg::Agent => Kind::Agent,
                 KindArg::Client => Kind::Client,
                 KindArg::Server => Kind::Server,
+                KindArg::Intermediate => {
+                    let Some(name) = name else {
+                        anyhow::bail!("issue intermediate needs a NAME");
+                    };
+                    if issuer.is_some() || ups.cf_ups.is_some() || !dns.is_empty() || !ip.is_empty()
+                    {
+                        anyhow::bail!(
+                            "an intermediate CA is signed by the root: --issuer, --cf-ups, --dns and --ip do not apply"
+                        );
+                    }
+                    let days = days.unwrap_or(pki::INTERMEDIATE_DAYS);
+                    return certs::issue_intermediate(&dir, &name, days, force).map(|_| ());
+                }
             };
             let name = match (kind, name) {
                 (_, Some(n)) => n,
@@ -92,7 +111,34 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
                 Kind::Client => pki::CLIENT_DAYS,
                 _ => pki::SERVER_DAYS,
             });
-            certs::issue(&dir, kind, &name, &dns, &ip, days, force).map(|_| ())
+            // Checked before any file is written: a refused command writes nothing.
+            let plan = match &ups.cf_ups {
+                Some(_) if kind != Kind::Client => {
+                    anyhow::bail!("--cf-ups is for client certificates")
+                }
+                Some(service) => Some(certs::UpsPlan::new(service, &ups)?),
+                None => None,
+            };
+            let req = certs::IssueRequest {
+                dir: &dir,
+                kind,
+                name: &name,
+                dns: &dns,
+                ips: &ip,
+                days,
+                force,
+                issuer: issuer.as_deref(),
+            };
+            let Some(plan) = plan else {
+                return certs::issue(&req, &mut std::io::stdout()).map(|_| ());
+            };
+            // stdout carries the JSON alone; what was made is said on stderr.
+            let made = certs::issue(&req, &mut std::io::stderr())?;
+            let credentials = plan.credentials(&dir, &name, &made.issued)?;
+            let json = serde_json::to_string_pretty(&credentials.to_value())?;
+            println!("{json}");
+            eprintln!("{}", plan.hint());
+            Ok(())
         }
     }
 }

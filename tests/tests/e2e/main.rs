@@ -17,6 +17,7 @@ mod faults;
 mod fleet;
 mod harness;
 mod http_api;
+mod intermediate;
 mod limits;
 mod lockout;
 mod mysql_e2e;
