@@ -33,12 +33,15 @@ pub struct Login {
     pub user: String,
     /// The password (empty: none), passed as `MYSQL_PWD`.
     pub password: String,
+    /// The database (empty: none), the default of the `mariadb`/`mysql` shell.
+    pub database: String,
 }
 
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Login")
             .field("user", &self.user)
+            .field("database", &self.database)
             .field("password", &"<redacted>")
             .finish()
     }
@@ -80,6 +83,12 @@ pub async fn run_with(
             .arg("--protocol=TCP");
         if let Some(l) = login.filter(|l| !l.user.is_empty()) {
             cmd.arg(format!("--user={}", l.user));
+        }
+        // Only the shells take a default database as an option (mysqldump's is positional).
+        if matches!(base, "mariadb" | "mysql")
+            && let Some(l) = login.filter(|l| !l.database.is_empty())
+        {
+            cmd.arg(format!("--database={}", l.database));
         }
     }
     if let Some(l) = login.filter(|l| !l.password.is_empty()) {

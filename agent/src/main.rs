@@ -115,6 +115,7 @@ fn target(args: &ConnectArgs) -> Result<Target, String> {
             login: Some(exec::Login {
                 user: view.username,
                 password: view.password,
+                database: view.database.clone(),
             }),
             database: view.database,
         });

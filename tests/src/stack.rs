@@ -255,12 +255,22 @@ impl StackBuilder {
             let dir = r.tls.ca.parent().expect("ca dir").to_path_buf();
             let password = dir.join("broker-password");
             std::fs::write(&password, BROKER_PASSWORD).expect("write broker password");
+            // The root's key stays offline: the broker signs with an intermediate.
+            let root = postern_common::pki::Ca::load(&dir).expect("load the test CA");
+            let (broker_ca, broker_key) = root.intermediate("broker", 1).expect("intermediate");
+            std::fs::write(dir.join("intermediate-broker.pem"), &broker_ca.cert_pem)
+                .expect("write intermediate");
+            std::fs::write(dir.join("intermediate-broker-key.pem"), broker_key)
+                .expect("write intermediate key");
             let app_password = dir.join("app-password");
             std::fs::write(&app_password, BROKER_APP_PASSWORD).expect("write app password");
             let mut b = serde_json::json!({
                 "username": crate::broker::BROKER_USER,
                 "password_file": password,
-                "signing": {"cert": r.tls.ca, "key_file": dir.join("ca-key.pem")},
+                "signing": {
+                    "cert": dir.join("intermediate-broker.pem"),
+                    "key_file": dir.join("intermediate-broker-key.pem"),
+                },
                 "host": "127.0.0.1",
             });
             if let Some(url) = &store_url {

@@ -169,26 +169,15 @@ impl Broker {
     /// A fresh client certificate for the binding `id`: its identity, chain, key and expiry.
     pub(crate) fn issue(&self, identity: &str) -> Result<Issued, pki::PkiError> {
         let spec = LeafSpec::new(Kind::Client, identity, self.settings.certificate_days);
-        let not_after = spec.not_after;
         let issued = self.ca.issue(&spec)?;
-        // Clients send the chain up to the root the relay trusts.
-        let chain = if issued.cert_pem.matches("BEGIN CERTIFICATE").count() > 1 {
-            issued.cert_pem
-        } else {
-            format!(
-                "{}{}",
-                issued.cert_pem,
-                self.settings.signing_cert_pem.trim_start()
-            )
-        };
         Ok(Issued {
-            cert_pem: chain,
-            key_pem: issued.key_pem,
-            expires_ms: i64::try_from(not_after.unix_timestamp_nanos() / 1_000_000)
+            expires_ms: i64::try_from(issued.not_after.unix_timestamp_nanos() / 1_000_000)
                 .unwrap_or(i64::MAX),
-            expires_at: not_after
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            expires_at: issued.expires_at(),
+            // The leaf, then the intermediate: clients send the chain up to the root the relay
+            // (or the agent) trusts.
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
         })
     }
 

@@ -249,6 +249,11 @@ async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() 
     }
     assert_eq!(creds["tls"]["cert"]["ca"], creds["ca_certificate"]);
     assert_eq!(
+        creds["tls.crt"].as_str().unwrap().matches("BEGIN CERTIFICATE").count(),
+        2,
+        "the leaf and the broker's intermediate CA"
+    );
+    assert_eq!(
         creds["postern"]["identity"],
         format!("binding-{BINDING}"),
         "the identity names the binding"
@@ -461,5 +466,156 @@ async fn bindings_survive_a_relay_restart_with_postgres() {
         .unbind(&ids, INSTANCE, BINDING, "orders")
         .await
         .expect(200);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_binding_users_log_in_only_through_their_own_binding_and_go_with_unbind() {
+    let db = MariaDb::start().await;
+    db.sql(
+        "CREATE DATABASE appdb; \
+         CREATE USER postern_admin@'%' IDENTIFIED BY 'admin-pw'; \
+         GRANT ALL ON *.* TO postern_admin@'%' WITH GRANT OPTION;",
+    );
+    let admin_password = db.dir().join("admin-password");
+    std::fs::write(&admin_password, "admin-pw\n").unwrap();
+    let stack = Stack::builder()
+        .with_mariadb(db)
+        .agent(move |a| {
+            a.service_mut("orders").users = Some(config::AgentUsers {
+                admin: "postern_admin".into(),
+                password_file: Some(admin_password),
+                grants: vec!["SELECT, INSERT, CREATE ON appdb.*".into()],
+                ..Default::default()
+            });
+        })
+        .broker(None, json!({"database": "appdb", "users": "per_binding"}))
+        .start()
+        .await;
+    let osb = stack.osb(0);
+    let (_, ids) = osb.catalog().await;
+    osb.provision(&ids, INSTANCE, "orders").await.expect(201);
+    let other = "0b7c9e21-3d4f-4e5a-8b6c-7d8e9f0a1b2c";
+    let mut bound = Vec::new();
+    for id in [BINDING, other] {
+        let b: Value = osb
+            .bind(&ids, INSTANCE, id, "orders", json!({}))
+            .await
+            .expect(201)
+            .json();
+        bound.push(b["credentials"].clone());
+    }
+    let user_a = bound[0]["username"].as_str().unwrap().to_owned();
+    assert!(user_a.starts_with("pb_"), "{user_a}");
+    assert_ne!(user_a, bound[1]["username"].as_str().unwrap());
+    assert_eq!(
+        stack
+            .db()
+            .sql(&format!("SELECT COUNT(*) FROM mysql.user WHERE user = '{user_a}'"))
+            .trim(),
+        "1",
+        "bind made the user"
+    );
+    let port = stack.relays[0].mysql("orders").port();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let files: Vec<BindingFiles> = bound
+        .iter()
+        .zip(&dirs)
+        .map(|(c, d)| BindingFiles::write(c, d.path()))
+        .collect();
+    let a = files[0].cli(port, &bound[0]).arg("appdb");
+    assert_eq!(
+        a.ok("SELECT CURRENT_USER()").trim(),
+        format!("{user_a}@%"),
+        "the binding logs in as its own user"
+    );
+    a.ok("CREATE TABLE t (v INT); INSERT INTO t VALUES (1)");
+    // The other binding's certificate with this binding's user and password: refused.
+    let stolen = files[1].cli(port, &bound[0]).fails("SELECT 1");
+    assert!(stolen.contains("may not log in"), "{stolen}");
+    let b = files[1].cli(port, &bound[1]).arg("appdb");
+    assert_eq!(b.ok("SELECT COUNT(*) FROM t").trim(), "1");
+
+    osb.unbind(&ids, INSTANCE, BINDING, "orders").await.expect(200);
+    assert_eq!(
+        stack
+            .db()
+            .sql(&format!("SELECT COUNT(*) FROM mysql.user WHERE user = '{user_a}'"))
+            .trim(),
+        "0",
+        "unbind dropped the user"
+    );
+    assert!(a.fails("SELECT 1").contains("not allowed to use service"));
+    assert_eq!(b.ok("SELECT COUNT(*) FROM t").trim(), "1", "the other binding stays");
+    osb.deprovision(&ids, INSTANCE, "orders").await.expect(200);
+    assert_eq!(
+        stack
+            .db()
+            .sql("SELECT COUNT(*) FROM mysql.user WHERE user LIKE 'pb\\_%'")
+            .trim(),
+        "0",
+        "deprovision removed what was left"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_app_uses_the_sidecar_and_a_deleted_service_key_is_revoked() {
+    let stack = Stack::builder()
+        .mariadb()
+        .relay(|r| r.pin_ports())
+        .broker(None, plan())
+        .start()
+        .await;
+    create_app_user(&stack);
+    let osb = stack.osb(0);
+    let (_, ids) = osb.catalog().await;
+    osb.provision(&ids, INSTANCE, "orders").await.expect(201);
+
+    // `cf bind-service my-app db -c '{"local_port": PORT}'`: the app sees only its
+    // VCAP_SERVICES and speaks plain MySQL to the sidecar on loopback.
+    let local_port = mariadb::free_port();
+    let bound: Value = osb
+        .bind(&ids, INSTANCE, BINDING, "orders", json!({"local_port": local_port}))
+        .await
+        .expect(201)
+        .json();
+    let creds = &bound["credentials"];
+    assert_eq!(creds["host"], "127.0.0.1");
+    assert_eq!(creds["port"], local_port);
+    assert!(creds["jdbcUrl"].as_str().unwrap().contains("sslMode=DISABLED"));
+    let vcap = super::sidecar::vcap_services(creds);
+    let sidecar = super::sidecar::sidecar(&stack, &[("VCAP_SERVICES", &vcap)]).await;
+    super::sidecar::run_app(&[("VCAP_SERVICES", &vcap)], 7);
+    assert_eq!(
+        stack.db().sql("SELECT body FROM appdb.notes WHERE id = 7"),
+        "from the app\n"
+    );
+    sidecar.stop();
+
+    // `cf create-service-key db laptop` is a binding too; `connect --service-key` uses it,
+    // and `cf delete-service-key` revokes it.
+    let key_id = "c0ffee00-1234-4abc-8def-0123456789ab";
+    let key: Value = osb
+        .bind(&ids, INSTANCE, key_id, "orders", json!({}))
+        .await
+        .expect(201)
+        .json();
+    let printed = format!(
+        "Getting key laptop for service instance db as dev@example.com...\n\n{}\n",
+        serde_json::to_string_pretty(&json!({"credentials": key["credentials"]})).unwrap()
+    );
+    let out = super::sidecar::run_service_key(&printed, "SELECT CURRENT_USER(), DATABASE()");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "app@%\tappdb\n");
+    osb.unbind(&ids, INSTANCE, key_id, "orders").await.expect(200);
+    let out = super::sidecar::run_service_key(&printed, "SELECT 1");
+    assert!(!out.status.success(), "a deleted service key still works");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not allowed") || err.contains("refused"), "{err}");
     stack.stop().await;
 }

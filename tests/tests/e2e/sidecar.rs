@@ -5,7 +5,8 @@
 //! interactive chooser driven through a pseudo-terminal (`script` from util-linux).
 //!
 //! The credentials are built as the broker builds them ([`Credentials::new`]) around a client
-//! certificate the test issues; the relay allows that identity for the service.
+//! certificate the test issues; the relay allows that identity for the service. `broker.rs`
+//! runs the same sidecar and `--service-key` with the broker's real bindings.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -18,8 +19,9 @@ use postern_tests::procs::{LOG_WAIT, Proc, bin};
 use postern_tests::*;
 use serde_json::{Value, json};
 
-/// The client identity of the binding (as the broker names them: `binding-<id>`).
-const IDENTITY: &str = "binding-7f3a";
+/// The client identity of the binding: a certificate issued by hand, as for a user-provided
+/// service (the broker's own bindings, `binding-<id>`, are tested in `broker.rs`).
+const IDENTITY: &str = "sidecar-app";
 /// The MySQL login in the credentials.
 const USER: &str = "app";
 const PASSWORD: &str = "s3cret pass";
@@ -65,7 +67,7 @@ fn credentials(s: &Stack, local_port: Option<u16>, database: &str) -> Value {
 }
 
 /// `VCAP_SERVICES` with `credentials` bound as `db`, next to another service's binding.
-fn vcap_services(credentials: &Value) -> String {
+pub(crate) fn vcap_services(credentials: &Value) -> String {
     json!({
         "postern": [{
             "name": "db", "binding_name": "db", "instance_name": "orders-db",
@@ -110,7 +112,7 @@ sys.exit(r.returncode)
 "#;
 
 /// Runs the app with `env` (row `id`) and asserts it wrote and read its row.
-fn run_app(env: &[(&str, &str)], id: u32) {
+pub(crate) fn run_app(env: &[(&str, &str)], id: u32) {
     let out = Command::new("/usr/bin/python3")
         .args(["-c", APP, &id.to_string()])
         .env_remove("VCAP_SERVICES")
@@ -130,7 +132,7 @@ fn run_app(env: &[(&str, &str)], id: u32) {
 
 /// Starts the sidecar as Cloud Foundry would (`connect --binding db`, the binding in `env`)
 /// and waits until its port is open.
-async fn sidecar(s: &Stack, env: &[(&str, &str)]) -> Proc {
+pub(crate) async fn sidecar(s: &Stack, env: &[(&str, &str)]) -> Proc {
     let p = Proc::spawn_env(
         "postern-agent",
         &["connect", "--binding", "db"],
@@ -259,25 +261,13 @@ async fn a_missing_or_foreign_binding_is_named_in_the_error() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_key_on_stdin_reaches_the_database() {
+/// `connect --service-key -` with `key` (what `cf service-key` printed) on stdin, running
+/// `mariadb -e sql` against the local port.
+pub(crate) fn run_service_key(key: &str, sql: &str) -> Output {
     use std::io::Write;
-    let s = setup().await;
-    // What `cf service-key db laptop` prints (cf CLI v8: the credentials wrapped).
-    let key = format!(
-        "Getting key laptop for service instance db as dev@example.com...\n\n{}\n",
-        serde_json::to_string_pretty(&json!({"credentials": credentials(&s, None, "appdb")}))
-            .expect("json")
-    );
     let mut child = Command::new(bin("postern-agent"))
         .args(["connect", "--service-key", "-", "--exec", "mariadb"])
-        .args([
-            "--no-defaults",
-            "-N",
-            "-B",
-            "-e",
-            "SELECT CURRENT_USER(), 1",
-        ])
+        .args(["--no-defaults", "-N", "-B", "-e", sql])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -289,7 +279,19 @@ async fn service_key_on_stdin_reaches_the_database() {
         .expect("stdin")
         .write_all(key.as_bytes())
         .expect("write the key");
-    let out = child.wait_with_output().expect("connect exits");
+    child.wait_with_output().expect("connect exits")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_key_on_stdin_reaches_the_database() {
+    let s = setup().await;
+    // What `cf service-key db laptop` prints (cf CLI v8: the credentials wrapped).
+    let key = format!(
+        "Getting key laptop for service instance db as dev@example.com...\n\n{}\n",
+        serde_json::to_string_pretty(&json!({"credentials": credentials(&s, None, "appdb")}))
+            .expect("json")
+    );
+    let out = run_service_key(&key, "SELECT CURRENT_USER(), 1");
     assert!(
         out.status.success(),
         "{}",
