@@ -404,7 +404,7 @@ mod tests {
             Code::NotAuthorized,
             "`*` does not admit a binding"
         );
-        let mut changes = a.changes();
+        let changes = a.changes();
         let grant = |service: &str| BindingGrant {
             service: service.into(),
             user: Some("pb_1".into()),

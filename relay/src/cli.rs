@@ -21,7 +21,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay.
     Run {
-        /// The relay config file.
+        /// The relay config file (ignored when POSTERN_RELAY_CONFIG_YAML holds the whole text).
         #[arg(
             short,
             long,
@@ -32,7 +32,7 @@ pub enum Command {
     },
     /// Validate a config file without starting; exits 64 listing every error.
     CheckConfig {
-        /// The relay config file.
+        /// The relay config file (ignored when POSTERN_RELAY_CONFIG_YAML holds the whole text).
         #[arg(
             short,
             long,

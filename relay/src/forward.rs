@@ -190,11 +190,17 @@ pub(crate) async fn open(
             // A binding withdrawn while the stream opened is refused now; one withdrawn later
             // cuts the connection.
             let revoked = client.and_then(|c| shared.access.binding_cut(c));
-            if revoked.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            if revoked
+                .as_ref()
+                .is_some_and(CancellationToken::is_cancelled)
+            {
                 stream.abort();
                 return Err(Refusal::new(
                     Code::NotAuthorized,
-                    format!("the binding of {} was withdrawn", client.map(|c| c.to_string()).unwrap_or_default()),
+                    format!(
+                        "the binding of {} was withdrawn",
+                        client.map(|c| c.to_string()).unwrap_or_default()
+                    ),
                 ));
             }
             // A stream that carries no client (the greeting fetch) is not a connection.

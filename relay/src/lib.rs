@@ -120,7 +120,9 @@ impl Relay {
         let shared = Arc::new(Shared::new(config, broker));
         if let Some(b) = &shared.broker {
             // Bindings work from the first connection on, not after the first poll.
-            b.apply(&shared.access).await.map_err(broker::BrokerError::from)?;
+            b.apply(&shared.access)
+                .await
+                .map_err(broker::BrokerError::from)?;
         }
         Ok(Self {
             shared,
@@ -197,7 +199,10 @@ impl Relay {
         );
         tasks.spawn(http::metrics::follow(shared.clone()));
         if let Some(b) = &shared.broker {
-            tasks.spawn(b.clone().follow(shared.access.clone(), shared.abort.clone()));
+            tasks.spawn(
+                b.clone()
+                    .follow(shared.access.clone(), shared.abort.clone()),
+            );
         }
         if let Some(listener) = http {
             tasks.spawn(http::serve(shared.clone(), listener));

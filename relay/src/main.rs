@@ -1,3 +1,4 @@
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -7,13 +8,35 @@ use postern_relay::cli::{CertsCommand, Cli, Command, KindArg};
 use postern_relay::{Config, Relay, certs};
 use tokio_util::sync::CancellationToken;
 
+/// The environment variable that holds the whole `relay.yaml` (a platform's config service, or
+/// `cf set-env`), read instead of the file when it is set. Relative file names in it are
+/// relative to the working directory.
+const CONFIG_TEXT_ENV: &str = "POSTERN_RELAY_CONFIG_YAML";
+
+/// The config: from [`CONFIG_TEXT_ENV`] when it is set, else from `path`.
+fn load(path: &Path) -> Result<Config, postern_common::config::ConfigErrors> {
+    match std::env::var(CONFIG_TEXT_ENV) {
+        Ok(text) => Config::parse(&shown(path), &text, &postern_common::config::ProcessEnv),
+        Err(_) => Config::load(path),
+    }
+}
+
+/// The name errors give the config: the variable's when the text comes from it.
+fn shown(path: &Path) -> PathBuf {
+    if std::env::var_os(CONFIG_TEXT_ENV).is_some() {
+        PathBuf::from(format!("${CONFIG_TEXT_ENV}"))
+    } else {
+        path.to_path_buf()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     postern_common::telemetry::init(cli.log_json);
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match load(&config) {
             Ok(_) => {
-                println!("{}: ok", config.display());
+                println!("{}: ok", shown(&config).display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -22,7 +45,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let config = match load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprint!("{e}");

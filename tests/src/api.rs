@@ -108,10 +108,13 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Response {
-        tokio::time::timeout(REQUEST_WITHIN, self.request_inner(method, path, headers, body))
-            .await
-            .unwrap_or_else(|_| panic!("{method} {path}: no answer within {REQUEST_WITHIN:?}"))
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        tokio::time::timeout(
+            REQUEST_WITHIN,
+            self.request_inner(method, path, headers, body),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {REQUEST_WITHIN:?}"))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     async fn request_inner(

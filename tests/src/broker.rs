@@ -57,7 +57,10 @@ impl Osb {
 
     /// A request as the platform makes it.
     pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
-        let mut headers = vec![("X-Broker-API-Request-Identity", "e26cea32-0ac3-4d10-9a49-3c2aa4c6cf3b")];
+        let mut headers = vec![(
+            "X-Broker-API-Request-Identity",
+            "e26cea32-0ac3-4d10-9a49-3c2aa4c6cf3b",
+        )];
         if let Some(v) = &self.version {
             headers.push(("X-Broker-API-Version", v.as_str()));
         }
@@ -69,7 +72,11 @@ impl Osb {
 
     /// `GET /v2/catalog`, which must answer 200; its ids.
     pub async fn catalog(&self) -> (Value, CatalogIds) {
-        let c: Value = self.call("GET", "/v2/catalog", None).await.expect(200).json();
+        let c: Value = self
+            .call("GET", "/v2/catalog", None)
+            .await
+            .expect(200)
+            .json();
         let service = &c["services"][0];
         let ids = CatalogIds {
             service_id: service["id"].as_str().expect("service id").to_owned(),
@@ -97,8 +104,12 @@ impl Osb {
             "space_guid": "space-guid",
             "context": {"platform": "cloudfoundry", "organization_guid": "org-guid", "space_guid": "space-guid", "instance_name": "db"},
         });
-        self.call("PUT", &format!("/v2/service_instances/{instance}"), Some(&body))
-            .await
+        self.call(
+            "PUT",
+            &format!("/v2/service_instances/{instance}"),
+            Some(&body),
+        )
+        .await
     }
 
     /// `PUT …/service_bindings/ID` for an app, with `parameters`.
@@ -126,7 +137,13 @@ impl Osb {
     }
 
     /// `DELETE …/service_bindings/ID?service_id&plan_id`.
-    pub async fn unbind(&self, ids: &CatalogIds, instance: &str, binding: &str, plan: &str) -> Response {
+    pub async fn unbind(
+        &self,
+        ids: &CatalogIds,
+        instance: &str,
+        binding: &str,
+        plan: &str,
+    ) -> Response {
         self.call(
             "DELETE",
             &format!(
@@ -177,10 +194,24 @@ impl Postgres {
     /// Runs `sql` in the database; its output (unaligned, tuples only).
     pub fn sql(&self, sql: &str) -> String {
         let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", &self.name, "-At", "-c", sql])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                &self.name,
+                "-At",
+                "-c",
+                sql,
+            ])
             .output()
             .expect("run psql");
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -189,7 +220,10 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         let _ = Command::new("psql")
             .args(["-h", "127.0.0.1", "-U", "postgres", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .output();
     }
 }
@@ -199,7 +233,11 @@ fn psql(sql: &str) {
         .args(["-h", "127.0.0.1", "-U", "postgres", "-c", sql])
         .output()
         .expect("run psql (PostgreSQL must run on 127.0.0.1:5432 with trust auth)");
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A binding's TLS material written as files (`ca.pem`, `cert.pem`, `key.pem`), as a driver
@@ -220,8 +258,13 @@ impl BindingFiles {
         let tls = &credentials["tls"]["cert"];
         let file = |name: &str, field: &str| {
             let path = dir.join(name);
-            std::fs::write(&path, tls[field].as_str().unwrap_or_else(|| panic!("tls.cert.{field}")))
-                .expect("write binding file");
+            std::fs::write(
+                &path,
+                tls[field]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("tls.cert.{field}")),
+            )
+            .expect("write binding file");
             path
         };
         Self {

@@ -327,7 +327,10 @@ mod tests {
         let guid = "3f9c1b2a-0d4e-4c5f-9a8b-7c6d5e4f3a2b";
         assert_eq!(identity_of(guid), format!("binding-{guid}"));
         let odd = identity_of("not/a name");
-        assert!(odd.starts_with("binding-") && pki::check_name(&odd).is_ok(), "{odd}");
+        assert!(
+            odd.starts_with("binding-") && pki::check_name(&odd).is_ok(),
+            "{odd}"
+        );
         assert_eq!(identity_of("not/a name"), odd);
         let id = stable_id("plan/postern/orders");
         assert_eq!(id.len(), 36);

@@ -74,7 +74,10 @@ async fn guard(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> R
     };
     let s = &broker.settings;
     if !crate::http::authorised(req.headers(), &s.username, &s.password) {
-        let mut r = (StatusCode::UNAUTHORIZED, Json(json!({"description": "Not Authorized"})))
+        let mut r = (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"description": "Not Authorized"})),
+        )
             .into_response();
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -349,14 +352,21 @@ async fn update(
         }
         Err(e) => return store_failed(&e),
     };
-    if body.plan_id.as_ref().is_some_and(|p| *p != existing.plan_id) {
+    if body
+        .plan_id
+        .as_ref()
+        .is_some_and(|p| *p != existing.plan_id)
+    {
         return error(
             StatusCode::BAD_REQUEST,
             "plans cannot be changed: a plan is a service; create an instance of the other plan",
         );
     }
     if parameters(&body).as_object().is_none_or(|o| !o.is_empty()) {
-        return error(StatusCode::BAD_REQUEST, "service instances take no parameters");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "service instances take no parameters",
+        );
     }
     empty(StatusCode::OK)
 }
@@ -483,7 +493,10 @@ async fn bind(
         }
     };
     if params.local_port == Some(0) {
-        return error(StatusCode::BAD_REQUEST, "bind parameters: local_port must be 1-65535");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bind parameters: local_port must be 1-65535",
+        );
     }
     let bound_to = body
         .bind_resource

@@ -121,7 +121,11 @@ impl Store {
     /// Connects to `url` and creates the tables when missing.
     pub(crate) async fn open(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
-        let scheme = url.split(':').next().unwrap_or_default().to_ascii_lowercase();
+        let scheme = url
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let dialect = match scheme.as_str() {
             "postgres" | "postgresql" => Dialect::Postgres,
             "mysql" | "mariadb" => Dialect::Mysql,
@@ -177,9 +181,9 @@ impl Store {
             .await?;
         if exists.is_none() {
             // Another instance may insert it first; that is as good.
-            let _ = sqlx::query(self.sql(
-                "INSERT INTO postern_broker_generation (id, n) VALUES (?, ?)",
-            ))
+            let _ = sqlx::query(
+                self.sql("INSERT INTO postern_broker_generation (id, n) VALUES (?, ?)"),
+            )
             .bind(1_i64)
             .bind(0_i64)
             .execute(&self.pool)
@@ -459,12 +463,21 @@ mod tests {
             describe("postgres://u:secret@db.example.com:5432/postern?sslmode=require"),
             "postgres://db.example.com:5432/postern"
         );
-        assert_eq!(describe("sqlite:///tmp/b.sqlite?mode=rwc"), "sqlite:///tmp/b.sqlite");
         assert_eq!(
-            keep_query("mysql://u:p@h/db?reconnect=true&ssl-mode=REQUIRED", &["ssl-mode"]),
+            describe("sqlite:///tmp/b.sqlite?mode=rwc"),
+            "sqlite:///tmp/b.sqlite"
+        );
+        assert_eq!(
+            keep_query(
+                "mysql://u:p@h/db?reconnect=true&ssl-mode=REQUIRED",
+                &["ssl-mode"]
+            ),
             "mysql://u:p@h/db?ssl-mode=REQUIRED"
         );
-        assert_eq!(keep_query("mysql://u:p@h/db?reconnect=true", &["ssl-mode"]), "mysql://u:p@h/db");
+        assert_eq!(
+            keep_query("mysql://u:p@h/db?reconnect=true", &["ssl-mode"]),
+            "mysql://u:p@h/db"
+        );
     }
 
     #[tokio::test]
@@ -481,7 +494,10 @@ mod tests {
             params: "{}".into(),
         };
         assert!(store.insert_instance(&i).await.unwrap());
-        assert!(!store.insert_instance(&i).await.unwrap(), "a second insert is a duplicate");
+        assert!(
+            !store.insert_instance(&i).await.unwrap(),
+            "a second insert is a duplicate"
+        );
         assert_eq!(store.instance("i1").await.unwrap(), Some(i));
         let b = Binding {
             id: "b1".into(),
@@ -500,7 +516,15 @@ mod tests {
         assert_eq!(store.live_bindings().await.unwrap(), vec![b.clone()]);
         store.revoke("b1").await.unwrap();
         assert!(store.live_bindings().await.unwrap().is_empty());
-        assert!(store.binding("b1").await.unwrap().unwrap().revoked_ms.is_some());
+        assert!(
+            store
+                .binding("b1")
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_ms
+                .is_some()
+        );
         assert!(store.generation().await.unwrap() >= g0 + 3);
         // Reopened (a restart), it still holds them.
         drop(store);

@@ -324,7 +324,11 @@ fn plan(
     let p = &plan.value;
     let key = format!("services.{}.broker", svc.name);
     if svc.protocol != super::Protocol::Mysql {
-        check.at(plan, &key, "only MySQL services can be offered through the broker");
+        check.at(
+            plan,
+            &key,
+            "only MySQL services can be offered through the broker",
+        );
         return None;
     }
     let port = match (&p.port, svc.listen) {
@@ -558,7 +562,11 @@ pub(super) fn secret(
             }
         },
         (Some(_), Some(v)) => {
-            check.at(v, key, format!("give one of {file_key} and {env_key}, not both"));
+            check.at(
+                v,
+                key,
+                format!("give one of {file_key} and {env_key}, not both"),
+            );
             return None;
         }
         (None, None) => {

@@ -739,4 +739,74 @@ mod tests {
             "{e:?}"
         );
     }
+
+    #[test]
+    fn broker_mistakes_name_line_and_key_and_secrets_never_show() {
+        let (dir, head) = files();
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(dir.path().join("pw"), "broker-secret\n").unwrap();
+        let broker = "broker:\n  username: cc\n  password_file: pw\n  signing: { cert: ca.pem, key_file: ca-key.pem }\n  host: relay.apps.internal\n";
+        let env = BTreeMap::from([("APP_PW", "app-secret")]);
+        let good = format!(
+            "{broker}{head}  orders:\n    listen: 127.0.0.1:3306\n    clients: []\n    broker: {{ database: appdb, username: app, password_env: APP_PW }}\n  billing:\n    listen: 127.0.0.1:3307\n    clients: []\n    broker: {{ users: per_binding }}\n"
+        );
+        let c = Config::parse(&path, &good, &env).unwrap();
+        let b = c.broker.as_ref().unwrap();
+        assert_eq!(b.plans["orders"].port, 3306);
+        assert!(b.plans["billing"].credentials == broker::PlanCredentials::PerBinding);
+        assert!(b.store_is_default && b.store.starts_with("sqlite://"));
+        let shown = format!("{c:?}");
+        for secret in ["broker-secret", "app-secret", "PRIVATE KEY"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let errors = |text: &str| -> Vec<String> {
+            Config::parse(&path, text, &env)
+                .expect_err("refused")
+                .0
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}: {}: {}",
+                        e.line.unwrap_or(0),
+                        e.key.as_deref().unwrap_or(""),
+                        e.message
+                    )
+                })
+                .collect()
+        };
+        let e = errors(&format!("{head}  orders:\n    clients: [binding-x]\n"));
+        assert!(
+            e[0].contains("services.orders.clients") && e[0].contains("broker"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{head}  orders:\n    clients: []\n    broker: {{ database: appdb }}\n"
+        ));
+        assert!(
+            e.iter().any(|l| l.contains("needs the top-level `broker`")),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{broker}{head}  orders:\n    listen: 127.0.0.1:1\n    clients: []\n    broker: {{ database: appdb }}\n"
+        ));
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("13: services.orders.broker") && l.contains("username")),
+            "{e:?}"
+        );
+        let e = errors(&format!("{broker}{head}  orders:\n    clients: []\n"));
+        assert!(
+            e.iter().any(|l| l.contains("catalog would offer nothing")),
+            "{e:?}"
+        );
+        let bad_key = broker.replace("key_file: ca-key.pem", "key_env: NOPE");
+        let e = errors(&format!(
+            "{bad_key}{head}  orders:\n    listen: 127.0.0.1:1\n    clients: []\n    broker: {{ users: per_binding }}\n"
+        ));
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("4: broker.signing.key_env: environment variable NOPE")),
+            "{e:?}"
+        );
+    }
 }

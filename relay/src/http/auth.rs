@@ -87,9 +87,9 @@ mod tests {
             )
         };
         assert!(authorised(&headers(&basic("admin:pw:with:colons"))));
-        assert!(authorised(
-            &headers(&basic("admin:pw:with:colons").replace("Basic", "basic"))
-        ));
+        assert!(authorised(&headers(
+            &basic("admin:pw:with:colons").replace("Basic", "basic")
+        )));
         for bad in [
             "admin:pw",
             "admin:pw:with:colons ",

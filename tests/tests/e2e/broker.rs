@@ -153,7 +153,11 @@ async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() 
         )
         .await
         .expect(400);
-    assert!(bad_service.body.contains("unknown service_id"), "{}", bad_service.body);
+    assert!(
+        bad_service.body.contains("unknown service_id"),
+        "{}",
+        bad_service.body
+    );
     osb.call(
         "PUT",
         &format!("/v2/service_instances/{INSTANCE}"),
@@ -168,9 +172,13 @@ async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() 
     )
     .await
     .expect(400);
-    osb.call("PUT", &format!("/v2/service_instances/{INSTANCE}"), Some(&json!([1])))
-        .await
-        .expect(400);
+    osb.call(
+        "PUT",
+        &format!("/v2/service_instances/{INSTANCE}"),
+        Some(&json!([1])),
+    )
+    .await
+    .expect(400);
     let created = osb.provision(&ids, INSTANCE, "orders").await.expect(201);
     assert_eq!(created.json::<Value>(), json!({}));
     assert_eq!(
@@ -208,7 +216,13 @@ async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() 
         .await
         .expect(422);
     let r = osb
-        .bind(&ids, INSTANCE, BINDING, "orders", json!({"local_prot": 3306}))
+        .bind(
+            &ids,
+            INSTANCE,
+            BINDING,
+            "orders",
+            json!({"local_prot": 3306}),
+        )
         .await
         .expect(400);
     assert!(r.body.contains("local_prot"), "{}", r.body);
@@ -249,7 +263,11 @@ async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() 
     }
     assert_eq!(creds["tls"]["cert"]["ca"], creds["ca_certificate"]);
     assert_eq!(
-        creds["tls.crt"].as_str().unwrap().matches("BEGIN CERTIFICATE").count(),
+        creds["tls.crt"]
+            .as_str()
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count(),
         2,
         "the leaf and the broker's intermediate CA"
     );
@@ -264,9 +282,15 @@ async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() 
     osb.bind(&ids, INSTANCE, BINDING, "orders", json!({}))
         .await
         .expect(200);
-    osb.bind(&ids, INSTANCE, BINDING, "orders", json!({"jdbc_url": false}))
-        .await
-        .expect(409);
+    osb.bind(
+        &ids,
+        INSTANCE,
+        BINDING,
+        "orders",
+        json!({"jdbc_url": false}),
+    )
+    .await
+    .expect(409);
 
     // The credentials connect: the mariadb CLI with the files written from the JSON, and
     // PyMySQL reading the JSON as an app reads VCAP_SERVICES.
@@ -511,7 +535,9 @@ async fn per_binding_users_log_in_only_through_their_own_binding_and_go_with_unb
     assert_eq!(
         stack
             .db()
-            .sql(&format!("SELECT COUNT(*) FROM mysql.user WHERE user = '{user_a}'"))
+            .sql(&format!(
+                "SELECT COUNT(*) FROM mysql.user WHERE user = '{user_a}'"
+            ))
             .trim(),
         "1",
         "bind made the user"
@@ -536,17 +562,25 @@ async fn per_binding_users_log_in_only_through_their_own_binding_and_go_with_unb
     let b = files[1].cli(port, &bound[1]).arg("appdb");
     assert_eq!(b.ok("SELECT COUNT(*) FROM t").trim(), "1");
 
-    osb.unbind(&ids, INSTANCE, BINDING, "orders").await.expect(200);
+    osb.unbind(&ids, INSTANCE, BINDING, "orders")
+        .await
+        .expect(200);
     assert_eq!(
         stack
             .db()
-            .sql(&format!("SELECT COUNT(*) FROM mysql.user WHERE user = '{user_a}'"))
+            .sql(&format!(
+                "SELECT COUNT(*) FROM mysql.user WHERE user = '{user_a}'"
+            ))
             .trim(),
         "0",
         "unbind dropped the user"
     );
     assert!(a.fails("SELECT 1").contains("not allowed to use service"));
-    assert_eq!(b.ok("SELECT COUNT(*) FROM t").trim(), "1", "the other binding stays");
+    assert_eq!(
+        b.ok("SELECT COUNT(*) FROM t").trim(),
+        "1",
+        "the other binding stays"
+    );
     osb.deprovision(&ids, INSTANCE, "orders").await.expect(200);
     assert_eq!(
         stack
@@ -576,14 +610,25 @@ async fn a_bound_app_uses_the_sidecar_and_a_deleted_service_key_is_revoked() {
     // VCAP_SERVICES and speaks plain MySQL to the sidecar on loopback.
     let local_port = mariadb::free_port();
     let bound: Value = osb
-        .bind(&ids, INSTANCE, BINDING, "orders", json!({"local_port": local_port}))
+        .bind(
+            &ids,
+            INSTANCE,
+            BINDING,
+            "orders",
+            json!({"local_port": local_port}),
+        )
         .await
         .expect(201)
         .json();
     let creds = &bound["credentials"];
     assert_eq!(creds["host"], "127.0.0.1");
     assert_eq!(creds["port"], local_port);
-    assert!(creds["jdbcUrl"].as_str().unwrap().contains("sslMode=DISABLED"));
+    assert!(
+        creds["jdbcUrl"]
+            .as_str()
+            .unwrap()
+            .contains("sslMode=DISABLED")
+    );
     let vcap = super::sidecar::vcap_services(creds);
     let sidecar = super::sidecar::sidecar(&stack, &[("VCAP_SERVICES", &vcap)]).await;
     super::sidecar::run_app(&[("VCAP_SERVICES", &vcap)], 7);
@@ -612,10 +657,15 @@ async fn a_bound_app_uses_the_sidecar_and_a_deleted_service_key_is_revoked() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "app@%\tappdb\n");
-    osb.unbind(&ids, INSTANCE, key_id, "orders").await.expect(200);
+    osb.unbind(&ids, INSTANCE, key_id, "orders")
+        .await
+        .expect(200);
     let out = super::sidecar::run_service_key(&printed, "SELECT 1");
     assert!(!out.status.success(), "a deleted service key still works");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not allowed") || err.contains("refused"), "{err}");
+    assert!(
+        err.contains("not allowed") || err.contains("refused"),
+        "{err}"
+    );
     stack.stop().await;
 }

@@ -188,8 +188,11 @@ fn bad_configs_exit_64_naming_file_line_and_key() {
 fn every_example_config_parses() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");
     let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    let paths = std::fs::read_dir(&dir)
+        .unwrap()
+        .chain(std::fs::read_dir(dir.join("cf")).unwrap())
+        .map(|e| e.unwrap().path());
+    for path in paths {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if !name.ends_with(".yaml") {
             continue;
@@ -223,8 +226,23 @@ fn every_example_config_parses() {
             admin_password.to_str().unwrap(),
         );
         let target = pki.dir().join(&name);
-        // The examples may use `${PORT}` (Cloud Foundry).
-        let env = std::collections::BTreeMap::from([("PORT", "8080")]);
+        // The broker's intermediate CA (cf/relay.yaml), its key in the environment.
+        let root = postern_common::pki::Ca::load(pki.dir()).unwrap();
+        let (broker_ca, broker_key) = root.intermediate("broker", 1).unwrap();
+        std::fs::write(
+            pki.dir().join("intermediate-broker.pem"),
+            &broker_ca.cert_pem,
+        )
+        .unwrap();
+        // The examples may use `${PORT}` and the environment Cloud Foundry gives the relay.
+        let vcap = r#"{"postgres":[{"name":"postern-store","credentials":{"uri":"postgres://u:p@db.example.com:5432/postern"}}]}"#;
+        let env = std::collections::BTreeMap::from([
+            ("PORT", "8080"),
+            ("POSTERN_API_PASSWORD", "api"),
+            ("POSTERN_BROKER_PASSWORD", "broker"),
+            ("POSTERN_BROKER_CA_KEY", broker_key.as_str()),
+            ("VCAP_SERVICES", vcap),
+        ]);
         if name.starts_with("relay") {
             postern_relay::Config::parse(&target, &text, &env)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -237,7 +255,40 @@ fn every_example_config_parses() {
         seen += 1;
     }
     assert!(
-        seen >= 2,
+        seen >= 3,
         "config-examples holds the relay and agent examples (found {seen})"
+    );
+}
+
+#[test]
+fn the_relay_reads_its_whole_config_from_the_environment_when_given() {
+    let pki = TestPki::new();
+    let (cert, key) = pki.files("server-relay");
+    let yaml = format!(
+        "listen:\n  http: 127.0.0.1:${{PORT}}\ntls:\n  ca: {}\n  cert: {}\n  key: {}\nservices:\n  orders:\n    clients: [alice]\n",
+        pki.ca().display(),
+        cert.display(),
+        key.display()
+    );
+    let check = |text: &str| {
+        Command::new(bin("postern-relay"))
+            .args(["check-config", "--config", "/nonexistent/relay.yaml"])
+            .env("POSTERN_RELAY_CONFIG_YAML", text)
+            .env("PORT", "8080")
+            .output()
+            .unwrap()
+    };
+    let out = check(&yaml);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "$POSTERN_RELAY_CONFIG_YAML: ok\n"
+    );
+    let out = check(&yaml.replace("clients: [alice]", "clients: [alice]\n    colour: red"));
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("$POSTERN_RELAY_CONFIG_YAML:10") && err.contains("colour"),
+        "{err}"
     );
 }
