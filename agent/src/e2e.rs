@@ -10,16 +10,18 @@
 //! [`Control::Policy`]: postern_common::protocol::Control::Policy
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use postern_common::events::Events;
 use postern_common::mysql::server::{ConnIds, Gate, Greetings};
-use postern_common::policy::ServicePolicy;
+use postern_common::pki::Identity;
+use postern_common::policy::{ServicePolicy, is_binding};
 use postern_common::protocol::{Code, Refusal};
 use postern_common::tls::{self, Revocations};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::Config;
@@ -63,6 +65,10 @@ pub(crate) struct EndToEnd {
     arrived: watch::Sender<bool>,
     revocations: Arc<Revocations>,
     acceptors: HashMap<String, TlsAcceptor>,
+    /// One token per live binding of the service broker: cancelled when a policy no longer
+    /// lists the binding, which cuts its open connections (as the relay cuts those whose TLS
+    /// ends there).
+    binding_cuts: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl EndToEnd {
@@ -86,6 +92,7 @@ impl EndToEnd {
             arrived: watch::Sender::new(false),
             revocations,
             acceptors,
+            binding_cuts: Mutex::default(),
         }
     }
 
@@ -105,9 +112,44 @@ impl EndToEnd {
             services.clear();
         }
         info!(services = ?services.keys().collect::<Vec<_>>(), revocations = crl_pem.is_some(), "policy received from the relay");
+        {
+            let live: std::collections::HashSet<&String> = services
+                .values()
+                .flat_map(|s| s.bindings.0.keys())
+                .collect();
+            let mut cuts = self.binding_cuts.lock().unwrap_or_else(|p| p.into_inner());
+            cuts.retain(|name, cut| {
+                let keep = live.contains(name);
+                if !keep {
+                    info!(client = %name, "binding withdrawn: its connections are closed");
+                    cut.cancel();
+                }
+                keep
+            });
+            for name in live {
+                cuts.entry(name.clone()).or_default();
+            }
+        }
         *current = Some(services);
         drop(current);
         self.arrived.send_replace(true);
+    }
+
+    /// The token cancelled when the binding `client` goes away (already cancelled if it is not
+    /// live); `None` for clients that are not the broker's bindings.
+    pub(crate) fn binding_cut(&self, client: &Identity) -> Option<CancellationToken> {
+        let Identity::Client(name) = client else {
+            return None;
+        };
+        if !is_binding(name) {
+            return None;
+        }
+        let cuts = self.binding_cuts.lock().unwrap_or_else(|p| p.into_inner());
+        Some(cuts.get(name).cloned().unwrap_or_else(|| {
+            let gone = CancellationToken::new();
+            gone.cancel();
+            gone
+        }))
     }
 
     /// The rules and the acceptor for an end-to-end stream of `service`, or why there are none.
@@ -163,6 +205,7 @@ mod tests {
         EndToEnd {
             services: RwLock::new(None),
             arrived: watch::Sender::new(false),
+            binding_cuts: Mutex::default(),
             revocations: Arc::new(Revocations::default()),
             acceptors: [("orders".to_owned(), TlsAcceptor::from(Arc::new(config)))].into(),
         }

@@ -26,7 +26,7 @@ use postern_common::transport::Stream;
 use postern_common::{net, splice, wire};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{Instrument, debug, info_span};
 
 use crate::backends::Backend;
@@ -271,7 +271,17 @@ async fn end_to_end(
         deadlines,
     };
     let conn_id = open.conn_id;
-    let dial = |_: Identity| async move {
+    let dial = |client: Identity| async move {
+        let revoked = e2e.binding_cut(&client);
+        if revoked
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            return Err(Refusal::new(
+                Code::NotAuthorized,
+                format!("the binding of {client} was withdrawn"),
+            ));
+        }
         let (backend, tcp) = state
             .backends
             .connect(&svc.name, relay_choice(open))
@@ -280,7 +290,7 @@ async fn end_to_end(
         Ok(Dialled {
             via: backend.addr().to_owned(),
             node: backend.addr().to_owned(),
-            io: NodeConn::new(tcp, backend),
+            io: NodeConn::new(tcp, backend, revoked),
             conn_id,
             slot: None,
         })
@@ -310,28 +320,43 @@ pub(crate) fn relay_choice(open: &Open) -> Option<(&str, u64)> {
 }
 
 /// A connection to a node for the MySQL front end (end-to-end TLS): counts against its node
-/// while it lives, and fails as soon as the node's connections are severed.
+/// while it lives, and fails as soon as the node's connections are severed or the client's
+/// binding is withdrawn.
 struct NodeConn {
     tcp: tokio::net::TcpStream,
     severed: Pin<Box<WaitForCancellationFutureOwned>>,
+    revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     _backend: Backend,
 }
 
 impl NodeConn {
-    fn new(tcp: tokio::net::TcpStream, backend: Backend) -> Self {
+    fn new(
+        tcp: tokio::net::TcpStream,
+        backend: Backend,
+        revoked: Option<CancellationToken>,
+    ) -> Self {
         Self {
             tcp,
             severed: Box::pin(backend.severed.clone().cancelled_owned()),
+            revoked: revoked.map(|t| Box::pin(t.cancelled_owned())),
             _backend: backend,
         }
     }
 
-    /// An error once the node's connections are severed.
+    /// An error once the node's connections are severed or the binding withdrawn.
     fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        match self.severed.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(std::io::Error::other("backend taken out of service")),
-            Poll::Pending => Ok(()),
+        if self.severed.as_mut().poll(cx).is_ready() {
+            return Err(std::io::Error::other("backend taken out of service"));
         }
+        if self
+            .revoked
+            .as_mut()
+            .is_some_and(|r| r.as_mut().poll(cx).is_ready())
+        {
+            net::reset_on_close(&self.tcp);
+            return Err(std::io::Error::other("the client's binding was withdrawn"));
+        }
+        Ok(())
     }
 }
 

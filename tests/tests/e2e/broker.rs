@@ -669,3 +669,51 @@ async fn a_bound_app_uses_the_sidecar_and_a_deleted_service_key_is_revoked() {
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_tls_unbind_closes_the_connection_at_the_agent() {
+    let stack = Stack::builder()
+        .mariadb()
+        .tls_termination("orders", postern_relay::config::TlsTermination::Agent)
+        .broker(None, plan())
+        .start()
+        .await;
+    create_app_user(&stack);
+    let osb = stack.osb(0);
+    let (_, ids) = osb.catalog().await;
+    osb.provision(&ids, INSTANCE, "orders").await.expect(201);
+    let bound: Value = osb
+        .bind(&ids, INSTANCE, BINDING, "orders", json!({}))
+        .await
+        .expect(201)
+        .json();
+    let creds = &bound["credentials"];
+    let dir = tempfile::tempdir().unwrap();
+    let files = BindingFiles::write(creds, dir.path());
+    let port = stack.relays[0].mysql("orders").port();
+    // TLS ends at the agent, which checks the binding with the relay's policy.
+    let started = Instant::now();
+    let mut conn = loop {
+        match mysql_async::Conn::new(binding_opts(&files, creds, port)).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "the agent does not admit the binding: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let v: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.unwrap();
+    assert_eq!(v.as_deref(), Some("app@%"));
+    let unbound = Instant::now();
+    osb.unbind(&ids, INSTANCE, BINDING, "orders")
+        .await
+        .expect(200);
+    let took = closed_within(&mut conn, unbound, Duration::from_secs(5)).await;
+    eprintln!("end-to-end binding connection closed {took:?} after unbind");
+    let refused = files.cli(port, creds).fails("SELECT 1");
+    assert!(refused.contains("not allowed to use service"), "{refused}");
+    stack.stop().await;
+}

@@ -279,7 +279,11 @@ fn the_relay_reads_its_whole_config_from_the_environment_when_given() {
             .unwrap()
     };
     let out = check(&yaml);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "$POSTERN_RELAY_CONFIG_YAML: ok\n"
