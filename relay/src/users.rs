@@ -1,5 +1,5 @@
-//! Per-binding database users, asked of the agents: the service broker calls [`create_user`]
-//! on bind and [`drop_user`] on unbind.
+//! Per-binding database users, asked of the agents: the service broker calls `create_user`
+//! on bind and `drop_user` on unbind.
 //!
 //! The relay holds no database credential. It opens an admin stream (an [`Open`] with
 //! [`Open::admin`], see [`postern_common::protocol`]) to an agent of the service that announced

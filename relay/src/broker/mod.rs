@@ -1,4 +1,4 @@
-//! The Open Service Broker API v2, served by the relay under `/v2/` ([`osb`]): Cloud Foundry
+//! The Open Service Broker API v2, served by the relay under `/v2/` (`osb`): Cloud Foundry
 //! (or any OSB platform) provisions a service instance per `cf create-service postern PLAN
 //! NAME`, and every `cf bind-service` or `cf create-service-key` gets a binding of its own:
 //!
@@ -234,7 +234,7 @@ impl Broker {
             info!(instance = %instance.id, service = %instance.service, "service instance provisioned");
             return Ok(None);
         }
-        Ok(self.store.instance(&instance.id).await?)
+        self.store.instance(&instance.id).await
     }
 
     /// Records a binding made on this instance and applies it here at once.

@@ -236,39 +236,45 @@ struct Body {
     bind_resource: Option<Value>,
 }
 
-fn parse(body: &Bytes) -> Result<Body, Response> {
+fn parse(body: &Bytes) -> Result<Body, Box<Response>> {
     let text = if body.is_empty() {
         &b"{}"[..]
     } else {
         &body[..]
     };
     serde_json::from_slice(text).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             &format!("the request body is not the JSON object expected: {e}"),
-        )
+        ))
     })
 }
 
 /// The body's `service_id` and `plan_id`, checked against the catalog.
-fn ids<'a>(b: &'a Broker, body: &Body) -> Result<(&'a super::Plan, String), Response> {
+fn ids<'a>(b: &'a Broker, body: &Body) -> Result<(&'a super::Plan, String), Box<Response>> {
     let Some(service_id) = &body.service_id else {
-        return Err(error(StatusCode::BAD_REQUEST, "service_id is required"));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "service_id is required",
+        )));
     };
     if *service_id != b.offering_id {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             &format!("unknown service_id {service_id:?} (see /v2/catalog)"),
-        ));
+        )));
     }
     let Some(plan_id) = &body.plan_id else {
-        return Err(error(StatusCode::BAD_REQUEST, "plan_id is required"));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "plan_id is required",
+        )));
     };
     let plan = b.plan_by_id(plan_id).ok_or_else(|| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             &format!("unknown plan_id {plan_id:?} (see /v2/catalog)"),
-        )
+        ))
     })?;
     Ok((plan, plan_id.clone()))
 }
@@ -288,11 +294,11 @@ async fn provision(
     let b = broker(&shared);
     let body = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (plan, plan_id) = match ids(b, &body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let params = parameters(&body);
     if params.as_object().is_none_or(|o| !o.is_empty()) {
@@ -340,7 +346,7 @@ async fn update(
     let b = broker(&shared);
     let body = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let existing = match b.store.instance(&instance).await {
         Ok(Some(i)) => i,
@@ -377,12 +383,12 @@ struct Ids {
     plan_id: Option<String>,
 }
 
-fn ids_given(q: &Ids) -> Result<(), Response> {
+fn ids_given(q: &Ids) -> Result<(), Box<Response>> {
     if q.service_id.is_none() || q.plan_id.is_none() {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "service_id and plan_id are required query parameters",
-        ));
+        )));
     }
     Ok(())
 }
@@ -393,7 +399,7 @@ async fn deprovision(
     Query(q): Query<Ids>,
 ) -> Response {
     if let Err(r) = ids_given(&q) {
-        return r;
+        return *r;
     }
     let b = broker(&shared);
     match b.store.instance(&instance).await {
@@ -460,11 +466,11 @@ async fn bind(
     let b = broker(&shared);
     let body = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (plan, plan_id) = match ids(b, &body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let si = match b.store.instance(&instance).await {
         Ok(Some(i)) => i,
@@ -625,7 +631,7 @@ async fn unbind(
     Query(q): Query<Ids>,
 ) -> Response {
     if let Err(r) = ids_given(&q) {
-        return r;
+        return *r;
     }
     let b = broker(&shared);
     let found = match b.store.binding(&binding).await {
