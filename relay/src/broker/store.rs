@@ -481,6 +481,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_url_of_no_known_database_is_refused_by_name() {
+        let e = Store::open("redis://127.0.0.1:6379/0").await.err().unwrap();
+        assert!(
+            e.to_string().contains("postgres://") && e.to_string().contains("redis"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
     async fn an_sqlite_store_keeps_instances_and_bindings_and_counts_changes() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/b.sqlite?mode=rwc", dir.path().display());

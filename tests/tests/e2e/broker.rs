@@ -8,7 +8,7 @@ use std::time::Duration;
 use mysql_async::prelude::*;
 use mysql_async::{ClientIdentity, OptsBuilder, SslOpts};
 use postern_tests::broker::{self, BindingFiles, Osb, Postgres};
-use postern_tests::stack::BROKER_APP_PASSWORD;
+use postern_tests::stack::{BROKER_APP_PASSWORD, BROKER_PASSWORD};
 use postern_tests::*;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -490,6 +490,66 @@ async fn bindings_survive_a_relay_restart_with_postgres() {
         .unbind(&ids, INSTANCE, BINDING, "orders")
         .await
         .expect(200);
+    // The relay's log holds neither the binding's key, nor a password, nor the store's URL.
+    let log = stack.relays[0].proc().proc.log_text();
+    let key = creds["tls.key"].as_str().unwrap();
+    for secret in [
+        key.lines().nth(1).unwrap(),
+        BROKER_APP_PASSWORD,
+        BROKER_PASSWORD,
+        pg.url().as_str(),
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret:?} in the relay's log:\n{log}"
+        );
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_store_keeps_bindings_too() {
+    let db = MariaDb::start().await;
+    db.sql("CREATE DATABASE broker");
+    let url = format!(
+        "mysql://root@127.0.0.1:{}/broker?reconnect=true",
+        db.addr.port()
+    );
+    let stack = Stack::builder()
+        .with_mariadb(db)
+        .broker(Some(url), plan())
+        .start()
+        .await;
+    create_app_user(&stack);
+    let osb = stack.osb(0);
+    let (_, ids) = osb.catalog().await;
+    osb.provision(&ids, INSTANCE, "orders").await.expect(201);
+    let bound: Value = osb
+        .bind(&ids, INSTANCE, BINDING, "orders", json!({}))
+        .await
+        .expect(201)
+        .json();
+    let creds = &bound["credentials"];
+    let dir = tempfile::tempdir().unwrap();
+    let files = BindingFiles::write(creds, dir.path());
+    let port = stack.relays[0].mysql("orders").port();
+    assert_eq!(files.cli(port, creds).ok("SELECT 1").trim(), "1");
+    assert_eq!(
+        stack
+            .db()
+            .sql("SELECT identity FROM broker.postern_broker_bindings WHERE revoked_ms IS NULL")
+            .trim(),
+        format!("binding-{BINDING}")
+    );
+    osb.unbind(&ids, INSTANCE, BINDING, "orders")
+        .await
+        .expect(200);
+    assert!(
+        files
+            .cli(port, creds)
+            .fails("SELECT 1")
+            .contains("not allowed to use service")
+    );
     stack.stop().await;
 }
 
