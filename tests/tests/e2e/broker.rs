@@ -352,6 +352,25 @@ async fn osb_calls_get_the_documented_codes_and_bodies_and_a_binding_connects() 
     stack.stop().await;
 }
 
+/// A connection with a binding's credentials through the listener at `port`, once it admits
+/// the binding (an instance that did not take the bind learns it within a poll); fails after
+/// 5 s with the last error.
+async fn admitted(files: &BindingFiles, creds: &Value, port: u16) -> mysql_async::Conn {
+    let started = Instant::now();
+    loop {
+        match mysql_async::Conn::new(binding_opts(files, creds, port)).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "the listener on {port} does not admit the binding: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Waits until `conn` fails a query; how long that took from `since`.
 async fn closed_within(conn: &mut mysql_async::Conn, since: Instant, limit: Duration) -> Duration {
     loop {
@@ -399,22 +418,9 @@ async fn two_relays_share_bindings_in_postgres_and_unbind_closes_connections_at_
         .await
         .expect(200);
     let ports = [0, 1].map(|i| stack.relays[i].mysql("orders").port());
-    let started = Instant::now();
     let mut conns = Vec::new();
     for port in ports {
-        let conn = loop {
-            match mysql_async::Conn::new(binding_opts(&files, creds, port)).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(
-                        started.elapsed() < Duration::from_secs(5),
-                        "relay on {port} does not admit the binding: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
-        conns.push(conn);
+        conns.push(admitted(&files, creds, port).await);
     }
     for c in &mut conns {
         let v: Option<String> = c.query_first("SELECT CURRENT_USER()").await.unwrap();
@@ -752,19 +758,7 @@ async fn end_to_end_tls_unbind_closes_the_connection_at_the_agent() {
     let files = BindingFiles::write(creds, dir.path());
     let port = stack.relays[0].mysql("orders").port();
     // TLS ends at the agent, which checks the binding with the relay's policy.
-    let started = Instant::now();
-    let mut conn = loop {
-        match mysql_async::Conn::new(binding_opts(&files, creds, port)).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(5),
-                    "the agent does not admit the binding: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let mut conn = admitted(&files, creds, port).await;
     let v: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.unwrap();
     assert_eq!(v.as_deref(), Some("app@%"));
     let unbound = Instant::now();
