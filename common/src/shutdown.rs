@@ -1,5 +1,6 @@
 //! Shutdown on a signal, the same for every binary: SIGTERM (systemd, Cloud Foundry) or SIGINT
 //! (Ctrl-C) cancels the token the process runs under, and the process drains from there.
+//! SIGHUP asks for a reload ([`hangups`]).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -26,4 +27,19 @@ pub async fn on_signal(token: CancellationToken) {
         _ = token.cancelled() => return,
     }
     token.cancel();
+}
+
+/// SIGHUP, the reload signal (`systemctl reload` sends it): each [`recv`] returns once per
+/// signal, several signals that arrive during one reload count as one. `None`, logged, when the
+/// handler cannot be installed (the process then runs on without reloads).
+///
+/// [`recv`]: tokio::signal::unix::Signal::recv
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGHUP handler: reload will not work");
+            None
+        }
+    }
 }
