@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use postern_common::net;
@@ -34,9 +34,12 @@ use crate::health::{self, Outcome, Prober, Report};
 const COMMAND_QUEUE: usize = 16;
 
 /// The backends of every service this agent offers.
+///
+/// A reload ([`Backends::reconfigure`]) adds and removes services and replaces those whose
+/// nodes or checks changed; the others keep their health and decisions.
 #[derive(Debug)]
 pub struct Backends {
-    services: BTreeMap<String, Arc<ServiceNodes>>,
+    services: RwLock<BTreeMap<String, Arc<ServiceNodes>>>,
     changed: Arc<watch::Sender<u64>>,
 }
 
@@ -101,7 +104,54 @@ impl Backends {
                 )
             })
             .collect();
-        Self { services, changed }
+        Self {
+            services: RwLock::new(services),
+            changed,
+        }
+    }
+
+    fn get(&self, service: &str) -> Option<Arc<ServiceNodes>> {
+        self.services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(service)
+            .cloned()
+    }
+
+    /// Applies a reloaded config: services that are new get their nodes, checks and decider;
+    /// services that are gone stop their checks and end their connections; services whose
+    /// nodes, check or decision settings changed start over with the new ones (their open
+    /// connections stay with the node they have). Returns the services that were replaced or
+    /// removed.
+    pub fn reconfigure(&self, new: &Config, cancel: &CancellationToken) -> Vec<String> {
+        let mut fresh = Vec::new();
+        let mut dropped = Vec::new();
+        {
+            let mut services = self
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            services.retain(|name, svc| {
+                let keep = new.services.get(name).is_some_and(|s| svc.same_backends(s));
+                if !keep {
+                    svc.retire(!new.services.contains_key(name));
+                    dropped.push(name.clone());
+                }
+                keep
+            });
+            for (name, service) in &new.services {
+                if !services.contains_key(name) {
+                    services.insert(
+                        name.clone(),
+                        Arc::new(ServiceNodes::new(service, self.changed.clone())),
+                    );
+                    fresh.push(service);
+                }
+            }
+        }
+        self.start_with(fresh, &new.state_dir, &new.name, cancel);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        dropped
     }
 
     /// Starts every service's health checks and decider, until `cancel`.
@@ -125,12 +175,14 @@ impl Backends {
     ) {
         for service in services {
             let name = &service.name;
-            let Some(svc) = self.services.get(name) else {
+            let Some(svc) = self.get(name) else {
                 continue;
             };
             let Some(check) = &service.check else {
                 continue; // one backend: always healthy, term 1
             };
+            // A reload that replaces or removes the service stops these.
+            let cancel = &svc.checks_token(cancel);
             for (i, node) in service.nodes.iter().enumerate() {
                 let prober = Prober::new(&check.kind, node);
                 let recheck = svc.nodes[i].recheck.clone();
@@ -183,7 +235,7 @@ impl Backends {
         service: &str,
         relay: Option<(&str, u64)>,
     ) -> Result<(Backend, TcpStream), Refusal> {
-        let svc = self.services.get(service).ok_or_else(|| {
+        let svc = self.get(service).ok_or_else(|| {
             Refusal::new(
                 Code::UnknownService,
                 format!("this agent does not offer service {service:?}"),
@@ -218,7 +270,7 @@ impl Backends {
         service: &str,
         relay: Option<(&str, u64)>,
     ) -> Result<Backend, Refusal> {
-        let svc = self.services.get(service).ok_or_else(|| {
+        let svc = self.get(service).ok_or_else(|| {
             Refusal::new(
                 Code::UnknownService,
                 format!("this agent does not offer service {service:?}"),
@@ -231,7 +283,7 @@ impl Backends {
     pub fn states(&self, services: &[String]) -> Vec<ServiceState> {
         services
             .iter()
-            .filter_map(|s| self.services.get(s))
+            .filter_map(|s| self.get(s))
             .map(|s| s.state())
             .collect()
     }
@@ -249,7 +301,7 @@ impl Backends {
             | Command::Drain { service, .. }
             | Command::Activate { service, .. } => service.clone(),
         };
-        let Some(svc) = self.services.get(&service) else {
+        let Some(svc) = self.get(&service) else {
             return;
         };
         if !svc.checked {
@@ -283,6 +335,10 @@ pub struct ServiceNodes {
     pub(crate) wake: Notify,
     commands: mpsc::Sender<Command>,
     commands_rx: Mutex<Option<mpsc::Receiver<Command>>>,
+    /// What the service was made from, to tell whether a reload changed it.
+    config: Service,
+    /// Ends its checks and decider (a child of the agent's token, once started).
+    checks: Mutex<Option<CancellationToken>>,
 }
 
 /// A node's fixed parts.
@@ -377,6 +433,48 @@ impl ServiceNodes {
             wake: Notify::new(),
             commands,
             commands_rx: Mutex::new(Some(commands_rx)),
+            config: service.clone(),
+            checks: Mutex::new(None),
+        }
+    }
+
+    /// The token its checks and decider run under: a child of `cancel`, made once.
+    fn checks_token(&self, cancel: &CancellationToken) -> CancellationToken {
+        self.checks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| cancel.child_token())
+            .clone()
+    }
+
+    /// Whether `service` has the nodes, check and decision settings this was made from.
+    fn same_backends(&self, service: &Service) -> bool {
+        let (a, b) = (&self.config, service);
+        a.nodes == b.nodes
+            && a.check == b.check
+            && a.wait_for_node == b.wait_for_node
+            && a.decisions == b.decisions
+            && a.connect_timeout == b.connect_timeout
+    }
+
+    /// Taken out by a reload: its checks and decider stop; with `gone` (the service is no longer
+    /// offered) its open connections end too.
+    fn retire(&self, gone: bool) {
+        if let Some(t) = self
+            .checks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            t.cancel();
+        }
+        if gone {
+            let mut live = self.lock();
+            live.traffic_enabled = false;
+            live.message = format!("service {:?} is no longer offered by this agent", self.name);
+            for n in &mut live.nodes {
+                std::mem::take(&mut n.severed).cancel();
+            }
         }
     }
 

@@ -39,7 +39,7 @@ pub(crate) async fn supervise(
     let app_guid = loop {
         let started = tokio::time::Instant::now();
         let found = async {
-            let session = state.dialer.websocket(&url, &[]).await?;
+            let session = state.dialer().websocket(&url, &[]).await?;
             let ready = session::handshake(&state, &session, false).await;
             session.close("instance discovery done");
             Ok::<_, SessionError>(ready?.welcome.app_guid)
@@ -73,7 +73,11 @@ pub(crate) async fn supervise(
             if running.contains_key(&index) {
                 continue;
             }
-            match state.dialer.websocket_pinned(&url, &app_guid, index).await {
+            match state
+                .dialer()
+                .websocket_pinned(&url, &app_guid, index)
+                .await
+            {
                 Ok(session) => {
                     info!(index, "relay instance found");
                     let route = Route::Pinned {

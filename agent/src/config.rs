@@ -194,7 +194,7 @@ impl std::fmt::Display for RelayTarget {
 }
 
 /// WebSocket settings (egress through routers and proxies).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WebsocketSettings {
     /// WebSocket ping interval (None: the transport's default of 20 s).
     pub ping_interval: Option<Duration>,
@@ -483,7 +483,7 @@ impl std::fmt::Display for HttpTarget {
 }
 
 /// A service's health check.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// What is checked.
     pub kind: CheckKind,
@@ -499,7 +499,7 @@ pub struct HealthCheck {
 }
 
 /// The kind of health check.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
     /// The node accepts TCP connections.
     Tcp,

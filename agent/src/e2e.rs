@@ -38,8 +38,8 @@ pub(crate) struct FrontEnd {
     pub(crate) greetings: Greetings,
     /// The connection ids handed out in this agent's own greetings.
     pub(crate) ids: ConnIds,
-    /// Connections in their handshake, by service.
-    pub(crate) gates: HashMap<String, Gate>,
+    /// Connections in their handshake, by service ([`FrontEnd::gate`]).
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
 }
 
 impl FrontEnd {
@@ -49,12 +49,34 @@ impl FrontEnd {
             events,
             greetings: Greetings::new(),
             ids: ConnIds::new(),
-            gates: config
-                .services
-                .keys()
-                .map(|name| (name.clone(), Gate::new()))
-                .collect(),
+            gates: Mutex::new(
+                config
+                    .services
+                    .keys()
+                    .map(|name| (name.clone(), Arc::new(Gate::new())))
+                    .collect(),
+            ),
         }
+    }
+
+    /// The handshake gate of `service` (a service added by a reload gets one here).
+    pub(crate) fn gate(&self, service: &str) -> Arc<Gate> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(service.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets what was learnt of `service` (its greeting template, its gate): it was removed,
+    /// or its backends changed, by a reload.
+    pub(crate) fn forget(&self, service: &str) {
+        self.greetings.forget(service);
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(service);
     }
 }
 

@@ -137,7 +137,7 @@ async fn forward(
     open: Open,
     arrived: Instant,
 ) -> Option<Tunnel> {
-    let config = &state.config;
+    let config = state.config();
     let Some(svc) = config.services.get(&open.service) else {
         let r = Refusal::new(
             Code::UnknownService,
@@ -216,7 +216,7 @@ async fn end_to_end(
     arrived: Instant,
 ) {
     let front = &state.front;
-    let (policy, acceptor) = match e2e.for_service(&state.config.name, &svc.name).await {
+    let (policy, acceptor) = match e2e.for_service(&state.config().name, &svc.name).await {
         Ok(p) => p,
         Err(r) => return refuse(state, &mut stream, open, r).await,
     };
@@ -238,9 +238,7 @@ async fn end_to_end(
             return refuse(state, &mut stream, open, r).await;
         }
     };
-    let Some(gate) = front.gates.get(&svc.name) else {
-        return;
-    };
+    let gate = front.gate(&svc.name);
     let (admission, _) = gate.admit(policy.max_handshakes);
     let ok = Answer::Ok {
         backend: svc.backend.clone(),

@@ -41,8 +41,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprint!("{e}");
@@ -53,6 +53,7 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(shutdown::on_signal(shutdown.clone()));
                 let agent = Agent::new(config);
+                tokio::spawn(reload_on_hangup(agent.reloader(), path));
                 tokio::spawn(notify::run(agent.status()));
                 let stopping = shutdown.clone();
                 tokio::spawn(async move {
@@ -64,6 +65,36 @@ fn main() -> ExitCode {
             })
         }
         Command::Connect(args) => runtime(connect(*args)),
+    }
+}
+
+/// SIGHUP (`systemctl reload`): reads the config file again and hands it to the agent. A config
+/// with errors is refused, each error logged with its file, line and key; the running one
+/// stays.
+async fn reload_on_hangup(reloader: postern_agent::Reloader, path: std::path::PathBuf) {
+    let Some(mut hangups) = shutdown::hangups() else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+        let file = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&file)).await;
+        let config = match loaded {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                for line in e.to_string().lines().filter(|l| !l.trim().is_empty()) {
+                    tracing::error!(config = %path.display(), "{line}");
+                }
+                tracing::error!(config = %path.display(), "reload refused: the configuration has errors; the running one stays");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed: the running configuration stays");
+                continue;
+            }
+        };
+        // The outcome is logged by the agent.
+        let _ = reloader.reload(config).await;
     }
 }
 

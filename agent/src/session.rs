@@ -123,10 +123,10 @@ pub(crate) async fn handshake(
     let mut stream = session.open().await.map_err(SessionError::Open)?;
     let hello = Control::Hello {
         versions: protocol::VERSIONS.to_vec(),
-        services: state.config.services.keys().cloned().collect(),
+        services: state.config().services.keys().cloned().collect(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
         take_over,
-        features: features(&state.config),
+        features: features(&state.config()),
     };
     wire::write_first(&mut stream, &hello)
         .await
@@ -179,7 +179,7 @@ pub(crate) async fn handshake(
 
 /// The features this agent announces in its hello: [`FEATURE_USERS`] only when some service
 /// makes per-binding users, so the relay sends admin streams only where they can be served.
-fn features(config: &crate::config::Config) -> Vec<String> {
+pub(crate) fn features(config: &crate::config::Config) -> Vec<String> {
     let mut features = vec![
         FEATURE_MYSQL_E2E.to_owned(),
         FEATURE_DRAIN.to_owned(),
@@ -217,7 +217,7 @@ pub(crate) async fn serve(
     // This session's streams are tracked so that it can finish them before it closes; all
     // streams of all sessions are tracked by the agent, for its own shutdown.
     let tracker = TaskTracker::new();
-    let policy = Arc::new(EndToEnd::new(&state.config));
+    let policy = Arc::new(EndToEnd::new(&state.config()));
     let streams = {
         let (session, tracker, state) = (session.clone(), tracker.clone(), state.clone());
         let policy = policy.clone();
@@ -280,6 +280,8 @@ pub(crate) async fn serve(
         streams,
         stop,
     };
+    // A reload that changed the hello renews the session (it began with the config in force).
+    let mut rehello = state.rehello.subscribe();
     tokio::select! {
         end = &mut keepalive => {
             let end = end.unwrap_or_else(|e| ControlEnd::Broken(format!("heartbeat task failed: {e}")));
@@ -296,6 +298,11 @@ pub(crate) async fn serve(
             info!(transport = %next.session.kind(), "quic works again: new streams move to it; the websocket session finishes its streams");
             tokio::spawn(linger.finish(keepalive, state.abort.clone(), "moved to quic"));
             Outcome::Moved(Box::new(next))
+        }
+        Ok(()) = rehello.changed() => {
+            info!(relay_instance = %welcome.relay_instance, "configuration reloaded: opening a new session with it; this one finishes its streams");
+            tokio::spawn(linger.finish(keepalive, state.abort.clone(), "agent configuration reloaded"));
+            Outcome::Drained
         }
         Ok(reason) = drained => {
             info!(relay_instance = %welcome.relay_instance, %reason, "relay is draining: opening the next session now; this one finishes its streams");

@@ -20,21 +20,45 @@ use crate::session::{self, Outcome, Ready, SessionError};
 use crate::state::{AgentState, Status};
 
 /// Runs one session loop per relay until `shutdown`, and until every session has finished.
+/// After a reload, relays added to the config get a loop, and the loops of relays removed from
+/// it stop (their sessions drain, as at shutdown).
 pub(crate) async fn run(state: Arc<AgentState>, shutdown: CancellationToken) {
     let mut loops = tokio::task::JoinSet::new();
-    for target in state.config.relays.clone() {
-        let span = info_span!("relay", relay = %target);
-        let (state, shutdown) = (state.clone(), shutdown.clone());
-        loops.spawn(
-            async move {
-                if state.dialer.pins_instances(&target) {
-                    crate::cf::supervise(state, target, shutdown).await;
-                } else {
-                    relay_loop(state, Route::Target(target), None, shutdown).await;
-                }
+    let mut running: Vec<(RelayTarget, CancellationToken)> = Vec::new();
+    let mut reloaded = state.reloaded.subscribe();
+    loop {
+        let relays = state.config().relays.clone();
+        running.retain(|(target, stop)| {
+            let keep = relays.contains(target);
+            if !keep {
+                info!(relay = %target, "relay removed from the config: its session drains");
+                stop.cancel();
             }
-            .instrument(span),
-        );
+            keep
+        });
+        for target in relays {
+            if running.iter().any(|(t, _)| *t == target) {
+                continue;
+            }
+            let stop = shutdown.child_token();
+            running.push((target.clone(), stop.clone()));
+            let span = info_span!("relay", relay = %target);
+            let state = state.clone();
+            loops.spawn(
+                async move {
+                    if state.dialer().pins_instances(&target) {
+                        crate::cf::supervise(state, target, stop).await;
+                    } else {
+                        relay_loop(state, Route::Target(target), None, stop).await;
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        tokio::select! {
+            r = reloaded.changed() => if r.is_err() { break },
+            _ = shutdown.cancelled() => break,
+        }
     }
     while loops.join_next().await.is_some() {}
     state
@@ -79,7 +103,7 @@ pub(crate) async fn relay_loop(
         Route::Target(RelayTarget {
             quic: Some(q),
             websocket: Some(_),
-        }) if state.config.transport == TransportChoice::Auto => Some(q.clone()),
+        }) if state.config().transport == TransportChoice::Auto => Some(q.clone()),
         _ => None,
     };
     loop {
@@ -146,12 +170,12 @@ async fn start(
 
 async fn dial(state: &AgentState, route: &Route) -> Result<Session, Failure> {
     let dialled = match route {
-        Route::Target(t) => state.dialer.dial(t).await,
+        Route::Target(t) => state.dialer().dial(t).await,
         Route::Pinned {
             url,
             app_guid,
             index,
-        } => match state.dialer.websocket_pinned(url, app_guid, *index).await {
+        } => match state.dialer().websocket_pinned(url, app_guid, *index).await {
             Ok(s) => Ok(s),
             Err(Pinned::Gone) => return Err(Failure::Gone),
             Err(Pinned::Failed(e)) => Err(e),

@@ -14,8 +14,8 @@ use crate::state::AgentState;
 /// Tries QUIC every `quic_reprobe` until a session is up and welcomed as a take-over.
 pub(crate) async fn probe_quic(state: &AgentState, url: &RelayUrl) -> Ready {
     loop {
-        tokio::time::sleep(state.config.quic_reprobe).await;
-        let session = match state.dialer.quic(url).await {
+        tokio::time::sleep(state.config().quic_reprobe).await;
+        let session = match state.dialer().quic(url).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "quic still unavailable");

@@ -301,7 +301,9 @@ async fn act(
             format!(
                 "agent {} does not make database users for service {:?}: give it \
                  services.{}.users in agent.yaml",
-                state.config.name, svc.name, svc.name
+                state.config().name,
+                svc.name,
+                svc.name
             ),
         ));
     };

@@ -23,6 +23,7 @@ mod lockout;
 mod mysql_e2e;
 mod mysql_tls;
 mod platform;
+mod reload;
 mod router;
 mod security;
 mod sidecar;

@@ -50,6 +50,15 @@ impl Greetings {
             .clone()
     }
 
+    /// Forgets the template of `service` (its backend changed, or it is gone): the next client
+    /// fetches a new one.
+    pub fn forget(&self, service: &str) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(service);
+    }
+
     /// Makes `greeting` (a real one, from the backend) the template of `service`.
     pub fn store(&self, service: &str, greeting: Greeting) {
         *self
