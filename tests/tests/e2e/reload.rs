@@ -171,3 +171,51 @@ async fn sighup_adds_and_removes_services_without_touching_the_others() {
     drop(agent);
     s.stop().await;
 }
+
+/// Certificate rotation: the agent's certificate and key are replaced on disk and the agent
+/// gets SIGHUP. It dials each relay again with the new certificate (make before break) and the
+/// connection opened before the reload goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_picks_up_a_renewed_certificate_without_dropping_connections() {
+    let s = Stack::builder().mariadb().no_agent().start().await;
+    let cfg = s.agent_config();
+    let path = s.file("agent", "yaml");
+    let agent = AgentProc::start(&path, &cfg, &[]);
+    s.relay().wait_agent("db1").await;
+    let mut open = conn(&s, "orders").await.expect("orders before the reload");
+    let one: Option<i64> = open.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1));
+    let before = std::fs::read(&cfg.tls.cert).expect("agent certificate");
+
+    let base = s.pki.issue(Kind::Agent, "db1");
+    s.pki.write(
+        &base,
+        &postern_common::pki::LeafSpec::new(Kind::Agent, "db1", 2),
+    );
+    assert_ne!(
+        before,
+        std::fs::read(&cfg.tls.cert).unwrap(),
+        "a new certificate"
+    );
+    let mark = agent.proc.mark();
+    hangup(agent.proc.id());
+    let line = agent
+        .proc
+        .wait_log_after(mark, "configuration reloaded", Duration::from_secs(10))
+        .await;
+    assert!(
+        line.contains("certificates renewed") && line.contains("relay sessions renewed"),
+        "{line}"
+    );
+    agent
+        .proc
+        .wait_log_after(mark, "connected to relay", Duration::from_secs(10))
+        .await;
+    let one: Option<i64> = open.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1), "the connection opened before the reload");
+    let mut fresh = conn(&s, "orders").await.expect("orders after the reload");
+    let one: Option<i64> = fresh.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1));
+    drop(agent);
+    s.stop().await;
+}
