@@ -219,3 +219,86 @@ async fn sighup_picks_up_a_renewed_certificate_without_dropping_connections() {
     drop(agent);
     s.stop().await;
 }
+
+/// Relays added to and removed from agent.yaml: after SIGHUP the agent holds a session with a
+/// relay added to the list; a relay removed from it is told the agent is going (new clients
+/// there are refused) while the connection it carries goes on until the client ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_relays() {
+    let s = Stack::builder().mariadb().no_agent().start().await;
+    let mut second = RelayConfig::new(&s.pki);
+    second
+        .agent("db1", &["orders"])
+        .service("orders", &["alice"]);
+    let b = RelayRun::start(&s.file("relay-b", "yaml"), &second, &[]).await;
+    let mut cfg = s.agent_config();
+    let path = s.file("agent", "yaml");
+    let agent = AgentProc::start(&path, &cfg, &[]);
+    s.relay().wait_agent("db1").await;
+    let first = cfg.relay.take().expect("the stack's relay");
+    let b_spec = RelaySpec::quic(b.quic.expect("quic"));
+
+    cfg.relays = Some(vec![first, b_spec.clone()]);
+    cfg.write(&path);
+    let mark = agent.proc.mark();
+    hangup(agent.proc.id());
+    let line = agent
+        .proc
+        .wait_log_after(mark, "configuration reloaded", Duration::from_secs(10))
+        .await;
+    assert!(line.contains("relays added:"), "{line}");
+    b.wait_agent("db1").await;
+
+    // A connection through the first relay, then that relay is removed from the list.
+    let mut open = conn(&s, "orders")
+        .await
+        .expect("orders through the first relay");
+    let one: Option<i64> = open.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1));
+    cfg.relays = Some(vec![b_spec]);
+    cfg.write(&path);
+    let mark = agent.proc.mark();
+    hangup(agent.proc.id());
+    let line = agent
+        .proc
+        .wait_log_after(mark, "configuration reloaded", Duration::from_secs(10))
+        .await;
+    assert!(line.contains("relays removed:"), "{line}");
+    let h = s.relay().handle().clone();
+    eventually(
+        Duration::from_secs(10),
+        "new clients refused at the first relay",
+        || {
+            let s = &s;
+            async move { conn(s, "orders").await.is_err().then_some(()) }
+        },
+    )
+    .await;
+    let one: Option<i64> = open.query_first("SELECT 1").await.unwrap();
+    assert_eq!(
+        one,
+        Some(1),
+        "the open connection through the removed relay"
+    );
+    open.disconnect().await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the first relay's session to end",
+        || {
+            let gone = h.agents().is_empty();
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+    // The relay still in the list serves new clients.
+    let cert = s.pki.issue(Kind::Client, "alice");
+    let port = b.service("orders").port();
+    let mut via_b = mysql_async::Conn::new(driver_opts(&s.pki, port, &cert, "root", ""))
+        .await
+        .expect("orders through the second relay");
+    let one: Option<i64> = via_b.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1));
+    drop(agent);
+    b.stop().await;
+    s.stop().await;
+}
