@@ -43,6 +43,35 @@ pub enum Command {
     },
     /// Open a local port that leads to SERVICE through the relay (like `cf tunnel`).
     Connect(Box<ConnectArgs>),
+    /// Check a setup step by step and say where it breaks: the config, the certificates, each
+    /// relay (DNS, TCP, UDP/QUIC, proxy CONNECT, outer TLS, WebSocket upgrade, mutual TLS, the
+    /// relay's acceptance) and each backend (connect, the MySQL greeting, the health check).
+    ///
+    /// Each step gets a verdict (ok, warn, fail, or skipped after a failed step) and a hint when
+    /// it fails. The relay is asked whether it would accept this agent without taking the session
+    /// for the agent's own, so a running agent is not disturbed. Exit status: 0 when no step
+    /// fails (warnings allowed), 1 when one does, 64 when the config does not parse.
+    Diagnose(DiagnoseArgs),
+}
+
+/// `diagnose` arguments.
+#[derive(Debug, clap::Args)]
+pub struct DiagnoseArgs {
+    /// The agent config file.
+    #[arg(
+        short,
+        long,
+        env = "POSTERN_AGENT_CONFIG",
+        default_value = "agent.yaml"
+    )]
+    pub config: PathBuf,
+    /// Print the steps as JSON (an object with `verdict` and `steps`: step, target, verdict,
+    /// detail, hint, elapsed_ms), for tools.
+    #[arg(long)]
+    pub json: bool,
+    /// Bound on each network step (500ms, 5s, 1m).
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub timeout: postern_common::config::HumanDuration,
 }
 
 /// `connect` arguments. Every option can also come from the environment.

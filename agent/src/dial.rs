@@ -299,7 +299,7 @@ impl Dialer {
         }
     }
 
-    fn ws_options(
+    pub(crate) fn ws_options(
         &self,
         url: &RelayUrl,
         headers: &[(String, String)],

@@ -14,6 +14,7 @@
 //!   against it, [`chooser`] asks which one on a terminal); [`bound`] reads the service, relay
 //!   and certificate from a Cloud Foundry binding or service key (the sidecar, `cf tunnel`).
 //! * [`notify`]: systemd readiness, watchdog and status.
+//! * [`diagnose`]: where a broken setup breaks, step by step.
 //! * [`users`]: per-binding database users, created and dropped for the relay's service broker.
 
 pub mod backends;
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod decide;
+pub mod diagnose;
 pub mod dial;
 mod e2e;
 pub mod exec;

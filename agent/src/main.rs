@@ -65,6 +65,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Connect(args) => runtime(connect(*args)),
+        Command::Diagnose(args) => runtime(postern_agent::diagnose::main(args)),
     }
 }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use postern_common::control::{self, ControlEnd};
 use postern_common::protocol::{
-    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, FEATURE_USERS,
-    Rejected, ServiceState,
+    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, FEATURE_PROBE,
+    FEATURE_USERS, Rejected, ServiceState,
 };
 use postern_common::transport::addr::RelayUrl;
 use postern_common::transport::{CloseReason, Session, Stream, TransportError, TransportKind};
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use crate::config::Config;
 use crate::e2e::EndToEnd;
 use crate::forward;
 use crate::state::{AgentState, Status};
@@ -92,6 +93,8 @@ pub(crate) struct Welcome {
     pub(crate) drains: bool,
     /// The relay takes [`Control::State`] and may send [`Control::Command`].
     pub(crate) backends: bool,
+    /// The relay answered a probe ([`FEATURE_PROBE`]): it did not register this session.
+    pub(crate) probe: bool,
 }
 
 /// A session whose hello and welcome are done.
@@ -120,13 +123,28 @@ pub(crate) async fn handshake(
     session: &Session,
     take_over: bool,
 ) -> Result<Ready, SessionError> {
+    hello(&state.config(), session, take_over, false).await
+}
+
+/// [`handshake`] for an agent with `config`. `probe`: only ask whether the relay would accept
+/// this agent ([`FEATURE_PROBE`], `postern-agent diagnose`); the relay registers nothing.
+pub(crate) async fn hello(
+    config: &Config,
+    session: &Session,
+    take_over: bool,
+    probe: bool,
+) -> Result<Ready, SessionError> {
     let mut stream = session.open().await.map_err(SessionError::Open)?;
+    let mut features = features(config);
+    if probe {
+        features.push(FEATURE_PROBE.to_owned());
+    }
     let hello = Control::Hello {
         versions: protocol::VERSIONS.to_vec(),
-        services: state.config().services.keys().cloned().collect(),
+        services: config.services.keys().cloned().collect(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
         take_over,
-        features: features(&state.config()),
+        features,
     };
     wire::write_first(&mut stream, &hello)
         .await
@@ -155,6 +173,7 @@ pub(crate) async fn handshake(
             app_guid,
             drains: features.iter().any(|f| f == FEATURE_DRAIN),
             backends: features.iter().any(|f| f == FEATURE_BACKENDS),
+            probe: features.iter().any(|f| f == FEATURE_PROBE),
         },
         Ok(Control::Refused { code, message }) => {
             return Err(SessionError::Refused { code, message });
@@ -179,7 +198,7 @@ pub(crate) async fn handshake(
 
 /// The features this agent announces in its hello: [`FEATURE_USERS`] only when some service
 /// makes per-binding users, so the relay sends admin streams only where they can be served.
-pub(crate) fn features(config: &crate::config::Config) -> Vec<String> {
+pub(crate) fn features(config: &Config) -> Vec<String> {
     let mut features = vec![
         FEATURE_MYSQL_E2E.to_owned(),
         FEATURE_DRAIN.to_owned(),

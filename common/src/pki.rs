@@ -511,6 +511,38 @@ pub fn issuer_name(cert: &CertificateDer<'_>) -> Option<String> {
     Some(display_name(x509.issuer()))
 }
 
+/// When a certificate may be used, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Not valid before.
+    pub not_before: i64,
+    /// Not valid after.
+    pub not_after: i64,
+}
+
+/// The validity period of a DER certificate.
+pub fn validity_of(cert: &CertificateDer<'_>) -> Result<Validity, PkiError> {
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| parse_error("certificate", e))?;
+    Ok(Validity {
+        not_before: x509.validity().not_before.timestamp(),
+        not_after: x509.validity().not_after.timestamp(),
+    })
+}
+
+/// The name a DER certificate is for: its subject's common name, or else the whole
+/// distinguished name. `None` if the certificate does not parse.
+pub fn subject_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(display_name(x509.subject()))
+}
+
+/// A time in seconds since the Unix epoch as RFC 3339 in UTC ([`rfc3339`]); out of range
+/// times as the number.
+pub fn rfc3339_unix(secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(secs).map_or_else(|_| secs.to_string(), rfc3339)
+}
+
 /// The name of the CA that signed a revocation list (PEM): its common name, or else the whole
 /// distinguished name.
 pub fn crl_issuer_name(pem: &str) -> Result<String, PkiError> {

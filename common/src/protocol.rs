@@ -164,6 +164,13 @@ pub enum Control {
     },
 }
 
+/// The feature of a hello that only checks whether the relay would accept this agent
+/// (`postern-agent diagnose`): the relay answers it as any hello (a welcome with the services it
+/// accepts, or a refusal), but registers nothing, so a running agent of the same identity keeps
+/// its session; it lists the feature in that welcome, and closes the session once the agent has
+/// read it. A relay that does not list it in its welcome took the session for the agent's own.
+pub const FEATURE_PROBE: &str = "probe";
+
 /// The feature (in the hello and in the welcome) of peers that speak [`Control::State`] and
 /// [`Control::Command`], and fill [`Open::node`] and [`Open::term`].
 pub const FEATURE_BACKENDS: &str = "backends";

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use postern_common::control::{self, ControlEnd};
 use postern_common::events::Origin;
 use postern_common::protocol::{
-    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, FEATURE_USERS,
-    MAX_FRAME, Refusal, Rejected,
+    self, Code, Control, FEATURE_BACKENDS, FEATURE_DRAIN, FEATURE_MYSQL_E2E, FEATURE_PROBE,
+    FEATURE_USERS, MAX_FRAME, Refusal, Rejected,
 };
 use postern_common::transport::Session;
 use postern_common::wire;
@@ -131,6 +131,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         instance_index: shared.config.platform.as_ref().map(|p| p.instance_index),
         features: vec![FEATURE_DRAIN.to_owned(), FEATURE_BACKENDS.to_owned()],
     };
+    if features.iter().any(|f| f == FEATURE_PROBE) {
+        answer_probe(&session, stream, welcome, deadline).await;
+        info!(agent = %name, remote = %session.remote(), transport = %session.kind(), services = ?accepted, %software, "agent checked that it would be accepted (probe, not registered)");
+        return;
+    }
     // Register before the welcome: the agent reports itself connected as soon as it reads the
     // welcome, and a client routed to it from then on must find it. An agent that ends TLS
     // waits for its first policy (sent next) before serving such a stream.
@@ -257,6 +262,25 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         other => session.close(&other.to_string()),
     }
     info!(agent = %name, reason = %end, "agent disconnected");
+}
+
+/// Answers a probe (`postern-agent diagnose`) with the welcome the agent would get, listing
+/// [`FEATURE_PROBE`], and registers nothing: a running agent of the same identity keeps its
+/// session. The agent closes the session once it has read the welcome (or `deadline` passes).
+async fn answer_probe(
+    session: &Session,
+    mut stream: postern_common::transport::Stream,
+    mut welcome: Control,
+    deadline: std::time::Duration,
+) {
+    if let Control::Welcome { features, .. } = &mut welcome {
+        features.push(FEATURE_PROBE.to_owned());
+    }
+    if wire::write_frame(&mut stream, &welcome).await.is_ok() {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        let _ = tokio::time::timeout(deadline, session.closed()).await;
+    }
+    session.close("probe answered");
 }
 
 /// The policy for agent `name`: its end-to-end services' rules, and this relay's revocation

@@ -16,16 +16,25 @@ pub struct TestPki {
     ca: Ca,
     /// The revocation list written last by [`TestPki::revoke`].
     crl: Mutex<Option<String>>,
+    /// How long the CA and the certificates it issues are valid.
+    days: u32,
 }
 
 impl TestPki {
-    /// Makes a CA and the relay's server certificate `server-relay`.
+    /// Makes a CA and the relay's server certificate `server-relay`, valid for a day.
     pub fn new() -> Self {
+        Self::lasting(1)
+    }
+
+    /// [`new`](Self::new), with the CA and every certificate it issues valid for `days` (a
+    /// setup that `diagnose` finds far from expiring).
+    pub fn lasting(days: u32) -> Self {
         let dir = temp_dir();
-        let (ca, key) = Ca::generate(&format!("Test CA {}", rand::random::<u32>()), 1).expect("ca");
+        let (ca, key) =
+            Ca::generate(&format!("Test CA {}", rand::random::<u32>()), days).expect("ca");
         std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).expect("write ca");
         std::fs::write(dir.path().join("ca-key.pem"), key).expect("write ca key");
-        Self::around(dir, ca)
+        Self::around(dir, ca, days)
     }
 
     /// A CA made as an operator makes one, with `postern-relay certs init` (so named as that
@@ -43,15 +52,16 @@ impl TestPki {
             String::from_utf8_lossy(&out.stderr)
         );
         let ca = Ca::load(dir.path()).expect("load the CA certs init made");
-        Self::around(dir, ca)
+        Self::around(dir, ca, 1)
     }
 
     /// The CA `ca` whose files are in `dir`, with the relay's server certificate.
-    fn around(dir: TempDir, ca: Ca) -> Self {
+    fn around(dir: TempDir, ca: Ca, days: u32) -> Self {
         let pki = Self {
             dir,
             ca,
             crl: Mutex::new(None),
+            days,
         };
         pki.issue_server("relay");
         pki
@@ -77,7 +87,7 @@ impl TestPki {
     pub fn issue(&self, kind: Kind, name: &str) -> String {
         let base = format!("{}-{name}", kind.as_str());
         if !self.dir().join(format!("{base}.pem")).exists() {
-            self.write(&base, &LeafSpec::new(kind, name, 1));
+            self.write(&base, &LeafSpec::new(kind, name, self.days));
         }
         base
     }
@@ -88,7 +98,7 @@ impl TestPki {
     pub fn issue_server(&self, name: &str) -> String {
         let base = format!("{}-{name}", Kind::Server.as_str());
         if !self.dir().join(format!("{base}.pem")).exists() {
-            let mut spec = LeafSpec::new(Kind::Server, name, 1);
+            let mut spec = LeafSpec::new(Kind::Server, name, self.days);
             spec.dns = vec!["localhost".into()];
             spec.ips = vec!["127.0.0.1".parse().expect("ip")];
             self.write(&base, &spec);

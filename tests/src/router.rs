@@ -170,6 +170,12 @@ pub struct Tinyproxy {
 impl Tinyproxy {
     /// Starts tinyproxy, requiring basic auth when `auth` is given.
     pub async fn start(auth: Option<(&str, &str)>) -> Self {
+        Self::start_with(auth, "").await
+    }
+
+    /// [`start`](Self::start) with more lines for its config, e.g. `ConnectPort 443` (CONNECT
+    /// to other ports is then refused with 403).
+    pub async fn start_with(auth: Option<(&str, &str)>, extra: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("postern-tinyproxy")
             .tempdir()
@@ -182,6 +188,7 @@ impl Tinyproxy {
         if let Some((user, pass)) = auth {
             conf.push_str(&format!("BasicAuth {user} {pass}\n"));
         }
+        conf.push_str(extra);
         let path = dir.path().join("tinyproxy.conf");
         std::fs::write(&path, conf).expect("write tinyproxy.conf");
         let child = Command::new("tinyproxy")

@@ -179,6 +179,13 @@ impl Prober {
         }
     }
 
+    /// Ends the check's connection, if it keeps one (the mysql check's login).
+    pub(crate) async fn close(self) {
+        if let Self::Mysql(m) = self {
+            m.close().await;
+        }
+    }
+
     /// Runs one check, within `timeout` (a check that takes longer failed).
     pub(crate) async fn probe(&mut self, timeout: Duration) -> Probe {
         let run = async {

@@ -67,6 +67,13 @@ impl Monitor {
         self.conn = None;
     }
 
+    /// Logs out of the node, if logged in.
+    pub(crate) async fn close(mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.disconnect().await;
+        }
+    }
+
     /// Reads the node's state; the caller bounds the time. A connection that fails is
     /// dropped (and so is one this future is cancelled with).
     pub(crate) async fn probe(&mut self) -> Probe {

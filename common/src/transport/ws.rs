@@ -116,6 +116,46 @@ pub struct ConnectOptions {
     pub liveness: Liveness,
     /// Bound on the whole connect, up to the relay's ready marker.
     pub connect_timeout: Duration,
+    /// Told of each stage the connect passes, to show where a connection breaks.
+    pub progress: Option<Progress>,
+}
+
+/// A stage of [`connect`] that went through ([`ConnectOptions::progress`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reached {
+    /// TCP is connected to `remote`: the relay (or the router before it), or the proxy.
+    Tcp {
+        /// The address connected to.
+        remote: SocketAddr,
+    },
+    /// The proxy opened the CONNECT tunnel.
+    Proxy,
+    /// The outer TLS handshake (`wss://`) is done: the server's certificate was verified.
+    OuterTls {
+        /// Who the server's certificate is for.
+        subject: Option<String>,
+        /// Who issued it.
+        issuer: Option<String>,
+    },
+    /// The HTTP server switched to the WebSocket protocol (`101`).
+    Upgraded,
+}
+
+/// Where [`connect`] reports the stages it passes.
+#[derive(Clone)]
+pub struct Progress(Arc<dyn Fn(Reached) + Send + Sync>);
+
+impl Progress {
+    /// Calls `f` with each stage passed.
+    pub fn new(f: impl Fn(Reached) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
 }
 
 impl ConnectOptions {
@@ -131,6 +171,7 @@ impl ConnectOptions {
             proxy: None,
             liveness: Liveness::pings(DEFAULT_PING_INTERVAL),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            progress: None,
         }
     }
 }
@@ -302,6 +343,11 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
         addr: addr.clone(),
         source,
     };
+    let reached = |stage| {
+        if let Some(p) = &opts.progress {
+            (p.0)(stage);
+        }
+    };
 
     let (host, port) = match &opts.proxy {
         Some(p) => (p.host.as_str(), p.port),
@@ -318,9 +364,11 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
         })?;
     crate::net::tune(&tcp);
     let remote = tcp.peer_addr().map_err(|e| fail(ConnectError::Io(e)))?;
+    reached(Reached::Tcp { remote });
     if let Some(p) = &opts.proxy {
         proxy::tunnel(&mut tcp, p, &url.host, url.port).await?;
         tracing::debug!(proxy = %p, "proxy tunnel open");
+        reached(Reached::Proxy);
     }
 
     let outer = if url.scheme == Scheme::Wss {
@@ -333,6 +381,15 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
             .await
             // Not described as a link failure: the outer CA need not be the Postern CA.
             .map_err(|e| fail(ConnectError::OuterTls(e)))?;
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first());
+        reached(Reached::OuterTls {
+            subject: leaf.and_then(crate::pki::subject_name),
+            issuer: leaf.and_then(crate::pki::issuer_name),
+        });
         Either::Right(stream)
     } else {
         Either::Left(tcp)
@@ -344,6 +401,7 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
             .await
             .map_err(|e| upgrade_error(&addr, e))?;
     tracing::debug!("websocket open");
+    reached(Reached::Upgraded);
 
     let link = Link::new();
     let io = WsIo::new(ws, opts.liveness, link.clone());

@@ -10,6 +10,7 @@ mod consensus;
 mod cuts;
 mod dashboard;
 mod demo;
+mod diagnose;
 mod drain;
 mod drivers;
 mod failover;
