@@ -92,6 +92,10 @@ pub enum ReloadError {
     /// The new certificates or dial settings cannot be used.
     #[error("cannot dial relays with the new config: {0}")]
     Dial(#[from] dial::DialError),
+    /// The new certificate is expired or not valid yet: relays would refuse every new session,
+    /// so the one in use stays.
+    #[error("the new agent certificate {0}")]
+    Certificate(String),
 }
 
 /// What a reload changed.
@@ -266,6 +270,9 @@ async fn reload(
         || old.transport != new.transport
         || old.websocket != new.websocket;
     // Everything that can fail comes first: a refused reload changes nothing.
+    if certificates {
+        check_dates(&new.tls)?;
+    }
     let dialer = if dial_changed {
         Some(
             Dialer::load(
@@ -320,6 +327,32 @@ async fn reload(
     }
     state.reloaded.send_modify(|v| *v = v.wrapping_add(1));
     Ok(r)
+}
+
+/// Refuses a certificate that relays would refuse for its dates.
+fn check_dates(tls: &postern_common::tls::Material) -> Result<(), ReloadError> {
+    use postern_common::pki::{rfc3339_unix, validity_of};
+    let Some(leaf) = tls.chain.first() else {
+        return Err(ReloadError::Certificate("is missing".into()));
+    };
+    let v =
+        validity_of(leaf).map_err(|e| ReloadError::Certificate(format!("is unreadable: {e}")))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if now > v.not_after {
+        return Err(ReloadError::Certificate(format!(
+            "expired at {}",
+            rfc3339_unix(v.not_after)
+        )));
+    }
+    if now < v.not_before {
+        return Err(ReloadError::Certificate(format!(
+            "is not valid before {}",
+            rfc3339_unix(v.not_before)
+        )));
+    }
+    Ok(())
 }
 
 /// Whether two certificate sets are the same: chain, key and CA.

@@ -173,7 +173,7 @@ async fn sighup_adds_and_removes_services_without_touching_the_others() {
 }
 
 /// Certificate rotation: the agent's certificate and key are replaced on disk and the agent
-/// gets SIGHUP. It dials each relay again with the new certificate (make before break) and the
+/// gets SIGHUP. An expired one is refused; a good one: it dials each relay again with the new certificate (make before break) and the
 /// connection opened before the reload goes on working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_picks_up_a_renewed_certificate_without_dropping_connections() {
@@ -186,6 +186,25 @@ async fn sighup_picks_up_a_renewed_certificate_without_dropping_connections() {
     let one: Option<i64> = open.query_first("SELECT 1").await.unwrap();
     assert_eq!(one, Some(1));
     let before = std::fs::read(&cfg.tls.cert).expect("agent certificate");
+
+    // An expired certificate is refused: relays would refuse every new session with it.
+    let expired = s.pki.issue_expired(Kind::Agent, "db1");
+    let (cert, key) = s.pki.files(&expired);
+    std::fs::copy(cert, &cfg.tls.cert).unwrap();
+    std::fs::copy(key, &cfg.tls.key).unwrap();
+    let mark = agent.proc.mark();
+    hangup(agent.proc.id());
+    let line = agent
+        .proc
+        .wait_log_after(mark, "reload refused", Duration::from_secs(10))
+        .await;
+    assert!(line.contains("expired at"), "{line}");
+    let one: Option<i64> = open.query_first("SELECT 1").await.unwrap();
+    assert_eq!(
+        one,
+        Some(1),
+        "the connection opened before the refused reload"
+    );
 
     let base = s.pki.issue(Kind::Agent, "db1");
     s.pki.write(
