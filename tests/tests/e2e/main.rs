@@ -22,6 +22,7 @@ mod limits;
 mod lockout;
 mod mysql_e2e;
 mod mysql_tls;
+mod packaging;
 mod platform;
 mod router;
 mod security;
