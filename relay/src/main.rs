@@ -8,6 +8,8 @@ use postern_relay::cli::{CertsCommand, Cli, Command, KindArg};
 use postern_relay::{Config, Relay, certs};
 use tokio_util::sync::CancellationToken;
 
+mod notify;
+
 /// The environment variable that holds the whole `relay.yaml` (a platform's config service, or
 /// `cf set-env`), read instead of the file when it is set. Relative file names in it are
 /// relative to the working directory.
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
                 };
                 let shutdown = CancellationToken::new();
                 tokio::spawn(postern_common::shutdown::on_signal(shutdown.clone()));
+                notify::started(&relay, shutdown.clone());
                 relay.run(shutdown).await;
                 ExitCode::SUCCESS
             })

@@ -23,6 +23,7 @@ mod limits;
 mod lockout;
 mod mysql_e2e;
 mod mysql_tls;
+mod packaging;
 mod platform;
 mod reload;
 mod router;
