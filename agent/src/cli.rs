@@ -20,6 +20,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent.
+    ///
+    /// Dials every relay in the config and serves the services it offers until stopped.
+    /// Signals: SIGTERM or SIGINT drains (each relay is told, open connections get up to 8 s),
+    /// SIGHUP reloads the config file and its certificates (services added are offered,
+    /// removed ones end their connections, connections of unchanged services go on; a config
+    /// with errors is refused and logged, the running one stays). Under systemd (Type=notify)
+    /// it reports READY=1 once in session with a relay, a STATUS= line, and watchdog pings.
     Run {
         /// The agent config file.
         #[arg(
