@@ -264,7 +264,7 @@ async fn reload(
     checks: &CancellationToken,
 ) -> Result<Reloaded, ReloadError> {
     let old = state.config();
-    let certificates = !same_material(&old.tls, &new.tls);
+    let certificates = !old.tls.same_as(&new.tls);
     let dial_changed = certificates
         || old.server_name != new.server_name
         || old.transport != new.transport
@@ -331,31 +331,11 @@ async fn reload(
 
 /// Refuses a certificate that relays would refuse for its dates.
 fn check_dates(tls: &postern_common::tls::Material) -> Result<(), ReloadError> {
-    use postern_common::pki::{rfc3339_unix, validity_of};
     let Some(leaf) = tls.chain.first() else {
         return Err(ReloadError::Certificate("is missing".into()));
     };
-    let v =
-        validity_of(leaf).map_err(|e| ReloadError::Certificate(format!("is unreadable: {e}")))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    if now > v.not_after {
-        return Err(ReloadError::Certificate(format!(
-            "expired at {}",
-            rfc3339_unix(v.not_after)
-        )));
+    match postern_common::pki::unusable_now(leaf) {
+        Some(why) => Err(ReloadError::Certificate(why)),
+        None => Ok(()),
     }
-    if now < v.not_before {
-        return Err(ReloadError::Certificate(format!(
-            "is not valid before {}",
-            rfc3339_unix(v.not_before)
-        )));
-    }
-    Ok(())
-}
-
-/// Whether two certificate sets are the same: chain, key and CA.
-fn same_material(a: &postern_common::tls::Material, b: &postern_common::tls::Material) -> bool {
-    a.chain == b.chain && a.key.secret_der() == b.key.secret_der() && a.roots.roots == b.roots.roots
 }

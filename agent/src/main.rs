@@ -53,7 +53,11 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(shutdown::on_signal(shutdown.clone()));
                 let agent = Agent::new(config);
-                tokio::spawn(reload_on_hangup(agent.reloader(), path));
+                // Installed now, not in the task: a SIGHUP from here on reloads (its default would end
+                // the process).
+                if let Some(hangups) = shutdown::hangups() {
+                    tokio::spawn(reload_on_hangup(agent.reloader(), path, hangups));
+                }
                 tokio::spawn(notify::run(agent.status()));
                 let stopping = shutdown.clone();
                 tokio::spawn(async move {
@@ -72,10 +76,11 @@ fn main() -> ExitCode {
 /// SIGHUP (`systemctl reload`): reads the config file again and hands it to the agent. A config
 /// with errors is refused, each error logged with its file, line and key; the running one
 /// stays.
-async fn reload_on_hangup(reloader: postern_agent::Reloader, path: std::path::PathBuf) {
-    let Some(mut hangups) = shutdown::hangups() else {
-        return;
-    };
+async fn reload_on_hangup(
+    reloader: postern_agent::Reloader,
+    path: std::path::PathBuf,
+    mut hangups: tokio::signal::unix::Signal,
+) {
     while hangups.recv().await.is_some() {
         tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
         let file = path.clone();

@@ -530,6 +530,29 @@ pub fn validity_of(cert: &CertificateDer<'_>) -> Result<Validity, PkiError> {
     })
 }
 
+/// Why certificate `leaf` cannot be used now, in words that follow "the certificate": it
+/// "expired at …", "is not valid before …", or "is unreadable: …". A peer would refuse it, so a
+/// reload keeps the one in use.
+pub fn unusable_now(leaf: &CertificateDer<'_>) -> Option<String> {
+    let v = match validity_of(leaf) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("is unreadable: {e}")),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if now > v.not_after {
+        return Some(format!("expired at {}", rfc3339_unix(v.not_after)));
+    }
+    if now < v.not_before {
+        return Some(format!(
+            "is not valid before {}",
+            rfc3339_unix(v.not_before)
+        ));
+    }
+    None
+}
+
 /// The name a DER certificate is for: its subject's common name, or else the whole
 /// distinguished name. `None` if the certificate does not parse.
 pub fn subject_name(cert: &CertificateDer<'_>) -> Option<String> {

@@ -103,6 +103,13 @@ pub struct Material {
 }
 
 impl Material {
+    /// Whether `other` is the same certificate set: chain, key and CA.
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.chain == other.chain
+            && self.key.secret_der() == other.key.secret_der()
+            && self.roots.roots == other.roots.roots
+    }
+
     /// Loads PEM files.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let roots = load_roots(ca)?;

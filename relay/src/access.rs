@@ -5,7 +5,8 @@
 //! themselves get the same rules and revocation lists from [`Access::agent_policy`]. The rules
 //! start as `relay.yaml` says and can change while the relay runs: the revocation list file is
 //! re-read when it changes (on a blocking thread, every [`REVOCATION_POLL`]), and a service's
-//! clients can be granted or withdrawn ([`Access::update`]). The service broker's bindings
+//! clients can be granted or withdrawn ([`Access::update`]), and a reload puts a new `relay.yaml`'s
+//! rules and revocation list file in force ([`Access::reconfigure`]). The service broker's bindings
 //! ([`Access::set_bindings`]) are kept apart from the configured clients: a binding's identity
 //! (`postern://client/binding-…`) reaches only the service it was bound to, even where
 //! `clients` is `"*"`, and when a binding goes away its open connections are cut
@@ -65,7 +66,8 @@ pub struct BindingGrant {
 /// The relay's access rules and revocation lists. One per relay.
 pub struct Access {
     services: RwLock<BTreeMap<String, Arc<ServiceAccess>>>,
-    revocations: Arc<Revocations>,
+    /// The lists the TLS verifiers in force check against (a reload may bring new ones).
+    revocations: RwLock<Arc<Revocations>>,
     /// The revocation lists as read (PEM), for agents; `None` without `tls.crl`.
     crl: RwLock<Crl>,
     changes: watch::Sender<u64>,
@@ -123,7 +125,7 @@ impl Access {
         };
         Self {
             services: RwLock::new(services),
-            revocations: config.tls.revocations.clone(),
+            revocations: RwLock::new(config.tls.revocations.clone()),
             crl: RwLock::new(Crl {
                 path,
                 pem,
@@ -170,6 +172,50 @@ impl Access {
             client_attribute: svc.client_attribute,
             handshake_timeout,
         }
+    }
+
+    /// Makes the rules those of a reloaded `config`: services added and removed, each one's
+    /// `clients` and `allowed_users` as the file now says, the broker's bindings kept; the
+    /// revocation lists of the new TLS material (its verifiers check those), read from its
+    /// file. Agents that end TLS get the new rules.
+    pub fn reconfigure(&self, config: &Config) {
+        {
+            let mut services = self.services.write().unwrap_or_else(|p| p.into_inner());
+            let next: BTreeMap<String, Arc<ServiceAccess>> = config
+                .services
+                .values()
+                .map(|s| {
+                    let bindings = services
+                        .get(&s.name)
+                        .map(|a| a.bindings.clone())
+                        .unwrap_or_default();
+                    let access = ServiceAccess {
+                        clients: s.clients.clone(),
+                        allowed_users: s.allowed_users.clone(),
+                        bindings,
+                    };
+                    (s.name.clone(), Arc::new(access))
+                })
+                .collect();
+            *services = next;
+        }
+        *self.revocations.write().unwrap_or_else(|p| p.into_inner()) =
+            config.tls.revocations.clone();
+        let path = config.tls.revocations.path().map(PathBuf::from);
+        let (pem, modified, broken) = match &path {
+            None => (None, None, None),
+            Some(p) => match read_crl(p) {
+                Ok((pem, modified)) => (Some(pem), modified, None),
+                Err(e) => (None, None, Some(e)),
+            },
+        };
+        *self.crl.write().unwrap_or_else(|p| p.into_inner()) = Crl {
+            path,
+            pem,
+            modified,
+            broken,
+        };
+        self.changes.send_modify(|g| *g += 1);
     }
 
     /// Changes the rules of `service` (the broker grants and withdraws client identities this
@@ -279,21 +325,17 @@ impl Access {
     /// Re-reads the revocation list file every [`REVOCATION_POLL`] until `stop`, on a blocking
     /// thread; a changed list applies to the next handshake and goes to the agents.
     pub async fn watch_revocations(self: Arc<Self>, stop: CancellationToken) {
-        let Some(path) = self
-            .crl
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .path
-            .clone()
-        else {
-            return;
-        };
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(REVOCATION_POLL) => {}
             }
-            let known = self.crl.read().unwrap_or_else(|p| p.into_inner()).modified;
+            // A reload may have set, changed or removed the file.
+            let (path, known) = {
+                let crl = self.crl.read().unwrap_or_else(|p| p.into_inner());
+                (crl.path.clone(), crl.modified)
+            };
+            let Some(path) = path else { continue };
             let p = path.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let modified = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
@@ -306,7 +348,7 @@ impl Access {
             .unwrap_or_else(|e| Err(CrlError::Blocking(Arc::new(e))));
             match read {
                 Ok(None) => {}
-                Ok(Some((pem, modified))) => self.apply_crl(pem, modified),
+                Ok(Some((pem, modified))) => self.apply_crl(&path, pem, modified),
                 Err(e) => {
                     warn!(path = %path.display(), error = %e, "revocation list not reloaded; keeping the previous one");
                 }
@@ -314,13 +356,22 @@ impl Access {
         }
     }
 
-    fn apply_crl(&self, pem: Arc<str>, modified: Option<SystemTime>) {
-        if let Err(e) = self.revocations.replace_pem(pem.as_bytes()) {
+    fn apply_crl(&self, path: &std::path::Path, pem: Arc<str>, modified: Option<SystemTime>) {
+        let revocations = self
+            .revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Err(e) = revocations.replace_pem(pem.as_bytes()) {
             warn!(error = %e, "revocation list not reloaded; keeping the previous one");
             return;
         }
         {
             let mut crl = self.crl.write().unwrap_or_else(|p| p.into_inner());
+            if crl.path.as_deref() != Some(path) {
+                // A reload changed the file meanwhile: its own reading stands.
+                return;
+            }
             crl.pem = Some(pem);
             crl.modified = modified;
             crl.broken = None;
@@ -359,7 +410,7 @@ mod tests {
         )];
         Access {
             services: RwLock::new(services.into_iter().collect()),
-            revocations: Arc::default(),
+            revocations: RwLock::default(),
             crl: RwLock::default(),
             changes: watch::Sender::new(0),
             binding_cuts: Mutex::default(),

@@ -48,7 +48,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
             &Refusal::new(code, message),
         );
     };
-    let Some(allowed) = shared.config.agents.get(&name) else {
+    // The config in force when the agent came: a reload that changes what it may offer asks it
+    // for a new session ([`crate::registry::Registry::realign`]).
+    let config = shared.config();
+    let Some(allowed) = config.agents.get(&name) else {
         refused(
             Code::NotAuthorized,
             "agent identity is not listed under agents in the relay config",
@@ -58,7 +61,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     };
 
     // The first stream the agent opens is its control stream, and it starts with a hello.
-    let deadline = shared.config.handshake_timeout;
+    let deadline = config.handshake_timeout;
     let hello = tokio::time::timeout(deadline, async {
         let mut stream = session.accept().await.map_err(HelloError::Stream)?;
         let hello = wire::read_first::<_, Control>(&mut stream)
@@ -108,11 +111,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
 
     let mut accepted = Vec::new();
     let mut rejected = Vec::new();
+    let offered = services.clone();
     for s in services {
-        if allowed.contains(&s) {
+        if allowed.contains(&s) && config.services.contains_key(&s) {
             accepted.push(s);
         } else {
-            let reason = if shared.config.services.contains_key(&s) {
+            let reason = if config.services.contains_key(&s) {
                 format!("agent {name} may not offer service {s:?} (see agents.{name}.services)")
             } else {
                 format!("service {s:?} is not defined on this relay")
@@ -123,12 +127,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     }
     let welcome = Control::Welcome {
         version,
-        relay_instance: shared.config.instance.clone(),
+        relay_instance: config.instance.clone(),
         accepted: accepted.clone(),
         rejected,
-        heartbeat_ms: shared.config.heartbeat.as_millis() as u64,
-        app_guid: shared.config.platform.as_ref().map(|p| p.app_guid.clone()),
-        instance_index: shared.config.platform.as_ref().map(|p| p.instance_index),
+        heartbeat_ms: config.heartbeat.as_millis() as u64,
+        app_guid: config.platform.as_ref().map(|p| p.app_guid.clone()),
+        instance_index: config.platform.as_ref().map(|p| p.instance_index),
         features: vec![FEATURE_DRAIN.to_owned(), FEATURE_BACKENDS.to_owned()],
     };
     if features.iter().any(|f| f == FEATURE_PROBE) {
@@ -189,8 +193,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
             .set_commands(&name, generation, policy_tx.clone());
     }
     // When the relay drains, agents that understand it are told at once, so they open their
-    // next session (to another instance) while this one finishes its streams.
+    // next session (to another instance) while this one finishes its streams. A reload that
+    // changes what the agent may offer tells it the same way.
     let drains = features.iter().any(|f| f == FEATURE_DRAIN);
+    shared.registry.set_hello(
+        &name,
+        generation,
+        offered,
+        drains.then(|| policy_tx.clone()),
+    );
     let drain = drains.then(|| {
         let (shared, tx) = (shared.clone(), policy_tx.clone());
         tokio::spawn(async move {
@@ -198,7 +209,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
             let grace_ms = u64::try_from(crate::SHUTDOWN_GRACE.as_millis()).unwrap_or(u64::MAX);
             let _ = tx
                 .send(Control::Drain {
-                    reason: format!("relay {} shutting down", shared.config.instance),
+                    reason: format!("relay {} shutting down", shared.config().instance),
                     grace_ms,
                 })
                 .await;
@@ -222,7 +233,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
     });
     let keepalive = control::run(
         stream,
-        shared.config.heartbeat,
+        config.heartbeat,
         // Heartbeats go on while the relay drains: the agent's open streams still need the
         // session. Only the end of the grace period ends it.
         shared.abort.clone(),
@@ -291,9 +302,10 @@ async fn answer_probe(
 /// gets no services, refuses end-to-end clients, and the operator is told, since admitting a
 /// revoked certificate would be worse than refusing everyone.
 fn policy_for(shared: &Shared, name: &str, accepted: &[String]) -> Control {
+    let config = shared.config();
     let services: Vec<&crate::config::Service> = accepted
         .iter()
-        .filter_map(|s| shared.config.services.get(s))
+        .filter_map(|s| config.services.get(s))
         .filter(|s| s.tls_termination == crate::config::TlsTermination::Agent)
         .collect();
     let none = Control::Policy {
@@ -302,8 +314,8 @@ fn policy_for(shared: &Shared, name: &str, accepted: &[String]) -> Control {
     };
     let (services, crl_pem) = match shared.access.agent_policy(
         &services,
-        shared.config.handshake_timeout,
-        shared.config.first_packet_timeout,
+        config.handshake_timeout,
+        config.first_packet_timeout,
     ) {
         Ok(p) => p,
         Err(why) => {

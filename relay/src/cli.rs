@@ -20,6 +20,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay.
+    ///
+    /// Listens for agents, `connect` clients and MySQL clients until stopped. Signals: SIGTERM
+    /// or SIGINT drains (agents are told, open connections get up to 8 s), SIGHUP reloads the
+    /// config file and its certificates (services, listeners, agents and access rules added or
+    /// removed; removed services end their connections, connections of unchanged services go
+    /// on; a config with errors, or a listener that cannot bind, is refused and logged, the
+    /// running one stays). Under systemd (Type=notify) it reports READY=1 once listening, a
+    /// STATUS= line, and watchdog pings.
     Run {
         /// The relay config file (ignored when POSTERN_RELAY_CONFIG_YAML holds the whole text).
         #[arg(

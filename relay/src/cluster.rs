@@ -244,6 +244,30 @@ impl Cluster {
         }
     }
 
+    /// Makes the services those of a reloaded config: new ones start with no reports; gone
+    /// ones are forgotten, and every connection carried to them is cut now (their clients see
+    /// the connection close). Returns how many were cut.
+    pub(crate) fn retain_services(&self, services: &BTreeSet<&String>) -> u64 {
+        let mut views = self.lock();
+        let mut cut = 0;
+        views.retain(|name, view| {
+            if services.contains(name) {
+                return true;
+            }
+            for carried in view.nodes.values() {
+                carried.cut.cancel();
+                cut += carried.open;
+            }
+            false
+        });
+        for name in services {
+            views.entry((*name).clone()).or_default();
+        }
+        drop(views);
+        self.inner.changed.send_modify(|v| *v += 1);
+        cut
+    }
+
     /// A receiver that sees a new value whenever any service's state changes.
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()
@@ -400,13 +424,19 @@ impl Cluster {
                 };
                 (key, cut)
             }
-            None => (
-                Arc::new(NodeKey {
-                    service: service.to_owned(),
-                    node,
-                }),
-                CancellationToken::new(),
-            ),
+            // The service was removed (a reload) while this connection was being opened: it is
+            // born cut.
+            None => {
+                let cut = CancellationToken::new();
+                cut.cancel();
+                (
+                    Arc::new(NodeKey {
+                        service: service.to_owned(),
+                        node,
+                    }),
+                    cut,
+                )
+            }
         };
         Registration {
             cluster: self.clone(),

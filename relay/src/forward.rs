@@ -50,7 +50,8 @@ pub(crate) async fn reach(
     client: &Identity,
     client_addr: SocketAddr,
 ) -> Result<Reached, Refusal> {
-    let Some(svc) = shared.config.services.get(service) else {
+    let config = shared.config();
+    let Some(svc) = config.services.get(service) else {
         return Err(Refusal::new(
             Code::UnknownService,
             format!("unknown service {service:?}"),
@@ -103,9 +104,8 @@ pub(crate) async fn open(
         return Err(Refusal::new(Code::BackendUnavailable, message));
     }
     let permit = shared
-        .limits
-        .get(service)
-        .and_then(|s| s.clone().try_acquire_owned().ok())
+        .limit(service)
+        .and_then(|s| s.try_acquire_owned().ok())
         .ok_or_else(|| {
             Refusal::new(
                 Code::TooManyConnections,
@@ -166,7 +166,7 @@ pub(crate) async fn open(
         .await
         .map_err(|e| no_agent(&e))?;
     let answer = tokio::time::timeout(
-        shared.config.handshake_timeout,
+        shared.config().handshake_timeout,
         wire::read_first::<_, Answer>(&mut stream),
     )
     .await
@@ -279,7 +279,7 @@ impl Tunnel {
 fn severed() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionAborted,
-        "severed: the node is no longer the active one, or the client's binding was withdrawn",
+        "severed: the node is no longer the active one, the service was removed from the relay, or the client's binding was withdrawn",
     )
 }
 

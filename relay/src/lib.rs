@@ -17,6 +17,8 @@
 //!   own, kept in a store every instance shares.
 //! * [`users`]: per-binding database users, made by the agents for the service broker.
 //! * [`config`]: `relay.yaml`; [`certs`]: the `certs` subcommand.
+//! * `reload`: a new `relay.yaml` and certificates put in force while the relay runs
+//!   ([`Reloader`], SIGHUP).
 
 pub mod access;
 mod agents;
@@ -29,6 +31,7 @@ mod forward;
 mod http;
 mod listen;
 pub mod registry;
+mod reload;
 mod sessions;
 mod state;
 pub mod users;
@@ -41,13 +44,13 @@ use postern_common::events::Events;
 use postern_common::tls;
 use postern_common::transport::quic;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::Config;
 pub use listen::BindError;
 use listen::{ListenerKind, ServiceListener};
+pub use reload::{ReloadError, Reloaded, Reloader};
 use state::Shared;
 
 /// How long shutdown lets open connections finish (Cloud Foundry kills an app 10 s after
@@ -57,13 +60,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// A relay with its sockets bound, ready to [`run`](Self::run).
 pub struct Relay {
     shared: Arc<Shared>,
-    /// The QUIC endpoint, when `listen.quic` is set.
-    quic: Option<quic::Server>,
     listeners: Vec<ServiceListener>,
     http: Option<TcpListener>,
     health: Option<TcpListener>,
-    acceptor: TlsAcceptor,
-    mysql_acceptor: TlsAcceptor,
 }
 
 /// Errors starting a relay.
@@ -91,8 +90,7 @@ impl Relay {
             Some(addr) => Some(quic::server(addr, &config.tls, idle)?),
             None => None,
         };
-        let acceptor = TlsAcceptor::from(Arc::new(tls::listener_server(&config.tls)?));
-        let mysql_acceptor = TlsAcceptor::from(Arc::new(tls::mysql_listener_server(&config.tls)?));
+        let acceptors = state::Acceptors::new(&config.tls)?;
         let listeners = listen::bind_services(&config).await?;
         let http = match config.http_listen {
             Some(addr) => Some(listen::bind_tcp("http", addr).await?),
@@ -117,7 +115,7 @@ impl Relay {
             Some(settings) => Some(Arc::new(broker::Broker::open(settings.clone()).await?)),
             None => None,
         };
-        let shared = Arc::new(Shared::new(config, broker));
+        let shared = Arc::new(Shared::new(config, broker, acceptors, quic));
         if let Some(b) = &shared.broker {
             // Bindings work from the first connection on, not after the first poll.
             b.apply(&shared.access)
@@ -126,12 +124,9 @@ impl Relay {
         }
         Ok(Self {
             shared,
-            quic,
             listeners,
             http,
             health,
-            acceptor,
-            mysql_acceptor,
         })
     }
 
@@ -147,23 +142,24 @@ impl Relay {
 
     /// The UDP address agents and `connect` clients dial, when the relay listens for QUIC.
     pub fn quic_addr(&self) -> Option<SocketAddr> {
-        let endpoint = self.quic.as_ref()?.endpoint();
+        let endpoint = self.shared.quic.as_ref()?.endpoint();
         endpoint
             .local_addr()
             .ok()
-            .or(self.shared.config.quic_listen)
+            .or(self.shared.config().quic_listen)
     }
 
     /// The bound address of a service's `listen` listener (MySQL-native for MySQL services,
     /// TLS-first for TCP services).
     pub fn service_addr(&self, service: &str) -> Option<SocketAddr> {
-        let svc = self.shared.config.services.get(service)?;
-        self.listener_addr(service, ListenerKind::of_listen(svc.protocol))
+        let protocol = self.shared.config().services.get(service)?.protocol;
+        self.listener_addr(service, ListenerKind::of_listen(protocol))
     }
 
     /// The bound address of a MySQL service's TLS-first `tls_listen` listener.
     pub fn tls_service_addr(&self, service: &str) -> Option<SocketAddr> {
-        let svc = self.shared.config.services.get(service)?;
+        let config = self.shared.config();
+        let svc = config.services.get(service)?;
         svc.tls_listen?;
         if svc.protocol == config::Protocol::Tcp {
             return None;
@@ -178,17 +174,21 @@ impl Relay {
             .and_then(|l| l.socket.local_addr().ok())
     }
 
+    /// What reloads this relay's configuration while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Serves until `shutdown` fires, then drains: stops accepting, tells agents to move, lets
     /// open connections finish for up to [`SHUTDOWN_GRACE`], and closes what is left.
     pub async fn run(self, shutdown: CancellationToken) {
         let Self {
             shared,
-            quic,
             listeners,
             http,
             health,
-            acceptor,
-            mysql_acceptor,
         } = self;
         let tasks = &shared.tasks;
         tasks.spawn(
@@ -211,12 +211,9 @@ impl Relay {
             tasks.spawn(http::serve_health(shared.clone(), listener));
         }
         for listener in listeners {
-            let acceptor = match listener.kind {
-                ListenerKind::Mysql => mysql_acceptor.clone(),
-                ListenerKind::Tls => acceptor.clone(),
-            };
-            tasks.spawn(listen::serve(shared.clone(), listener, acceptor));
+            listen::start(&shared, listener);
         }
+        let quic = shared.quic.clone();
         let quic_addr = quic.as_ref().and_then(|q| q.endpoint().local_addr().ok());
         if let Some(server) = quic.clone() {
             tasks.spawn(listen::quic::serve(
@@ -225,7 +222,7 @@ impl Relay {
                 shutdown.clone(),
             ));
         }
-        info!(quic = %quic_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()), instance = %shared.config.instance, "relay listening");
+        info!(quic = %quic_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()), instance = %shared.config().instance, "relay listening");
         shutdown.cancelled().await;
         drain(&shared).await;
         if let Some(server) = quic {
@@ -326,7 +323,7 @@ impl Handle {
     /// How many connections and sessions hold one of the relay's `max_connections` slots now.
     pub fn open_connections(&self) -> usize {
         self.shared
-            .config
+            .config()
             .max_connections
             .saturating_sub(self.shared.connection_slots.available_permits())
     }

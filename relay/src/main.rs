@@ -47,6 +47,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
+            let config_path = config.clone();
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -71,6 +72,11 @@ fn main() -> ExitCode {
                 };
                 let shutdown = CancellationToken::new();
                 tokio::spawn(postern_common::shutdown::on_signal(shutdown.clone()));
+                // Installed now, not in the task: a SIGHUP from here on reloads (its default would end
+                // the process).
+                if let Some(hangups) = postern_common::shutdown::hangups() {
+                    tokio::spawn(reload_on_hangup(relay.reloader(), config_path, hangups));
+                }
                 notify::started(&relay, shutdown.clone());
                 relay.run(shutdown).await;
                 ExitCode::SUCCESS
@@ -83,6 +89,42 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Reloads the configuration on each SIGHUP (`systemctl reload`): the file is read again
+/// (on a blocking thread), and a file with errors is refused, each error logged with its line,
+/// while the relay goes on with what it has.
+async fn reload_on_hangup(
+    reloader: postern_relay::Reloader,
+    path: PathBuf,
+    mut hangups: tokio::signal::unix::Signal,
+) {
+    while hangups.recv().await.is_some() {
+        if std::env::var_os(CONFIG_TEXT_ENV).is_some() {
+            tracing::warn!(
+                "SIGHUP: the configuration comes from ${CONFIG_TEXT_ENV}, which a running process cannot read anew: restart the relay to change it"
+            );
+            continue;
+        }
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+        let file = path.clone();
+        let config = match tokio::task::spawn_blocking(move || Config::load(&file)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                for line in e.to_string().lines().filter(|l| !l.trim().is_empty()) {
+                    tracing::error!(config = %path.display(), "{line}");
+                }
+                tracing::error!(config = %path.display(), "reload refused: the configuration has errors; the running one stays");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed: the running configuration stays");
+                continue;
+            }
+        };
+        // The outcome is logged by the relay.
+        let _ = reloader.reload(config).await;
     }
 }
 

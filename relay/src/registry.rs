@@ -27,7 +27,13 @@ struct State {
 
 struct Entry {
     session: Session,
+    /// The services it was accepted for.
     services: Vec<String>,
+    /// The services its hello offered (a reload may accept more of them, or fewer).
+    offered: Vec<String>,
+    /// Its control stream's outgoing messages, when it understands a drain
+    /// (`FEATURE_DRAIN`): how a reload asks it for a new session.
+    drains: Option<mpsc::Sender<Control>>,
     mysql_e2e: bool,
     generation: u64,
     since: SystemTime,
@@ -93,7 +99,9 @@ impl Registry {
             name.to_owned(),
             Entry {
                 session,
+                offered: services.clone(),
                 services,
+                drains: None,
                 mysql_e2e,
                 generation,
                 since: SystemTime::now(),
@@ -159,6 +167,82 @@ impl Registry {
         {
             e.commands = Some(commands);
         }
+    }
+
+    /// Records what agent `name`'s registration `generation` offered in its hello, and where
+    /// a drain reaches it (`None`: it does not understand one).
+    pub fn set_hello(
+        &self,
+        name: &str,
+        generation: Generation,
+        offered: Vec<String>,
+        drains: Option<mpsc::Sender<Control>>,
+    ) {
+        let mut st = self.lock();
+        if let Some(e) = st
+            .agents
+            .get_mut(name)
+            .filter(|e| e.generation == generation.0)
+        {
+            e.offered = offered;
+            e.drains = drains;
+        }
+    }
+
+    /// Brings the connected agents in line with a reloaded config's `agents` (name → the
+    /// services it may offer) and `services` (those defined): an agent no longer listed is
+    /// disconnected; one whose accepted services change (it offered one that is now allowed,
+    /// or one it serves is no longer) is told to drain, and opens a new session whose welcome
+    /// accepts the new set while this one finishes its streams (an agent that cannot drain is
+    /// disconnected, and reconnects). Returns the names of the agents disconnected and of
+    /// those asked for a new session.
+    pub fn realign(
+        &self,
+        agents: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        services: &std::collections::BTreeMap<String, impl Sized>,
+        drain: &Control,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut st = self.lock();
+        let mut dropped = Vec::new();
+        let mut renewed = Vec::new();
+        let mut closing = Vec::new();
+        st.agents.retain(|name, e| {
+            let Some(allowed) = agents.get(name) else {
+                closing.push((
+                    e.session.clone(),
+                    "agent identity is no longer listed under agents in the relay config",
+                ));
+                dropped.push(name.clone());
+                return false;
+            };
+            let accepted: Vec<String> = e
+                .offered
+                .iter()
+                .filter(|s| allowed.contains(*s) && services.contains_key(*s))
+                .cloned()
+                .collect();
+            if accepted == e.services {
+                return true;
+            }
+            // Served no more: routed no more, whether or not the agent comes back at once.
+            e.services.retain(|s| accepted.contains(s));
+            let told = e
+                .drains
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(drain.clone()).is_ok());
+            if !told {
+                closing.push((e.session.clone(), "relay configuration changed"));
+            }
+            renewed.push(name.clone());
+            true
+        });
+        drop(st);
+        for (session, why) in closing {
+            session.close(why);
+        }
+        dropped.sort();
+        renewed.sort();
+        (dropped, renewed)
     }
 
     /// Marks agent `name`'s registration `generation` as one that makes per-binding database
@@ -341,6 +425,50 @@ mod tests {
         assert!(r.route_users("billing", |_| true).is_none());
         r.drain("db1", ga);
         assert!(r.route_users("orders", |_| true).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reload_renews_agents_whose_services_change_and_drops_unlisted_ones() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let r = Registry::default();
+        let (a, _pa) = session();
+        let (b, _pb) = session();
+        let (c, _pc) = session();
+        let ga = r.insert("db1", a.clone(), vec!["orders".into()], false, false);
+        let (tx, mut rx) = mpsc::channel(4);
+        r.set_hello("db1", ga, vec!["orders".into(), "billing".into()], Some(tx));
+        r.insert("db2", b.clone(), vec!["orders".into()], false, false);
+        let gc = r.insert("db3", c.clone(), vec!["orders".into()], false, false);
+        r.set_hello("db3", gc, vec!["orders".into()], None);
+        let allowed = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+        let agents: BTreeMap<String, BTreeSet<String>> = [
+            ("db1".to_owned(), allowed(&["orders", "billing"])),
+            ("db3".to_owned(), allowed(&[])),
+        ]
+        .into();
+        let services: BTreeMap<String, ()> =
+            [("orders".to_owned(), ()), ("billing".to_owned(), ())].into();
+        let drain = Control::Drain {
+            reason: "relay configuration changed".into(),
+            grace_ms: 1,
+        };
+        let (dropped, renewed) = r.realign(&agents, &services, &drain);
+        assert_eq!(dropped, ["db2"], "not listed any more");
+        assert!(b.is_closed());
+        assert_eq!(renewed, ["db1", "db3"]);
+        assert_eq!(
+            rx.try_recv().ok(),
+            Some(drain.clone()),
+            "db1 is asked to drain"
+        );
+        assert!(!a.is_closed(), "db1 finishes its streams");
+        assert!(c.is_closed(), "db3 cannot drain: it reconnects");
+        assert!(r.route("orders").is_some_and(|x| x.agent == "db1"));
+        // Until db1 comes back with a new session, the same config asks it again; db3 serves
+        // nothing any more.
+        let again = r.realign(&agents, &services, &drain);
+        assert_eq!(again, (vec![], vec!["db1".to_owned()]));
+        assert!(r.route("orders").is_some_and(|x| x.agent == "db1"));
     }
 
     #[tokio::test]

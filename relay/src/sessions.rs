@@ -84,7 +84,7 @@ async fn serve_client(shared: Arc<Shared>, session: Session, name: String) {
 /// Answers a stream opened while the relay drains: `shutting_down`.
 async fn refuse_draining(shared: Arc<Shared>, mut stream: Stream) {
     let open = tokio::time::timeout(
-        shared.config.handshake_timeout,
+        shared.config().handshake_timeout,
         wire::read_first::<_, Open>(&mut stream),
     )
     .await;
@@ -96,7 +96,7 @@ async fn refuse_draining(shared: Arc<Shared>, mut stream: Stream) {
         Code::ShuttingDown,
         format!(
             "relay {} is shutting down: open the connection on another instance",
-            shared.config.instance
+            shared.config().instance
         ),
     );
     debug!(reason = %refusal.message, "stream refused while draining");
@@ -134,7 +134,7 @@ async fn start_stream(
     mut stream: Stream,
 ) -> Option<(Stream, forward::Reached, String, tracing::Span)> {
     let open = tokio::time::timeout(
-        shared.config.handshake_timeout,
+        shared.config().handshake_timeout,
         wire::read_first::<_, Open>(&mut stream),
     )
     .await;
@@ -200,7 +200,7 @@ async fn start_stream(
             reached.stream.abort();
             return None;
         }
-        if let Some(svc) = shared.config.services.get(&open.service)
+        if let Some(svc) = shared.config().services.get(&open.service)
             && mysql::needs_inspection(shared, svc, identity)
         {
             // Boxed: the login state is large, and most connections never need it.

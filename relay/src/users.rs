@@ -79,7 +79,7 @@ pub(crate) async fn drop_user(
 
 /// Opens an admin stream for `admin` to an agent of `service` and reads what it did.
 async fn ask(shared: &Shared, service: &str, admin: Admin) -> Result<AdminDone, Refusal> {
-    if !shared.config.services.contains_key(service) {
+    if !shared.config().services.contains_key(service) {
         return Err(Refusal::new(
             Code::UnknownService,
             format!("unknown service {service:?}"),

@@ -328,6 +328,36 @@ impl RelayProc {
         self.read_addresses(&parsed).await;
     }
 
+    /// Waits for the outcome of a reload logged after `since` ("configuration reloaded" or
+    /// "reload refused"), then reads the listeners again from the log (those opened, less
+    /// those closed); returns the outcome's line.
+    pub async fn reloaded(&mut self, since: LogMark) -> String {
+        let line = self
+            .proc
+            .wait_line(since, LOG_WAIT, "the outcome of a reload", |l| {
+                l.contains("configuration reloaded") || l.contains("reload refused")
+            })
+            .await;
+        let text = self.proc.log_text();
+        let mut listeners: Vec<(String, String, std::net::SocketAddr)> = Vec::new();
+        for l in text.lines() {
+            let (Some(svc), Some(kind), Some(addr)) = (
+                field(l, "service"),
+                field(l, "kind"),
+                field(l, "addr").and_then(|a| a.parse().ok()),
+            ) else {
+                continue;
+            };
+            if l.contains("service listener ready") {
+                listeners.push((svc, kind, addr));
+            } else if l.contains("service listener closed") {
+                listeners.retain(|x| *x != (svc.clone(), kind.clone(), addr));
+            }
+        }
+        self.listeners = listeners;
+        line
+    }
+
     /// The address of `service`'s listener of `kind` (`mysql` or `tls`).
     pub fn listener(&self, service: &str, kind: &str) -> std::net::SocketAddr {
         self.listeners

@@ -99,8 +99,9 @@ pub fn endpoint_config(material: &Material) -> EndpointConfig {
 #[derive(Clone, Debug)]
 pub struct Server {
     endpoint: Endpoint,
-    config: quinn::ServerConfig,
-    tls: ServerTls,
+    /// The transport settings and the TLS of new handshakes; [`Server::renew`] replaces the
+    /// TLS (a renewed certificate) for every clone at once.
+    current: Arc<std::sync::RwLock<(quinn::ServerConfig, ServerTls)>>,
 }
 
 /// A server endpoint on `addr` that accepts agents and clients; a peer silent for
@@ -122,8 +123,7 @@ pub fn server(
     .map_err(|e| EndpointError::Bind(addr, e))?;
     Ok(Server {
         endpoint,
-        config,
-        tls,
+        current: Arc::new(std::sync::RwLock::new((config, tls))),
     })
 }
 
@@ -146,6 +146,23 @@ impl Server {
         &self.endpoint
     }
 
+    /// New handshakes use `material` (a renewed certificate, another CA); connections already
+    /// up keep theirs. The endpoint's stateless-reset and connection-ID keys stay those of the
+    /// key it started with until the process restarts: changing them under live connections
+    /// would make the endpoint drop their packets.
+    pub fn renew(&self, material: &Material) -> Result<(), EndpointError> {
+        let tls = ServerTls::link(material)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut config = current.0.clone();
+        config.crypto = Arc::new(QuicServerConfig::try_from(tls.config(None)?)?);
+        self.endpoint.set_server_config(Some(config.clone()));
+        *current = (config, tls);
+        Ok(())
+    }
+
     /// Completes an incoming connection and reads the peer's identity.
     pub async fn accept(&self, incoming: quinn::Incoming) -> Result<Session, TransportError> {
         let addr = incoming.remote_address();
@@ -154,13 +171,16 @@ impl Server {
             source,
         };
         let note = Note::new();
-        let tls = self
-            .tls
+        let (mut cfg, tls) = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let tls = tls
             .config(Some(note.clone()))
             .map_err(|e| fail(ConnectError::Config(e)))?;
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| fail(ConnectError::QuicConfig(e)))?;
-        let mut cfg = self.config.clone();
         cfg.crypto = Arc::new(crypto);
         let conn = match incoming.accept_with(Arc::new(cfg)) {
             Ok(connecting) => connecting.await,

@@ -158,7 +158,7 @@ pub(super) async fn events(State(shared): State<Arc<Shared>>, RawQuery(q): RawQu
 pub(super) async fn status(State(shared): State<Arc<Shared>>) -> Response {
     let agents = shared.registry.agents();
     let services: Vec<Value> = shared
-        .config
+        .config()
         .services
         .keys()
         .map(|name| {
@@ -188,7 +188,7 @@ pub(super) async fn status(State(shared): State<Arc<Shared>>) -> Response {
         })
         .collect();
     json_ok(&json!({
-        "instance": shared.config.instance,
+        "instance": shared.config().instance,
         "draining": shared.stop.is_cancelled(),
         "time": rfc3339(crate::cluster::unix_ms(std::time::SystemTime::now())),
         "agents": agents,
@@ -263,7 +263,8 @@ fn service(
     shared: &Shared,
     params: &[(String, String)],
 ) -> Result<(String, ServiceSnapshot), Response> {
-    let names: Vec<&String> = shared.config.services.keys().collect();
+    let config = shared.config();
+    let names: Vec<&String> = config.services.keys().collect();
     let name = match param(params, "service") {
         Some(s) => s.to_owned(),
         None if names.len() == 1 => names[0].clone(),

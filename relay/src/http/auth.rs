@@ -28,7 +28,7 @@ pub(super) async fn require(
     req: Request,
     next: Next,
 ) -> Response {
-    let Some(api) = &shared.config.api else {
+    let Some(api) = &shared.config().api else {
         return (StatusCode::NOT_FOUND, OFF).into_response();
     };
     if authorised(req.headers(), &api.username, &api.password) {

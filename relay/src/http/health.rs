@@ -53,7 +53,7 @@ pub(super) struct ServiceReady {
 pub(super) async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Ready>) {
     let agents = shared.registry.agents();
     let services: Vec<ServiceReady> = shared
-        .config
+        .config()
         .services
         .keys()
         .map(|name| {
@@ -94,7 +94,7 @@ pub(super) async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, Js
         Json(Ready {
             ready,
             draining,
-            instance: shared.config.instance.clone(),
+            instance: shared.config().instance.clone(),
             agents,
             services_without_agent,
             services,

@@ -65,7 +65,7 @@ pub(crate) async fn follow(shared: Arc<Shared>) {
         match event {
             Ok(Event::Closed {
                 service, up, down, ..
-            }) if shared.config.services.contains_key(&service) => {
+            }) if shared.config().services.contains_key(&service) => {
                 shared.traffic.add(&service, "up", up);
                 shared.traffic.add(&service, "down", down);
             }
@@ -185,7 +185,7 @@ pub(crate) fn registry(shared: &Shared) -> Registry {
         "Agent sessions connected to this relay, by transport",
     );
 
-    for name in shared.config.services.keys() {
+    for name in shared.config().services.keys() {
         let Some(snap) = shared.cluster.snapshot(name) else {
             continue;
         };

@@ -53,7 +53,8 @@ async fn relay(api: bool, services: &[&str]) -> Relay {
     }
     let env = BTreeMap::<&str, &str>::new();
     let config = Config::parse(&dir.path().join("relay.yaml"), &text, &env).unwrap();
-    let shared = Arc::new(Shared::new(config, None));
+    let acceptors = crate::state::Acceptors::new(&config.tls).unwrap();
+    let shared = Arc::new(Shared::new(config, None, acceptors, None));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = listener.local_addr().unwrap();
     tokio::spawn(super::serve(shared.clone(), listener));
@@ -482,7 +483,7 @@ async fn patches_are_checked_as_switchboard_checks_them_and_sent_to_every_agent(
     assert_eq!(a2.next().await, want);
     // New clients are refused here at once with the operator's message, before any agent
     // confirms (no stream is opened to an agent: none of them answers one here).
-    let svc = r.shared.config.services.get("orders").unwrap().clone();
+    let svc = r.shared.config().services.get("orders").unwrap().clone();
     let refused = crate::forward::open(
         &r.shared,
         &svc,
@@ -559,7 +560,7 @@ async fn patches_are_checked_as_switchboard_checks_them_and_sent_to_every_agent(
 
 /// Opens a connection through the relay's forwarding code, as a listener would.
 async fn open(r: &Relay) -> crate::forward::Reached {
-    let svc = r.shared.config.services.get("orders").unwrap().clone();
+    let svc = r.shared.config().services.get("orders").unwrap().clone();
     crate::forward::open(
         &r.shared,
         &svc,
@@ -689,7 +690,7 @@ async fn metrics_parse_and_move_with_refusals_and_conflicts() {
         assert_eq!(before.get(name), Some(&0.0), "{name}");
     }
     // A refused client (no agent yet) and a conflict between two agents.
-    let svc = r.shared.config.services.get("orders").unwrap().clone();
+    let svc = r.shared.config().services.get("orders").unwrap().clone();
     let refused = crate::forward::open(&r.shared, &svc, None, None, StreamMode::Plain).await;
     let refusal = refused.err().expect("no agent");
     r.shared.events.refused(

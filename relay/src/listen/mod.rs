@@ -37,7 +37,7 @@ use postern_common::transport::{ConnectError, TransportError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::Shared;
@@ -81,9 +81,56 @@ impl ListenerKind {
 pub(crate) struct ServiceListener {
     pub(crate) service: String,
     pub(crate) kind: ListenerKind,
+    /// The address in the config (port 0: any).
+    pub(crate) configured: SocketAddr,
     pub(crate) socket: TcpListener,
     /// Its own connection limit.
     limit: Arc<Semaphore>,
+    /// The limit's size: the service's `max_connections + max_handshakes`.
+    size: usize,
+}
+
+/// A service listener that runs: what a reload compares with the new config, and how it stops
+/// the listener.
+pub(crate) struct Running {
+    pub(crate) service: String,
+    pub(crate) kind: ListenerKind,
+    pub(crate) configured: SocketAddr,
+    /// The address it is bound to.
+    pub(crate) bound: Option<SocketAddr>,
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) size: usize,
+    /// Stops it: the socket closes; its connections go on.
+    pub(crate) stop: CancellationToken,
+}
+
+/// A listener a config asks for: service, kind, address and the size of its limit.
+pub(crate) struct Wanted {
+    pub(crate) service: String,
+    pub(crate) kind: ListenerKind,
+    pub(crate) addr: SocketAddr,
+    pub(crate) size: usize,
+}
+
+/// Every service listener `config` asks for.
+pub(crate) fn wanted(config: &Config) -> Vec<Wanted> {
+    let mut out = Vec::new();
+    for svc in config.services.values() {
+        let pairs = [
+            svc.listen
+                .map(|a| (a, ListenerKind::of_listen(svc.protocol))),
+            svc.tls_listen.map(|a| (a, ListenerKind::Tls)),
+        ];
+        for (addr, kind) in pairs.into_iter().flatten() {
+            out.push(Wanted {
+                service: svc.name.clone(),
+                kind,
+                addr,
+                size: svc.max_connections.saturating_add(svc.max_handshakes),
+            });
+        }
+    }
+    out
 }
 
 /// A service listener that could not be bound.
@@ -109,25 +156,47 @@ pub(crate) async fn bind_tcp(service: &str, addr: SocketAddr) -> Result<TcpListe
 
 /// Binds every service's listeners.
 pub(crate) async fn bind_services(config: &Config) -> Result<Vec<ServiceListener>, BindError> {
+    bind(wanted(config)).await
+}
+
+/// Binds `wanted`; the first failure drops (closes) the ones bound before it.
+pub(crate) async fn bind(wanted: Vec<Wanted>) -> Result<Vec<ServiceListener>, BindError> {
     let mut listeners = Vec::new();
-    for svc in config.services.values() {
-        let wanted = [
-            svc.listen
-                .map(|a| (a, ListenerKind::of_listen(svc.protocol))),
-            svc.tls_listen.map(|a| (a, ListenerKind::Tls)),
-        ];
-        for (addr, kind) in wanted.into_iter().flatten() {
-            listeners.push(ServiceListener {
-                service: svc.name.clone(),
-                kind,
-                socket: bind_tcp(&svc.name, addr).await?,
-                limit: Arc::new(Semaphore::new(
-                    svc.max_connections.saturating_add(svc.max_handshakes),
-                )),
-            });
-        }
+    for w in wanted {
+        listeners.push(ServiceListener {
+            socket: bind_tcp(&w.service, w.addr).await?,
+            service: w.service,
+            kind: w.kind,
+            configured: w.addr,
+            limit: Arc::new(Semaphore::new(w.size)),
+            size: w.size,
+        });
     }
     Ok(listeners)
+}
+
+/// Runs `listener` (until the relay drains, or until a reload stops it) and records it in
+/// the relay's table of running listeners.
+pub(crate) fn start(shared: &Arc<Shared>, listener: ServiceListener) {
+    let stop = CancellationToken::new();
+    // Logged here, not in the task: the line is there when `start` returns.
+    let addr = listener.socket.local_addr().ok();
+    info!(service = %listener.service, kind = listener.kind.as_str(), addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "service listener ready");
+    let running = Running {
+        service: listener.service.clone(),
+        kind: listener.kind,
+        configured: listener.configured,
+        bound: addr,
+        limit: listener.limit.clone(),
+        size: listener.size,
+        stop: stop.clone(),
+    };
+    shared
+        .listeners
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(running);
+    shared.tasks.spawn(serve(shared.clone(), listener, stop));
 }
 
 /// The slots one connection holds for its life: process-wide and per listener.
@@ -147,11 +216,12 @@ pub(crate) fn take_slots(
         .clone()
         .try_acquire_owned()
         .map_err(|_| {
+            let config = shared.config();
             Refusal::new(
                 Code::TooManyConnections,
                 format!(
                     "too many connections to relay {} (limit {})",
-                    shared.config.instance, shared.config.max_connections
+                    config.instance, config.max_connections
                 ),
             )
         })?;
@@ -170,19 +240,21 @@ pub(crate) fn take_slots(
     })
 }
 
-/// Serves one service listener until the relay drains: every accepted connection gets its
-/// slots, then its own task (MySQL-native or TLS-first).
-pub(crate) async fn serve(shared: Arc<Shared>, listener: ServiceListener, acceptor: TlsAcceptor) {
+/// Serves one service listener until the relay drains or `stop` fires (a reload removed it):
+/// every accepted connection gets its slots, then its own task (MySQL-native or TLS-first),
+/// with the TLS in force when it was accepted.
+async fn serve(shared: Arc<Shared>, listener: ServiceListener, stop: CancellationToken) {
     let ServiceListener {
         service,
         kind,
         socket,
         limit,
+        ..
     } = listener;
-    info!(service = %service, kind = kind.as_str(), addr = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "service listener ready");
     loop {
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => return,
+            _ = stop.cancelled() => return,
             a = socket.accept() => a,
         };
         let (tcp, peer) = match accepted {
@@ -214,18 +286,19 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: ServiceListener, accept
             agent = tracing::field::Empty,
             client = tracing::field::Empty,
         );
-        let (shared2, service2, acceptor2) = (shared.clone(), service.clone(), acceptor.clone());
+        let acceptors = shared.acceptors();
+        let (shared2, service2) = (shared.clone(), service.clone());
         match kind {
             ListenerKind::Mysql => shared.connections.spawn(
                 async move {
-                    mysql::serve(shared2, service2, tcp, peer, acceptor2).await;
+                    mysql::serve(shared2, service2, tcp, peer, acceptors.mysql).await;
                     drop(slots);
                 }
                 .instrument(span),
             ),
             ListenerKind::Tls => shared.connections.spawn(
                 async move {
-                    tcp::serve(shared2, service2, tcp, peer, acceptor2).await;
+                    tcp::serve(shared2, service2, tcp, peer, acceptors.tls).await;
                     drop(slots);
                 }
                 .instrument(span),

@@ -73,14 +73,15 @@ pub(crate) async fn serve(
     acceptor: TlsAcceptor,
 ) {
     let accepted = Instant::now();
+    let config = shared.config();
     let (Some(svc), Some(access)) = (
-        shared.config.services.get(&service),
+        config.services.get(&service),
         shared.access.service(&service),
     ) else {
         return;
     };
     let front = Front {
-        rules: Access::rules(svc, &access, shared.config.handshake_timeout),
+        rules: Access::rules(svc, &access, shared.config().handshake_timeout),
         events: &shared.events,
         origin: Origin::MysqlListener,
         peer: Some(peer),
@@ -100,7 +101,7 @@ async fn terminate(
     acceptor: &TlsAcceptor,
     accepted: Instant,
 ) {
-    let config = &shared.config;
+    let config = shared.config();
     let deadlines = Deadlines::from_accept(
         accepted,
         config.first_packet_timeout,
@@ -139,7 +140,7 @@ async fn terminate(
             return server::refuse(&mut tcp, 0, &r).await;
         }
     };
-    let Some(gate) = shared.gates.get(&svc.name) else {
+    let Some(gate) = shared.gate(&svc.name) else {
         return;
     };
     let (admission, _) = gate.admit(svc.max_handshakes);
@@ -180,7 +181,7 @@ async fn terminate(
 async fn fetch_greeting(shared: &Arc<Shared>, svc: &Service) -> Result<Greeting, Refusal> {
     let mut reached = forward::open(shared, svc, None, None, StreamMode::Plain).await?;
     let greeting =
-        server::read_greeting(&mut reached.stream, shared.config.handshake_timeout).await;
+        server::read_greeting(&mut reached.stream, shared.config().handshake_timeout).await;
     // The stream has served its purpose: the agent closes the database connection.
     reached.stream.abort();
     greeting.map_err(|e| e.refusal(&svc.name))
@@ -190,8 +191,9 @@ async fn fetch_greeting(shared: &Arc<Shared>, svc: &Service) -> Result<Greeting,
 /// TLS ends at the relay), as an agent that serves them has just registered: a new agent may
 /// front another database server.
 pub(crate) fn prefetch_greetings(shared: &Arc<Shared>, services: &[String]) {
+    let config = shared.config();
     for name in services {
-        let Some(svc) = shared.config.services.get(name) else {
+        let Some(svc) = config.services.get(name) else {
             continue;
         };
         if svc.protocol != Protocol::Mysql
@@ -203,7 +205,8 @@ pub(crate) fn prefetch_greetings(shared: &Arc<Shared>, services: &[String]) {
         let shared2 = shared.clone();
         let name = name.clone();
         let fetch = async move {
-            let Some(svc) = shared2.config.services.get(&name) else {
+            let config = shared2.config();
+            let Some(svc) = config.services.get(&name) else {
                 return;
             };
             let refreshed = shared2
@@ -229,8 +232,8 @@ async fn end_to_end(
 ) {
     let deadline = Deadlines::from_accept(
         accepted,
-        shared.config.first_packet_timeout,
-        shared.config.handshake_timeout,
+        shared.config().first_packet_timeout,
+        shared.config().handshake_timeout,
     )
     .handshake;
     let opened = forward::open(shared, svc, None, front.peer, StreamMode::MysqlE2e);
@@ -319,7 +322,7 @@ pub(crate) async fn serve_inspected<C: Conn>(
         return;
     };
     let front = Front {
-        rules: Access::rules(svc, &access, shared.config.handshake_timeout),
+        rules: Access::rules(svc, &access, shared.config().handshake_timeout),
         events: &shared.events,
         origin,
         peer,

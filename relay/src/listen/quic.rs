@@ -37,7 +37,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, server: Server, until: Cancellati
         shared.tasks.spawn(
             async move {
                 let accepted = tokio::time::timeout(
-                    shared2.config.handshake_timeout,
+                    shared2.config().handshake_timeout,
                     server2.accept(incoming),
                 )
                 .await;

@@ -38,11 +38,11 @@ pub(crate) async fn serve(
 ) {
     let deadlines = Deadlines::from_accept(
         Instant::now(),
-        shared.config.first_packet_timeout,
-        shared.config.handshake_timeout,
+        shared.config().first_packet_timeout,
+        shared.config().handshake_timeout,
     );
     let protocol = shared
-        .config
+        .config()
         .services
         .get(&service)
         .map(|s| s.protocol)
@@ -119,7 +119,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    if let Some(svc) = shared.config.services.get(&service)
+    if let Some(svc) = shared.config().services.get(&service)
         && mysql::needs_inspection(&shared, svc, &identity)
     {
         // Boxed: the login state is large, and most connections never need it.

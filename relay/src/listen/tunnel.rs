@@ -57,9 +57,9 @@ pub(crate) async fn upgrade(
         }
     };
     let span = info_span!("websocket", %remote);
-    let material = shared.config.tls.clone();
+    let material = shared.config().tls.clone();
     let accept = ws::AcceptOptions {
-        handshake_timeout: shared.config.handshake_timeout,
+        handshake_timeout: shared.config().handshake_timeout,
         ..ws::AcceptOptions::default()
     };
     let shared2 = shared.clone();

@@ -26,6 +26,7 @@ mod mysql_tls;
 mod packaging;
 mod platform;
 mod reload;
+mod reload_relay;
 mod router;
 mod security;
 mod sidecar;
