@@ -152,12 +152,12 @@ impl Reloader {
             let same = |r: &listen::Running, w: &listen::Wanted| {
                 r.service == w.service && r.kind == w.kind && r.configured == w.addr
             };
+            let stale: Vec<usize> = (0..running.len())
+                .filter(|&i| !wanted.iter().any(|w| same(&running[i], w)))
+                .collect();
             let fresh: Vec<listen::Wanted> = wanted
                 .into_iter()
                 .filter(|w| !running.iter().any(|r| same(r, w)))
-                .collect();
-            let stale: Vec<usize> = (0..running.len())
-                .filter(|&i| !listen::wanted(&config).iter().any(|w| same(&running[i], w)))
                 .collect();
             (fresh, stale)
         };
@@ -202,9 +202,10 @@ impl Reloader {
                 info!(service = %r.service, kind = r.kind.as_str(), addr = %addr, "service listener closed");
                 done.closed.push(describe(&r.service, r.kind, r.bound));
             }
+            let wanted = listen::wanted(&config);
             for r in running.iter_mut() {
-                let size = listen::wanted(&config)
-                    .into_iter()
+                let size = wanted
+                    .iter()
                     .find(|w| w.service == r.service && w.kind == r.kind)
                     .map_or(r.size, |w| w.size);
                 resize(&r.limit, r.size, size);
