@@ -134,15 +134,18 @@ impl Reloader {
             ..Reloaded::default()
         };
         // What can fail, first.
-        let acceptors = if done.certificates {
-            let leaf = config.tls.chain.first();
-            if let Some(why) = leaf.and_then(postern_common::pki::unusable_now) {
-                return Err(ReloadError::Certificate(why));
-            }
-            Some(Acceptors::new(&config.tls)?)
-        } else {
-            None
-        };
+        if done.certificates
+            && let Some(why) = config
+                .tls
+                .chain
+                .first()
+                .and_then(postern_common::pki::unusable_now)
+        {
+            return Err(ReloadError::Certificate(why));
+        }
+        // Made anew even for the same certificate: their verifiers check the revocation list
+        // of the new material (`tls.crl` may have been added, moved or removed).
+        let acceptors = Acceptors::new(&config.tls)?;
         let wanted = listen::wanted(&config);
         let (fresh, stale) = {
             let running = shared
@@ -162,9 +165,7 @@ impl Reloader {
             (fresh, stale)
         };
         let bound = listen::bind(fresh).await?;
-        if done.certificates
-            && let Some(quic) = &shared.quic
-        {
+        if let Some(quic) = &shared.quic {
             quic.renew(&config.tls)?;
         }
 
@@ -187,9 +188,7 @@ impl Reloader {
         shared.replace_config(config);
         let config = shared.config();
         shared.resize(&old, &config);
-        if let Some(acceptors) = acceptors {
-            shared.set_acceptors(acceptors);
-        }
+        shared.set_acceptors(acceptors);
         {
             let mut running = shared
                 .listeners

@@ -274,3 +274,44 @@ async fn a_reload_whose_listener_cannot_bind_changes_nothing() {
     drop(taken);
     s.stop().await;
 }
+
+/// A revocation list added by a reload (`tls.crl`, absent at start): the revoked client's next
+/// handshake is refused, another client goes on; a reload that removes it lets the client in
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_the_revocation_list() {
+    let mut s = stack().await;
+    let path = config_path(&s);
+    let mut before = conn(&s, "orders").await.expect("alice before the reload");
+    assert_eq!(select_one(&mut before).await, Some(1));
+    let crl = s.pki.revoke(&["client-alice"]);
+    let mut cfg = s.relay_config.clone();
+    cfg.tls.crl = Some(crl);
+    cfg.write(&path);
+    let relay = s.relays[0].proc_mut();
+    let mark = relay.mark();
+    hangup(relay.proc.id());
+    let line = relay.reloaded(mark).await;
+    assert!(line.contains("configuration reloaded"), "{line}");
+    let refused = conn(&s, "orders").await.map(drop);
+    let Err(err) = refused else {
+        let log = s.relays[0].proc().proc.log_text();
+        panic!(
+            "a revoked certificate was let in after the reload:\n{}",
+            &log[mark.offset()..]
+        );
+    };
+    assert!(err.to_string().to_lowercase().contains("revoked"), "{err}");
+
+    cfg.tls.crl = None;
+    cfg.write(&path);
+    let relay = s.relays[0].proc_mut();
+    let mark = relay.mark();
+    hangup(relay.proc.id());
+    relay.reloaded(mark).await;
+    let mut again = conn(&s, "orders")
+        .await
+        .expect("alice once the list is gone");
+    assert_eq!(select_one(&mut again).await, Some(1));
+    s.stop().await;
+}
