@@ -134,9 +134,9 @@ pub enum Failure {
     /// The connection ended without a WebSocket Close.
     #[error("connection lost: closed without a websocket close")]
     Eof,
-    /// The WebSocket failed.
+    /// The peer broke the WebSocket protocol.
     #[error("websocket error: {0}")]
-    WebSocket(#[source] Arc<tokio_tungstenite::tungstenite::Error>),
+    WebSocket(#[source] ws::FrameError),
     /// The peer sent a WebSocket text message, which is not our protocol.
     #[error("peer sent a websocket text message")]
     TextMessage,

@@ -24,6 +24,10 @@
 //!
 //! A session closed with a reason sends it as the WebSocket Close reason, so the peer's
 //! [`Session::closed`] says why.
+//!
+//! tungstenite does the HTTP upgrade; the frames after it are read and written here (`frame`):
+//! tungstenite's frame reader zero-fills its whole read buffer before every read, which was
+//! most of what a small query cost.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -34,20 +38,17 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::sink::Sink as _;
-use futures_util::stream::Stream as _;
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, StatusCode, header};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::either::Either;
 use tracing::Instrument;
 
@@ -56,6 +57,11 @@ use super::mux::{self, Link};
 use super::proxy::{self, Proxy, ProxyError};
 use super::{CloseReason, ConnectError, Failure, Inner, Liveness, Session, TransportError};
 use crate::tls::{self, ClientTls, Material, Note, ServerTls, TlsFailure};
+
+mod frame;
+
+pub use frame::FrameError;
+use frame::{Decoder, Item, Role};
 
 /// The relay's WebSocket path unless the URL names another.
 pub use super::addr::DEFAULT_PATH;
@@ -94,6 +100,24 @@ const MESSAGE_SIZE: usize = 64 * 1024;
 
 /// How long a closing WebSocket waits for the peer's Close before it drops the connection.
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+
+/// The largest WebSocket frame, and message, accepted from a peer. Ours are at most
+/// [`MESSAGE_SIZE`]; much larger ones are refused.
+const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// How much is read from the connection at once; also the bound on what a session holds of
+/// the peer's bytes before they go to the reader.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Reads start only with at least this much room left in the read buffer; with less, the
+/// undecoded rest (under a control frame's size) moves to the front.
+const MIN_READ: usize = 4 * 1024;
+
+/// Room kept in front of the gathered bytes for the header of the frame they become.
+const HEADROOM: usize = frame::MAX_HEADER;
+
+/// The Close code we send: RFC 6455's normal closure.
+const CLOSE_NORMAL: u16 = 1000;
 
 /// How the agent (or a `connect` client) reaches a relay over WebSocket.
 #[derive(Debug, Clone)]
@@ -194,12 +218,42 @@ impl Default for AcceptOptions {
     }
 }
 
-/// WebSocket limits for both ends. Our messages are at most 64 KiB; much larger ones are
-/// refused rather than buffered. The relay passes this to `WebSocketStream::from_raw_socket`.
-pub fn websocket_config() -> WebSocketConfig {
+/// tungstenite's limits for the upgrade handshakes; the frames after it are ours
+/// ([`frame`]), with the same limits.
+fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .max_message_size(Some(1024 * 1024))
-        .max_frame_size(Some(1024 * 1024))
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// A connection that has switched to the WebSocket protocol, with whatever was read past the
+/// HTTP upgrade: the frames that follow belong to the session.
+pub struct Upgraded<S> {
+    io: S,
+    role: Role,
+    /// Bytes read past the end of the HTTP head, the first of the peer's frames.
+    tail: Bytes,
+}
+
+impl<S> Upgraded<S> {
+    /// The server side of a connection that an HTTP stack (hyper, axum) upgraded: it hands over
+    /// the bytes it read ahead through the stream itself.
+    pub fn server(io: S) -> Self {
+        Self {
+            io,
+            role: Role::Server,
+            tail: Bytes::new(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Upgraded<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upgraded")
+            .field("role", &self.role)
+            .field("tail", &self.tail.len())
+            .finish()
+    }
 }
 
 /// Dials a relay over WebSocket and returns an authenticated session.
@@ -229,11 +283,11 @@ pub async fn connect(
 }
 
 /// Runs the relay side of a session on an upgraded WebSocket (from hyper/axum via
-/// `WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config()))`, or from
-/// [`upgrade`]): inner TLS with a required client certificate, the client's identity, then the
-/// multiplexer. `remote` is the client's address as the relay knows it.
+/// [`Upgraded::server`], or from [`upgrade`]): inner TLS with a required client certificate, the
+/// client's identity, then the multiplexer. `remote` is the client's address as the relay knows
+/// it.
 pub async fn accept<S>(
-    ws: WebSocketStream<S>,
+    ws: Upgraded<S>,
     remote: SocketAddr,
     material: &Material,
 ) -> Result<Session, TransportError>
@@ -245,7 +299,7 @@ where
 
 /// [`accept`] with explicit options.
 pub async fn accept_with<S>(
-    ws: WebSocketStream<S>,
+    ws: Upgraded<S>,
     remote: SocketAddr,
     material: &Material,
     opts: &AcceptOptions,
@@ -312,10 +366,14 @@ where
 /// The server side of the WebSocket handshake on an accepted connection (plain TCP, or TLS
 /// already accepted on it), answering `404` unless the request is for `path`. For tests and for
 /// relays without an HTTP stack; the relay proper upgrades through its HTTP router.
-pub async fn upgrade<S>(stream: S, path: &str) -> Result<WebSocketStream<S>, TransportError>
+pub async fn upgrade<S>(stream: S, path: &str) -> Result<Upgraded<S>, TransportError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let fail = |e| TransportError::Connect {
+        addr: "websocket client".into(),
+        source: ConnectError::Upgrade(e),
+    };
     let want = path.to_owned();
     // The refusal type is tungstenite's callback contract, large or not.
     #[allow(clippy::result_large_err)]
@@ -328,12 +386,100 @@ where
             Err(refusal)
         }
     };
-    tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(websocket_config()))
-        .await
-        .map_err(|e| TransportError::Connect {
-            addr: "websocket client".into(),
-            source: ConnectError::Upgrade(e),
-        })
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+        Recorded::new(stream),
+        check,
+        Some(websocket_config()),
+    )
+    .await
+    .map_err(fail)?;
+    ws.into_inner().upgraded(Role::Server).map_err(fail)
+}
+
+/// The client side of the WebSocket handshake on `stream`, with tungstenite.
+async fn client_upgrade<R, S>(request: R, stream: S) -> Result<Upgraded<S>, tungstenite::Error>
+where
+    R: IntoClientRequest + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        request,
+        Recorded::new(stream),
+        Some(websocket_config()),
+    )
+    .await?;
+    ws.into_inner().upgraded(Role::Client)
+}
+
+/// A stream that keeps a copy of what tungstenite reads during the upgrade, so that the bytes
+/// it read past the HTTP head (and would keep in its own frame reader) go to ours.
+struct Recorded<S> {
+    io: S,
+    seen: Vec<u8>,
+}
+
+impl<S> Recorded<S> {
+    fn new(io: S) -> Self {
+        Self {
+            io,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Splits off what came after the HTTP head, found as tungstenite found it (httparse, with
+    /// as many headers as tungstenite allows).
+    fn upgraded(self, role: Role) -> Result<Upgraded<S>, tungstenite::Error> {
+        let mut headers = [httparse::EMPTY_HEADER; 124];
+        let parsed = match role {
+            Role::Client => httparse::Response::new(&mut headers).parse(&self.seen),
+            Role::Server => httparse::Request::new(&mut headers).parse(&self.seen),
+        };
+        match parsed {
+            Ok(httparse::Status::Complete(head)) => Ok(Upgraded {
+                io: self.io,
+                role,
+                tail: Bytes::copy_from_slice(&self.seen[head..]),
+            }),
+            Ok(httparse::Status::Partial) => Err(tungstenite::Error::Protocol(
+                ProtocolError::HandshakeIncomplete,
+            )),
+            Err(e) => Err(tungstenite::Error::Protocol(ProtocolError::HttparseError(
+                e,
+            ))),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let start = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        this.seen.extend_from_slice(&buf.filled()[start..]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, TransportError> {
@@ -396,10 +542,9 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
     };
 
     let request = upgrade_request(opts).map_err(|e| fail(ConnectError::Request(e)))?;
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(request, outer, Some(websocket_config()))
-            .await
-            .map_err(|e| upgrade_error(&addr, e))?;
+    let ws = client_upgrade(request, outer)
+        .await
+        .map_err(|e| upgrade_error(&addr, e))?;
     tracing::debug!("websocket open");
     reached(Reached::Upgraded);
 
@@ -584,11 +729,21 @@ fn upgrade_error(addr: &str, e: tungstenite::Error) -> TransportError {
 /// A WebSocket as a byte stream: binary messages in, writes gathered into binary messages out.
 /// Also runs the Ping liveness check and the close handshake that carries a session's reason.
 pub(super) struct WsIo<S> {
-    ws: WebSocketStream<S>,
-    /// The rest of the message being read.
-    read: Bytes,
-    /// Written bytes not yet handed to the WebSocket.
-    write: BytesMut,
+    io: S,
+    role: Role,
+    decoder: Decoder,
+    /// Read from the connection, not decoded yet.
+    input: BytesMut,
+    /// Written bytes gathered into the next Binary message, after [`HEADROOM`] bytes kept for
+    /// its frame header.
+    write: Vec<u8>,
+    /// Whole frames on their way to the connection; `out[sent..]` is still to go.
+    out: Vec<u8>,
+    sent: usize,
+    /// The payload of the latest Ping not answered yet (RFC 6455 lets the latest stand for all).
+    pong: Option<Bytes>,
+    /// Our Close is queued: no frame may follow it.
+    close_sent: bool,
     /// The peer sent Close or the connection ended.
     eof: bool,
     link: Arc<Link>,
@@ -625,7 +780,7 @@ enum CloseStep {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
-    fn new(ws: WebSocketStream<S>, liveness: Liveness, link: Arc<Link>) -> Self {
+    fn new(ws: Upgraded<S>, liveness: Liveness, link: Arc<Link>) -> Self {
         let every = Liveness::new(
             liveness.keep_alive.max(Duration::from_millis(10)),
             liveness.idle_timeout.max(Duration::from_millis(20)),
@@ -635,10 +790,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
         let mut tick = tokio::time::interval(every.keep_alive.min(every.idle_timeout) / 4);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let now = Instant::now();
+        let max = MAX_MESSAGE as u64;
         Self {
-            ws,
-            read: Bytes::new(),
-            write: BytesMut::new(),
+            io: ws.io,
+            role: ws.role,
+            decoder: Decoder::new(ws.role, max, max),
+            input: BytesMut::from(&ws.tail[..]),
+            write: vec![0; HEADROOM],
+            out: Vec::new(),
+            sent: 0,
+            pong: None,
+            close_sent: false,
             eof: false,
             link,
             live: Live {
@@ -683,53 +845,85 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
             self.state = CloseState::Closed;
             return Poll::Ready(());
         }
-        let ws = &mut self.ws;
-        loop {
-            let done = match *step {
+        let mut step = *step;
+        let done = loop {
+            let failed = match step {
                 CloseStep::Flush => {
-                    if !self.write.is_empty() {
-                        match ready!(Pin::new(&mut *ws).poll_ready(cx)) {
-                            Ok(()) => Pin::new(&mut *ws)
-                                .start_send(Message::Binary(self.write.split().freeze()))
-                                .is_err(),
-                            Err(_) => true,
-                        }
-                    } else {
-                        *step = CloseStep::Send;
+                    if self.close_sent || !self.has_written() {
+                        step = CloseStep::Send;
                         false
+                    } else {
+                        match self.poll_drain(cx) {
+                            Poll::Pending => break false,
+                            Poll::Ready(r) => {
+                                self.seal();
+                                step = CloseStep::Send;
+                                r.is_err()
+                            }
+                        }
                     }
                 }
                 CloseStep::Send => {
-                    // An abrupt close: whatever was not sent yet no longer matters.
-                    self.write.clear();
-                    let reason = self.link.local_reason().unwrap_or_default();
-                    match ready!(Pin::new(&mut *ws).poll_ready(cx)) {
-                        Ok(()) => {
-                            let frame = CloseFrame {
-                                code: CloseCode::Normal,
-                                reason: truncate(&reason, 120).into(),
-                            };
-                            *step = CloseStep::FlushClose;
-                            Pin::new(&mut *ws)
-                                .start_send(Message::Close(Some(frame)))
-                                .is_err()
-                        }
-                        Err(_) => true,
+                    // An abrupt close: whatever was not sent yet no longer matters (frames
+                    // already queued are whole and go first).
+                    self.write.truncate(HEADROOM);
+                    self.pong = None;
+                    self.live.ping_due = false;
+                    if !self.close_sent {
+                        let reason = self.link.local_reason().unwrap_or_default();
+                        let payload =
+                            frame::close_frame_payload(CLOSE_NORMAL, &truncate(&reason, 120));
+                        self.send_control(frame::CLOSE, &payload);
                     }
+                    step = CloseStep::FlushClose;
+                    false
                 }
                 CloseStep::FlushClose => {
-                    let failed = ready!(Pin::new(&mut *ws).poll_flush(cx)).is_err();
-                    *step = CloseStep::Drain;
-                    failed
+                    let r = match self.poll_drain(cx) {
+                        Poll::Pending => break false,
+                        Poll::Ready(Ok(())) => match Pin::new(&mut self.io).poll_flush(cx) {
+                            Poll::Pending => break false,
+                            Poll::Ready(r) => r,
+                        },
+                        Poll::Ready(Err(e)) => Err(e),
+                    };
+                    step = CloseStep::Drain;
+                    r.is_err()
                 }
-                CloseStep::Drain => match ready!(Pin::new(&mut *ws).poll_next(cx)) {
-                    Some(Ok(_)) => false,
-                    Some(Err(_)) | None => true,
+                CloseStep::Drain => match self.poll_drain_peer(cx) {
+                    Poll::Pending => break false,
+                    Poll::Ready(()) => true,
                 },
             };
-            if done {
-                self.state = CloseState::Closed;
+            if failed {
+                break true;
+            }
+        };
+        if done {
+            self.state = CloseState::Closed;
+            return Poll::Ready(());
+        }
+        if let CloseState::Closing { step: s, .. } = &mut self.state {
+            *s = step;
+        }
+        Poll::Pending
+    }
+
+    /// Reads and drops what the peer sends until its Close or the end of the connection.
+    fn poll_drain_peer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut scratch = [0u8; 1024];
+        loop {
+            if self.eof {
                 return Poll::Ready(());
+            }
+            let mut sink = ReadBuf::new(&mut scratch);
+            match self.decoder.decode(&mut self.input, &mut sink) {
+                Ok(Some(Item::Close(_))) | Err(_) => return Poll::Ready(()),
+                Ok(Some(_)) => {}
+                Ok(None) => match ready!(self.poll_fill(cx)) {
+                    Ok(0) | Err(_) => return Poll::Ready(()),
+                    Ok(_) => {}
+                },
             }
         }
     }
@@ -762,49 +956,121 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
             }
             if now.saturating_duration_since(self.live.last_ping) >= self.live.every.keep_alive {
                 self.live.ping_due = true;
+                self.live.last_ping = now;
             }
         }
-        if self.live.ping_due
-            && let Poll::Ready(Ok(())) = Pin::new(&mut self.ws).poll_ready(cx)
-        {
-            self.live.ping_due = false;
-            self.live.last_ping = Instant::now();
+        if self.live.ping_due || self.pong.is_some() {
             // Errors show up on the next read or write.
-            if Pin::new(&mut self.ws)
-                .start_send(Message::Ping(Bytes::new()))
-                .is_ok()
-            {
-                let _ = Pin::new(&mut self.ws).poll_flush(cx);
+            if let Poll::Ready(Ok(())) = self.poll_drain(cx) {
+                let _ = Pin::new(&mut self.io).poll_flush(cx);
             }
         }
         Ok(())
     }
 
-    /// Hands the gathered bytes to the WebSocket as one message.
+    fn has_written(&self) -> bool {
+        self.write.len() > HEADROOM
+    }
+
+    /// Writes the queued frames out, then the Pong and Ping that are due; `Ready(Ok)` once all
+    /// went to the connection (not flushed).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.sent < self.out.len() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]))
+                    .map_err(|e| self.io_error(e))?;
+                if n == 0 {
+                    return Poll::Ready(Err(self.io_error(io::ErrorKind::WriteZero.into())));
+                }
+                self.sent += n;
+                continue;
+            }
+            self.out.clear();
+            self.sent = 0;
+            if let Some(payload) = self.pong.take() {
+                self.send_control(frame::PONG, &payload);
+            } else if self.live.ping_due {
+                self.live.ping_due = false;
+                self.send_control(frame::PING, &[]);
+            } else {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// Queues a control frame after the frames already queued (none once our Close is).
+    fn send_control(&mut self, opcode: u8, payload: &[u8]) {
+        if self.close_sent {
+            return;
+        }
+        self.close_sent = opcode == frame::CLOSE;
+        frame::control(self.role, opcode, payload, &mut self.out);
+    }
+
+    /// Makes the gathered bytes one Binary frame and queues it; only once the queue is empty.
+    fn seal(&mut self) {
+        if !self.has_written() || self.close_sent || self.sent < self.out.len() {
+            return;
+        }
+        let len = self.write.len() - HEADROOM;
+        let mask = frame::new_mask(self.role);
+        let (head, n) = frame::header(frame::BINARY, len, mask);
+        let start = HEADROOM - n;
+        self.write[start..HEADROOM].copy_from_slice(&head[..n]);
+        if let Some(m) = mask {
+            frame::apply_mask(&mut self.write[HEADROOM..], m, 0);
+        }
+        std::mem::swap(&mut self.write, &mut self.out);
+        self.sent = start;
+        self.write.clear();
+        self.write.resize(HEADROOM, 0);
+    }
+
+    /// Sends the gathered bytes as one Binary message (once what is queued has gone).
     fn poll_send_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(|e| self.ws_error(e))?;
-        let message = Message::Binary(self.write.split().freeze());
-        Pin::new(&mut self.ws)
-            .start_send(message)
-            .map_err(|e| self.ws_error(e))?;
+        ready!(self.poll_drain(cx))?;
+        if self.close_sent {
+            return Poll::Ready(Err(closed_error()));
+        }
+        self.seal();
+        // Start sending now; what does not go out yet goes with the next write or flush.
+        if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
         Poll::Ready(Ok(()))
     }
 
-    fn ws_error(&self, e: tungstenite::Error) -> io::Error {
-        match e {
-            tungstenite::Error::Io(e) => {
-                let e = Arc::new(e);
-                self.link
-                    .set_failure(CloseReason::Failed(Failure::Io(e.clone())));
-                io::Error::new(e.kind(), Failure::Io(e))
-            }
-            other => {
-                let other = Arc::new(other);
-                self.link
-                    .set_failure(CloseReason::Failed(Failure::WebSocket(other.clone())));
-                io::Error::other(Failure::WebSocket(other))
-            }
+    /// Reads more of the peer's bytes into `input`, never zero-filling the buffer first.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.input.capacity() - self.input.len() < MIN_READ {
+            // What is left is under a control frame's size (the decoder took all it could), so
+            // this moves it to the front of the same allocation.
+            self.input
+                .reserve(READ_BUFFER.saturating_sub(self.input.len()).max(MIN_READ));
         }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.input
+        ))?;
+        self.live.last_seen = Instant::now();
+        Poll::Ready(Ok(n))
+    }
+
+    fn io_error(&self, e: io::Error) -> io::Error {
+        let e = Arc::new(e);
+        self.link
+            .set_failure(CloseReason::Failed(Failure::Io(e.clone())));
+        io::Error::new(e.kind(), Failure::Io(e))
+    }
+
+    fn frame_error(&self, e: FrameError) -> io::Error {
+        let failure = match e {
+            FrameError::Text => Failure::TextMessage,
+            other => Failure::WebSocket(other),
+        };
+        self.link.set_failure(CloseReason::Failed(failure.clone()));
+        io::Error::new(io::ErrorKind::InvalidData, failure)
     }
 
     /// Starts closing if the session asked for it; `Some` while closing or closed.
@@ -846,43 +1112,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
             return Poll::Ready(Ok(()));
         }
         this.poll_live(cx)?;
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
-            if !this.read.is_empty() {
-                let n = this.read.len().min(buf.remaining());
-                buf.put_slice(&this.read.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            let message = ready!(Pin::new(&mut this.ws).poll_next(cx));
-            this.live.last_seen = Instant::now();
-            match message {
-                Some(Ok(Message::Binary(data))) => this.read = data,
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                    // tungstenite queues the Pong; the next read or flush sends it.
+            match this.decoder.decode(&mut this.input, buf) {
+                Ok(Some(Item::Data(_))) => return Poll::Ready(Ok(())),
+                Ok(Some(Item::Ping(payload))) => {
+                    this.pong = Some(payload);
+                    // Answered now if the connection takes it, else with the next write.
+                    if let Poll::Ready(Ok(())) = this.poll_drain(cx) {
+                        let _ = Pin::new(&mut this.io).poll_flush(cx);
+                    }
                 }
-                Some(Ok(Message::Text(_))) => {
-                    this.link
-                        .set_failure(CloseReason::Failed(Failure::TextMessage));
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        Failure::TextMessage,
-                    )));
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                Ok(Some(Item::Pong)) => {}
+                Ok(Some(Item::Close(frame))) => {
+                    // Answer the Close now, echoing its code; nobody may write after this.
+                    let (code, reason) = match frame {
+                        Some((code, reason)) => (code.to_be_bytes().to_vec(), reason),
+                        None => (Vec::new(), String::new()),
+                    };
                     tracing::debug!(reason = %reason, "peer closed the websocket");
                     this.link.set_peer_reason(reason);
                     this.eof = true;
-                    // Push out tungstenite's Close reply now; nobody may write after this.
-                    let _ = Pin::new(&mut this.ws).poll_flush(cx);
+                    this.write.truncate(HEADROOM);
+                    this.pong = None;
+                    this.live.ping_due = false;
+                    this.send_control(frame::CLOSE, &code);
+                    if let Poll::Ready(Ok(())) = this.poll_drain(cx) {
+                        let _ = Pin::new(&mut this.io).poll_flush(cx);
+                    }
                 }
-                Some(Err(e)) => return Poll::Ready(Err(this.ws_error(e))),
-                None => {
-                    this.link.set_failure(CloseReason::Failed(Failure::Eof));
-                    this.eof = true;
-                }
+                Err(e) => return Poll::Ready(Err(this.frame_error(e))),
+                Ok(None) => match ready!(this.poll_fill(cx)) {
+                    Ok(0) => {
+                        this.link.set_failure(CloseReason::Failed(Failure::Eof));
+                        this.eof = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Poll::Ready(Err(this.io_error(e))),
+                },
             }
         }
     }
@@ -911,15 +1183,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
             return Poll::Ready(Err(closed_error()));
         }
         this.poll_live(cx)?;
-        if this.write.len() >= MESSAGE_SIZE {
+        if this.close_sent {
+            return Poll::Ready(Err(closed_error()));
+        }
+        if this.write.len() - HEADROOM >= MESSAGE_SIZE {
             ready!(this.poll_send_buffered(cx))?;
         }
-        if this.write.capacity() == 0 {
-            this.write.reserve(MESSAGE_SIZE);
+        if this.write.capacity() < HEADROOM + MESSAGE_SIZE {
+            this.write
+                .reserve_exact(HEADROOM + MESSAGE_SIZE - this.write.len());
         }
         let mut n = 0;
         for buf in bufs {
-            let k = buf.len().min(MESSAGE_SIZE - this.write.len());
+            let k = buf.len().min(HEADROOM + MESSAGE_SIZE - this.write.len());
             this.write.extend_from_slice(&buf[..k]);
             n += k;
             if k < buf.len() {
@@ -940,10 +1216,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
             return Poll::Ready(Err(closed_error()));
         }
         this.poll_live(cx)?;
-        if !this.write.is_empty() {
+        if this.has_written() {
             ready!(this.poll_send_buffered(cx))?;
         }
-        ready!(Pin::new(&mut this.ws).poll_flush(cx)).map_err(|e| this.ws_error(e))?;
+        ready!(this.poll_drain(cx))?;
+        ready!(Pin::new(&mut this.io).poll_flush(cx)).map_err(|e| this.io_error(e))?;
         Poll::Ready(Ok(()))
     }
 

@@ -15,9 +15,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, Response, StatusCode, header};
 use postern_common::events::Origin;
 use postern_common::transport::ws;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info_span};
 
 use super::{inbound_refusal, take_slots};
@@ -73,9 +71,7 @@ pub(crate) async fn upgrade(
                 }
             };
             let io = hyper_util::rt::TokioIo::new(upgraded);
-            let socket =
-                WebSocketStream::from_raw_socket(io, Role::Server, Some(ws::websocket_config()))
-                    .await;
+            let socket = ws::Upgraded::server(io);
             match ws::accept_with(socket, remote, &material, &accept).await {
                 Ok(session) => crate::sessions::serve(shared2, session, Origin::Tunnel).await,
                 Err(e) => {

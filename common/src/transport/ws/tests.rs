@@ -1,5 +1,6 @@
-//! Tests of the WebSocket transport over real sockets on 127.0.0.1, real tokio-tungstenite on
-//! both ends and certificates made by `crate::pki` at test time.
+//! Tests of the WebSocket transport over real sockets on 127.0.0.1 (tokio-tungstenite doing the
+//! upgrade on both ends, our frames after it, and tungstenite's frames as the peer where the two
+//! must agree) and certificates made by `crate::pki` at test time.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -527,7 +528,7 @@ async fn a_client_without_a_valid_inner_certificate_is_refused() {
 
     // No client certificate at all, through a hand-made client.
     let tcp = TcpStream::connect(relay.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(
+    let ws = client_upgrade(
         format!("ws://127.0.0.1:{}{DEFAULT_PATH}", relay.addr.port()),
         tcp,
     )
@@ -851,4 +852,189 @@ async fn unread_data_is_held_to_the_session_budget_and_given_back() {
         }
     })
     .await;
+}
+
+/// Our frames against tungstenite's, in both roles over an in-memory pipe: large messages both
+/// ways, a Ping answered with its payload, and a Close reason each way.
+#[tokio::test]
+async fn frames_interoperate_with_tungstenite() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole};
+
+    for ours in [Role::Server, Role::Client] {
+        let (a, b) = tokio::io::duplex(8 * 1024);
+        let theirs = match ours {
+            Role::Server => WsRole::Client,
+            Role::Client => WsRole::Server,
+        };
+        let mut peer = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            b,
+            theirs,
+            Some(websocket_config()),
+        )
+        .await;
+        let link = Link::new();
+        let upgraded = Upgraded {
+            io: a,
+            role: ours,
+            tail: Bytes::new(),
+        };
+        let mut io = WsIo::new(
+            upgraded,
+            Liveness::pings(DEFAULT_PING_INTERVAL),
+            link.clone(),
+        );
+
+        // Theirs to ours: a message larger than a read, a Ping, a small message.
+        let big = pattern(1, 300_000);
+        let mut got = vec![0u8; big.len() + 3];
+        let (sent, read) = within(async {
+            tokio::join!(
+                async {
+                    peer.send(Message::Binary(big.clone().into())).await?;
+                    peer.send(Message::Ping(Bytes::from_static(b"hi"))).await?;
+                    peer.send(Message::Binary(Bytes::from_static(b"end"))).await
+                },
+                io.read_exact(&mut got),
+            )
+        })
+        .await;
+        sent.unwrap();
+        read.unwrap();
+        assert_eq!(&got[..big.len()], &big[..]);
+        assert_eq!(&got[big.len()..], b"end");
+
+        // Ours to theirs: the Pong first, then the bytes in order.
+        let back = pattern(2, 200_000);
+        let (written, received) = within(async {
+            tokio::join!(
+                async {
+                    io.write_all(&back).await?;
+                    io.flush().await
+                },
+                async {
+                    let mut pong = None;
+                    let mut data = Vec::new();
+                    while data.len() < back.len() {
+                        match peer.next().await {
+                            Some(Ok(Message::Pong(p))) => pong = Some(p),
+                            Some(Ok(Message::Binary(b))) => {
+                                assert!(pong.is_some(), "data before the pong");
+                                assert!(b.len() <= MESSAGE_SIZE);
+                                data.extend_from_slice(&b);
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                    (pong, data)
+                },
+            )
+        })
+        .await;
+        written.unwrap();
+        assert_eq!(received.0.as_deref(), Some(&b"hi"[..]));
+        assert_eq!(received.1, back);
+
+        match ours {
+            Role::Server => {
+                // Their Close: our reads end, the reason is kept, our reply ends their stream.
+                let frame = CloseFrame {
+                    code: CloseCode::Away,
+                    reason: "bye".into(),
+                };
+                let (closed, n) =
+                    within(async { tokio::join!(peer.close(Some(frame)), io.read(&mut got)) })
+                        .await;
+                closed.unwrap();
+                assert_eq!(n.unwrap(), 0);
+                assert_eq!(link.peer_reason().as_deref(), Some("bye"));
+                assert!(io.write(b"late").await.is_err());
+                match within(peer.next()).await {
+                    Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Away),
+                    other => panic!("{other:?}"),
+                }
+                drop(io);
+                assert!(within(peer.next()).await.is_none());
+            }
+            Role::Client => {
+                // Our Close: the reason arrives and their reply completes our close handshake.
+                let ((), (first, second)) = within(async {
+                    tokio::join!(io.refuse("going"), async {
+                        (peer.next().await, peer.next().await)
+                    })
+                })
+                .await;
+                match first {
+                    Some(Ok(Message::Close(Some(f)))) => {
+                        assert_eq!(f.code, CloseCode::Normal);
+                        assert_eq!(f.reason.as_str(), "going");
+                    }
+                    other => panic!("{other:?}"),
+                }
+                assert!(second.is_none(), "{second:?}");
+                assert!(matches!(io.state, CloseState::Closed));
+            }
+        }
+    }
+}
+
+/// Frames that come in the same read as the `101` (tungstenite keeps them past the HTTP head) are
+/// the first of the session. (A server refuses bytes behind the request: tungstenite answers
+/// them with an error, so there is no such tail on that side.)
+#[tokio::test]
+async fn frames_right_behind_the_101_are_kept() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        while !request.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tcp.read_exact(&mut byte).await.unwrap();
+            request.push(byte[0]);
+        }
+        let request = String::from_utf8(request).unwrap();
+        let key = request
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(": ")?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then_some(value)
+            })
+            .unwrap();
+        // The 101 and our first frame in one write.
+        let mut out = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            tungstenite::handshake::derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        frame::control(Role::Server, frame::BINARY, b"from server", &mut out);
+        tcp.write_all(&out).await.unwrap();
+        let mut io = WsIo::new(
+            Upgraded::server(tcp),
+            Liveness::pings(DEFAULT_PING_INTERVAL),
+            Link::new(),
+        );
+        let mut got = [0u8; 11];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"from client");
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let up = within(client_upgrade(
+        format!("ws://127.0.0.1:{}{DEFAULT_PATH}", addr.port()),
+        tcp,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(up.tail.len(), 2 + 11);
+    let mut io = WsIo::new(up, Liveness::pings(DEFAULT_PING_INTERVAL), Link::new());
+    let mut got = [0u8; 11];
+    within(io.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"from server");
+    io.write_all(b"from client").await.unwrap();
+    io.flush().await.unwrap();
+    within(server).await.unwrap();
 }
