@@ -278,7 +278,9 @@ where
         unread: AtomicUsize::new(0),
         closed: watch::Sender::new(None),
     });
-    let tap = Tap::new(io, core.clone());
+    // Boxed: yamux moves its whole connection state out and back on every poll, and the byte
+    // stream underneath (a TLS session with its buffers) would be copied each time.
+    let tap = Box::new(Tap::new(io, core.clone()));
     let conn = yamux::Connection::new(tap.compat(), config(), mode);
     let (opens, opens_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound) = mpsc::channel(ACCEPT_BACKLOG);
@@ -375,7 +377,7 @@ impl Handle {
 }
 
 async fn drive<T>(
-    mut conn: yamux::Connection<Compat<Tap<T>>>,
+    mut conn: yamux::Connection<Compat<Box<Tap<T>>>>,
     core: Arc<Core>,
     mut opens: mpsc::UnboundedReceiver<OpenReply>,
     inbound: mpsc::Sender<MuxStream>,

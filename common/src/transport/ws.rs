@@ -34,14 +34,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -752,7 +752,11 @@ pub(super) struct WsIo<S> {
 }
 
 struct Live {
-    tick: Interval,
+    /// When the next check is due; it wakes the task that polled the connection last.
+    tick: Pin<Box<Sleep>>,
+    period: Duration,
+    /// The waker the tick holds (see [`WsIo::poll_live`]).
+    waker: Option<Waker>,
     every: Liveness,
     last_seen: Instant,
     last_ping: Instant,
@@ -787,8 +791,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
         );
         // Checked four times per keep-alive (or idle timeout, if shorter): a dead peer is noticed
         // within a quarter of that after the idle timeout.
-        let mut tick = tokio::time::interval(every.keep_alive.min(every.idle_timeout) / 4);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let period = every.keep_alive.min(every.idle_timeout) / 4;
         let now = Instant::now();
         let max = MAX_MESSAGE as u64;
         Self {
@@ -804,7 +807,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
             eof: false,
             link,
             live: Live {
-                tick,
+                tick: Box::pin(tokio::time::sleep_until(now + period)),
+                period,
+                waker: None,
                 every,
                 last_seen: now,
                 last_ping: now,
@@ -933,8 +938,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
         if self.live.dead {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "peer timed out"));
         }
-        while self.live.tick.poll_tick(cx).is_ready() {
+        // Called on every read, write and flush, so the timer is polled only when it fired or
+        // another task polls us: polling it each time cost more than the rest of a small read.
+        let same_task = self
+            .live
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !same_task {
+            self.live.waker = Some(cx.waker().clone());
+        }
+        // After a reset the loop polls the timer once more, which registers the waker again.
+        let check = !same_task || self.live.tick.is_elapsed();
+        while check && self.live.tick.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
+            let period = self.live.period;
+            self.live.tick.as_mut().reset(now + period);
             if self.link.paused() {
                 // We are not reading (too much unread data): what the peer sent waits unread, so
                 // its silence is ours.
