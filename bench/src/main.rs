@@ -86,7 +86,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     rows: u32,
     /// Worker threads of the relay, agent and connect runtimes (sets TOKIO_WORKER_THREADS for
-    /// them) [default: as deployed, one per CPU].
+    /// them) [default: as deployed: one per CPU in the relay and agent, one in connect].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     postern_threads: Option<u32>,
     /// Where postern-relay and postern-agent are [default: the directory of this program].
