@@ -160,8 +160,18 @@ def tunnel_seeds():
     save("tunnel_frames", bytes([0]) + frame(control[0])[:10])
 
 
+def proxy_seeds():
+    # Raw bytes: the target takes its fields from them (arbitrary's format), so these only give
+    # it the characters proxy settings are made of.
+    for text in [b"\x01alice\x08Secr3tPw\x16proxy.internal:3128\x1b.internal,10.0.0.0/8,[::1]:443",
+                 b"http://bob:p%40ss@[2001:db8::1]:8080/",
+                 b"proxy.example.com:3128\x00*.example.com, localhost"]:
+        save("proxy_settings", text)
+
+
 if __name__ == "__main__":
     tunnel_seeds()
+    proxy_seeds()
     mysql_seeds()
     for t in sorted(os.listdir(ROOT)):
         print(t, len(os.listdir(os.path.join(ROOT, t))), "seeds")

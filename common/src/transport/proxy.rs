@@ -127,7 +127,7 @@ impl Proxy {
             reason: reason.to_owned(),
         };
         let value = value.trim();
-        let rest = match value.split_once("://") {
+        let rest = match split_scheme(value) {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
             Some((scheme, _)) => {
                 return Err(invalid(&format!(
@@ -406,9 +406,20 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// `(scheme, rest)` of `scheme://rest`, when what comes before `://` is a URL scheme (a letter,
+/// then letters, digits, `+`, `-` or `.`). In `user:password@host` with a `://` somewhere after
+/// it, the part before is not a scheme: it holds the password.
+fn split_scheme(value: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = value.split_once("://")?;
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then_some((scheme, rest))
+}
+
 /// The proxy URL with its password replaced, for error messages.
 fn mask_password(value: &str) -> String {
-    let (prefix, rest) = match value.split_once("://") {
+    let (prefix, rest) = match split_scheme(value) {
         Some((s, r)) => (format!("{s}://"), r),
         None => (String::new(), value),
     };
@@ -463,6 +474,24 @@ mod tests {
         assert!(!e.to_string().contains("secret"), "{e}");
         let p = Proxy::parse("x", "http://u:secret@p:1").unwrap();
         assert!(!format!("{p:?}").contains("secret"));
+    }
+
+    /// Found by the `proxy_settings` fuzz target: in a setting without a scheme, a `://` after
+    /// the password made everything before it the "scheme", and the error showed it whole.
+    #[test]
+    fn a_password_before_a_stray_scheme_separator_is_not_shown() {
+        for value in [
+            "alice:S3cretPw@proxy.corp:3128/http://x",
+            "alice:S3cretPw@http://proxy.corp:3128",
+        ] {
+            let e = Proxy::parse("HTTPS_PROXY", value).unwrap_err();
+            assert!(!e.to_string().contains("S3cretPw"), "{e}");
+            assert!(e.to_string().contains("alice:***@"), "{e}");
+        }
+        // A real scheme is still named.
+        let e = Proxy::parse("HTTPS_PROXY", "socks5://alice:S3cretPw@p:1").unwrap_err();
+        assert!(e.to_string().contains("\"socks5\""), "{e}");
+        assert!(!e.to_string().contains("S3cretPw"), "{e}");
     }
 
     #[test]
