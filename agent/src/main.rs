@@ -105,7 +105,14 @@ async fn reload_on_hangup(
 }
 
 fn runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Runtime::new() {
+    block_on(tokio::runtime::Runtime::new(), f)
+}
+
+fn block_on(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    f: impl Future<Output = ExitCode>,
+) -> ExitCode {
+    match runtime {
         Ok(rt) => rt.block_on(f),
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -124,16 +131,12 @@ fn connect_runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
     if threads.is_some_and(|n| n > 1) {
         return runtime(f);
     }
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(f),
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    block_on(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        f,
+    )
 }
 
 /// Where `connect` goes and with which certificate: from the flags, a binding or a service key.
