@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use postern_common::events::{Event, Events, Origin};
+use postern_common::events::{self, Events, Origin};
 use postern_common::protocol::{Answer, Code, Open, Refusal};
 use postern_common::transport::{Liveness, Session};
 use postern_common::{mysql, net, splice, wire};
@@ -193,29 +193,28 @@ async fn serve(
         }
     };
     let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-    events.emit(Event::Opened {
-        origin: Origin::Connect,
+    let mut record = events::Tunnel::new(
+        Origin::Connect,
         conn_id,
-        service: opts.service.clone(),
-        identity: None,
-        via: opts.relay.to_string(),
-    });
+        &opts.service,
+        &opts.relay.to_string(),
+    );
+    record.client_addr = Some(peer);
+    record.transport = Some(stream.kind().as_str());
+    let tunnel = record.open(&events);
     let (up, down, failure) = match splice::splice(&mut tcp, &mut stream).await {
         Ok(t) => (t.a_to_b, t.b_to_a, None),
         Err(e) => {
             stream.abort();
             net::reset_on_close(&tcp);
-            (0, 0, Some(e.to_string()))
+            (
+                e.transferred.a_to_b,
+                e.transferred.b_to_a,
+                Some(e.to_string()),
+            )
         }
     };
-    events.emit(Event::Closed {
-        origin: Origin::Connect,
-        conn_id,
-        service: opts.service.clone(),
-        up,
-        down,
-        failure,
-    });
+    tunnel.closed(&events, up, down, failure);
 }
 
 /// Numbers local connections, for the events of this process.
@@ -313,6 +312,6 @@ async fn dial(opts: &Options) -> anyhow::Result<Session> {
         }
         Err(_) => anyhow::bail!("relay {} did not answer", opts.relay),
     }
-    info!(relay = %opts.relay, transport = %session.kind(), "connected to relay");
+    info!(relay = %opts.relay, transport = %session.kind(), key_exchange = session.key_exchange(), "connected to relay");
     Ok(session)
 }

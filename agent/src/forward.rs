@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use postern_common::events::{Event, Origin};
+use postern_common::events::{self, Origin};
 use postern_common::mysql::Greeting;
 use postern_common::mysql::server::Conn;
 use postern_common::mysql::server::{self, Deadlines, Dialled, Front, Greeter, Rules};
 use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, Refusal, StreamMode};
-use postern_common::transport::Stream;
+use postern_common::transport::{Stream, TransportKind};
 use postern_common::{net, splice, wire};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
@@ -55,10 +55,9 @@ struct Tunnel {
     tcp: tokio::net::TcpStream,
     /// The node, counted as in use while the tunnel lives.
     backend: Backend,
-    conn_id: u64,
-    service: String,
-    /// Opened for the relay itself (to read the greeting), not for a client: no events.
-    pre_auth: bool,
+    /// What the events and the audit record say of it; `None` for a stream opened for the
+    /// relay itself (to read the greeting), not for a client.
+    record: Option<Arc<events::Tunnel>>,
     span: tracing::Span,
 }
 
@@ -67,26 +66,23 @@ impl Tunnel {
     /// service), and tells the events sink how it ended.
     async fn carry(mut self, state: &AgentState) {
         let spliced = tokio::select! {
-            r = splice::splice(&mut self.stream, &mut self.tcp) => r,
-            _ = self.backend.severed.cancelled() => Err(std::io::Error::other("backend taken out of service")),
+            r = splice::splice(&mut self.stream, &mut self.tcp) => r.map_err(|e| (e.transferred, e.to_string())),
+            // The counts of a splice cut short here are lost with it: the record says so.
+            _ = self.backend.severed.cancelled() => Err((
+                splice::Transferred::default(),
+                "backend taken out of service (bytes moved before it are not counted)".to_owned(),
+            )),
         };
         let (up, down, failure) = match spliced {
             Ok(t) => (t.a_to_b, t.b_to_a, None),
-            Err(e) => {
+            Err((t, why)) => {
                 self.stream.abort();
                 net::reset_on_close(&self.tcp);
-                (0, 0, Some(e.to_string()))
+                (t.a_to_b, t.b_to_a, Some(why))
             }
         };
-        if !self.pre_auth {
-            state.front.events.emit(Event::Closed {
-                origin: Origin::AgentStream,
-                conn_id: self.conn_id,
-                service: self.service,
-                up,
-                down,
-                failure,
-            });
+        if let Some(record) = self.record {
+            record.closed(&state.front.events, up, down, failure);
         }
     }
 }
@@ -184,25 +180,32 @@ async fn plain(
         return None;
     }
     // A stream without a client is the relay reading the greeting for its template.
-    if !open.pre_auth {
-        state.front.events.emit(Event::Opened {
-            origin: Origin::AgentStream,
-            conn_id: open.conn_id,
-            service: svc.name.clone(),
-            identity: (!open.client.is_empty())
-                .then(|| Identity::Client(open.client.clone()).uri()),
-            via: backend.addr().to_owned(),
-        });
-    }
+    let record = (!open.pre_auth).then(|| {
+        let mut t = record(open, svc, &backend, stream.kind());
+        t.identity = (!open.client.is_empty()).then(|| Identity::Client(open.client.clone()).uri());
+        t.open(&state.front.events)
+    });
     Some(Tunnel {
         stream,
         tcp,
         backend,
-        conn_id: open.conn_id,
-        service: svc.name.clone(),
-        pre_auth: open.pre_auth,
+        record,
         span: tracing::Span::none(),
     })
+}
+
+/// What the agent knows of a client connection, for its events and audit record.
+fn record(
+    open: &Open,
+    svc: &Service,
+    backend: &Backend,
+    transport: TransportKind,
+) -> events::Tunnel {
+    let mut t = events::Tunnel::new(Origin::AgentStream, open.conn_id, &svc.name, backend.addr());
+    t.client_addr = open.client_addr.parse().ok();
+    t.node = Some(backend.node().to_owned());
+    t.transport = Some(transport.as_str());
+    t
 }
 
 /// TLS ends here: the MySQL front end, with the database reached once the client is
@@ -268,7 +271,7 @@ async fn end_to_end(
         template,
         deadlines,
     };
-    let conn_id = open.conn_id;
+    let transport = stream.kind();
     let dial = |client: Identity| async move {
         let revoked = e2e.binding_cut(&client);
         if revoked
@@ -286,10 +289,9 @@ async fn end_to_end(
             .await?;
         debug!(client_addr = %open.client_addr, backend = %backend.addr(), node = %backend.node(), "client authorised; connected to backend");
         Ok(Dialled {
-            via: backend.addr().to_owned(),
+            record: record(open, svc, &backend, transport),
             node: backend.addr().to_owned(),
             io: NodeConn::new(tcp, backend, revoked),
-            conn_id,
             slot: None,
         })
     };

@@ -226,7 +226,7 @@ pub(crate) async fn serve(
     for r in &welcome.rejected {
         error!(service = %r.service, reason = %r.reason, "relay refused a service this agent offers");
     }
-    info!(relay_instance = %welcome.relay_instance, transport = %session.kind(), version = welcome.version, services = ?welcome.accepted, "connected to relay");
+    info!(relay_instance = %welcome.relay_instance, transport = %session.kind(), key_exchange = session.key_exchange(), version = welcome.version, services = ?welcome.accepted, "connected to relay");
     state.status.send_replace(Status::Connected {
         relay_instance: welcome.relay_instance.clone(),
         transport: session.kind(),

@@ -16,13 +16,17 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 use crate::protocol::{Code, Refusal};
 
@@ -93,33 +97,90 @@ pub enum Event {
         refusal: Refusal,
     },
     /// A client connection reached its backend: a tunnel is open.
-    Opened {
-        /// Where.
-        origin: Origin,
-        /// The id the relay and the agent both log.
-        conn_id: u64,
-        /// The service.
-        service: String,
-        /// The client's identity, when known at this end.
-        identity: Option<String>,
-        /// The other end: the agent (at the relay) or the backend address (at the agent).
-        via: String,
-    },
-    /// A tunnel ended.
+    Opened(Arc<Tunnel>),
+    /// A tunnel ended: the audit record of one tunneled connection ([`Event::audit`]).
     Closed {
-        /// Where.
-        origin: Origin,
-        /// The id the relay and the agent both log.
-        conn_id: u64,
-        /// The service.
-        service: String,
-        /// Bytes from the client towards the backend.
+        /// What [`Event::Opened`] said.
+        tunnel: Arc<Tunnel>,
+        /// Bytes from the client towards the backend (up to the failure, for a failure).
         up: u64,
         /// Bytes from the backend towards the client.
         down: u64,
+        /// How long the tunnel was open.
+        duration: Duration,
         /// `None` for a clean end (both directions finished); why it failed otherwise.
         failure: Option<String>,
     },
+}
+
+/// Who and what one tunneled connection is, as one end knows it: what [`Event::Opened`] says
+/// and [`Event::Closed`] repeats, so that the closing record alone answers who reached which
+/// database, when, over what, and how much they moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    /// Where.
+    pub origin: Origin,
+    /// The id the relay and the agent both log.
+    pub conn_id: u64,
+    /// The service.
+    pub service: String,
+    /// The client's identity (`postern://client/NAME`), when known at this end.
+    pub identity: Option<String>,
+    /// The client's address, when known at this end.
+    pub client_addr: Option<SocketAddr>,
+    /// The other end: the agent (at the relay), the backend address (at the agent), the relay
+    /// (at `connect`).
+    pub via: String,
+    /// The database node reached, when known.
+    pub node: Option<String>,
+    /// The transport of the relay–agent (or `connect`–relay) session that carried it.
+    pub transport: Option<&'static str>,
+    /// The key exchange group of the client's TLS at this end, when it ended here
+    /// ([`crate::tls::kx::group_name`]).
+    pub client_tls: Option<&'static str>,
+    /// When it opened (wall clock, for the record).
+    pub opened_at: SystemTime,
+    /// When it opened (monotonic, for the duration).
+    pub opened: Instant,
+}
+
+impl Tunnel {
+    /// A tunnel opening now, with what every end knows; the rest is filled in by the caller.
+    pub fn new(origin: Origin, conn_id: u64, service: &str, via: &str) -> Self {
+        Self {
+            origin,
+            conn_id,
+            service: service.to_owned(),
+            identity: None,
+            client_addr: None,
+            via: via.to_owned(),
+            node: None,
+            transport: None,
+            client_tls: None,
+            opened_at: SystemTime::now(),
+            opened: Instant::now(),
+        }
+    }
+
+    /// Emits [`Event::Opened`] for it, and returns what [`Tunnel::closed`] needs.
+    pub fn open(self, events: &Events) -> Arc<Tunnel> {
+        let t = Arc::new(self);
+        events.emit(Event::Opened(t.clone()));
+        t
+    }
+
+    /// Emits [`Event::Closed`] for a tunnel that moved `up` and `down` bytes and ended as
+    /// `failure` says.
+    pub fn closed(self: Arc<Self>, events: &Events, up: u64, down: u64, failure: Option<String>) {
+        let duration = self.opened.elapsed();
+        events.emit(Event::Closed {
+            tunnel: self,
+            up,
+            down,
+            duration,
+            failure,
+        });
+    }
 }
 
 impl Event {
@@ -127,7 +188,7 @@ impl Event {
     pub fn kind(&self) -> Kind {
         match self {
             Self::Refused { .. } => Kind::Refused,
-            Self::Opened { .. } => Kind::Opened,
+            Self::Opened(_) => Kind::Opened,
             Self::Closed { failure: None, .. } => Kind::Closed,
             Self::Closed { .. } => Kind::Failed,
         }
@@ -136,11 +197,80 @@ impl Event {
     /// Where it happened.
     pub fn origin(&self) -> Origin {
         match self {
-            Self::Refused { origin, .. }
-            | Self::Opened { origin, .. }
-            | Self::Closed { origin, .. } => *origin,
+            Self::Refused { origin, .. } => *origin,
+            Self::Opened(t) | Self::Closed { tunnel: t, .. } => t.origin,
         }
     }
+
+    /// The service it concerns, when known.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Self::Refused { service, .. } => service.as_deref(),
+            Self::Opened(t) | Self::Closed { tunnel: t, .. } => Some(&t.service),
+        }
+    }
+
+    /// The audit record of a [`Event::Closed`]: one JSON object per tunneled connection, with
+    /// `instance` naming this relay or agent. `None` for other events.
+    pub fn audit(&self, instance: &str) -> Option<serde_json::Value> {
+        let Self::Closed {
+            tunnel: t,
+            up,
+            down,
+            duration,
+            failure,
+        } = self
+        else {
+            return None;
+        };
+        let opened = t
+            .opened_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        Some(serde_json::json!({
+            "record": "tunnel",
+            "opened_at": rfc3339_millis(opened),
+            "closed_at": rfc3339_millis(opened + duration.as_millis() as u64),
+            "duration_ms": duration.as_millis() as u64,
+            "instance": instance,
+            "origin": t.origin,
+            "conn_id": t.conn_id,
+            "service": t.service,
+            "identity": t.identity,
+            "client_addr": t.client_addr.map(|a| a.to_string()),
+            "via": t.via,
+            "node": t.node,
+            "transport": t.transport,
+            "client_tls": t.client_tls,
+            "bytes_up": up,
+            "bytes_down": down,
+            "ended": if failure.is_some() { "failed" } else { "closed" },
+            "reason": failure,
+        }))
+    }
+}
+
+/// `2026-11-29T08:38:04.123Z` for milliseconds since the Unix epoch (UTC, proleptic
+/// Gregorian; the civil-from-days conversion of Howard Hinnant's date algorithms).
+fn rfc3339_millis(ms: u64) -> String {
+    let (secs, ms) = (ms / 1000, ms % 1000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// What counters count.
@@ -178,6 +308,42 @@ struct Inner {
     counters: Mutex<HashMap<CounterKey, u64>>,
     limits: Mutex<HashMap<(Origin, Code), Budget>>,
     readers: broadcast::Sender<Event>,
+    audit: OnceLock<AuditFile>,
+}
+
+/// The file that audit records are appended to, one JSON object per line.
+struct AuditFile {
+    path: PathBuf,
+    file: Mutex<File>,
+    instance: String,
+    /// Set while writes fail, so that a full disk is logged once, not once per connection.
+    failing: AtomicBool,
+}
+
+impl AuditFile {
+    fn write(&self, record: &serde_json::Value) {
+        let mut line = record.to_string().into_bytes();
+        line.push(b'\n');
+        // One write of one whole line, in append mode: lines of concurrent writers (another
+        // process on the same file) do not interleave.
+        let written = self
+            .file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write_all(&line);
+        match written {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    warn!(path = %self.path.display(), "audit records are written again");
+                }
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    warn!(path = %self.path.display(), error = %e, "cannot write audit records (they stay in the log)");
+                }
+            }
+        }
+    }
 }
 
 /// The log budget of one kind of refusal.
@@ -210,8 +376,26 @@ impl Events {
                 counters: Mutex::default(),
                 limits: Mutex::default(),
                 readers: broadcast::channel(READER_BACKLOG).0,
+                audit: OnceLock::new(),
             }),
         }
+    }
+
+    /// Appends the audit record of every tunnel that ends from now on ([`Event::audit`]) to
+    /// the file at `path` (created if missing), with `instance` naming this process. Records are
+    /// written as the tunnels end, none is dropped; they are also in the log, under the
+    /// `audit` target. A sink appends to one file only: a second call is an error.
+    pub fn audit_to(&self, path: &Path, instance: &str) -> io::Result<()> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        self.inner
+            .audit
+            .set(AuditFile {
+                path: path.to_owned(),
+                file: Mutex::new(file),
+                instance: instance.to_owned(),
+                failing: AtomicBool::new(false),
+            })
+            .map_err(|_| io::Error::other("this events sink already appends to an audit file"))
     }
 
     /// Takes one event: counts it, logs it (refusals within their budget), and hands it to
@@ -233,6 +417,11 @@ impl Events {
             .entry(key)
             .or_default() += 1;
         self.log(&event);
+        if let Some(file) = self.inner.audit.get()
+            && let Some(record) = event.audit(&file.instance)
+        {
+            file.write(&record);
+        }
         // Nobody listening is fine.
         let _ = self.inner.readers.send(event);
     }
@@ -306,29 +495,33 @@ impl Events {
                     info!(origin = %origin, %peer, service, identity, code = %refusal.code, reason = %refusal.message, "refused");
                 }
             }
-            Event::Opened {
-                origin,
-                conn_id,
-                service,
-                identity,
-                via,
-            } => {
-                let identity = identity.as_deref().unwrap_or_default();
-                info!(origin = %origin, conn_id, service, identity, via, "tunnel open");
+            Event::Opened(t) => {
+                let identity = t.identity.as_deref().unwrap_or_default();
+                info!(origin = %t.origin, conn_id = t.conn_id, service = t.service, identity, via = t.via, "tunnel open");
             }
             Event::Closed {
-                origin,
-                conn_id,
-                service,
+                tunnel: t,
                 up,
                 down,
+                duration,
                 failure,
-            } => match failure {
-                None => debug!(origin = %origin, conn_id, service, up, down, "tunnel closed"),
-                Some(why) => {
-                    debug!(origin = %origin, conn_id, service, up, down, reason = %why, "tunnel failed")
-                }
-            },
+            } => {
+                // The audit record in the log: one line per tunneled connection, under its own
+                // target (`RUST_LOG=...,audit=off` leaves it out).
+                let identity = t.identity.as_deref().unwrap_or_default();
+                let client = t.client_addr.map(|a| a.to_string()).unwrap_or_default();
+                let node = t.node.as_deref().unwrap_or_default();
+                let transport = t.transport.unwrap_or_default();
+                let client_tls = t.client_tls.unwrap_or_default();
+                let duration_ms = duration.as_millis() as u64;
+                let ended = if failure.is_some() {
+                    "failed"
+                } else {
+                    "closed"
+                };
+                let reason = failure.as_deref().unwrap_or_default();
+                info!(target: "audit", origin = %t.origin, conn_id = t.conn_id, service = t.service, identity, client, via = t.via, node, transport, client_tls, up, down, duration_ms, ended, reason, "tunnel {ended}");
+            }
         }
     }
 
@@ -442,23 +635,83 @@ mod tests {
     async fn readers_see_every_event_in_order() {
         let events = Events::new();
         let mut reader = events.subscribe();
-        events.emit(Event::Opened {
-            origin: Origin::MysqlListener,
-            conn_id: 1,
-            service: "orders".into(),
-            identity: Some("postern://client/alice".into()),
-            via: "db1".into(),
-        });
-        events.emit(Event::Closed {
-            origin: Origin::MysqlListener,
-            conn_id: 1,
-            service: "orders".into(),
-            up: 10,
-            down: 20,
-            failure: Some("reset".into()),
-        });
+        let mut t = Tunnel::new(Origin::MysqlListener, 1, "orders", "db1");
+        t.identity = Some("postern://client/alice".into());
+        t.open(&events)
+            .closed(&events, 10, 20, Some("reset".into()));
         assert_eq!(reader.recv().await.unwrap().kind(), Kind::Opened);
         assert_eq!(reader.recv().await.unwrap().kind(), Kind::Failed);
         assert_eq!(events.count(Kind::Failed, None), 1);
+    }
+
+    #[test]
+    fn every_closed_tunnel_is_a_line_of_the_audit_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let events = Events::new();
+        events.audit_to(&path, "relay-1").unwrap();
+        assert!(events.audit_to(&path, "relay-1").is_err());
+        for id in 1..=3 {
+            let t = Tunnel::new(Origin::ClientStream, id, "orders", "agent-a");
+            t.open(&events).closed(&events, id * 10, id * 100, None);
+        }
+        events.refused(Origin::Quic, None, None, None, &refusal());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for (i, rec) in lines.iter().enumerate() {
+            assert_eq!(rec["conn_id"], i as u64 + 1);
+            assert_eq!(rec["instance"], "relay-1");
+            assert_eq!(rec["bytes_down"], (i as u64 + 1) * 100);
+        }
+    }
+
+    #[test]
+    fn times_read_as_rfc3339() {
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(1_795_329_484_123),
+            "2026-11-22T06:38:04.123Z"
+        );
+        assert_eq!(
+            rfc3339_millis(4_107_542_399_999),
+            "2100-02-28T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn a_closed_tunnel_is_one_audit_record_with_everything_known() {
+        let events = Events::new();
+        let mut reader = events.subscribe();
+        let mut t = Tunnel::new(Origin::TlsListener, 7, "orders", "db-agent");
+        t.identity = Some("postern://client/alice".into());
+        t.client_addr = Some("192.0.2.7:5555".parse().unwrap());
+        t.node = Some("node2".into());
+        t.transport = Some("quic");
+        t.client_tls = Some("X25519MLKEM768");
+        t.open(&events).closed(&events, 100, 2000, None);
+        let opened = reader.try_recv().unwrap();
+        let closed = reader.try_recv().unwrap();
+        let rec = closed.audit("relay/0").unwrap();
+        assert_eq!(rec["instance"], "relay/0");
+        assert_eq!(rec["origin"], "tls_listener");
+        assert_eq!(rec["conn_id"], 7);
+        assert_eq!(rec["identity"], "postern://client/alice");
+        assert_eq!(rec["client_addr"], "192.0.2.7:5555");
+        assert_eq!(rec["node"], "node2");
+        assert_eq!(rec["transport"], "quic");
+        assert_eq!(rec["client_tls"], "X25519MLKEM768");
+        assert_eq!(
+            (rec["bytes_up"].as_u64(), rec["bytes_down"].as_u64()),
+            (Some(100), Some(2000))
+        );
+        assert_eq!(rec["ended"], "closed");
+        assert!(rec["reason"].is_null());
+        assert!(rec["opened_at"].as_str().unwrap().ends_with('Z'));
+        assert!(opened.audit("x").is_none());
     }
 }

@@ -48,26 +48,53 @@ pub struct Transferred {
     pub b_to_a: u64,
 }
 
+/// A splice that failed: why, and how many bytes each way had been delivered by then (for the
+/// audit record of a connection that ended badly).
+#[derive(Debug)]
+pub struct SpliceError {
+    /// The first error, on either side.
+    pub error: io::Error,
+    /// Bytes written to the other side before it.
+    pub transferred: Transferred,
+}
+
+impl std::fmt::Display for SpliceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SpliceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
 /// Copies `a` to `b` and `b` to `a` until both directions end.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Transferred>
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, SpliceError>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut ab = Direction::default();
     let mut ba = Direction::default();
-    poll_fn(|cx| {
+    let done = poll_fn(|cx| {
         let r1 = ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
         let r2 = ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
         match (r1, r2) {
-            (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready(Ok(Transferred {
-                a_to_b: x,
-                b_to_a: y,
-            })),
+            (Poll::Ready(_), Poll::Ready(_)) => Poll::Ready(Ok(())),
             _ => Poll::Pending,
         }
     })
-    .await
+    .await;
+    let transferred = Transferred {
+        a_to_b: ab.amt,
+        b_to_a: ba.amt,
+    };
+    match done {
+        Ok(()) => Ok(transferred),
+        Err(error) => Err(SpliceError { error, transferred }),
+    }
 }
 
 #[derive(Default)]
@@ -179,5 +206,62 @@ mod tests {
         let t = task.await.unwrap().unwrap();
         assert_eq!(t.a_to_b, payload.len() as u64);
         assert_eq!(t.b_to_a, 4);
+    }
+
+    /// Gives `data`, then fails with a reset; takes whatever is written.
+    struct ThenReset {
+        data: Vec<u8>,
+        written: usize,
+    }
+
+    impl AsyncRead for ThenReset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.data.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            let n = self.data.len().min(buf.remaining());
+            buf.put_slice(&self.data[..n]);
+            self.data.drain(..n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for ThenReset {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.written += buf.len();
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_reports_what_was_delivered_before_it() {
+        let mut a = ThenReset {
+            data: vec![7; 100_000],
+            written: 0,
+        };
+        let (mut b, mut far) = duplex(1 << 20);
+        far.write_all(b"hello").await.unwrap();
+        let e = splice(&mut a, &mut b).await.unwrap_err();
+        assert_eq!(e.error.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(e.to_string(), e.error.to_string());
+        assert_eq!(e.transferred.a_to_b, 100_000);
+        assert_eq!(e.transferred.b_to_a, a.written as u64);
+        let mut got = vec![0; 100_000];
+        far.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|&x| x == 7));
     }
 }

@@ -40,6 +40,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, server};
 
 use crate::pki::{self, Identity};
+
+pub mod kx;
 use crate::protocol::ALPN;
 
 /// Errors building TLS configurations.
@@ -155,9 +157,13 @@ impl Material {
     }
 }
 
-/// The crypto provider used everywhere (ring).
+/// The crypto provider used everywhere: ring, with the hybrid post-quantum group
+/// X25519MLKEM768 ([`kx`]) first among its key exchange groups, so that it is offered and chosen
+/// on every TLS 1.3 link, and ring's classic groups after it for peers that lack it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.kx_groups.insert(0, kx::X25519MLKEM768);
+    Arc::new(p)
 }
 
 /// Server config for the agent/client link: TLS 1.3, ALPN `postern/1`, client cert required.

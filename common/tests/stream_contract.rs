@@ -53,7 +53,65 @@ contract!(
     closing_a_session_fails_its_streams_and_tells_the_peer,
     a_certificate_from_another_ca_is_refused_as_unknown_ca,
     a_relay_certificate_for_another_name_is_refused,
+    both_ends_use_the_post_quantum_group,
 );
+
+async fn both_ends_use_the_post_quantum_group(kind: TransportKind) {
+    let p = pki();
+    let pair = pair(&p, kind).await;
+    assert_eq!(pair.client.key_exchange(), "X25519MLKEM768");
+    assert_eq!(pair.server.key_exchange(), "X25519MLKEM768");
+    let (mut a, mut b) = stream_pair(&pair.client, &pair.server).await;
+    a.write_all(b"after the hybrid handshake").await.unwrap();
+    a.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within(b.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"after the hybrid handshake");
+}
+
+/// A QUIC client whose TLS has only the classic groups (ring's defaults, as any rustls client
+/// built without Postern's provider) still gets a session, on X25519.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classic_only_quic_client_still_connects() {
+    let p = pki();
+    let mut relay = Relay::start(TransportKind::Quic, &p.relay).await;
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(p.agent.roots.clone())
+    .with_client_auth_cert(p.agent.chain.clone(), p.agent.key.clone_key())
+    .unwrap();
+    tls.alpn_protocols = vec![postern_common::protocol::ALPN.to_vec()];
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = within(
+        endpoint
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(quic_tls)),
+                relay.addr,
+                "localhost",
+            )
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let session = relay.next().await.unwrap();
+    assert_eq!(session.key_exchange(), "X25519");
+    assert_eq!(session.peer().unwrap().to_string(), "postern://agent/db1");
+    // Streams work on it.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"classic").await.unwrap();
+    send.finish().unwrap();
+    let mut s = within(session.accept()).await.unwrap();
+    let mut got = Vec::new();
+    within(s.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"classic");
+    s.write_all(b"ok").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(within(recv.read_to_end(16)).await.unwrap(), b"ok");
+}
 
 /// Reads to the end, expecting a failure rather than a clean end.
 async fn read_fails(s: &mut Stream) -> io::Error {

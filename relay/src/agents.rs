@@ -168,7 +168,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, name: String) {
         session.close("agent left during welcome");
         return;
     }
-    info!(agent = %name, remote = %session.remote(), transport = %session.kind(), services = ?accepted, %software, "agent connected");
+    info!(agent = %name, remote = %session.remote(), transport = %session.kind(), key_exchange = session.key_exchange(), services = ?accepted, %software, "agent connected");
     crate::listen::mysql::prefetch_greetings(&shared, &accepted);
 
     // Agents do not open further streams; refuse any that appear so they cannot pile up.

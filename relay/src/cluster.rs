@@ -665,10 +665,7 @@ impl View {
 
 /// A transport's name in metrics.
 pub(crate) fn transport_name(kind: TransportKind) -> &'static str {
-    match kind {
-        TransportKind::Quic => "quic",
-        TransportKind::Websocket => "websocket",
-    }
+    kind.as_str()
 }
 
 /// Milliseconds since the Unix epoch.

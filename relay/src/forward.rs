@@ -16,11 +16,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use postern_common::events::{Event, Origin};
+use postern_common::events::{self, Origin};
 use postern_common::mysql::server::Conn;
 use postern_common::pki::Identity;
 use postern_common::protocol::{Answer, Code, Open, StreamMode};
-use postern_common::transport::Stream;
+use postern_common::transport::{Stream, TransportKind};
 use postern_common::{splice, wire};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
@@ -39,6 +39,12 @@ pub(crate) struct Reached {
     pub(crate) agent: String,
     pub(crate) backend: String,
     pub(crate) conn_id: u64,
+    /// The node the agent reached, when the relay knows its name.
+    pub(crate) node: Option<String>,
+    /// The transport of the agent's session.
+    pub(crate) transport: TransportKind,
+    /// The client's address, when there is a client.
+    pub(crate) client_addr: Option<SocketAddr>,
     /// Held for the life of the connection: counts against the service's limit.
     pub(crate) permit: OwnedSemaphorePermit,
 }
@@ -207,13 +213,16 @@ pub(crate) async fn open(
             let registration = (conn_id != 0).then(|| {
                 shared
                     .cluster
-                    .register(service, reached, (term, node), transport)
+                    .register(service, reached.clone(), (term, node), transport)
             });
             Ok(Reached {
                 stream: Tunnel::new(stream, registration, revoked),
                 agent,
                 backend,
                 conn_id,
+                node: reached,
+                transport,
+                client_addr,
                 permit,
             })
         }
@@ -334,45 +343,54 @@ impl Conn for Tunnel {
 }
 
 /// Carries an authorised client's bytes to the agent and back until both directions end, and
-/// tells the events sink that the tunnel opened and how it closed. A failure on either side
-/// fails both loudly (a reset, never a clean end).
+/// tells the events sink that the tunnel opened and how it closed (the audit record). A failure
+/// on either side fails both loudly (a reset, never a clean end). `client_tls`: the key exchange
+/// group of the client's TLS, where it ended at the relay.
 pub(crate) async fn carry<C: Conn>(
     shared: &Shared,
     origin: Origin,
     service: &str,
     identity: &Identity,
+    client_tls: Option<&'static str>,
     mut client: C,
     reached: Reached,
 ) {
+    let tunnel = reached.record(origin, service, Some(identity), client_tls);
     let Reached {
-        mut stream,
-        agent,
-        conn_id,
-        permit,
-        ..
+        mut stream, permit, ..
     } = reached;
-    shared.events.emit(Event::Opened {
-        origin,
-        conn_id,
-        service: service.to_owned(),
-        identity: Some(identity.uri()),
-        via: agent,
-    });
+    let tunnel = tunnel.open(&shared.events);
     let (up, down, failure) = match splice::splice(&mut client, &mut stream).await {
         Ok(t) => (t.a_to_b, t.b_to_a, None),
         Err(e) => {
             stream.fail();
             client.fail();
-            (0, 0, Some(e.to_string()))
+            (
+                e.transferred.a_to_b,
+                e.transferred.b_to_a,
+                Some(e.to_string()),
+            )
         }
     };
     drop(permit);
-    shared.events.emit(Event::Closed {
-        origin,
-        conn_id,
-        service: service.to_owned(),
-        up,
-        down,
-        failure,
-    });
+    tunnel.closed(&shared.events, up, down, failure);
+}
+
+impl Reached {
+    /// What the relay knows of this connection, for its events and audit record.
+    pub(crate) fn record(
+        &self,
+        origin: Origin,
+        service: &str,
+        identity: Option<&Identity>,
+        client_tls: Option<&'static str>,
+    ) -> events::Tunnel {
+        let mut t = events::Tunnel::new(origin, self.conn_id, service, &self.agent);
+        t.identity = identity.map(Identity::uri);
+        t.client_addr = self.client_addr;
+        t.node = self.node.clone();
+        t.transport = Some(self.transport.as_str());
+        t.client_tls = client_tls;
+        t
+    }
 }

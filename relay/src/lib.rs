@@ -80,6 +80,9 @@ pub enum StartError {
     /// The service broker cannot start (its signing CA, its store).
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    /// The audit log cannot be appended to.
+    #[error("audit_log {0}: {1}")]
+    Audit(std::path::PathBuf, #[source] std::io::Error),
 }
 
 impl Relay {
@@ -115,7 +118,14 @@ impl Relay {
             Some(settings) => Some(Arc::new(broker::Broker::open(settings.clone()).await?)),
             None => None,
         };
+        let audit_log = config.audit_log.clone();
         let shared = Arc::new(Shared::new(config, broker, acceptors, quic));
+        if let Some(path) = audit_log {
+            shared
+                .events
+                .audit_to(&path, &shared.config().instance)
+                .map_err(|e| StartError::Audit(path, e))?;
+        }
         if let Some(b) = &shared.broker {
             // Bindings work from the first connection on, not after the first poll.
             b.apply(&shared.access)

@@ -71,6 +71,9 @@ pub struct AgentInfo {
     pub services: Vec<String>,
     /// The transport of its session.
     pub transport: TransportKind,
+    /// The key exchange group its session's TLS handshake used (`X25519MLKEM768` unless the
+    /// agent predates it).
+    pub key_exchange: &'static str,
     /// Its address as seen by the relay.
     pub remote: String,
     /// Seconds since the Unix epoch when the session started.
@@ -330,6 +333,7 @@ impl Registry {
                 name: name.clone(),
                 services: e.services.clone(),
                 transport: e.session.kind(),
+                key_exchange: e.session.key_exchange(),
                 remote: e.session.remote().to_string(),
                 since: e
                     .since

@@ -49,7 +49,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, session: Session, origin: Origin)
 
 /// Serves a `connect` client session: every stream it opens is one client connection.
 async fn serve_client(shared: Arc<Shared>, session: Session, name: String) {
-    info!(client = %name, remote = %session.remote(), transport = %session.kind(), "client session connected");
+    info!(client = %name, remote = %session.remote(), transport = %session.kind(), key_exchange = session.key_exchange(), "client session connected");
     loop {
         let stream = tokio::select! {
             _ = shared.abort.cancelled() => { session.close("relay shutting down"); break; }
@@ -74,6 +74,7 @@ async fn serve_client(shared: Arc<Shared>, session: Session, name: String) {
                 shared.clone(),
                 session.remote(),
                 Identity::Client(name.clone()),
+                session.key_exchange(),
                 stream,
             )
             .instrument(span),
@@ -105,11 +106,18 @@ async fn refuse_draining(shared: Arc<Shared>, mut stream: Stream) {
 }
 
 /// Serves one stream of a `connect` client: a client connection.
-async fn serve_stream(shared: Arc<Shared>, peer: SocketAddr, identity: Identity, stream: Stream) {
+/// `client_tls`: the key exchange group of the client's session.
+async fn serve_stream(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    identity: Identity,
+    client_tls: &'static str,
+    stream: Stream,
+) {
     // Boxed: reading the open frame and reaching the agent need far more state than carrying
     // bytes, which is all an idle connection does; only the carrying part stays.
     let Some((stream, reached, service, span)) =
-        Box::pin(start_stream(&shared, peer, &identity, stream)).await
+        Box::pin(start_stream(&shared, peer, &identity, client_tls, stream)).await
     else {
         return;
     };
@@ -118,6 +126,7 @@ async fn serve_stream(shared: Arc<Shared>, peer: SocketAddr, identity: Identity,
         Origin::ClientStream,
         &service,
         &identity,
+        Some(client_tls),
         stream,
         reached,
     )
@@ -131,6 +140,7 @@ async fn start_stream(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     identity: &Identity,
+    client_tls: &'static str,
     mut stream: Stream,
 ) -> Option<(Stream, forward::Reached, String, tracing::Span)> {
     let open = tokio::time::timeout(
@@ -208,8 +218,8 @@ async fn start_stream(
                 shared,
                 svc,
                 Origin::ClientStream,
-                Some(peer),
                 identity,
+                Some(client_tls),
                 stream,
                 reached,
             ))

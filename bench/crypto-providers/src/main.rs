@@ -1,10 +1,19 @@
 //! ring against aws-lc-rs on this machine: AEAD seal throughput on TLS-record and
 //! QUIC-packet sized buffers, and full TLS 1.3 handshakes (in memory) with each provider's
-//! key exchange groups, X25519 and the hybrid X25519MLKEM768. Rounds are interleaved so that
+//! key exchange groups, X25519 and the hybrid X25519MLKEM768, and Postern's own X25519MLKEM768
+//! on ring (`common/src/tls/kx.rs`, compiled in here as it is). Rounds are interleaved so that
 //! machine noise hits every variant alike; the median of the rounds is printed.
+//!
+//! First, and alone with `cargo run --release -- interop`: Postern's X25519MLKEM768 against
+//! aws-lc-rs' (an independent implementation of ML-KEM and of the hybrid's layout), each as
+//! client and as server. Each handshake must choose the hybrid group and carry data both ways.
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "../../../common/src/tls/kx.rs"]
+#[allow(dead_code)]
+mod kx;
 
 const ROUNDS: usize = 7;
 const SLICE: Duration = Duration::from_millis(300);
@@ -74,23 +83,34 @@ struct Pki {
     key: rustls::pki_types::PrivateKeyDer<'static>,
 }
 
-fn handshake_case(
+fn with_groups(
     provider: rustls::crypto::CryptoProvider,
-    group: &'static dyn rustls::crypto::SupportedKxGroup,
-    pki: &Pki,
-) -> Box<dyn FnMut() -> usize> {
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = provider;
-    p.kx_groups = vec![group];
-    let p = Arc::new(p);
+    p.kx_groups = groups;
+    Arc::new(p)
+}
+
+fn client_config(
+    p: Arc<rustls::crypto::CryptoProvider>,
+    pki: &Pki,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.cert.clone()).unwrap();
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(p.clone())
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(p)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth(),
-    );
+    )
+}
+
+fn server_config(
+    p: Arc<rustls::crypto::CryptoProvider>,
+    pki: &Pki,
+) -> Arc<rustls::ServerConfig> {
     let mut sc = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -99,34 +119,110 @@ fn handshake_case(
         .unwrap();
     sc.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     sc.send_tls13_tickets = 0;
-    let server = Arc::new(sc);
-    Box::new(move || {
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
-        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
-        let mut buf = Vec::new();
-        while c.is_handshaking() || s.is_handshaking() {
-            buf.clear();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).unwrap();
-                s.process_new_packets().unwrap();
-            }
-            buf.clear();
-            while s.wants_write() {
-                s.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).unwrap();
-                c.process_new_packets().unwrap();
-            }
+    Arc::new(sc)
+}
+
+/// Moves what each side writes to the other until neither has anything to say.
+fn pump(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) {
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
         }
+        let mut rd = &buf[..];
+        let quiet = rd.is_empty();
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        buf.clear();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        if quiet && rd.is_empty() && !c.is_handshaking() && !s.is_handshaking() {
+            return;
+        }
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+    }
+}
+
+fn connect(
+    client: &Arc<rustls::ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+) -> (rustls::ClientConnection, rustls::ServerConnection) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+    let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+    pump(&mut c, &mut s);
+    (c, s)
+}
+
+fn handshake_case(
+    provider: rustls::crypto::CryptoProvider,
+    group: &'static dyn rustls::crypto::SupportedKxGroup,
+    pki: &Pki,
+) -> Box<dyn FnMut() -> usize> {
+    let p = with_groups(provider, vec![group]);
+    let client = client_config(p.clone(), pki);
+    let server = server_config(p, pki);
+    Box::new(move || {
+        let _ = black_box(connect(&client, &server));
         1
     })
+}
+
+/// Postern's hybrid group against aws-lc-rs', both ways round; panics on any difference.
+fn interop(pki: &Pki) {
+    use std::io::{Read, Write};
+    let postern = with_groups(
+        rustls::crypto::ring::default_provider(),
+        vec![kx::X25519MLKEM768, rustls::crypto::ring::kx_group::X25519],
+    );
+    let awslc = with_groups(
+        rustls::crypto::aws_lc_rs::default_provider(),
+        vec![
+            rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+            rustls::crypto::aws_lc_rs::kx_group::X25519,
+        ],
+    );
+    let pairs = [
+        ("Postern client, aws-lc-rs server", &postern, &awslc),
+        ("aws-lc-rs client, Postern server", &awslc, &postern),
+    ];
+    for (what, cp, sp) in pairs {
+        for round in 0..200 {
+            let (mut c, mut s) = connect(
+                &client_config((*cp).clone(), pki),
+                &server_config((*sp).clone(), pki),
+            );
+            for (side, group) in [
+                ("client", c.negotiated_key_exchange_group()),
+                ("server", s.negotiated_key_exchange_group()),
+            ] {
+                let group = group.map(|g| g.name());
+                assert_eq!(
+                    group,
+                    Some(rustls::NamedGroup::X25519MLKEM768),
+                    "{what}, round {round}: the {side} negotiated {group:?}"
+                );
+            }
+            let up = format!("up {round}");
+            let down = format!("down {round}");
+            c.writer().write_all(up.as_bytes()).unwrap();
+            s.writer().write_all(down.as_bytes()).unwrap();
+            pump(&mut c, &mut s);
+            let (mut got_up, mut got_down) = (vec![0; up.len()], vec![0; down.len()]);
+            s.reader().read_exact(&mut got_up).unwrap();
+            c.reader().read_exact(&mut got_down).unwrap();
+            assert_eq!((got_up, got_down), (up.into_bytes(), down.into_bytes()));
+        }
+        println!("interop {what}: 200 handshakes chose X25519MLKEM768 and carried data both ways");
+    }
 }
 
 fn main() {
@@ -135,6 +231,10 @@ fn main() {
         cert: ck.cert.der().clone(),
         key: rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
     };
+    interop(&pki);
+    if std::env::args().nth(1).as_deref() == Some("interop") {
+        return;
+    }
     let mut cases: Vec<Case> = Vec::new();
     for size in [1200usize, 16384] {
         cases.push((
@@ -184,6 +284,14 @@ fn main() {
             handshake_case(
                 rustls::crypto::aws_lc_rs::default_provider(),
                 rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+                &pki,
+            ),
+        ),
+        (
+            "TLS 1.3 handshake X25519MLKEM768 ring + libcrux-ml-kem (Postern)".into(),
+            handshake_case(
+                rustls::crypto::ring::default_provider(),
+                kx::X25519MLKEM768,
                 &pki,
             ),
         ),

@@ -45,12 +45,19 @@ pub enum TransportKind {
     Websocket,
 }
 
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl TransportKind {
+    /// The name in logs, records and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::Quic => "quic",
             Self::Websocket => "websocket",
-        })
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -271,6 +278,8 @@ pub struct Session {
     /// server was verified by name.
     peer: Option<Identity>,
     remote: SocketAddr,
+    /// The key exchange group of the session's TLS handshake; `None` only for in-memory pairs.
+    key_exchange: Option<rustls::NamedGroup>,
 }
 
 #[derive(Clone)]
@@ -295,6 +304,7 @@ impl Session {
             )),
             peer: None,
             remote,
+            key_exchange: None,
         };
         (
             end(a, yamux::Mode::Client, "client"),
@@ -375,6 +385,12 @@ impl Session {
         self.remote
     }
 
+    /// The name of the key exchange group the session's TLS handshake used (`X25519MLKEM768`
+    /// between Postern peers, see [`crate::tls::kx`]), or `none` for an in-memory pair.
+    pub fn key_exchange(&self) -> &'static str {
+        self.key_exchange.map_or("none", crate::tls::kx::group_name)
+    }
+
     /// The transport in use.
     pub fn kind(&self) -> TransportKind {
         match &self.inner {
@@ -398,6 +414,7 @@ impl fmt::Debug for Session {
             .field("peer", &self.peer)
             .field("remote", &self.remote)
             .field("kind", &self.kind())
+            .field("key_exchange", &self.key_exchange())
             .finish()
     }
 }
@@ -422,6 +439,14 @@ enum StreamInner {
 const RESET_CODE: u32 = 1;
 
 impl Stream {
+    /// The transport of the session it belongs to.
+    pub fn kind(&self) -> TransportKind {
+        match self.inner {
+            StreamInner::Quic { .. } => TransportKind::Quic,
+            StreamInner::Mux(_) => TransportKind::Websocket,
+        }
+    }
+
     fn quic(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         Self {
             inner: StreamInner::Quic {

@@ -257,6 +257,7 @@ impl Client {
         // The server was verified by name; it carries no postern identity.
         Ok(Session {
             remote: conn.remote_address(),
+            key_exchange: key_exchange(&conn),
             inner: Inner::Quic(conn, Arc::new(QuicState::dialled(&self.tls))),
             peer: None,
         })
@@ -293,9 +294,19 @@ fn from_connection(conn: quinn::Connection) -> Result<Session, TransportError> {
     };
     Ok(Session {
         remote: conn.remote_address(),
+        key_exchange: key_exchange(&conn),
         inner: Inner::Quic(conn, Arc::default()),
         peer: Some(peer),
     })
+}
+
+/// The key exchange group of an established connection's handshake. quinn hands it out in its
+/// handshake data only with its `__rustls-post-quantum-test` feature (which adds that field and
+/// nothing else; see the workspace's Cargo.toml).
+fn key_exchange(conn: &quinn::Connection) -> Option<rustls::NamedGroup> {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .map(|d| d.negotiated_key_exchange_group)
 }
 
 /// Errors creating an endpoint.

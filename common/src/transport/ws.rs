@@ -355,11 +355,13 @@ where
         .flush()
         .await
         .map_err(|e| fail(ConnectError::Io(e)))?;
+    let key_exchange = stream.get_ref().1.negotiated_key_exchange_group();
     let span = tracing::info_span!("ws_session", remote = %remote, peer = %peer);
     Ok(Session {
         inner: Inner::Mux(mux::start(stream, yamux::Mode::Server, link, span)),
         peer: Some(peer),
         remote,
+        key_exchange: key_exchange.map(|g| g.name()),
     })
 }
 
@@ -586,11 +588,13 @@ async fn dial(opts: &ConnectOptions, material: &Material) -> Result<Session, Tra
         stream.get_mut().0.refuse("unexpected answer").await;
         return Err(fail(ConnectError::NotPostern));
     }
+    let key_exchange = stream.get_ref().1.negotiated_key_exchange_group();
     let span = tracing::info_span!("ws_session", relay = %addr, remote = %remote);
     Ok(Session {
         inner: Inner::Mux(mux::start(stream, yamux::Mode::Client, link, span)),
         peer: None,
         remote,
+        key_exchange: key_exchange.map(|g| g.name()),
     })
 }
 

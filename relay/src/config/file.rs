@@ -31,6 +31,8 @@ pub(super) struct File {
     #[serde(default)]
     pub(super) health_listen: Option<Spanned<String>>,
     #[serde(default)]
+    pub(super) audit_log: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
     pub(super) broker: Option<Spanned<super::broker::BrokerFile>>,
 }
 

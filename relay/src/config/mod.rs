@@ -22,6 +22,7 @@
 //!   username: admin
 //!   password_file: api-password   # or password_env: VAR (never inline)
 //! health_listen: 0.0.0.0:1936     # 200 with an empty body on any path, no auth (optional)
+//! audit_log: audit.jsonl          # one JSON line per tunneled connection (optional; always logged)
 //! ```
 //!
 //! What `listen` is depends on the protocol: for `mysql` services (the default) it speaks MySQL
@@ -134,6 +135,9 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     /// The Open Service Broker API under `/v2/`; `None`: off.
     pub broker: Option<broker::Broker>,
+    /// The file each tunneled connection's audit record is appended to when it ends (the
+    /// records are in the log either way); relative to the config file's directory.
+    pub audit_log: Option<PathBuf>,
 }
 
 /// The basic-auth credentials of the API, the dashboard and `/metrics`.
@@ -299,6 +303,24 @@ impl Config {
             .health_listen
             .as_ref()
             .and_then(|h| parse_addr(&mut check, h, "health_listen", env));
+        let audit_log = file.audit_log.as_ref().and_then(|p| {
+            let full = base.join(&p.value);
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&full)
+            {
+                Ok(_) => Some(full),
+                Err(e) => {
+                    check.at(
+                        p,
+                        "audit_log",
+                        format!("cannot append to {}: {e}", full.display()),
+                    );
+                    None
+                }
+            }
+        });
         let platform = CfInstance::from_env(env);
         let instance = file
             .instance
@@ -353,6 +375,7 @@ impl Config {
             api,
             health_listen,
             broker,
+            audit_log,
         })
     }
 }
@@ -694,6 +717,19 @@ mod tests {
         assert!(e[0].contains("password"), "{e:?}");
         let e = errors("health_listen: nowhere\n");
         assert!(e[0].starts_with("1: health_listen:"), "{e:?}");
+        let e = errors("audit_log: no-such-dir/audit.jsonl\n");
+        assert!(
+            e[0].starts_with("1: audit_log: cannot append to ")
+                && e[0].contains("no-such-dir/audit.jsonl"),
+            "{e:?}"
+        );
+        let c = Config::parse(
+            &path,
+            &format!("audit_log: audit.jsonl\n{head}{body}"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.audit_log, Some(dir.path().join("audit.jsonl")));
     }
 
     #[test]

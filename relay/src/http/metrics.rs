@@ -64,10 +64,10 @@ pub(crate) async fn follow(shared: Arc<Shared>) {
         };
         match event {
             Ok(Event::Closed {
-                service, up, down, ..
-            }) if shared.config().services.contains_key(&service) => {
-                shared.traffic.add(&service, "up", up);
-                shared.traffic.add(&service, "down", down);
+                tunnel, up, down, ..
+            }) if shared.config().services.contains_key(&tunnel.service) => {
+                shared.traffic.add(&tunnel.service, "up", up);
+                shared.traffic.add(&tunnel.service, "down", down);
             }
             Ok(_) => {}
             Err(RecvError::Lagged(n)) => {

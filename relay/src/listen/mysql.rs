@@ -48,7 +48,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use postern_common::events::{Event, Origin};
+use postern_common::events::Origin;
 use postern_common::mysql::Greeting;
 use postern_common::mysql::server::{self, Conn, Deadlines, Dialled, Front, Greeter};
 use postern_common::pki::Identity;
@@ -154,21 +154,21 @@ async fn terminate(
     let peer = front.peer;
     let dial = |identity: Identity| async move {
         let reached = forward::open(shared, svc, Some(&identity), peer, StreamMode::Plain).await?;
+        let record = reached.record(front.origin, &svc.name, None, None);
         let Reached {
             stream,
             agent,
             backend,
-            conn_id,
             permit,
+            ..
         } = reached;
         tracing::Span::current().record("agent", &agent);
         Ok(Dialled {
             io: stream,
-            conn_id,
+            record,
             // Connection ids are per database server: the agent's name tells apart servers
             // that agents on different hosts both call by the same address.
             node: format!("{agent}/{backend}"),
-            via: agent,
             slot: Some(permit),
         })
     };
@@ -255,39 +255,31 @@ async fn end_to_end(
             return server::refuse(&mut tcp, 0, &r).await;
         }
     };
+    tracing::Span::current().record("conn_id", reached.conn_id);
+    tracing::Span::current().record("agent", &reached.agent);
+    // The identity and the client's TLS are known only at the agent, which records its own
+    // open and close too.
+    let tunnel = reached
+        .record(front.origin, &svc.name, None, None)
+        .open(front.events);
     let Reached {
         mut stream,
-        agent,
-        conn_id,
         permit: _permit,
         ..
     } = reached;
-    tracing::Span::current().record("conn_id", conn_id);
-    tracing::Span::current().record("agent", &agent);
-    // The identity is known only at the agent, which records its own open and close too.
-    front.events.emit(Event::Opened {
-        origin: front.origin,
-        conn_id,
-        service: svc.name.clone(),
-        identity: None,
-        via: agent,
-    });
     let (up, down, failure) = match splice::splice(&mut tcp, &mut stream).await {
         Ok(t) => (t.a_to_b, t.b_to_a, None),
         Err(e) => {
             stream.fail();
             tcp.fail();
-            (0, 0, Some(e.to_string()))
+            (
+                e.transferred.a_to_b,
+                e.transferred.b_to_a,
+                Some(e.to_string()),
+            )
         }
     };
-    front.events.emit(Event::Closed {
-        origin: front.origin,
-        conn_id,
-        service: svc.name.clone(),
-        up,
-        down,
-        failure,
-    });
+    tunnel.closed(front.events, up, down, failure);
 }
 
 /// Whether MySQL connections of `identity` to `svc` that arrive already authenticated (`connect`
@@ -306,15 +298,15 @@ pub(crate) async fn serve_inspected<C: Conn>(
     shared: &Shared,
     svc: &Service,
     origin: Origin,
-    peer: Option<SocketAddr>,
     identity: &Identity,
+    client_tls: Option<&'static str>,
     client: C,
     reached: Reached,
 ) {
+    let tunnel = reached.record(origin, &svc.name, Some(identity), client_tls);
     let Reached {
         stream,
-        conn_id,
-        agent,
+        client_addr: peer,
         permit: _permit,
         ..
     } = reached;
@@ -327,5 +319,5 @@ pub(crate) async fn serve_inspected<C: Conn>(
         origin,
         peer,
     };
-    server::serve_inspected(&front, identity, conn_id, &agent, client, stream).await;
+    server::serve_inspected(&front, identity, tunnel, client, stream).await;
 }

@@ -111,6 +111,11 @@ pub(crate) async fn serve(
             return;
         }
     };
+    let client_tls = conn
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .map(|g| tls::kx::group_name(g.name()));
     let reached = match forward::reach(&shared, &service, &identity, peer).await {
         Ok(r) => r,
         Err(r) => {
@@ -127,8 +132,8 @@ pub(crate) async fn serve(
             &shared,
             svc,
             Origin::TlsListener,
-            Some(peer),
             &identity,
+            client_tls,
             conn,
             reached,
         ))
@@ -139,6 +144,7 @@ pub(crate) async fn serve(
         Origin::TlsListener,
         &service,
         &identity,
+        client_tls,
         conn,
         reached,
     )

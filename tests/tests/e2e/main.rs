@@ -2,6 +2,7 @@
 //! clients, a Rust MySQL driver, the Java, Go, Node and Python drivers whose settings README.md
 //! documents, and the relay and agent in-process or as real processes.
 
+mod audit;
 mod basic;
 mod broker;
 mod certs;

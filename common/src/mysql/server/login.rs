@@ -2,6 +2,7 @@
 //! exchange ([`AuthRelay`]), then splicing bytes, with the client's commands judged by the
 //! service's policy ([`judge_command`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,7 +14,7 @@ use super::ids::ConnIds;
 use super::io::{Conn, Failure, Judgement, Leg, Side, Watched};
 use super::serve::{REFUSAL_WRITE_TIMEOUT, refuse, within};
 use super::{CLIENT_ATTRIBUTE, Front};
-use crate::events::Event;
+use crate::events::Tunnel;
 use crate::mysql::{
     self, AuthOutcome, AuthRelay, ChangeUser, Command, CommandWatch, ErrPacket, Turn,
     unknown_thread,
@@ -35,9 +36,8 @@ pub(super) struct Kills<'a> {
 pub(super) struct Login<'a> {
     pub(super) front: &'a Front<'a>,
     pub(super) identity: &'a Identity,
-    pub(super) conn_id: u64,
-    /// The other end, for the events: the agent (at the relay) or the backend (at the agent).
-    pub(super) via: &'a str,
+    /// What this end knows of the connection, for its events and audit record.
+    pub(super) record: Tunnel,
     /// What the backend takes the client to speak, for reading its later `COM_CHANGE_USER`.
     pub(super) capabilities: u32,
     /// Set when the client was greeted with a connection id of this front end's.
@@ -130,14 +130,10 @@ impl Login<'_> {
             }
         }
         debug!(plugin = %String::from_utf8_lossy(relay.plugin()), "logged in");
-        self.front.events.emit(Event::Opened {
-            origin: self.front.origin,
-            conn_id: self.conn_id,
-            service: self.front.rules.service.to_owned(),
-            identity: Some(self.identity.uri()),
-            via: self.via.to_owned(),
-        });
-        self.splice(client, backend).await;
+        let mut record = self.record.clone();
+        record.identity = Some(self.identity.uri());
+        let tunnel = record.open(self.front.events);
+        self.splice(client, backend, tunnel).await;
     }
 
     /// Records a failure of the login exchange: the client's as a refusal, the backend's as
@@ -155,7 +151,7 @@ impl Login<'_> {
     /// The command phase: bytes pass unchanged, or through a [`Watched`] reader when a
     /// `COM_CHANGE_USER` must be checked against the policy (and keep the identity attribute)
     /// or a `KILL` may name a connection id of this front end's.
-    async fn splice<C: Conn, B: Conn>(self, client: Leg<C>, backend: Leg<B>) {
+    async fn splice<C: Conn, B: Conn>(self, client: Leg<C>, backend: Leg<B>, tunnel: Arc<Tunnel>) {
         let Leg {
             io: mut client_io,
             buf: client_ahead,
@@ -196,17 +192,14 @@ impl Login<'_> {
             Ok(t) => (t.a_to_b, t.b_to_a, None),
             Err(e) => {
                 fail(&mut client_io, &mut backend_io);
-                (0, 0, Some(e.to_string()))
+                (
+                    e.transferred.a_to_b,
+                    e.transferred.b_to_a,
+                    Some(e.to_string()),
+                )
             }
         };
-        self.front.events.emit(Event::Closed {
-            origin: self.front.origin,
-            conn_id: self.conn_id,
-            service: rules.service.to_owned(),
-            up,
-            down,
-            failure,
-        });
+        tunnel.closed(self.front.events, up, down, failure);
     }
 
     fn judge(&self, command: &Command, packet: &[u8]) -> Judgement {

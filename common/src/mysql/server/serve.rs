@@ -18,6 +18,7 @@ use super::ids::ConnIds;
 use super::io::{Conn, Failure, Leg, Rewind, Side};
 use super::login::{Kills, Login, fail};
 use super::{CLIENT_ATTRIBUTE, Deadlines, Front, Rules};
+use crate::events::Tunnel;
 use crate::mysql::{
     self, AuthRelay, ClientFirst, Greeting, Handover, HandshakeResponse, Legs, MysqlError,
     Negotiated, Packet,
@@ -34,10 +35,11 @@ pub(super) const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Dialled<B> {
     /// The connection: it carries the backend's greeting first.
     pub io: B,
-    /// The id the relay and the agent both log.
-    pub conn_id: u64,
-    /// The other end, for events: the agent (at the relay) or the backend (at the agent).
-    pub via: String,
+    /// What this end knows of the connection, for its events and audit record: the id the
+    /// relay and the agent both log, the agent (at the relay) or the backend (at the agent) it
+    /// goes through, the node, the transport. The front end adds the client's identity and the
+    /// key exchange group of its TLS.
+    pub record: Tunnel,
     /// The database server the connection reached: connection ids (and so `KILL`s) are per
     /// server.
     pub node: String,
@@ -116,8 +118,7 @@ pub async fn serve_tls<C, B, D, F>(
     // 5. The backend, now that the client may use it.
     let Dialled {
         io,
-        conn_id,
-        via,
+        record: mut tunnel,
         node,
         slot: _slot,
     } = match dial(identity.clone()).await {
@@ -127,7 +128,15 @@ pub async fn serve_tls<C, B, D, F>(
             return refuse(&mut client.io, seq, &r).await;
         }
     };
+    let conn_id = tunnel.conn_id;
     tracing::Span::current().record("conn_id", conn_id);
+    tunnel.client_addr = tunnel.client_addr.or(front.peer);
+    tunnel.client_tls = client
+        .io
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .map(|g| tls::kx::group_name(g.name()));
     let mut backend = Leg::new(io, Side::Backend);
     let Some(greeting) = backend_greeting(front, &identity, &mut client, &mut backend, seq).await
     else {
@@ -201,8 +210,7 @@ pub async fn serve_tls<C, B, D, F>(
     let login = Login {
         front,
         identity: &identity,
-        conn_id,
-        via: &via,
+        record: tunnel,
         capabilities,
         kills: Some(Kills {
             ids: greeter.ids,
@@ -220,8 +228,7 @@ pub async fn serve_tls<C, B, D, F>(
 pub async fn serve_inspected<C: Conn, B: Conn>(
     front: &Front<'_>,
     identity: &Identity,
-    conn_id: u64,
-    via: &str,
+    tunnel: Tunnel,
     client: C,
     backend: B,
 ) {
@@ -281,8 +288,7 @@ pub async fn serve_inspected<C: Conn, B: Conn>(
     let login = Login {
         front,
         identity,
-        conn_id,
-        via,
+        record: tunnel,
         capabilities: response.capabilities & greeting.capabilities(),
         kills: None,
     };
