@@ -42,6 +42,7 @@ pub mod users;
 use std::sync::Arc;
 
 use postern_common::events::Events;
+use postern_common::tls;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -216,13 +217,26 @@ impl Agent {
         // Health checks and decisions run until the last stream is done.
         let checks = CancellationToken::new();
         state.backends.start(&config, &checks);
+        let expiry = {
+            let state = state.clone();
+            tokio::spawn(tls::expiry::watch(
+                move || certificates(&state.config()),
+                checks.clone(),
+            ))
+        };
         let reloads = {
             let (state, checks) = (state.clone(), checks.clone());
             tokio::spawn(async move {
                 while let Some((config, done)) = reload_rx.recv().await {
                     let outcome = reload(&state, config, &checks).await;
                     match &outcome {
-                        Ok(r) => info!(changes = %r, "configuration reloaded"),
+                        Ok(r) => {
+                            info!(changes = %r, "configuration reloaded");
+                            tls::expiry::warn_ahead(
+                                &certificates(&state.config()),
+                                std::time::SystemTime::now(),
+                            );
+                        }
                         Err(e) => {
                             error!(error = %e, "reload refused: the running configuration stays")
                         }
@@ -253,8 +267,25 @@ impl Agent {
         }
         grace.abort();
         reloads.abort();
+        expiry.abort();
         checks.cancel();
     }
+}
+
+/// The certificates the agent presents (to relays, and to clients of services it ends TLS for)
+/// and trusts, with their expiry.
+fn certificates(config: &Config) -> Vec<tls::expiry::Expiry> {
+    let mut certs = tls::expiry::of_material(&config.tls, "agent");
+    for svc in config.services.values() {
+        if let Some(m) = &svc.tls {
+            certs.extend(
+                m.chain
+                    .first()
+                    .and_then(|c| tls::expiry::Expiry::of("service", c)),
+            );
+        }
+    }
+    certs
 }
 
 /// Applies `new` to the running agent (see [`Agent::run`]).
@@ -330,7 +361,7 @@ async fn reload(
 }
 
 /// Refuses a certificate that relays would refuse for its dates.
-fn check_dates(tls: &postern_common::tls::Material) -> Result<(), ReloadError> {
+fn check_dates(tls: &tls::Material) -> Result<(), ReloadError> {
     let Some(leaf) = tls.chain.first() else {
         return Err(ReloadError::Certificate("is missing".into()));
     };

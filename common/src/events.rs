@@ -251,26 +251,13 @@ impl Event {
     }
 }
 
-/// `2026-11-29T08:38:04.123Z` for milliseconds since the Unix epoch (UTC, proleptic
-/// Gregorian; the civil-from-days conversion of Howard Hinnant's date algorithms).
+/// `2026-11-29T08:38:04.123Z` for milliseconds since the Unix epoch.
 fn rfc3339_millis(ms: u64) -> String {
-    let (secs, ms) = (ms / 1000, ms % 1000);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    let t = time::OffsetDateTime::UNIX_EPOCH
+        + time::Duration::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
+    let seconds = crate::pki::rfc3339(t);
+    let seconds = seconds.strip_suffix('Z').unwrap_or(&seconds);
+    format!("{seconds}.{:03}Z", t.millisecond())
 }
 
 /// What counters count.

@@ -9,6 +9,9 @@ pub mod binding;
 pub mod config;
 pub mod control;
 pub mod events;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mysql;
 pub mod net;
 pub mod pki;

@@ -1,4 +1,5 @@
-//! TLS configurations for every link Postern runs, all with the ring provider and mutual TLS.
+//! TLS configurations for every link Postern runs, all with the ring provider (and the hybrid
+//! post-quantum key exchange of [`kx`] preferred) and mutual TLS.
 //!
 //! * The agent and client link to the relay (QUIC or TLS inside a WebSocket): TLS 1.3 only,
 //!   ALPN `postern/1`, client certificate required and verified against the Postern CA.
@@ -41,6 +42,7 @@ use tokio_rustls::{TlsAcceptor, server};
 
 use crate::pki::{self, Identity};
 
+pub mod expiry;
 pub mod kx;
 use crate::protocol::ALPN;
 
@@ -99,6 +101,9 @@ pub struct Material {
     pub key: Arc<PrivateKeyDer<'static>>,
     /// The CA certificates we trust for peers.
     pub roots: Arc<RootCertStore>,
+    /// The same CA certificates as they were read, for what the trust store does not keep
+    /// (their expiry, see [`expiry`]).
+    pub trusted: Arc<Vec<CertificateDer<'static>>>,
     /// Revocation lists: a client certificate listed in one is refused. Shared by every
     /// verifier made from this material, and reloadable while they run.
     pub revocations: Arc<Revocations>,
@@ -114,13 +119,14 @@ impl Material {
 
     /// Loads PEM files.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let roots = load_roots(ca)?;
+        let (roots, trusted) = load_roots(ca)?;
         let chain = load_certs(cert)?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
         Ok(Self {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
+            trusted: Arc::new(trusted),
             revocations: Arc::new(Revocations::default()),
         })
     }
@@ -135,9 +141,11 @@ impl Material {
     /// Builds material from PEM strings (tests and the demo).
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            let c = c.map_err(|e| pem_err("<ca>", e))?;
-            roots.add(c)?;
+        let trusted = CertificateDer::pem_slice_iter(ca.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err("<ca>", e))?;
+        for c in &trusted {
+            roots.add(c.clone())?;
         }
         let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -147,6 +155,7 @@ impl Material {
             chain,
             key: Arc::new(key),
             roots: Arc::new(roots),
+            trusted: Arc::new(trusted),
             revocations: Arc::new(Revocations::default()),
         })
     }
@@ -512,6 +521,7 @@ impl ClientCertVerifier for Verifier {
         self.shared
             .inner()
             .verify_client_cert(end_entity, intermediates, now)
+            .inspect(|_| expiry::saw_client(end_entity))
             .inspect_err(|e| {
                 note(
                     self.note.as_ref(),
@@ -1020,15 +1030,16 @@ pub fn describe_handshake_error(err: &io::Error) -> String {
     }
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+fn load_roots(path: &Path) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), TlsError> {
     let mut roots = RootCertStore::empty();
-    for c in load_certs(path)? {
-        roots.add(c).map_err(|source| TlsError::Root {
+    let certs = load_certs(path)?;
+    for c in &certs {
+        roots.add(c.clone()).map_err(|source| TlsError::Root {
             path: path.to_path_buf(),
             source,
         })?;
     }
-    Ok(roots)
+    Ok((roots, certs))
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -208,6 +208,13 @@ impl Relay {
                 .watch_revocations(shared.abort.clone()),
         );
         tasks.spawn(http::metrics::follow(shared.clone()));
+        {
+            let watched = shared.clone();
+            tasks.spawn(tls::expiry::watch(
+                move || watched.certificates(),
+                shared.abort.clone(),
+            ));
+        }
         if let Some(b) = &shared.broker {
             tasks.spawn(
                 b.clone()

@@ -118,6 +118,13 @@ impl Reloader {
     pub async fn reload(&self, config: Config) -> Result<Reloaded, ReloadError> {
         let outcome = self.apply(config).await;
         log(&outcome);
+        if matches!(&outcome, Ok(done) if done.certificates) {
+            // The new certificates are warned about now, not at the next daily check.
+            postern_common::tls::expiry::warn_ahead(
+                &self.shared.certificates(),
+                std::time::SystemTime::now(),
+            );
+        }
         outcome
     }
 

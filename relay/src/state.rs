@@ -87,6 +87,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The certificates this relay presents and trusts, with their expiry.
+    pub(crate) fn certificates(&self) -> Vec<tls::expiry::Expiry> {
+        tls::expiry::of_material(&self.config().tls, "relay")
+    }
+
     /// The state of a relay with `config`, its listeners' TLS and its QUIC endpoint.
     pub(crate) fn new(
         config: Config,

@@ -3,9 +3,10 @@
 //!
 //! A session's traffic recorded today must not be readable by whoever breaks X25519 later: the
 //! shared secret is ML-KEM-768's concatenated with X25519's, so the session stays secret while
-//! either holds. rustls ships this group only with the aws-lc-rs provider, whose AES-GCM is half
-//! as fast as ring's on the machines we measured (`bench/RESULTS.md`, "crypto providers"); this
-//! module adds the group to ring's provider instead, so every byte keeps ring's AES-GCM and the
+//! either holds. rustls ships this group only with the aws-lc-rs provider. Which provider seals
+//! bytes faster depends on the CPU (`bench/RESULTS.md`, "crypto providers": ring 1.6–2.25× on an
+//! AMD EPYC, aws-lc-rs up to 1.5× on a Xeon with AVX-512); this module adds the group to ring's
+//! provider, so Postern keeps one provider and no CPU pays double per byte, and the
 //! post-quantum part is paid once per handshake.
 //!
 //! The wire layout is the draft's, ML-KEM first:

@@ -19,6 +19,14 @@
 pub mod addr;
 mod mux;
 pub mod proxy;
+
+/// See [`crate::fuzzing`].
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing {
+    pub use super::mux::fuzz_headers as yamux_headers;
+    pub use super::proxy::fuzz_answer as connect_answer;
+    pub use super::ws::fuzz_frames as websocket_frames;
+}
 pub mod quic;
 pub mod ws;
 

@@ -843,6 +843,30 @@ impl FrameScan {
     }
 }
 
+/// The frame headers (kind, flags, stream, length) and the payload bytes per stream that the
+/// scanner finds in `bytes` delivered in pieces that end at `cuts` (sorted offsets).
+#[cfg(feature = "fuzzing")]
+#[allow(clippy::type_complexity)] // plain tuples, for a fuzz target to compare
+pub fn fuzz_headers(bytes: &[u8], cuts: &[usize]) -> (Vec<(u8, u16, u32, u32)>, Vec<(u32, usize)>) {
+    let mut scan = FrameScan::default();
+    let (mut headers, mut payload) = (Vec::new(), Vec::<(u32, usize)>::new());
+    let mut from = 0;
+    for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
+        let end = end.clamp(from, bytes.len());
+        scan.scan_payload(
+            &bytes[from..end],
+            |h| headers.push((h.kind, h.flags, h.stream, h.length)),
+            |stream, n| match payload.last_mut() {
+                // Runs of one stream's payload are merged: chunking must not show.
+                Some((s, total)) if *s == stream => *total += n,
+                _ => payload.push((stream, n)),
+            },
+        );
+        from = end;
+    }
+    (headers, payload)
+}
+
 /// Sits under yamux: watches frame headers both ways and injects resets (see module docs).
 struct Tap<T> {
     io: T,

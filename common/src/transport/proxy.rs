@@ -341,6 +341,28 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, Head
     }
 }
 
+/// What the CONNECT answer reader makes of the bytes a proxy sends: the head (up to and including
+/// its blank line) and its status, or why there is none; and how many bytes it left unread.
+#[cfg(feature = "fuzzing")]
+#[allow(clippy::type_complexity)] // plain tuples, for a fuzz target to compare
+pub fn fuzz_answer(bytes: &[u8]) -> (Result<(Vec<u8>, Option<(u16, String)>), String>, usize) {
+    use futures_util::FutureExt;
+    let mut rest = bytes;
+    let head = read_head(&mut rest)
+        .now_or_never()
+        .expect("an in-memory reader never waits");
+    let outcome = match head {
+        Ok(head) => {
+            let status = parse_status(&head);
+            Ok((head, status))
+        }
+        Err(HeadError::TooLong) => Err("too long".into()),
+        Err(HeadError::Eof) => Err("eof".into()),
+        Err(HeadError::Io(e)) => Err(e.to_string()),
+    };
+    (outcome, rest.len())
+}
+
 /// Parses `HTTP/1.x CODE reason` from the first line of `head`.
 fn parse_status(head: &[u8]) -> Option<(u16, String)> {
     let line = head.split(|b| *b == b'\n').next()?;
@@ -350,11 +372,15 @@ fn parse_status(head: &[u8]) -> Option<(u16, String)> {
     if !version.starts_with("HTTP/1.") {
         return None;
     }
+    // Three digits, the first 1 to 5 (RFC 9110 section 15): "047" or "999" is not a status.
     let code = parts.next()?;
-    if code.len() != 3 {
+    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let code: u16 = code.parse().ok()?;
+    if !(100..=599).contains(&code) {
+        return None;
+    }
     Some((code, parts.next().unwrap_or("").trim().to_owned()))
 }
 
@@ -559,6 +585,20 @@ mod tests {
         );
         assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n\r\n"), None);
         assert_eq!(parse_status(b"HTTP/1.1 20x ok\r\n\r\n"), None);
+        // Not statuses, though three characters that parse as a number (found by the
+        // connect_answer fuzz target: "047" was taken for status 47).
+        for head in [
+            &b"HTTP/1.0 047 x\r\n\r\n"[..],
+            b"HTTP/1.1 +20 x\r\n\r\n",
+            b"HTTP/1.1 999 x\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse_status(head),
+                None,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
         assert_eq!(parse_status(&[0xff, 0xfe, b'\n']), None);
     }
 

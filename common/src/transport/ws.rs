@@ -60,6 +60,9 @@ use crate::tls::{self, ClientTls, Material, Note, ServerTls, TlsFailure};
 
 mod frame;
 
+#[cfg(feature = "fuzzing")]
+pub use frame::fuzz_frames;
+
 pub use frame::FrameError;
 use frame::{Decoder, Item, Role};
 

@@ -184,6 +184,27 @@ pub(crate) fn registry(shared: &Shared) -> Registry {
         "postern_agent_sessions",
         "Agent sessions connected to this relay, by transport",
     );
+    let expiry = gauge(
+        &mut reg,
+        "postern_certificate_expiry_timestamp_seconds",
+        "When each certificate the relay presents (role relay, intermediate) or trusts (role ca) expires, in seconds since the Unix epoch",
+    );
+    let clients_expiring = gauge(
+        &mut reg,
+        "postern_client_certificates_expiring",
+        "Distinct client certificates verified in the last day that expire within 30 days (or have expired)",
+    );
+    for c in shared.certificates() {
+        expiry
+            .get_or_create(&labels(&[("role", c.role), ("name", &c.name)]))
+            .set(c.unix());
+    }
+    clients_expiring.get_or_create(&Labels::new()).set(
+        i64::try_from(postern_common::tls::expiry::clients_expiring(
+            std::time::SystemTime::now(),
+        ))
+        .unwrap_or(i64::MAX),
+    );
 
     for name in shared.config().services.keys() {
         let Some(snap) = shared.cluster.snapshot(name) else {

@@ -742,3 +742,25 @@ async fn the_health_port_answers_200_with_nothing_on_any_path() {
         assert_eq!((reply.status, reply.body.as_str()), (200, ""), "{path}");
     }
 }
+
+#[tokio::test]
+async fn certificate_expiry_is_in_the_metrics() {
+    let r = relay(true, &["orders"]).await;
+    let samples = parse_metrics(&get(&r, "/metrics").await.body);
+    let certs = postern_common::tls::expiry::of_material(&r.shared.config().tls, "relay");
+    assert!(certs.iter().any(|c| c.role == "relay") && certs.iter().any(|c| c.role == "ca"));
+    for c in &certs {
+        let series = format!(
+            "postern_certificate_expiry_timestamp_seconds{{role=\"{}\",name=\"{}\"}}",
+            c.role, c.name
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as f64;
+        let at = samples.get(&series).copied();
+        assert_eq!(at, Some(c.unix() as f64), "{series} in {samples:?}");
+        assert!(at.unwrap() > now, "{series}");
+    }
+    assert!(samples.contains_key("postern_client_certificates_expiring"));
+}

@@ -2,7 +2,8 @@
 //! relay's `audit_log` when it ends (who, which service and node, over what, bytes each way,
 //! how long, how it ended), and every TLS link Postern terminates prefers the hybrid
 //! post-quantum group X25519MLKEM768 while classic-only clients (the `mariadb` CLI on OpenSSL
-//! 3.0) still connect, on X25519. Over QUIC and over WebSocket through nginx.
+//! 3.0) still connect, on X25519. Over QUIC and over WebSocket through nginx. And the expiry of
+//! the relay's certificates, and of the client certificates it verified, in its metrics.
 
 use std::path::Path;
 use std::time::Duration;
@@ -124,4 +125,50 @@ async fn one_audit_record_per_connection_and_post_quantum_links_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_audit_record_per_connection_and_post_quantum_links_over_websocket() {
     audit_and_key_exchange(Transport::Websocket, "websocket").await;
+}
+
+/// The relay's certificates (a day long in these tests) show their expiry in `/metrics`, and a
+/// client whose certificate expires within 30 days is counted once it has connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiry_and_clients_close_to_it_are_in_the_metrics() {
+    let s = Stack::builder()
+        .clients(["alice"])
+        .mariadb()
+        .api()
+        .start()
+        .await;
+    let api = s.api(0);
+    let m = api.metrics().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = |role: &str| {
+        let found: Vec<f64> = m
+            .samples
+            .iter()
+            .filter(|x| {
+                x.name == "postern_certificate_expiry_timestamp_seconds"
+                    && x.labels.get("role").map(String::as_str) == Some(role)
+            })
+            .map(|x| x.value)
+            .collect();
+        assert_eq!(found.len(), 1, "{role}: {:?}", m.samples);
+        found[0]
+    };
+    for role in ["relay", "ca"] {
+        let left = expiry(role) - now;
+        assert!(
+            left > 0.0 && left <= 86_400.0 + 60.0,
+            "{role}: {left} s left"
+        );
+    }
+    assert_eq!(s.cli(Some("alice")).ok("SELECT 1"), "1\n");
+    // Other tests of this process verify their own day-long client certificates too.
+    let counted = api
+        .metrics()
+        .await
+        .sum("postern_client_certificates_expiring", &[]);
+    assert!(counted >= 1.0, "{counted}");
+    s.stop().await;
 }

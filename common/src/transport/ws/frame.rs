@@ -114,6 +114,47 @@ pub(super) enum Item {
     Close(Option<(u16, String)>),
 }
 
+/// What a decoder for a server's end (`server`, else a client's) makes of `bytes` delivered in
+/// pieces that end at `cuts` (sorted offsets), read into a buffer of `room` bytes: what came out
+/// in order (runs of binary payload merged, as `(true, bytes)`; control frames as
+/// `(false, their Debug)`), and the error that ended the stream, if one did.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_frames(
+    server: bool,
+    limits: (u64, u64),
+    bytes: &[u8],
+    cuts: &[usize],
+    room: usize,
+) -> (Vec<(bool, Vec<u8>)>, Option<FrameError>) {
+    let role = if server { Role::Server } else { Role::Client };
+    let mut decoder = Decoder::new(role, limits.0, limits.1);
+    let mut out = vec![0u8; room.max(1)];
+    let mut input = BytesMut::new();
+    let mut items: Vec<(bool, Vec<u8>)> = Vec::new();
+    let mut from = 0;
+    for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
+        let end = end.clamp(from, bytes.len());
+        input.extend_from_slice(&bytes[from..end]);
+        from = end;
+        loop {
+            let mut buf = ReadBuf::new(&mut out);
+            match decoder.decode(&mut input, &mut buf) {
+                Ok(None) => break,
+                Ok(Some(Item::Data(n))) => {
+                    assert!(n >= 1 && n == buf.filled().len(), "data of {n} bytes");
+                    match items.last_mut() {
+                        Some((true, run)) => run.extend_from_slice(buf.filled()),
+                        _ => items.push((true, buf.filled().to_vec())),
+                    }
+                }
+                Ok(Some(other)) => items.push((false, format!("{other:?}").into_bytes())),
+                Err(e) => return (items, Some(e)),
+            }
+        }
+    }
+    (items, None)
+}
+
 /// The receiving side of a WebSocket: frames in, binary payload and control frames out.
 #[derive(Debug)]
 pub(super) struct Decoder {
