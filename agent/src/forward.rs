@@ -181,7 +181,7 @@ async fn plain(
     }
     // A stream without a client is the relay reading the greeting for its template.
     let record = (!open.pre_auth).then(|| {
-        let mut t = record(open, svc, &backend, stream.kind());
+        let mut t = tunnel_record(open, svc, &backend, stream.kind());
         t.identity = (!open.client.is_empty()).then(|| Identity::Client(open.client.clone()).uri());
         t.open(&state.front.events)
     });
@@ -195,7 +195,7 @@ async fn plain(
 }
 
 /// What the agent knows of a client connection, for its events and audit record.
-fn record(
+fn tunnel_record(
     open: &Open,
     svc: &Service,
     backend: &Backend,
@@ -289,7 +289,7 @@ async fn end_to_end(
             .await?;
         debug!(client_addr = %open.client_addr, backend = %backend.addr(), node = %backend.node(), "client authorised; connected to backend");
         Ok(Dialled {
-            record: record(open, svc, &backend, transport),
+            record: tunnel_record(open, svc, &backend, transport),
             node: backend.addr().to_owned(),
             io: NodeConn::new(tcp, backend, revoked),
             slot: None,
