@@ -52,38 +52,11 @@ fn run(stream: &[u8], cuts: &[usize], kills: bool, limit: usize) -> Verdicts {
     v
 }
 
-/// The input's layout, so that seeds can be real traffic with a small header in front:
-/// `flags: u8, a: u16, b: u16, room: u16, cuts: u8, then that many u16 cut offsets`, all little
-/// endian, then the bytes under test. Short inputs read as zeros.
-#[allow(dead_code)] // one layout for several targets; not every target uses every field
-struct Input<'a> {
-    flags: u8,
-    a: u16,
-    b: u16,
-    room: u16,
-    cuts: Vec<usize>,
-    bytes: &'a [u8],
-}
+#[path = "layout.rs"]
+#[allow(dead_code)] // not every target reads every field
+mod layout;
 
-fn input(data: &[u8]) -> Input<'_> {
-    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
-    let word = |i: usize| u16::from_le_bytes([byte(i), byte(i + 1)]);
-    let n = usize::from(byte(7));
-    let start = (8 + 2 * n).min(data.len());
-    let bytes = &data[start..];
-    let mut cuts: Vec<usize> = (0..n)
-        .map(|k| usize::from(word(8 + 2 * k)) % (bytes.len() + 1))
-        .collect();
-    cuts.sort_unstable();
-    Input {
-        flags: byte(0),
-        a: word(1),
-        b: word(3),
-        room: word(5),
-        cuts,
-        bytes,
-    }
-}
+use layout::input;
 
 fuzz_target!(|data: &[u8]| {
     let i = input(data);
