@@ -202,14 +202,6 @@ impl Event {
         }
     }
 
-    /// The service it concerns, when known.
-    pub fn service(&self) -> Option<&str> {
-        match self {
-            Self::Refused { service, .. } => service.as_deref(),
-            Self::Opened(t) | Self::Closed { tunnel: t, .. } => Some(&t.service),
-        }
-    }
-
     /// The audit record of a [`Event::Closed`]: one JSON object per tunneled connection, with
     /// `instance` naming this relay or agent. `None` for other events.
     pub fn audit(&self, instance: &str) -> Option<serde_json::Value> {

@@ -268,6 +268,11 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         changed.push("instance");
         new.instance = old.instance.clone();
     }
+    if old.audit_log != new.audit_log {
+        // The file is opened at start (the events sink appends to one file for its life).
+        changed.push("audit_log");
+        new.audit_log = old.audit_log.clone();
+    }
     if old.platform != new.platform {
         changed.push("the platform's environment");
         new.platform = old.platform.clone();
@@ -323,5 +328,33 @@ fn log(outcome: &Result<Reloaded, ReloadError>) {
             }
         }
         Err(e) => warn!(error = %e, "reload refused: the running configuration stays"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn a_new_audit_log_needs_a_restart_and_the_running_one_stays() {
+        let (dir, head) = crate::config::tests::files();
+        let path = dir.path().join("relay.yaml");
+        let env = BTreeMap::<&str, &str>::new();
+        let parse = |extra: &str| {
+            Config::parse(
+                &path,
+                &format!("{extra}{head}  orders:\n    clients: [alice]\n"),
+                &env,
+            )
+            .unwrap()
+        };
+        let old = parse("audit_log: a.jsonl\n");
+        let mut new = parse("audit_log: b.jsonl\n");
+        assert_eq!(keep_restart_only(&old, &mut new), vec!["audit_log"]);
+        assert_eq!(new.audit_log, Some(dir.path().join("a.jsonl")));
+        let mut same = parse("audit_log: a.jsonl\n");
+        assert!(keep_restart_only(&old, &mut same).is_empty());
     }
 }

@@ -533,12 +533,12 @@ pub fn base_dir(path: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use postern_common::pki::{Ca, Kind, LeafSpec};
 
     /// A directory with a CA and a relay certificate, and a relay.yaml prefix that uses them.
-    fn files() -> (tempfile::TempDir, String) {
+    pub(crate) fn files() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let (ca, key) = Ca::generate("test", 1).unwrap();
         std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
