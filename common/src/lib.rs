@@ -16,6 +16,7 @@ pub mod mysql;
 pub mod net;
 pub mod pki;
 pub mod policy;
+pub mod procstat;
 pub mod protocol;
 pub mod shutdown;
 pub mod splice;

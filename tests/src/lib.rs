@@ -17,11 +17,13 @@ pub mod galera;
 pub mod health;
 pub mod inproc;
 pub mod mariadb;
+pub mod notify;
 pub mod panics;
 pub mod pki;
 pub mod procs;
 pub mod router;
 pub mod stack;
+pub mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -17,6 +17,8 @@ pub struct MariaDb {
     pub addr: SocketAddr,
     child: Child,
     dir: TempDir,
+    /// Its options beyond the defaults, for [`relaunch`](Self::relaunch).
+    extra: Vec<String>,
 }
 
 /// The initialised data directory that instances copy. Made once per machine and MariaDB
@@ -117,39 +119,20 @@ impl MariaDb {
             .status()
             .expect("cp");
         assert!(status.success(), "copy template datadir");
+        let extra: Vec<String> = extra.iter().map(|e| (*e).to_owned()).collect();
         for attempt in 0..5 {
             let port = free_port();
-            let mut child = Command::new(find("mariadbd"))
-                .arg("--no-defaults")
-                .arg(format!("--datadir={}", data.display()))
-                .arg(format!("--port={port}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg(format!(
-                    "--socket={}",
-                    dir.path().join("mysqld.sock").display()
-                ))
-                .arg(format!(
-                    "--pid-file={}",
-                    dir.path().join("mysqld.pid").display()
-                ))
-                .arg("--user=root")
-                .arg("--skip-log-bin")
-                .arg("--skip-name-resolve")
-                .arg("--innodb-buffer-pool-size=32M")
-                .arg("--innodb-log-file-size=8M")
-                .arg("--max-allowed-packet=256M")
-                .arg("--max-connections=2000")
-                .arg("--performance-schema=OFF")
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.path().join("error.log")).expect("log file"))
-                .spawn()
-                .expect("spawn mariadbd");
+            let mut child = spawn(dir.path(), port, &extra);
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 if greets(addr).await {
-                    return Self { addr, child, dir };
+                    return Self {
+                        addr,
+                        child,
+                        dir,
+                        extra,
+                    };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // probably the port was taken meanwhile: try another
@@ -172,6 +155,82 @@ impl MariaDb {
         );
     }
 
+    /// Starts the server again on its port and data directory, after [`kill`](Self::kill) or
+    /// [`shutdown`](Self::shutdown), and waits until it accepts connections. Does not return
+    /// before the server runs (a crashed InnoDB recovers first).
+    pub async fn relaunch(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            self.child = spawn(self.dir.path(), self.addr.port(), &self.extra);
+            loop {
+                if greets(self.addr).await {
+                    return;
+                }
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    // The port may still be held by the old process's sockets in TIME_WAIT for
+                    // a moment (mariadbd sets SO_REUSEADDR, so rarely): try again.
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "mariadbd did not start again: {}",
+                    std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mariadbd did not start again: {}",
+                std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the server cleanly (SIGTERM, as `systemctl stop` does) and waits for it to exit.
+    pub fn shutdown(&mut self) {
+        crate::procs::signal(self.child.id(), "TERM");
+        let _ = self.child.wait();
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Starts `mariadbd` on `port` with the data directory in `dir`.
+fn spawn(dir: &Path, port: u16, extra: &[String]) -> Child {
+    let data = dir.join("data");
+    Command::new(find("mariadbd"))
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", data.display()))
+        .arg(format!("--port={port}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
+        .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+        .arg("--user=root")
+        .arg("--skip-log-bin")
+        .arg("--skip-name-resolve")
+        .arg("--innodb-buffer-pool-size=32M")
+        .arg("--innodb-log-file-size=8M")
+        .arg("--max-allowed-packet=256M")
+        .arg("--max-connections=2000")
+        .arg("--performance-schema=OFF")
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("error.log"))
+                .expect("log file"),
+        )
+        .spawn()
+        .expect("spawn mariadbd")
+}
+
+impl MariaDb {
     /// `host:port` for configs.
     pub fn backend(&self) -> String {
         self.addr.to_string()

@@ -19,16 +19,24 @@ pub const LOG_WAIT: Duration = Duration::from_secs(5);
 /// `cargo test` does not build other packages' binaries, so the test command builds them
 /// first (`cargo build --workspace`, which `.ci/run` and the README do).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/e2e-HASH -> target/debug/NAME
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let path = bin_dir().join(name);
     assert!(
         path.is_file(),
         "{} is missing: run `cargo build --workspace` before `cargo test`",
         path.display()
     );
     path
+}
+
+/// Where the workspace's binaries are built: `target/<profile>`, next to the test executable's
+/// `deps/`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/e2e-HASH -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// A position in a process's log: lines after it were written later.
@@ -137,11 +145,12 @@ impl Proc {
 
     /// Sends SIGTERM (what systemd and Cloud Foundry send to stop a process).
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {}", self.id());
+        signal(self.id(), "TERM");
+    }
+
+    /// Sends signal `name` (`STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
+        signal(self.id(), name);
     }
 
     /// Waits up to `within` for the process to exit; its status, or `None` if it still runs.
@@ -418,6 +427,31 @@ impl AgentProc {
     pub async fn wait_log(&self, needle: &str) -> String {
         self.proc.wait_log(needle, LOG_WAIT).await
     }
+}
+
+/// Sends signal `name` (`TERM`, `STOP`, `CONT`, ...) to process `pid`, as `kill -NAME` does.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Open file descriptors, resident memory (KiB) and OS threads of process `pid`, from `/proc`.
+pub fn holdings(pid: u32) -> Option<(usize, u64, u64)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let value = |key: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((fds, value("VmRSS:")?, value("Threads:")?))
 }
 
 /// The value of `key=value` in a log line.

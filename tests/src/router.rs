@@ -69,6 +69,11 @@ impl Nginx {
         self.spawn().await;
     }
 
+    /// The process id (`master_process off`: the one process that serves).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Kills nginx at once, cutting every connection through it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -99,6 +99,7 @@ pub struct StackBuilder {
     nodes: Option<Nodes>,
     api: bool,
     health_listen: bool,
+    agent_env: Vec<(String, String)>,
 }
 
 /// The nodes behind MySQL services, instead of one MariaDB.
@@ -211,6 +212,16 @@ impl StackBuilder {
     /// Runs the agent as the real binary (to kill it, restart it or read its log).
     pub fn agent_process(mut self) -> Self {
         self.agent_mode = Mode::Process;
+        self
+    }
+
+    /// Extra environment for the agent process ([`agent_process`](Self::agent_process)), e.g.
+    /// a `NOTIFY_SOCKET` the test reads.
+    pub fn agent_env<const N: usize>(mut self, env: [(&str, &str); N]) -> Self {
+        self.agent_env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         self
     }
 
@@ -504,9 +515,16 @@ impl StackBuilder {
                 run.wait_connected().await;
                 Some(AgentNode::InProcess(run))
             }
-            Mode::Process => Some(AgentNode::Process(
-                stack.start_agent_process(&agent_config, &[]),
-            )),
+            Mode::Process => {
+                let env: Vec<(&str, &str)> = self
+                    .agent_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                Some(AgentNode::Process(
+                    stack.start_agent_process(&agent_config, &env),
+                ))
+            }
         };
         if stack.agent.is_some() && (self.agent_mode == Mode::Process || self.instances > 1) {
             for relay in &stack.relays {
@@ -600,6 +618,7 @@ impl Stack {
             nodes: None,
             api: false,
             health_listen: false,
+            agent_env: Vec::new(),
         }
     }
 

@@ -194,6 +194,34 @@ pub(crate) fn registry(shared: &Shared) -> Registry {
         "postern_client_certificates_expiring",
         "Distinct client certificates verified in the last day that expire within 30 days (or have expired)",
     );
+    let tasks = gauge(
+        &mut reg,
+        "postern_runtime_tasks",
+        "Tasks alive in the relay's async runtime: flat under a steady load, back to its idle value when the load ends",
+    );
+    if let Some(n) = postern_common::procstat::runtime_tasks() {
+        tasks
+            .get_or_create(&Labels::new())
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    let fds = gauge(
+        &mut reg,
+        "process_open_fds",
+        "Open file descriptors of the relay process",
+    );
+    let rss = gauge(
+        &mut reg,
+        "process_resident_memory_bytes",
+        "Resident memory of the relay process, in bytes",
+    );
+    if let Some(n) = postern_common::procstat::open_fds() {
+        fds.get_or_create(&Labels::new())
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    if let Some(n) = postern_common::procstat::resident_bytes() {
+        rss.get_or_create(&Labels::new())
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
     for c in shared.certificates() {
         expiry
             .get_or_create(&labels(&[("role", c.role), ("name", &c.name)]))

@@ -764,3 +764,38 @@ async fn certificate_expiry_is_in_the_metrics() {
     }
     assert!(samples.contains_key("postern_client_certificates_expiring"));
 }
+
+#[tokio::test]
+async fn what_the_process_holds_is_in_the_metrics() {
+    let r = relay(true, &["orders"]).await;
+    let samples = parse_metrics(&get(&r, "/metrics").await.body);
+    let tasks = samples["postern_runtime_tasks"];
+    let fds = samples["process_open_fds"];
+    let rss = samples["process_resident_memory_bytes"];
+    // The relay's accept loops and the request being served are tasks; its listeners are fds.
+    assert!(tasks >= 2.0, "{samples:?}");
+    assert!(fds >= 3.0, "{samples:?}");
+    assert!(rss > 1_000_000.0, "{samples:?}");
+    // A task spawned now is counted; once it ends, it is not.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let held = tokio::spawn(async move {
+        let _ = rx.await;
+    });
+    let more = parse_metrics(&get(&r, "/metrics").await.body)["postern_runtime_tasks"];
+    assert!(more > tasks, "{more} > {tasks}");
+    drop(tx);
+    held.await.unwrap();
+    // The connections of earlier scrapes may take a moment to close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let after = parse_metrics(&get(&r, "/metrics").await.body)["postern_runtime_tasks"];
+        if after <= tasks {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{after} tasks, {tasks} before"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

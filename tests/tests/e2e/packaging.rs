@@ -4,12 +4,12 @@
 //! themselves.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use clap::CommandFactory;
+use postern_tests::notify::Notifications;
 use postern_tests::*;
-use tokio::net::UnixDatagram;
 use tokio::time::Instant;
 
 /// The agent's watchdog interval in the test, as systemd passes it (`WATCHDOG_USEC`).
@@ -110,8 +110,26 @@ async fn the_agent_is_ready_for_systemd_only_in_session_and_feeds_the_watchdog()
     assert!(
         ready
             .lines()
-            .any(|l| l.starts_with("STATUS=connected to relay ") && l.ends_with(" over quic")),
+            .any(|l| l.starts_with("STATUS=connected to relay ") && l.contains(" over quic; ")),
         "{ready:?}"
+    );
+    // The status line ends with what the agent holds: tasks, descriptors, memory.
+    let status = ready
+        .lines()
+        .find(|l| l.starts_with("STATUS=connected"))
+        .unwrap_or_default();
+    let counts = status.split_once("; ").map(|(_, c)| c).unwrap_or_default();
+    let parts: Vec<&str> = counts.split(", ").collect();
+    assert!(
+        parts.len() == 3
+            && [" tasks", " fds", " MiB"]
+                .iter()
+                .zip(&parts)
+                .all(|(unit, p)| p
+                    .strip_suffix(unit)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)),
+        "{status:?}"
     );
     // The relay has the session READY=1 announced.
     s.relay().wait_agent("db1").await;
@@ -225,76 +243,4 @@ fn pages(dir: &Path) -> BTreeMap<String, String> {
             (name, std::fs::read_to_string(&p).expect("read man page"))
         })
         .collect()
-}
-
-/// A `NOTIFY_SOCKET` the test binds and reads, as systemd's manager does.
-struct Notifications {
-    sock: UnixDatagram,
-    path: PathBuf,
-}
-
-impl Notifications {
-    fn bind(path: &Path) -> Self {
-        Self {
-            sock: UnixDatagram::bind(path).expect("bind the notify socket"),
-            path: path.to_path_buf(),
-        }
-    }
-
-    fn path_str(&self) -> String {
-        self.path.to_str().expect("utf-8 path").to_owned()
-    }
-
-    /// The next datagram, if one comes within `within`.
-    async fn next(&self, within: Duration) -> Option<String> {
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(within, self.sock.recv(&mut buf))
-            .await
-            .ok()?
-            .expect("recv on the notify socket");
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
-    }
-
-    /// Waits up to `within` for a datagram with the line `line`, and returns that datagram.
-    async fn wait_for(&self, line: &str, within: Duration) -> String {
-        self.wait_with(line, within).await.0
-    }
-
-    /// [`wait_for`](Self::wait_for), and the datagrams that came before it.
-    async fn wait_with(&self, line: &str, within: Duration) -> (String, Vec<String>) {
-        let deadline = Instant::now() + within;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(msg) = self.next(left).await else {
-                panic!(
-                    "no {line} on {} within {within:?}; got {seen:?}",
-                    self.path.display()
-                );
-            };
-            if msg.lines().any(|l| l == line) {
-                return (msg, seen);
-            }
-            seen.push(msg);
-        }
-    }
-
-    /// Every datagram that comes within `window`.
-    async fn collect(&self, window: Duration) -> Vec<String> {
-        let timed = self.collect_timed(window).await;
-        timed.into_iter().map(|(_, m)| m).collect()
-    }
-
-    /// Every datagram that comes within `window`, with when it came.
-    async fn collect_timed(&self, window: Duration) -> Vec<(Instant, String)> {
-        let end = Instant::now() + window;
-        let mut seen = Vec::new();
-        while let Some(msg) = self
-            .next(end.saturating_duration_since(Instant::now()))
-            .await
-        {
-            seen.push((Instant::now(), msg));
-        }
-        seen
-    }
 }

@@ -251,52 +251,11 @@ async fn a_forged_client_certificate_header_without_a_valid_inner_certificate_is
     w.stop().await;
 }
 
-/// A UDP path that drops everything until `open` is set, then forwards to `to` (and back).
-async fn udp_gate(
-    to: std::net::SocketAddr,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::net::SocketAddr {
-    use std::collections::HashMap;
-    use std::sync::atomic::Ordering;
-    let front = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let addr = front.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut backs: HashMap<std::net::SocketAddr, std::sync::Arc<tokio::net::UdpSocket>> =
-            HashMap::new();
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = front.recv_from(&mut buf).await {
-            if !open.load(Ordering::Relaxed) {
-                continue;
-            }
-            let back = match backs.get(&from) {
-                Some(b) => b.clone(),
-                None => {
-                    let b = std::sync::Arc::new(
-                        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-                    );
-                    b.connect(to).await.unwrap();
-                    let (b2, front2) = (b.clone(), front.clone());
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 65536];
-                        while let Ok(n) = b2.recv(&mut buf).await {
-                            let _ = front2.send_to(&buf[..n], from).await;
-                        }
-                    });
-                    backs.insert(from, b.clone());
-                    b
-                }
-            };
-            let _ = back.send(&buf[..n]).await;
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_udp_opens_up_new_streams_move_to_quic_and_old_ones_finish_on_websocket() {
     let w = world().await;
     let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gate = udp_gate(w.relay().quic(), open.clone()).await;
+    let gate = udp::gate(w.relay().quic(), open.clone()).await;
     let mut config = racing_agent(&w, &format!("quic://{gate}"));
     config.quic_reprobe = Some(Duration::from_secs(1));
     let mut agent = w.start_agent(&config);
