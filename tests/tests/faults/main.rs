@@ -33,7 +33,7 @@ use postern_tests::*;
 use tokio::time::Instant;
 
 use load::{Attempt, Job, Load, Outcome, Path};
-use world::{Part, Readings, World};
+use world::{Part, Readings, Setup, World};
 
 /// Service must be back within this long after the failed part is (README).
 const RECOVERED_WITHIN: Duration = Duration::from_secs(5);
@@ -43,6 +43,9 @@ const CONNECT_NOTICES_WITHIN: Duration = Duration::from_millis(3_250);
 /// After UDP is cut, the agent notices the silent QUIC session (two heartbeats of 1 s) and
 /// dials WebSocket: service is back within this long of the cut.
 const FALLBACK_WITHIN: Duration = Duration::from_secs(8);
+/// A killed active node is left within this (the agent's `mysql` check at its defaults; the
+/// failover tests' bound).
+const FAILOVER_WITHIN: Duration = Duration::from_millis(3_500);
 /// A frozen part stays frozen this long: three heartbeat intervals, so its peers give up on it.
 const FROZEN_FOR: Duration = Duration::from_secs(3);
 /// A killed part stays dead this long before it is started again; the relay longer, so that
@@ -64,6 +67,8 @@ enum Fault {
     CutUdp,
     /// The database shut down cleanly (SIGTERM) and started again.
     RestartDatabase,
+    /// The Galera node traffic goes to killed (SIGKILL); started again once traffic has moved.
+    KillActiveNode,
 }
 
 impl Fault {
@@ -82,6 +87,7 @@ impl Fault {
             Self::Freeze(p) => format!("{} frozen (SIGSTOP) {} s", p.name(), FROZEN_FOR.as_secs()),
             Self::CutUdp => "UDP black-holed mid-session (agent on `auto`)".into(),
             Self::RestartDatabase => "database restarted (SIGTERM, start)".into(),
+            Self::KillActiveNode => "active Galera node killed (SIGKILL), of three".into(),
         }
     }
 
@@ -132,6 +138,7 @@ async fn faults_lose_nothing_and_service_comes_back() {
         (Quic, Fault::Freeze(Database)),
         (Quic, Fault::RestartDatabase),
         (Quic, Fault::CutUdp),
+        (Quic, Fault::KillActiveNode),
         (Websocket, Fault::Kill(Relay)),
         (Websocket, Fault::Kill(Agent)),
         (Websocket, Fault::Kill(Router)),
@@ -178,7 +185,12 @@ async fn faults_lose_nothing_and_service_comes_back() {
 
 async fn run(case: Case) -> Row {
     let Case { transport, fault } = case;
-    let mut w = World::start(transport, fault == Fault::CutUdp).await;
+    let setup = match fault {
+        Fault::CutUdp => Setup::UdpGate,
+        Fault::KillActiveNode => Setup::Galera,
+        _ => Setup::Single,
+    };
+    let mut w = World::start(transport, setup).await;
     let mut problems = Vec::new();
 
     // Warm-up: allocations a first load makes are not leaks. Nothing may fail here.
@@ -199,6 +211,7 @@ async fn run(case: Case) -> Row {
     })
     .await;
     let at = Instant::now();
+    let mut killed_node = None;
     let restored = match fault {
         Fault::Kill(part) => {
             w.kill(part);
@@ -229,11 +242,17 @@ async fn run(case: Case) -> Row {
             w.start_again(Part::Database).await;
             Instant::now()
         }
+        Fault::KillActiveNode => {
+            let node = w.active_node().await;
+            w.kill_node(&node);
+            killed_node = Some(node);
+            at
+        }
     };
-    let bound = if fault == Fault::CutUdp {
-        FALLBACK_WITHIN
-    } else {
-        RECOVERED_WITHIN
+    let bound = match fault {
+        Fault::CutUdp => FALLBACK_WITHIN,
+        Fault::KillActiveNode => FAILOVER_WITHIN,
+        _ => RECOVERED_WITHIN,
     };
     let recovery = w
         .serving(bound + Duration::from_secs(10))
@@ -269,6 +288,10 @@ async fn run(case: Case) -> Row {
         problems.push("the clients' transfers did not resume".into());
     }
     let attempts = load.finish().await;
+    // The killed node rejoins (traffic stays where it moved).
+    if let Some(node) = killed_node {
+        w.start_node(&node).await;
+    }
 
     let (saw, completed, wrong, hung) = summarise(&attempts, at);
     let spanning = |job: Job| {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use mysql_async::prelude::*;
 use postern_tests::config::AgentTransport;
+use postern_tests::galera::{APP_PASSWORD, APP_USER};
 use postern_tests::notify::Notifications;
 use postern_tests::procs::{self, holdings};
 use postern_tests::stack::AgentNode;
@@ -69,14 +70,25 @@ pub(crate) struct World {
     _dir: TempDir,
 }
 
+/// What the agent serves, and how it reaches the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Setup {
+    /// One MariaDB, the case's transport.
+    Single,
+    /// One MariaDB; the agent races QUIC through a UDP path the case can cut against
+    /// WebSocket through nginx (`transport: auto`).
+    UdpGate,
+    /// A three-node Galera cluster behind the agent's `mysql` health check.
+    Galera,
+}
+
 impl World {
-    /// Starts everything for `transport`; with `udp_gate`, the agent races QUIC through a UDP
-    /// path the case can cut against WebSocket through nginx (`transport: auto`).
-    pub(crate) async fn start(transport: Transport, udp_gate: bool) -> Self {
+    /// Starts everything for `transport` and `setup`.
+    pub(crate) async fn start(transport: Transport, setup: Setup) -> Self {
+        let udp_gate = setup == Setup::UdpGate;
         let dir = tempfile::tempdir().expect("tempdir");
         let notify = Notifications::bind(&dir.path().join("agent-notify.sock"));
-        let mut s = Stack::builder()
-            .mariadb()
+        let b = Stack::builder()
             .relay_process()
             .api()
             .transport(if udp_gate {
@@ -85,10 +97,20 @@ impl World {
                 transport
             })
             .relay(|r| r.pin_ports())
-            .no_agent()
-            .start()
-            .await;
-        s.db().sql(load::SETUP);
+            .no_agent();
+        let b = if setup == Setup::Galera {
+            b.galera()
+        } else {
+            b.mariadb()
+        };
+        let mut s = b.start().await;
+        if let Some(g) = &s.galera {
+            let first = &g.names()[0];
+            g.ok(first, load::SETUP);
+            g.ok(first, &format!("GRANT SELECT ON f.* TO '{APP_USER}'@'%'"));
+        } else {
+            s.db().sql(load::SETUP);
+        }
         let mut config = s.agent_config();
         let udp_open = if udp_gate {
             let open = Arc::new(AtomicBool::new(true));
@@ -106,9 +128,23 @@ impl World {
         s.agent = Some(AgentNode::Process(agent));
         s.relay().wait_agent("db1").await;
         let connect = s.connect("alice").await;
-        let via_connect = mysql_async::Opts::from_url(&connect.url()).expect("connect url");
-        let listener = s.mysql_opts("alice").into();
-        let digest = load::expected_digest(&s.db().url()).await;
+        let (via_connect, listener, direct) = match &s.galera {
+            Some(g) => {
+                let first = &g.names()[0];
+                (
+                    format!(
+                        "mysql://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/app?prefer_socket=false",
+                        connect.addr.port()
+                    ),
+                    s.app_opts(0, "alice"),
+                    format!("mysql://{APP_USER}:{APP_PASSWORD}@{}/app", g.addr(first)),
+                )
+            }
+            None => (connect.url(), s.mysql_opts("alice"), s.db().url()),
+        };
+        let via_connect = mysql_async::Opts::from_url(&via_connect).expect("connect url");
+        let listener = listener.into();
+        let digest = load::expected_digest(&direct).await;
         let w = Self {
             s,
             notify,
@@ -246,16 +282,36 @@ impl World {
         })
     }
 
-    /// Client connections the database holds, less the one that asks.
+    /// Client connections the clients' users hold at the database (every running node of a
+    /// cluster); not the health checks', nor the one that asks.
     pub(crate) fn backend_connections(&self) -> u64 {
-        let n: u64 = self
-            .s
-            .db()
-            .sql("SELECT COUNT(*) FROM information_schema.processlist WHERE command <> 'Daemon'")
-            .trim()
-            .parse()
-            .expect("a count");
-        n.saturating_sub(1)
+        const COUNT: &str = "SELECT COUNT(*) FROM information_schema.processlist \
+             WHERE user IN ('root', 'app') AND id <> CONNECTION_ID()";
+        let parse = |out: &str| -> u64 { out.trim().parse().expect("a count") };
+        match &self.s.galera {
+            Some(g) => g
+                .names()
+                .iter()
+                .filter_map(|n| g.sql(n, COUNT).ok())
+                .map(|out| parse(&out))
+                .sum(),
+            None => parse(&self.s.db().sql(COUNT)),
+        }
+    }
+
+    /// The node new connections go to, as the relay's `/v0/backends` says.
+    pub(crate) async fn active_node(&self) -> String {
+        self.s.api(0).active(None).await.1.expect("an active node")
+    }
+
+    /// Kills Galera node `name` (SIGKILL).
+    pub(crate) fn kill_node(&mut self, name: &str) {
+        self.s.galera_mut().kill_node(name);
+    }
+
+    /// Starts Galera node `name` again and waits until it has rejoined (Synced).
+    pub(crate) async fn start_node(&mut self, name: &str) {
+        self.s.galera_mut().start_node(name).await;
     }
 
     /// Stops everything; fails on a panic in any process's log.
