@@ -33,6 +33,7 @@ pub async fn run(mut status: watch::Receiver<Status>) {
         });
     }
     let mut ready = false;
+    let mut sent = String::new();
     // The counts at the end of the line change without a status change: refreshed on a timer.
     let mut refresh = tokio::time::interval(REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -50,13 +51,17 @@ pub async fn run(mut status: watch::Receiver<Status>) {
             Status::Disconnected(why) => (format!("disconnected: {why}"), false),
         };
         let line = with_counts(line);
-        let line = NotifyState::Status(&line);
-        let _ = if connected && !ready {
-            ready = true;
-            sd_notify::notify(&[NotifyState::Ready, line])
-        } else {
-            sd_notify::notify(&[line])
-        };
+        // Only news is sent: an agent at rest sends nothing.
+        if line != sent || (connected && !ready) {
+            let state = NotifyState::Status(&line);
+            let _ = if connected && !ready {
+                ready = true;
+                sd_notify::notify(&[NotifyState::Ready, state])
+            } else {
+                sd_notify::notify(&[state])
+            };
+            sent = line;
+        }
         tokio::select! {
             changed = status.changed() => {
                 if changed.is_err() {
@@ -68,7 +73,7 @@ pub async fn run(mut status: watch::Receiver<Status>) {
     }
 }
 
-/// How often the status line's counts are brought up to date.
+/// How often the status line's counts are read (and sent, when they changed).
 const REFRESH: Duration = Duration::from_secs(2);
 
 /// `line` with what the process holds: `…; 41 tasks, 17 fds, 12 MiB` (what can be read).

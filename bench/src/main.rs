@@ -27,9 +27,17 @@
 //!
 //! Everything runs on loopback, so the tunnel's extra hops cost CPU and scheduling, not network
 //! latency; the CPU table in the report shows which process is busy on each path.
+//!
+//! `postern-bench soak` (see [`soak`]) runs the same stack for a long time instead: many
+//! connections through each tunnel, a query on each every few seconds, and the memory,
+//! descriptors, threads and tasks of every process followed over time.
 
 mod failover;
+mod histogram;
+mod probe;
 mod report;
+mod soak;
+mod soak_report;
 mod stack;
 mod workload;
 
@@ -56,8 +64,16 @@ const SETTLE: Duration = Duration::from_secs(1);
 ///
 /// Build first: `cargo build --release -p postern-relay -p postern-agent -p postern-bench`.
 #[derive(Debug, Parser)]
-#[command(name = "postern-bench", version, about)]
+#[command(
+    name = "postern-bench",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    /// Without a command: the benchmark.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Rounds; each runs every workload on every path [default: 4, --quick: 1].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
@@ -102,6 +118,15 @@ struct Args {
     /// Also write the markdown report to this file.
     #[arg(long)]
     output: Option<PathBuf>,
+}
+
+/// What else the bench can run.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Hold many tunneled connections through QUIC and WebSocket for a long time, a query on
+    /// each every few seconds; report errors, latency, and every process's memory,
+    /// descriptors, threads and tasks over time (not for CI: an hour by default).
+    Soak(soak::SoakArgs),
 }
 
 /// The run's parameters, with defaults filled in.
@@ -165,7 +190,7 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -176,6 +201,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Soak(soak_args)) = args.command.take() {
+        // The soak handles signals itself: the first ends the hold early and still reports.
+        return match runtime.block_on(soak::run(soak_args)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => {
+                eprintln!("error: the soak failed (see the report's result)");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // On a signal the benchmark future is dropped, which stops every child process.
     let result = runtime.block_on(async {
         tokio::select! {

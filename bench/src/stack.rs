@@ -18,6 +18,10 @@
 //!
 //! Every process is stopped when the [`Stack`] is dropped (also on error or Ctrl-C): SIGTERM, a
 //! few seconds to exit, then SIGKILL.
+//!
+//! The soak starts the same stack with a [`Tuning`]: a `mariadbd` for tens of thousands of
+//! connections, a higher per-service connection limit at the relays, and ways to read each
+//! relay's and agent's task count (the relay's API for `/metrics`, a `NOTIFY_SOCKET` per agent).
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -30,14 +34,30 @@ use postern_common::pki::Kind;
 use postern_tests::config::{AgentConfig, AgentTransport, RelayConfig, RelayListen, RelaySpec};
 use postern_tests::{MariaDb, TestPki};
 
+use crate::probe::{Api, StatusReader};
+
 /// The names of the binaries the bench runs.
 pub(crate) const BINARIES: [&str; 2] = ["postern-relay", "postern-agent"];
 /// The service name the relay and agent use for MariaDB.
 pub(crate) const SERVICE: &str = "mariadb";
 /// The agent's and the client's certificate names.
 pub(crate) const NAME: &str = "bench";
+/// The relay API's user, when the API is on.
+const API_USER: &str = "bench";
 /// Deadline for each process to say it is ready.
 const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// What the soak changes in the stack; the benchmark runs with the default (nothing changed).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Tuning {
+    /// Extra `mariadbd` options (they come last, so they win).
+    pub(crate) mariadbd: Vec<String>,
+    /// The service's `max_connections` at each relay (`None`: the relay's default).
+    pub(crate) service_max_connections: Option<usize>,
+    /// Turn on each relay's API (for `/metrics`) and bind a `NOTIFY_SOCKET` for each agent (for
+    /// its status line), so their task counts can be read.
+    pub(crate) observe: bool,
+}
 
 /// How a tunnel's agent and `connect` reach its relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +71,14 @@ impl Transport {
         match self {
             Self::Quic => "quic",
             Self::WebSocket => "ws",
+        }
+    }
+
+    /// The name in reports.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Quic => "QUIC",
+            Self::WebSocket => "WebSocket",
         }
     }
 }
@@ -69,6 +97,10 @@ pub(crate) struct Tunnel {
     pub(crate) addr: SocketAddr,
     /// The relay's MySQL-native listener for the service (QUIC tunnel only).
     pub(crate) mysql: Option<SocketAddr>,
+    /// The relay's API, when [`Tuning::observe`] turned it on.
+    pub(crate) api: Option<Api>,
+    /// The agent's status lines, when [`Tuning::observe`] asked for them.
+    pub(crate) status: Option<StatusReader>,
 }
 
 impl Tunnel {
@@ -111,29 +143,13 @@ impl Stack {
             .map(|n| ("TOKIO_WORKER_THREADS", n.to_string()))
             .into_iter()
             .collect();
-        check_binaries(bin_dir)?;
-
-        // MariaDb::start panics if mariadbd cannot start; check the programs first so the common
-        // case (not installed) is a plain error.
-        for program in ["mariadb-install-db", "mariadbd"] {
-            if !on_path(program) {
-                bail!(
-                    "{program} not found: install mariadb-server (apt-get install mariadb-server)"
-                );
-            }
-        }
-        let pki = TestPki::new();
-        pki.issue(Kind::Agent, NAME);
+        let pki = prepare(bin_dir)?;
         let client_base = pki.issue(Kind::Client, NAME);
         let db = start_mariadb(&pki).await?;
-        let db_pid = fs::read_to_string(db.dir().join("mysqld.pid"))
-            .context("read mariadbd pid file")?
-            .trim()
-            .parse()
-            .context("parse mariadbd pid file")?;
-
-        let quic = start_tunnel(bin_dir, &pki, &db, Transport::Quic, &env).await?;
-        let ws = start_tunnel(bin_dir, &pki, &db, Transport::WebSocket, &env).await?;
+        let db_pid = pid_of(&db)?;
+        let tuning = Tuning::default();
+        let quic = start_tunnel(bin_dir, &pki, &db, Transport::Quic, &env, &tuning).await?;
+        let ws = start_tunnel(bin_dir, &pki, &db, Transport::WebSocket, &env, &tuning).await?;
         Ok(Self {
             quic,
             ws,
@@ -152,6 +168,80 @@ impl Stack {
         drop(self.pki);
         problems
     }
+}
+
+/// MariaDB and one tunnel per transport asked for, tuned: the soak's stack.
+///
+/// Fields drop in declaration order: the tunnels first, the database last, the certificate and
+/// config directory after everything that reads it.
+pub(crate) struct TunedStack {
+    /// The tunnels, in the order asked for.
+    pub(crate) tunnels: Vec<(Transport, Tunnel)>,
+    /// The private MariaDB server.
+    pub(crate) db: MariaDb,
+    /// The process id of `mariadbd`.
+    pub(crate) db_pid: u32,
+    pki: TestPki,
+}
+
+impl TunedStack {
+    /// Starts mariadbd and a tunnel per transport in `transports`, with what `tuning` changes.
+    pub(crate) async fn start(
+        bin_dir: &Path,
+        transports: &[Transport],
+        tuning: &Tuning,
+    ) -> Result<Self> {
+        let pki = prepare(bin_dir)?;
+        let db = start_mariadb_with(&pki, &tuning.mariadbd).await?;
+        let db_pid = pid_of(&db)?;
+        let mut tunnels = Vec::new();
+        for &t in transports {
+            tunnels.push((t, start_tunnel(bin_dir, &pki, &db, t, &[], tuning).await?));
+        }
+        Ok(Self {
+            tunnels,
+            db,
+            db_pid,
+            pki,
+        })
+    }
+
+    /// Stops the Postern processes in order and reports any that did not exit cleanly.
+    pub(crate) fn shutdown(mut self) -> Vec<String> {
+        let problems = self
+            .tunnels
+            .iter_mut()
+            .flat_map(|(_, t)| t.shutdown())
+            .collect();
+        drop(self.tunnels);
+        drop(self.pki);
+        problems
+    }
+}
+
+/// Checks the binaries and programs, and makes the certificates for the agent and the client.
+fn prepare(bin_dir: &Path) -> Result<TestPki> {
+    check_binaries(bin_dir)?;
+    // MariaDb::start panics if mariadbd cannot start; check the programs first so the common
+    // case (not installed) is a plain error.
+    for program in ["mariadb-install-db", "mariadbd"] {
+        if !on_path(program) {
+            bail!("{program} not found: install mariadb-server (apt-get install mariadb-server)");
+        }
+    }
+    let pki = TestPki::new();
+    pki.issue(Kind::Agent, NAME);
+    pki.issue(Kind::Client, NAME);
+    Ok(pki)
+}
+
+/// The process id of `db`'s mariadbd.
+fn pid_of(db: &MariaDb) -> Result<u32> {
+    fs::read_to_string(db.dir().join("mysqld.pid"))
+        .context("read mariadbd pid file")?
+        .trim()
+        .parse()
+        .context("parse mariadbd pid file")
 }
 
 /// Fails unless the relay and agent binaries are in `bin_dir`; warns if they look older than
@@ -178,12 +268,13 @@ async fn start_tunnel(
     db: &MariaDb,
     transport: Transport,
     env: &[(&str, String)],
+    tuning: &Tuning,
 ) -> Result<Tunnel> {
     let backend = db.backend();
-    start_tunnel_with(bin_dir, pki, transport, env, &|agent: &mut AgentConfig| {
+    let configure = |agent: &mut AgentConfig| {
         agent.service(SERVICE, &backend).connect_timeout = None;
-    })
-    .await
+    };
+    start_tunnel_tuned(bin_dir, pki, transport, env, &configure, tuning).await
 }
 
 /// Starts a relay, an agent whose service `configure` sets up, and `connect`, over `transport`.
@@ -194,9 +285,21 @@ pub(crate) async fn start_tunnel_with(
     env: &[(&str, String)],
     configure: &dyn Fn(&mut AgentConfig),
 ) -> Result<Tunnel> {
+    start_tunnel_tuned(bin_dir, pki, transport, env, configure, &Tuning::default()).await
+}
+
+/// [`start_tunnel_with`], with what `tuning` changes.
+async fn start_tunnel_tuned(
+    bin_dir: &Path,
+    pki: &TestPki,
+    transport: Transport,
+    env: &[(&str, String)],
+    configure: &dyn Fn(&mut AgentConfig),
+    tuning: &Tuning,
+) -> Result<Tunnel> {
     let dir = pki.dir().to_path_buf();
     let tag = transport.as_str();
-    let (relay, ports) = start_relay(bin_dir, pki, transport, env).await?;
+    let (relay, ports, api) = start_relay(bin_dir, pki, transport, env, tuning).await?;
     let url = match transport {
         Transport::Quic => format!("quic://{}", ports.quic),
         Transport::WebSocket => format!("ws://{}/v1/tunnel", ports.http),
@@ -214,12 +317,23 @@ pub(crate) async fn start_tunnel_with(
     configure(&mut agent_yaml);
     let agent_config = dir.join(format!("{tag}-agent.yaml"));
     fs::write(&agent_config, agent_yaml.to_yaml()).context("write agent.yaml")?;
+    // The status reader binds before the agent starts, as systemd's socket exists before the
+    // service, and only the agent gets the variable (`connect` is not a service).
+    let mut agent_env = env.to_vec();
+    let status = if tuning.observe {
+        let path = dir.join(format!("{tag}-agent.notify"));
+        let reader = StatusReader::bind(&path)?;
+        agent_env.push(("NOTIFY_SOCKET", path_arg(&path)));
+        Some(reader)
+    } else {
+        None
+    };
     let mut agent = Proc::spawn(
         "agent",
         &bin_dir.join("postern-agent"),
         &["run".into(), "--config".into(), path_arg(&agent_config)],
         dir.join(format!("{tag}-agent.log")),
-        env,
+        &agent_env,
     )?;
     agent
         .wait_log("connected to relay", READY_WITHIN)
@@ -264,6 +378,8 @@ pub(crate) async fn start_tunnel_with(
         relay,
         addr,
         mysql: ports.mysql,
+        api,
+        status,
     })
 }
 
@@ -271,12 +387,25 @@ pub(crate) async fn start_tunnel_with(
 /// failure: the panic is caught and becomes an error, after one retry (creating the system
 /// tables fails now and then on a loaded machine).
 pub(crate) async fn start_mariadb(pki: &TestPki) -> Result<MariaDb> {
+    start_mariadb_with(pki, &[]).await
+}
+
+/// [`start_mariadb`] with `extra` options for `mariadbd` after the harness's own (so they win).
+pub(crate) async fn start_mariadb_with(pki: &TestPki, extra: &[String]) -> Result<MariaDb> {
     let (cert, key) = pki.files(&pki.issue_server("mariadb"));
-    let ca = pki.ca();
+    let mut options = vec![
+        format!("--ssl-ca={}", pki.ca().display()),
+        format!("--ssl-cert={}", cert.display()),
+        format!("--ssl-key={}", key.display()),
+    ];
+    options.extend(extra.iter().cloned());
     let mut last = String::new();
     for _ in 0..2 {
-        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
-        let start = async move { MariaDb::start_with_tls(&ca, &cert, &key).await };
+        let options = options.clone();
+        let start = async move {
+            let args: Vec<&str> = options.iter().map(String::as_str).collect();
+            MariaDb::start_with(&args).await
+        };
         match tokio::spawn(start).await {
             Ok(db) => return Ok(db),
             Err(e) if e.is_panic() => {
@@ -308,9 +437,18 @@ async fn start_relay(
     pki: &TestPki,
     transport: Transport,
     env: &[(&str, String)],
-) -> Result<(Proc, RelayPorts)> {
+    tuning: &Tuning,
+) -> Result<(Proc, RelayPorts, Option<Api>)> {
     let dir = pki.dir();
     let tag = transport.as_str();
+    let credentials = if tuning.observe {
+        let password = format!("{:016x}", rand::random::<u64>());
+        let file = dir.join(format!("{tag}-api-password"));
+        fs::write(&file, &password).context("write the API password file")?;
+        Some((file, password))
+    } else {
+        None
+    };
     let mut last = None;
     for _ in 0..3 {
         let quic: SocketAddr = UdpSocket::bind("127.0.0.1:0")
@@ -334,8 +472,12 @@ async fn start_relay(
         };
         (yaml.heartbeat_interval, yaml.handshake_timeout) = (None, None);
         yaml.agent(NAME, &[SERVICE]);
+        if let Some((file, _)) = &credentials {
+            yaml.api(API_USER, file);
+        }
         let service = yaml.service(SERVICE, &[NAME]);
         service.tls_listen = None;
+        service.max_connections = tuning.service_max_connections;
         // For the QUIC tunnel, a MySQL-native listener (protocol mysql, TLS ending at the relay:
         // the defaults).
         service.listen = mysql.map(|a| a.to_string());
@@ -354,7 +496,14 @@ async fn start_relay(
             "relay listening"
         };
         match relay.wait_log(ready, READY_WITHIN).await {
-            Ok(()) => return Ok((relay, RelayPorts { quic, http, mysql })),
+            Ok(()) => {
+                let api = credentials.as_ref().map(|(_, password)| Api {
+                    addr: http,
+                    user: API_USER.into(),
+                    password: password.clone(),
+                });
+                return Ok((relay, RelayPorts { quic, http, mysql }, api));
+            }
             Err(e) => last = Some(e),
         }
     }

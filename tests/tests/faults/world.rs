@@ -59,6 +59,8 @@ pub(crate) struct Readings {
 pub(crate) struct World {
     pub(crate) s: Stack,
     notify: Notifications,
+    /// The agent's last status line.
+    status: std::sync::Mutex<Option<String>>,
     /// `connect` to the service (in-process, as a laptop's would be).
     pub(crate) connect: Option<ConnectRun>,
     pub(crate) listener: mysql_async::Opts,
@@ -148,6 +150,7 @@ impl World {
         let w = Self {
             s,
             notify,
+            status: std::sync::Mutex::new(None),
             connect: Some(connect),
             listener,
             via_connect,
@@ -265,9 +268,23 @@ impl World {
 
     async fn agent_reading(&self) -> Option<Reading> {
         let (fds, rss_kib, _) = holdings(self.pid(Part::Agent))?;
-        // The status line is refreshed every 2 s: wait for one sent after now.
-        let _ = self.notify.latest_status(Duration::ZERO).await;
-        let status = self.notify.latest_status(Duration::from_secs(5)).await?;
+        // The agent reads its counts every 2 s and sends them when they changed: what came
+        // last, after waiting a little longer than that for news, is what it holds now.
+        let mut fresh = self.notify.latest_status(Duration::ZERO).await;
+        if let Some(s) = self
+            .notify
+            .latest_status(Duration::from_millis(2_500))
+            .await
+        {
+            fresh = Some(s);
+        }
+        let status = {
+            let mut last = self.status.lock().expect("status lock");
+            if fresh.is_some() {
+                *last = fresh;
+            }
+            last.clone()?
+        };
         let tasks = status
             .rsplit_once("; ")?
             .1
