@@ -22,6 +22,10 @@ use crate::Status;
 /// `WATCHDOG_PID` is unset or this process), sends READY=1 once the first relay session is up,
 /// and publishes the status line (`systemctl status` shows it) at every change.
 pub async fn run(mut status: watch::Receiver<Status>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        // Not under systemd (or another manager that reads the protocol): nobody to tell.
+        return;
+    }
     if let Some(every) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every / 2);
