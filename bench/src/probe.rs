@@ -49,29 +49,14 @@ impl Reading {
 
 /// Reads `/proc/PID` (everything but the task count). All `None` when the process is gone.
 pub(crate) fn read_proc(pid: u32) -> Reading {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()
-        .map(|d| d.count() as u64);
+    let held = postern_tests::procs::holdings(pid);
     Reading {
-        rss_kib: status_field(&status, "VmRSS"),
-        fds,
-        threads: status_field(&status, "Threads"),
+        rss_kib: held.map(|h| h.rss_kib),
+        fds: held.map(|h| h.fds as u64),
+        threads: held.map(|h| h.threads),
         tasks: None,
         cpu_ticks: crate::stack::cpu_ticks(pid).ok(),
     }
-}
-
-/// The number in field `name` of a `/proc/PID/status` text (`VmRSS:\t  1234 kB` → 1234).
-pub(crate) fn status_field(status: &str, name: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Where a relay's API is, and its credentials.
@@ -234,15 +219,6 @@ pub(crate) fn tasks_in_status(line: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_fields() {
-        let status = "Name:\tpostern-relay\nThreads:\t3\nVmRSSX:\t1 kB\nVmRSS:\t   14236 kB\n";
-        assert_eq!(status_field(status, "VmRSS"), Some(14236));
-        assert_eq!(status_field(status, "Threads"), Some(3));
-        assert_eq!(status_field(status, "VmHWM"), None);
-        assert_eq!(status_field("", "VmRSS"), None);
-    }
 
     #[test]
     fn metric_values_with_and_without_labels() {

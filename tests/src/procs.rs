@@ -438,20 +438,38 @@ pub fn signal(pid: u32, name: &str) {
     assert!(status.success(), "kill -{name} {pid}");
 }
 
-/// Open file descriptors, resident memory (KiB) and OS threads of process `pid`, from `/proc`.
-pub fn holdings(pid: u32) -> Option<(usize, u64, u64)> {
+/// What a process holds, from `/proc/PID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holdings {
+    /// Open file descriptors (entries of `fd/`).
+    pub fds: usize,
+    /// Resident memory (`VmRSS`), in KiB.
+    pub rss_kib: u64,
+    /// OS threads.
+    pub threads: u64,
+}
+
+/// What process `pid` holds; `None` once it is gone.
+pub fn holdings(pid: u32) -> Option<Holdings> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let value = |key: &str| -> Option<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
-    Some((fds, value("VmRSS:")?, value("Threads:")?))
+    Some(Holdings {
+        fds,
+        rss_kib: status_field(&status, "VmRSS")?,
+        threads: status_field(&status, "Threads")?,
+    })
+}
+
+/// The number in field `name` of a `/proc/PID/status` text (`VmRSS:\t  1234 kB` → 1234).
+fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The value of `key=value` in a log line.
@@ -460,4 +478,24 @@ fn field(line: &str, key: &str) -> Option<String> {
     let rest = &line[at..];
     let value = rest.split_whitespace().next()?;
     Some(value.trim_matches('"').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields() {
+        let status = "Name:\tpostern-relay\nThreads:\t3\nVmRSSX:\t1 kB\nVmRSS:\t   14236 kB\n";
+        assert_eq!(status_field(status, "VmRSS"), Some(14236));
+        assert_eq!(status_field(status, "Threads"), Some(3));
+        assert_eq!(status_field(status, "VmHWM"), None);
+        assert_eq!(status_field("", "VmRSS"), None);
+    }
+
+    #[test]
+    fn this_process_is_read() {
+        let h = holdings(std::process::id()).expect("this process");
+        assert!(h.fds >= 3 && h.rss_kib > 0 && h.threads >= 1, "{h:?}");
+    }
 }

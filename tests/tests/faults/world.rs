@@ -236,7 +236,7 @@ impl World {
         Some(last)
     }
 
-    /// The holdings now; `fresh` lists the parts the case restarted (not compared).
+    /// The holdings now; `restarted` lists the parts the case restarted (not compared).
     pub(crate) async fn readings(&self, restarted: &[Part]) -> Readings {
         let relay = if restarted.contains(&Part::Relay) {
             None
@@ -256,18 +256,18 @@ impl World {
     }
 
     async fn relay_reading(&self) -> Option<Reading> {
-        let (fds, rss_kib, _) = holdings(self.pid(Part::Relay))?;
+        let held = holdings(self.pid(Part::Relay))?;
         let metrics = self.s.api(0).metrics().await;
         let tasks = metrics.sum("postern_runtime_tasks", &[]);
         Some(Reading {
-            fds,
-            rss_kib,
+            fds: held.fds,
+            rss_kib: held.rss_kib,
             tasks: tasks as u64,
         })
     }
 
     async fn agent_reading(&self) -> Option<Reading> {
-        let (fds, rss_kib, _) = holdings(self.pid(Part::Agent))?;
+        let held = holdings(self.pid(Part::Agent))?;
         // The agent reads its counts every 2 s and sends them when they changed: what came
         // last, after waiting a little longer than that for news, is what it holds now.
         let mut fresh = self.notify.latest_status(Duration::ZERO).await;
@@ -293,8 +293,8 @@ impl World {
             .parse()
             .ok()?;
         Some(Reading {
-            fds,
-            rss_kib,
+            fds: held.fds,
+            rss_kib: held.rss_kib,
             tasks,
         })
     }
